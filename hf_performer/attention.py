@@ -1,0 +1,202 @@
+"""FavorAttention: the FAVOR+ attention module (buffers, redraw, forward, recurrent step).
+
+    attn = FavorAttention(head_dim=64, config=PerformerConfig(nb_features=256, seed=0))
+    out = attn(q, k, v, causal=False, key_padding_mask=mask)   # ≈ softmax(q kᵀ · scale) v
+
+Before the feature map, q and k are scaled by √scale and transformed by two exact identities that
+shrink |q + k| (the estimator's variance grows like exp(|q + k|²)):
+  * key centering  k ← k − μ: adds −q·μ to every logit of a query, so softmax is unchanged;
+  * balancing      q ← a q, k ← k / a: leaves every q·k unchanged.
+Bidirectional attention takes μ and a from the sequence itself (real tokens only). Causal attention
+and decoding must not look ahead, so they use per-head statistics stored in buffers by
+``calibrate_statistics`` (identity until then).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .features import FeatureMap, draw_projection, oprf_a, projection_rows
+from .ops import FavorState, favor_bidirectional, favor_causal, favor_step
+from .ops.common import compute_dtype
+from .settings import PerformerConfig
+
+_FP32_BUFFERS = ("projection", "key_shift", "log_qk_scale", "oprf_rho")
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None, dims: tuple[int, ...]) -> torch.Tensor:
+    """Mean of x [B, H, L, f] over dims, counting only rows where mask [B, L] is True."""
+    if mask is None:
+        return x.mean(dim=dims, keepdim=True)
+    w = mask[:, None, :, None].to(x.dtype)
+    return (x * w).sum(dim=dims, keepdim=True) / (w.expand_as(x[..., :1]).sum(dim=dims, keepdim=True)).clamp_min(1)
+
+
+class FavorAttention(nn.Module):
+    """FAVOR+ attention for one layer.
+
+    Args:
+        head_dim: d, the size of each head's query/key vectors.
+        config: a PerformerConfig (defaults if None).
+        num_heads: heads of the layer (sizes the calibrated per-head statistics; 1 = shared).
+        layer_id: distinguishes the layers' random draws (seed, layer_id, draw count).
+    """
+
+    def __init__(self, head_dim: int, config: PerformerConfig | None = None, num_heads: int = 1, layer_id: int = 0):
+        super().__init__()
+        self.config = PerformerConfig() if config is None else PerformerConfig.from_dict(config)
+        if not isinstance(head_dim, int) or head_dim < 1:
+            raise ValueError(f"head_dim={head_dim!r} is invalid: expected a positive integer.")
+        self.head_dim, self.num_heads, self.layer_id = head_dim, num_heads, layer_id
+        f32 = dict(dtype=torch.float32)
+        self.register_buffer("projection", self._draw(0).float())
+        self.register_buffer("draw_count", torch.zeros((), dtype=torch.long))
+        self.register_buffer("key_shift", torch.zeros(num_heads, head_dim, **f32))
+        self.register_buffer("log_qk_scale", torch.zeros(num_heads, **f32))
+        self.register_buffer("oprf_rho", torch.zeros(num_heads, **f32))
+        self.register_buffer("stats_calibrated", torch.zeros((), dtype=torch.bool))
+
+    # ------------------------------------------------------------------ features
+    def _draw(self, draw: int) -> torch.Tensor:
+        c = self.config
+        return draw_projection(
+            projection_rows(c), self.head_dim, orthogonal=c.orthogonal, feature_norm=c.feature_norm,
+            seed=c.seed, layer_id=self.layer_id, draw=draw,
+        )
+
+    @torch.no_grad()
+    def redraw_features(self) -> None:
+        """Draw the next projection of this layer's sequence (seed, layer_id, draw_count + 1)."""
+        self.draw_count += 1
+        self.projection.copy_(self._draw(int(self.draw_count)).to(self.projection))
+
+    def _apply(self, fn, recurse=True):
+        # keep the projection and statistics in float32 when the model is cast to half precision
+        keep = {n: self._buffers[n] for n in _FP32_BUFFERS}
+        super()._apply(fn, recurse)
+        for name, old in keep.items():
+            new = self._buffers[name]
+            if new.dtype != torch.float32:
+                ok = old.dtype == torch.float32 and not old.is_meta and not new.is_meta
+                self._buffers[name] = old.to(new.device) if ok else new.float()
+        return self
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"head_dim={self.head_dim}, nb_features={c.nb_features}, kernel={c.kernel!r}, layer_id={self.layer_id}"
+
+    # ------------------------------------------------------------------ statistics
+    def _per_head(self, buf: torch.Tensor, heads: int) -> torch.Tensor:
+        if buf.shape[0] not in (1, heads):
+            raise ValueError(
+                f"FavorAttention was built with num_heads={self.num_heads} but got {heads} heads; "
+                "build it with the layer's number of heads."
+            )
+        return buf
+
+    def _transform(self, q, k, causal: bool, mask):
+        """Scaled q, k after centering/balancing, and the favor++ A (or None). q, k: [B,H,L,d] float."""
+        c, H = self.config, q.shape[1]
+        qmask = mask if (mask is not None and q.shape[2] == k.shape[2]) else None
+        if causal:
+            if not bool(self.stats_calibrated):
+                return q, k, None
+            shift = self._per_head(self.key_shift, H).to(k)[None, :, None, :]
+            log_a = self._per_head(self.log_qk_scale, H).to(q)[None, :, None, None]
+            rho = self._per_head(self.oprf_rho, H).to(q)[None, :, None, None]
+            k = k - shift if c.center_keys else k
+            if c.balance_qk:
+                q, k = q * log_a.exp(), k * (-log_a).exp()
+            return q, k, (oprf_a(rho) if c.kernel == "favor++" else None)
+        shift, log_a, rho = self._statistics(q, k, qmask, mask, dims=(2,))
+        if c.center_keys:
+            k = k - shift
+        if c.balance_qk:
+            q, k = q * log_a.exp(), k * (-log_a).exp()
+        return q, k, (oprf_a(rho.detach()) if c.kernel == "favor++" else None)
+
+    def _statistics(self, q, k, qmask, kmask, dims):
+        """Key mean, log balance factor and favor++ rho (mean |q + k|² / d after both transforms)."""
+        shift = _masked_mean(k, kmask, dims) if self.config.center_keys else torch.zeros_like(k[:, :, :1])
+        k = k - shift
+        mq = _masked_mean((q * q).sum(-1, keepdim=True), qmask, dims).clamp_min(1e-12)
+        mk = _masked_mean((k * k).sum(-1, keepdim=True), kmask, dims).clamp_min(1e-12)
+        log_a = 0.25 * (mk.log() - mq.log()) if self.config.balance_qk else torch.zeros_like(mq)
+        a2 = (2 * log_a).exp()
+        mean_q, mean_k = _masked_mean(q, qmask, dims), _masked_mean(k, kmask, dims)
+        cross = (mean_q * mean_k).sum(-1, keepdim=True)
+        rho = (a2 * mq + mk / a2 + 2 * cross) / q.shape[-1]
+        return shift, log_a, rho
+
+    @torch.no_grad()
+    def calibrate_statistics(self, q, k, key_padding_mask=None, scale=None) -> None:
+        """Store per-head key shift, balance factor and favor++ rho measured on q, k [B,H,L,d] (a
+        representative batch). Used by causal attention and decoding; bidirectional attention
+        measures them per sequence."""
+        if q.shape[1] != self.num_heads:
+            raise ValueError(f"calibrate_statistics got {q.shape[1]} heads; this layer has num_heads={self.num_heads}.")
+        q, k = self._scaled(q, k, scale)
+        mask = self._check_mask(key_padding_mask, k)
+        qmask = mask if q.shape[2] == k.shape[2] else None
+        shift, log_a, rho = self._statistics(q, k, qmask, mask, dims=(0, 2))
+        self.key_shift.copy_(shift.reshape(self.num_heads, -1))
+        self.log_qk_scale.copy_(log_a.reshape(self.num_heads))
+        self.oprf_rho.copy_(rho.reshape(self.num_heads))
+        self.stats_calibrated.fill_(True)
+
+    # ------------------------------------------------------------------ attention
+    def _check(self, q, k, v):
+        if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+            raise ValueError(
+                f"FavorAttention expects q, k, v as [batch, heads, length, head_dim]; got {tuple(q.shape)}, "
+                f"{tuple(k.shape)}, {tuple(v.shape)}."
+            )
+        if q.shape[-1] != self.head_dim or k.shape[-1] != self.head_dim:
+            raise ValueError(f"q/k head_dim {q.shape[-1]}/{k.shape[-1]} != FavorAttention head_dim {self.head_dim}.")
+        if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3]:
+            raise ValueError(f"q, k, v shapes disagree: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}.")
+
+    @staticmethod
+    def _check_mask(mask, k):
+        if mask is None:
+            return None
+        if mask.dim() != 2 or tuple(mask.shape) != (k.shape[0], k.shape[2]):
+            raise ValueError(
+                f"key_padding_mask must be [batch, key_length] = {(k.shape[0], k.shape[2])} (True = real token); "
+                f"got shape {tuple(mask.shape)}. Performer attention never takes an L×L mask."
+            )
+        if mask.dtype.is_floating_point:
+            raise ValueError("key_padding_mask must be bool or integer (1/True = real token), not floating point.")
+        return mask.to(device=k.device, dtype=torch.bool)
+
+    def _scaled(self, q, k, scale):
+        ct = compute_dtype(q.dtype)
+        s = math.sqrt(self.head_dim**-0.5 if scale is None else float(scale))
+        return q.to(ct) * s, k.to(ct) * s
+
+    def _feature_map(self, a, dtype) -> FeatureMap:
+        return FeatureMap(self.config.kernel, self.projection.to(dtype), self.config.eps, a)
+
+    def forward(self, q, k, v, causal: bool = False, key_padding_mask=None, scale=None) -> torch.Tensor:
+        """q, k [B,H,L,d], v [B,H,L,dv] -> [B,H,Lq,dv] ≈ softmax(q kᵀ·scale) v (scale = d^-1/2 if None)."""
+        self._check(q, k, v)
+        if causal and q.shape[2] != k.shape[2]:
+            raise ValueError("causal FavorAttention needs as many queries as keys; use step() to decode.")
+        mask = self._check_mask(key_padding_mask, k)
+        q2, k2 = self._scaled(q, k, scale)
+        q2, k2, a = self._transform(q2, k2, causal, mask)
+        fmap = self._feature_map(a, q2.dtype)
+        op = favor_causal if causal else favor_bidirectional
+        return op(q2, k2, v, fmap, mask, self.config.chunk_size)
+
+    def step(self, q, k, v, state: FavorState | None = None, key_padding_mask=None, scale=None):
+        """Recurrent decoding: T >= 1 new tokens -> (out [B,H,T,dv], new FavorState). Equals causal
+        attention over the whole sequence, position by position."""
+        self._check(q, k, v)
+        mask = self._check_mask(key_padding_mask, k)
+        q2, k2 = self._scaled(q, k, scale)
+        q2, k2, a = self._transform(q2, k2, True, mask)
+        return favor_step(q2, k2, v, self._feature_map(a, q2.dtype), state, mask, self.config.chunk_size)

@@ -1,0 +1,123 @@
+"""Random projections and feature maps.
+
+Every projection is drawn on the CPU in float64 from a generator seeded by (seed, layer id, draw
+count) alone, so data-parallel ranks draw identical features without communicating and a resumed
+run continues the same sequence. Orthogonal blocks come from the QR decomposition of Gaussian d×d
+blocks, sign-fixed (Q ← Q·sign(diag R)) so the matrix is a function of the Gaussian draw only.
+
+A feature map returns the features in factored, log-domain form so that the attention ops can
+stabilise them without bias:
+
+    phi(x)_j = F(x)_j * exp(Lg(x)_j) / sqrt(m)
+
+``Lg`` ("logits") has shape [..., m] (softmax, favor++) or [..., 1] (trig, relu: one log-scale per
+position); ``F`` is ``None`` (all ones: positive kernels) or a bounded factor [..., m].
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+
+from .settings import PerformerConfig
+
+
+def derive_seed(seed: int, layer_id: int, draw: int) -> int:
+    """A 63-bit seed that depends on (seed, layer_id, draw) only."""
+    digest = hashlib.sha256(f"hf-performer:{seed}:{layer_id}:{draw}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def draw_projection(
+    nb_rows: int,
+    dim: int,
+    *,
+    orthogonal: bool = True,
+    feature_norm: str = "chi",
+    seed: int = 0,
+    layer_id: int = 0,
+    draw: int = 0,
+) -> torch.Tensor:
+    """Draw the [nb_rows, dim] projection W (float64, CPU). Each row is marginally N(0, I_dim)
+    when ``feature_norm == "chi"``; rows within a block of ``dim`` are orthogonal if ``orthogonal``."""
+    gen = torch.Generator(device="cpu").manual_seed(derive_seed(seed, layer_id, draw))
+    if orthogonal:
+        blocks = []
+        for _ in range(math.ceil(nb_rows / dim)):
+            gaussian = torch.randn(dim, dim, generator=gen, dtype=torch.float64)
+            q, r = torch.linalg.qr(gaussian)
+            q = q * torch.sign(torch.diagonal(r)).masked_fill(torch.diagonal(r) == 0, 1.0)
+            blocks.append(q.T)  # rows orthonormal
+        w = torch.cat(blocks, dim=0)[:nb_rows]
+        if feature_norm == "chi":
+            norms = torch.randn(nb_rows, dim, generator=gen, dtype=torch.float64).norm(dim=1)
+        else:
+            norms = torch.full((nb_rows,), math.sqrt(dim), dtype=torch.float64)
+        return w * norms[:, None]
+    w = torch.randn(nb_rows, dim, generator=gen, dtype=torch.float64)
+    if feature_norm == "sqrt_d":
+        w = w / w.norm(dim=1, keepdim=True) * math.sqrt(dim)
+    return w
+
+
+def projection_rows(config: PerformerConfig) -> int:
+    """Rows of W: trig features use each row twice (sin and cos)."""
+    return config.nb_features // 2 if config.kernel == "trig" else config.nb_features
+
+
+def oprf_a(rho: torch.Tensor) -> torch.Tensor:
+    """Variance-optimal A of positive random features (FAVOR++) for rho = E|x+y|^2 / d.
+
+    With f(w, x) = D exp(A|w|^2 + B w.x - |x|^2/2), B = sqrt(1-4A), D = (1-4A)^(d/4), the estimator is
+    unbiased for every A < 1/8; minimising its second moment gives 16 A^2 + (4 rho - 2) A - rho = 0,
+    whose admissible root is below. rho = 0 gives A = 0, i.e. FAVOR+.
+    """
+    rho = rho.clamp_min(0)
+    return (1 - 2 * rho - torch.sqrt((2 * rho + 1) ** 2 + 8 * rho)) / 16
+
+
+class FeatureMap:
+    """Feature map of one kernel with a fixed projection (and, for favor++, a fixed A).
+
+    ``a`` broadcasts against [B, H, 1, 1] (one value per batch and head, or per head)."""
+
+    def __init__(self, kernel: str, projection: torch.Tensor, eps: float = 1e-6, a: torch.Tensor | None = None):
+        self.kernel = kernel
+        self.projection = projection  # [rows, d]
+        self.eps = eps
+        self.a = a
+        self.sq_norms = (projection * projection).sum(-1) if kernel == "favor++" else None
+
+    @property
+    def nb_features(self) -> int:
+        rows = self.projection.shape[0]
+        return 2 * rows if self.kernel == "trig" else rows
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: [..., d] -> (logits [..., m] or [..., 1], factor [..., m] or None)."""
+        w = self.projection.to(x.dtype)
+        proj = x @ w.T  # [..., rows]
+        half_sq = 0.5 * (x * x).sum(-1, keepdim=True)  # [..., 1]
+        if self.kernel == "softmax":
+            return proj - half_sq, None
+        if self.kernel == "favor++":
+            a = torch.zeros((), dtype=x.dtype, device=x.device) if self.a is None else self.a.to(x.dtype)
+            one_m4a = 1 - 4 * a
+            d = x.shape[-1]
+            logits = torch.sqrt(one_m4a) * proj + a * self.sq_norms.to(x.dtype) - half_sq
+            return logits + 0.25 * d * torch.log(one_m4a), None
+        if self.kernel == "trig":
+            return half_sq, torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1)
+        if self.kernel == "relu":
+            return torch.zeros_like(half_sq), torch.relu(proj) + self.eps
+        raise ValueError(f"unknown kernel {self.kernel!r}")
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Explicit, unstabilised phi(x) [..., m] (references and statistics; may overflow)."""
+        logits, factor = self(x)
+        phi = torch.exp(logits).expand(*logits.shape[:-1], self.nb_features)
+        if factor is not None:
+            phi = phi * factor
+        return phi / math.sqrt(self.nb_features)
