@@ -1,0 +1,72 @@
+# Every target sets up its own virtualenv: `make test` / `make demo` work on a fresh machine.
+#   1. python3 -m venv .venv                (if missing)
+#   2. pip install torch==2.13.0            (FIRST: the pinned CPU wheel; an unpinned torch would pull
+#                                            a multi-GB CUDA build; override with TORCH_SPEC=...)
+#   3. pip install -e ".[test]"
+# A stamp file skips steps 2-3 on later runs until setup.cfg changes.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.hf-performer-installed
+BENCH_STAMP := $(VENV)/.hf-performer-bench-installed
+# performer-pytorch is a peer compared in the benchmark, never a dependency: installed with --no-deps.
+BENCH_PEERS ?= performer-pytorch==1.1.4 einops==0.8.2 local-attention==1.11.2 \
+	axial-positional-embedding==0.3.12 hyper-connections==0.4.11
+BENCH_ARGS ?=
+
+# Everything here runs offline: never wait on the Hugging Face hub.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: help venv test lint pytest demo bench bench-quick clean-venv
+
+help:
+	@echo "make demo         offline demo (sets up $(VENV) first)"
+	@echo "make test         ruff check + pytest -q, all tests including slow ones (sets up $(VENV) first)"
+	@echo "make bench        full attention benchmark -> benchmarks/results/attention.{json,md} (long)"
+	@echo "make bench-quick  tiny smoke run of the benchmark"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# conversion/__init__.py: setuptools maps the top-level packages that exist at install time.
+$(STAMP): setup.cfg $(wildcard conversion/__init__.py) | $(PY)
+	$(PIP) install "$(TORCH_SPEC)"
+	$(PIP) install -e ".[test]"
+	touch $@
+
+venv: $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+# pytest exit code 5 ("no tests collected") is a failure too: make stops on any non-zero status.
+pytest: $(STAMP)
+	@set +e; $(PY) -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests: failing" >&2; fi; \
+	exit $$rc
+
+test: lint pytest
+
+demo: $(STAMP)
+	$(PY) examples/demo_attention.py
+
+$(BENCH_STAMP): $(STAMP)
+	$(PIP) install -e ".[bench]"
+	$(PIP) install --no-deps $(BENCH_PEERS) || echo "make bench: performer-pytorch not installed; its rows will say unavailable" >&2
+	touch $@
+
+bench: $(BENCH_STAMP)
+	$(PY) benchmarks/bench_attention.py $(BENCH_ARGS)
+
+bench-quick: $(BENCH_STAMP)
+	$(PY) benchmarks/bench_attention.py --quick $(BENCH_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)
