@@ -1,0 +1,31 @@
+"""Transformers integration: Performer model types, the "favor" attention, FavorCache, conversion.
+
+Importing this package registers everything with transformers (AttentionInterface,
+AttentionMaskInterface, AutoConfig, AutoModelFor*).
+"""
+
+from .attention_function import ATTN_IMPLEMENTATION
+from .bert import PerformerBertConfig
+from .cache import FavorCache, FavorCacheLayer
+from .convert import convert_to_performer, maybe_redraw_features, redraw_features, supported_model_classes
+from .distilbert import PerformerDistilBertConfig
+from .gpt2 import PerformerGPT2Config
+from .registry import register_performer_models
+from .roberta import PerformerRobertaConfig
+
+register_performer_models()
+
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "FavorCache",
+    "FavorCacheLayer",
+    "PerformerBertConfig",
+    "PerformerDistilBertConfig",
+    "PerformerGPT2Config",
+    "PerformerRobertaConfig",
+    "convert_to_performer",
+    "maybe_redraw_features",
+    "redraw_features",
+    "register_performer_models",
+    "supported_model_classes",
+]

@@ -1,0 +1,146 @@
+"""The "favor" attention implementation for transformers' AttentionInterface / AttentionMaskInterface.
+
+Stock attention modules (BERT, RoBERTa, DistilBERT, GPT-2, self- and cross-attention) look up
+``config._attn_implementation`` in ``ALL_ATTENTION_FUNCTIONS`` and call
+
+    attn_fn(module, q [B,H,Lq,d], k [B,H,Lk,d], v [B,H,Lk,dv], attention_mask, dropout=, scaling=, **kw)
+        -> (out [B,Lq,H,dv], None)
+
+Masks are built once per forward by ``ALL_MASK_ATTENTION_FUNCTIONS[name]``: the sdpa/eager ones
+build a 4D [B,1,Lq,Lk] mask (O(L²) memory before attention even runs), so "favor" registers its own
+mask function returning a 2D [B, Lk] padding mask (True = real token) or None. Every module that
+uses this function must carry a ``FavorAttention`` child named ``favor`` (see ``modeling.attach_favor``).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.masking_utils import bidirectional_mask_function, causal_mask_function
+
+ATTN_IMPLEMENTATION = "favor"
+
+_DROPOUT_WARNED = False
+
+
+def warn_ignored_dropout(p: float) -> None:
+    """Attention-probability dropout has no FAVOR+ counterpart (no probability matrix exists): warn once."""
+    global _DROPOUT_WARNED
+    if p > 0 and not _DROPOUT_WARNED:
+        _DROPOUT_WARNED = True
+        warnings.warn(
+            f"Performer FAVOR+ attention ignores attention-probability dropout (p={p}): there is no attention "
+            "matrix to drop entries from. Hidden-state dropout still applies. This warning is shown once.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def reject_attention_weights(requested: bool | None = False) -> None:
+    """Raise when attention weights are asked for (kwarg, config, or transformers' output capture)."""
+    try:  # transformers collects output_attentions through forward hooks; look at the active collector
+        from transformers.utils.output_capturing import _active_collector
+
+        collected = _active_collector.get()
+        requested = bool(requested) or bool(collected and ("attentions" in collected or "cross_attentions" in collected))
+    except ImportError:  # pragma: no cover - older/newer transformers layout
+        pass
+    if requested:
+        raise ValueError(
+            "output_attentions=True is not supported by Performer FAVOR+ attention: it never forms the L×L "
+            "attention matrix (that is what keeps it linear in the sequence length). Call the model without "
+            "output_attentions."
+        )
+
+
+def key_padding_mask(attention_mask: torch.Tensor | None, key_length: int) -> torch.Tensor | None:
+    """The favor mask [B, Lkv] (or None) -> key padding mask of the last ``key_length`` keys [B, key_length]."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        shape = tuple(attention_mask.shape) if hasattr(attention_mask, "shape") else type(attention_mask).__name__
+        raise ValueError(
+            f"Performer FAVOR+ attention takes a 2D padding mask [batch, kv_length] (1 = real token, 0 = padding); "
+            f"got an attention mask of shape {shape}. A 4D [batch, heads, q_len, kv_len] mask cannot be honoured "
+            "without building an L×L matrix: pass the 2D padding mask instead."
+        )
+    if attention_mask.shape[-1] < key_length:
+        raise ValueError(
+            f"attention_mask covers {attention_mask.shape[-1]} positions but attention sees {key_length} keys; "
+            "pass a mask over the whole sequence (past and new tokens)."
+        )
+    if attention_mask.dtype.is_floating_point:
+        raise ValueError("Performer FAVOR+ attention expects a boolean/integer padding mask (1 = real token).")
+    return attention_mask[:, -key_length:].bool()
+
+
+def favor_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function=causal_mask_function,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor | None:
+    """Mask function: the 2D padding mask [B, kv_length] (bool, True = real) or None when nothing is padded.
+
+    Causality is not encoded in the mask: the attention function takes it from the module."""
+    if mask_function is not causal_mask_function and mask_function is not bidirectional_mask_function:
+        raise NotImplementedError(
+            "Performer FAVOR+ attention supports plain causal or bidirectional attention with a 2D padding mask. "
+            "This forward asked for another mask pattern (packed sequences detected from position_ids without an "
+            "attention_mask, or custom or/and mask functions); pass an attention_mask and one sequence per row."
+        )
+    if attention_mask is None:
+        return None
+    if attention_mask.shape[-1] < kv_length:
+        raise ValueError(
+            f"attention_mask has {attention_mask.shape[-1]} columns but the keys span {kv_length} positions "
+            "(cached and new tokens); pass a mask over the whole sequence."
+        )
+    mask = attention_mask[:, -kv_length:].bool()  # [B, kv_length]
+    return None if bool(mask.all()) else mask
+
+
+def favor_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """q [B,H,Lq,d], k [B,H,Lk,d], v [B,H,Lk,dv] -> (out [B,Lq,H,dv], None)."""
+    favor = getattr(module, "favor", None)
+    if favor is None:
+        raise RuntimeError(
+            f"attn_implementation='{ATTN_IMPLEMENTATION}' needs a FavorAttention on {type(module).__name__}; "
+            "build the model with hf_performer.convert_to_performer or load a saved Performer checkpoint."
+        )
+    reject_attention_weights(kwargs.get("output_attentions"))
+    warn_ignored_dropout(dropout if module.training else 0.0)
+    causal = getattr(module, "is_causal", False) if is_causal is None else bool(is_causal)
+    if causal and query.shape[2] != key.shape[2]:
+        raise NotImplementedError(
+            f"{type(module).__name__} got {query.shape[2]} queries for {key.shape[2]} cached keys: incremental "
+            "causal decoding needs the recurrent FAVOR+ state (hf_performer FavorCache), not a key/value cache."
+        )
+    mask = key_padding_mask(attention_mask, key.shape[2])  # [B, Lk] or None
+    out_dtype = value.dtype
+    if getattr(module, "reorder_and_upcast_attn", False):  # GPT-2: attention math in float32
+        query, key, value = query.float(), key.float(), value.float()
+    out = favor(query, key, value, causal=causal, key_padding_mask=mask, scale=scaling)  # [B, H, Lq, dv]
+    return out.to(out_dtype).transpose(1, 2), None
+
+
+def register_favor_attention() -> None:
+    """Make attn_implementation="favor" known to transformers (idempotent)."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, favor_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, favor_mask)

@@ -1,0 +1,158 @@
+"""FavorCache: generation cache whose self-attention layers hold a constant-size FAVOR+ state.
+
+A causal FAVOR+ layer only needs running sums over the keys seen so far (``FavorState``: S [B,H,m,dv],
+z [B,H,m], c [B,H,m]), whatever the context length. ``FavorCacheLayer`` keeps that state and counts the
+tokens it absorbed (transformers asks the cache for the sequence length to place positions and size
+masks). Cross-attention layers attend to a fixed encoder output, so a layer used through the stock
+``update(keys, values)`` API keeps them like a ``DynamicLayer`` (size fixed by the encoder length).
+
+Performer configs set ``layer_types = ["favor_attention", ...]``; this module registers that layer
+type, so ``DynamicCache(config=...)`` (what ``generate()`` builds) is made of FavorCacheLayers.
+A running sum cannot be cropped: assisted decoding and anything else that calls ``crop`` is refused.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import STATIC_LAYER_TYPE_MAPPING, Cache, DynamicLayer, EncoderDecoderCache
+
+from ..ops import FavorState
+
+LAYER_TYPE = "favor_attention"
+
+
+class FavorCacheLayer(DynamicLayer):
+    """One layer's cache: a recurrent FAVOR+ state (self-attention) or keys/values (cross-attention)."""
+
+    _layer_type = LAYER_TYPE  # registers the layer type with transformers' DynamicCache
+    is_compileable = False
+    supports_early_init = False  # the state is sized by the first step
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.state: FavorState | None = None  # recurrent mode: running sums of the keys seen
+        self.seen_tokens = 0  # recurrent mode: tokens absorbed (padding included, like a key cache)
+        self.recurrent = False
+
+    # ------------------------------------------------------------------ recurrent FAVOR+ state
+    def step(self, favor, q, k, v, key_padding_mask=None, scale=None) -> torch.Tensor:
+        """Attend q [B,H,T,d] causally over the past state and the T new keys k, v; absorb them.
+
+        Returns out [B,H,T,dv]. key_padding_mask [B,T] marks the new tokens (True = real)."""
+        if self.keys is not None and self.keys.numel() > 0:
+            raise RuntimeError("this cache layer holds keys/values (cross-attention); it cannot also hold a FAVOR state")
+        self.recurrent, self.is_initialized, self.device = True, True, q.device
+        if self.state is None and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            # prefill under autograd: the fused causal op (hand-written, memory-light backward) for the
+            # outputs, then the state without grad (the scan is the same, so the state matches).
+            out = favor(q, k, v, causal=True, key_padding_mask=key_padding_mask, scale=scale)
+            with torch.no_grad():
+                _, self.state = favor.step(q, k, v, None, key_padding_mask=key_padding_mask, scale=scale)
+        else:
+            out, self.state = favor.step(q, k, v, self.state, key_padding_mask=key_padding_mask, scale=scale)
+        self.seen_tokens += q.shape[2]
+        return out
+
+    # ------------------------------------------------------------------ key/value mode (cross-attention)
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.recurrent:
+            raise RuntimeError(
+                "this cache layer holds a FAVOR+ recurrent state: a module tried to store keys/values in it. "
+                "Use the Performer model classes (hf_performer) with this cache."
+            )
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    # ------------------------------------------------------------------ Cache layer API
+    @property
+    def is_croppable(self) -> bool:
+        return not self.recurrent
+
+    def get_seq_length(self) -> int:
+        return self.seen_tokens if self.recurrent else super().get_seq_length()
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return (self.seen_tokens + query_length, 0) if self.recurrent else super().get_mask_sizes(query_length)
+
+    def reset(self) -> None:
+        self.state, self.seen_tokens, self.recurrent = None, 0, False
+        super().reset()
+
+    def _map_state(self, fn) -> None:
+        if self.state is not None:
+            self.state = FavorState(S=fn(self.state.S), z=fn(self.state.z), c=fn(self.state.c))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.recurrent:
+            self._map_state(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        else:
+            super().reorder_cache(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.recurrent:
+            self._map_state(lambda t: t.repeat_interleave(repeats, dim=0))
+        else:
+            super().batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.recurrent:
+            self._map_state(lambda t: t[indices.to(t.device)])
+        else:
+            super().batch_select_indices(indices)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if self.recurrent and tokens_to_remove != 0:
+            raise NotImplementedError(
+                "A FAVOR+ cache holds running sums over the past keys, which cannot be cropped back to an earlier "
+                "length: assisted/speculative decoding and other cache rollbacks are not supported."
+            )
+        if not self.recurrent:
+            super().crop(tokens_to_remove)
+
+    def offload(self) -> None:
+        if self.recurrent:
+            self._map_state(lambda t: t.to("cpu", non_blocking=True))
+        else:
+            super().offload()
+
+    def prefetch(self) -> None:
+        if self.recurrent:
+            self._map_state(lambda t: t.to(self.device, non_blocking=True))
+        else:
+            super().prefetch()
+
+
+class FavorCache(Cache):
+    """A cache for Performer models: ``model(ids, cache=FavorCache(), use_cache=True)``.
+
+    ``generate()`` builds an equivalent ``DynamicCache`` of FavorCacheLayers by itself."""
+
+    def __init__(self, num_layers: int | None = None):
+        if num_layers is None:
+            super().__init__(layer_class_to_replicate=FavorCacheLayer)
+        else:
+            super().__init__(layers=[FavorCacheLayer() for _ in range(num_layers)])
+
+
+# a FAVOR state is fixed-size already: cache_implementation="static" gets the same layers
+STATIC_LAYER_TYPE_MAPPING.setdefault(LAYER_TYPE, FavorCacheLayer)
+
+
+def favor_cache_layer(cache: Cache, layer_idx: int) -> FavorCacheLayer:
+    """The self-attention FavorCacheLayer of layer ``layer_idx`` in ``cache`` (created if still empty)."""
+    if isinstance(cache, EncoderDecoderCache):
+        cache = cache.self_attention_cache
+    if not isinstance(cache, Cache):
+        raise TypeError(f"expected a transformers Cache (e.g. hf_performer FavorCache), got {type(cache).__name__}")
+    while len(cache.layers) <= layer_idx:
+        cache.layers.append(FavorCacheLayer())
+    layer = cache.layers[layer_idx]
+    if isinstance(layer, FavorCacheLayer):
+        return layer
+    if type(layer) is DynamicLayer and not layer.is_initialized:  # an untouched DynamicCache slot
+        cache.layers[layer_idx] = layer = FavorCacheLayer()
+        return layer
+    raise TypeError(
+        f"Performer attention keeps a constant-size FAVOR+ state per layer and cannot use a {type(layer).__name__} "
+        "that stores keys/values (static, quantized or already-filled caches). Pass cache=hf_performer.FavorCache() "
+        "or let the model / generate() create its cache."
+    )

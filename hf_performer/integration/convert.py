@@ -1,0 +1,100 @@
+"""convert_to_performer: turn a stock BERT / GPT-2 / RoBERTa / DistilBERT model into its Performer class.
+
+The conversion is in place and keeps every weight: the model's class becomes the Performer subclass
+of its class, its config the Performer config (same fields + FAVOR+ settings), and each attention
+module gains a ``favor`` FavorAttention. ``redraw_features`` / ``maybe_redraw_features`` redraw the
+random features of every layer; a draw depends on (seed, layer id, draw count) only, so every
+data-parallel rank draws the same features without communicating.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..attention import FavorAttention
+from ..settings import PerformerConfig
+from .attention_function import ATTN_IMPLEMENTATION
+from .modeling import PerformerModelMixin, attach_favor
+from .registry import FAMILIES
+
+
+def supported_model_classes() -> list[str]:
+    return [stock.__name__ for _, classes in FAMILIES.values() for stock in classes]
+
+
+def _unsupported(model) -> ValueError:
+    return ValueError(
+        f"convert_to_performer does not support {type(model).__name__}. Supported model classes: "
+        f"{', '.join(supported_model_classes())}."
+    )
+
+
+def convert_to_performer(model: nn.Module, config: PerformerConfig | dict | None = None) -> nn.Module:
+    """Give ``model`` FAVOR+ attention in place (same weights, same task API) and return it.
+
+    Args:
+        model: a transformers BertModel/BertFor*, GPT2Model/GPT2LMHeadModel/GPT2For*/GPT2DoubleHeadsModel,
+            RobertaModel/RobertaFor*, or DistilBertModel/DistilBertFor* instance.
+        config: the FAVOR+ settings (PerformerConfig or its dict); defaults to PerformerConfig().
+    """
+    if config is None:
+        settings = PerformerConfig()
+    elif isinstance(config, (PerformerConfig, dict)):
+        settings = PerformerConfig.from_dict(config)
+    else:
+        raise TypeError(f"convert_to_performer expects a PerformerConfig (or its dict), got {type(config).__name__}.")
+    if isinstance(model, PerformerModelMixin):
+        raise ValueError(f"{type(model).__name__} already runs FAVOR+ attention; convert the original model instead.")
+    old = getattr(model, "config", None)
+    family = FAMILIES.get(getattr(old, "model_type", None))
+    if family is None or type(model) not in family[1]:
+        raise _unsupported(model)
+    config_cls, classes = family
+    if getattr(old, "output_attentions", False):
+        raise ValueError("config.output_attentions=True cannot be honoured: FAVOR+ never forms attention matrices.")
+
+    # build and validate everything before touching the model
+    fields = {k: v for k, v in old.to_dict().items() if k not in ("model_type", "transformers_version", "layer_types")}
+    new = config_cls.from_dict({**fields, "performer": settings.to_dict()})
+    new._attn_implementation = ATTN_IMPLEMENTATION
+    new.name_or_path = old.name_or_path
+
+    for module in model.modules():  # every module that shares the config sees the new one
+        if getattr(module, "config", None) is old:
+            module.config = new
+    model.__class__ = classes[type(model)]
+    model._keep_in_fp32_modules_strict = set(model._keep_in_fp32_modules_strict or ()) | {"favor"}
+    attach_favor(model, model._favor_sites(), settings)
+    return model
+
+
+def favor_modules(model: nn.Module) -> list[FavorAttention]:
+    modules = [m for m in model.modules() if isinstance(m, FavorAttention)]
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no FavorAttention layers; convert it with convert_to_performer.")
+    return modules
+
+
+def redraw_features(model: nn.Module) -> int:
+    """Redraw the random features of every FAVOR+ layer (draw count + 1). Returns the number of layers."""
+    modules = favor_modules(model)
+    for m in modules:
+        m.redraw_features()
+    return len(modules)
+
+
+def maybe_redraw_features(model: nn.Module, optimizer_step: int) -> bool:
+    """Follow ``PerformerConfig.redraw_interval`` (in optimizer steps): after ``optimizer_step`` steps every
+    layer holds draw number ``optimizer_step // redraw_interval``. Call it after each optimizer step; calling
+    it again for the same step (gradient accumulation, resumed runs) changes nothing. Returns True if it redrew.
+    """
+    redrew = False
+    for m in favor_modules(model):
+        interval = m.config.redraw_interval
+        if interval <= 0:
+            continue
+        target = int(optimizer_step) // interval
+        while int(m.draw_count) < target:
+            m.redraw_features()
+            redrew = True
+    return redrew

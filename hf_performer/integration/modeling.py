@@ -1,0 +1,139 @@
+"""Pieces shared by the Performer model classes of every architecture.
+
+A Performer model class is ``class PerformerXForY(PerformerModelMixin, XForY)``: the stock class builds
+its modules, then ``post_init`` (overridden here) attaches a ``FavorAttention`` named ``favor`` to every
+attention module and initialises it. Nothing else of the stock model changes, so every pretrained
+weight keeps its name; the state dict gains ``...favor.projection`` etc. (persistent buffers).
+
+Configs: ``PerformerXConfig(XConfig)`` adds ``performer`` (PerformerConfig.to_dict()),
+``hf_performer_version`` and ``layer_types = ["favor_attention"] * n_layers``. The latter makes
+``DynamicCache(config=...)`` build FAVOR cache layers, and makes the stock config class refuse the
+checkpoint loudly (``layer_types`` entries are validated) instead of silently loading softmax attention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.generation.configuration_utils import GenerationMode
+
+from ..attention import FavorAttention
+from ..settings import PerformerConfig
+from .attention_function import ATTN_IMPLEMENTATION
+from .cache import LAYER_TYPE
+
+
+def plugin_version() -> str:
+    import hf_performer
+
+    return hf_performer.__version__
+
+
+# ---------------------------------------------------------------------------------------------- configs
+def performer_config_post_init(config) -> None:
+    """Validate/normalise the Performer fields of a PerformerXConfig (called from its __post_init__)."""
+    config.performer = PerformerConfig.from_dict(config.performer or {}).to_dict()
+    n = config.num_hidden_layers
+    if config.layer_types is None:
+        config.layer_types = [LAYER_TYPE] * n
+    if list(config.layer_types) != [LAYER_TYPE] * n:
+        raise ValueError(
+            f"{type(config).__name__}.layer_types must be {n} x '{LAYER_TYPE}' (every layer is FAVOR+), "
+            f"got {config.layer_types}."
+        )
+    if config.hf_performer_version is None:
+        config.hf_performer_version = plugin_version()
+
+
+def performer_config_to_dict(config, d: dict) -> dict:
+    d["hf_performer_version"] = plugin_version()  # the plugin that writes the checkpoint
+    return d
+
+
+# ---------------------------------------------------------------------------------------------- sites
+@dataclass
+class AttentionSite:
+    """An attention module of a stock model and how to build its FavorAttention."""
+
+    module: nn.Module
+    head_dim: int
+    num_heads: int
+    layer_id: int  # self-attention: the layer index; cross-attention: num_layers + layer index
+    performer_class: type | None = None  # subclass whose forward handles the FAVOR cache (or None)
+
+
+def attach_favor(model: nn.Module, sites: Iterator[AttentionSite], settings: PerformerConfig) -> int:
+    """Give every attention site a FavorAttention child ``favor`` (and its Performer forward). Idempotent."""
+    n = 0
+    for site in sites:
+        module = site.module
+        if site.performer_class is not None and not isinstance(module, site.performer_class):
+            module.__class__ = site.performer_class  # adds a forward only: no new state, same weights
+        if not isinstance(getattr(module, "favor", None), FavorAttention):
+            ref = next(module.parameters(), None)
+            favor = FavorAttention(site.head_dim, settings, num_heads=site.num_heads, layer_id=site.layer_id)
+            module.favor = favor.to(ref.device) if ref is not None else favor
+        n += 1
+    return n
+
+
+@torch.no_grad()
+def init_favor_buffers(favor: FavorAttention) -> None:
+    """Initialise the buffers the checkpoint did not provide (transformers' guarded init skips loaded ones).
+
+    The projection is re-derived from (seed, layer_id, draw_count): deterministic, never garbage."""
+    init.zeros_(favor.draw_count)
+    init.copy_(favor.projection, favor._draw(int(favor.draw_count)).to(favor.projection))
+    for name in ("key_shift", "log_qk_scale", "oprf_rho", "stats_calibrated"):
+        init.zeros_(getattr(favor, name))
+
+
+# ---------------------------------------------------------------------------------------------- models
+class PerformerModelMixin:
+    """Mixed in front of a stock PreTrainedModel class (see the module docstring)."""
+
+    _keep_in_fp32_modules_strict = ["favor"]
+
+    def _favor_sites(self) -> Iterator[AttentionSite]:  # pragma: no cover - defined per architecture
+        raise NotImplementedError
+
+    def post_init(self):
+        attach_favor(self, self._favor_sites(), PerformerConfig.from_dict(self.config.performer))
+        super().post_init()
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs):
+        if attn_implementation not in (None, ATTN_IMPLEMENTATION):
+            raise ValueError(
+                f"{type(self).__name__} runs Performer FAVOR+ attention only (attn_implementation="
+                f"'{ATTN_IMPLEMENTATION}'); got attn_implementation={attn_implementation!r}. To use softmax attention, "
+                "load the original (unconverted) checkpoint."
+            )
+        return ATTN_IMPLEMENTATION
+
+    def initialize_weights(self):
+        super().initialize_weights()
+        for module in self.modules():
+            if isinstance(module, FavorAttention) and not module.projection.is_meta:
+                init_favor_buffers(module)
+
+    def favor_modules(self) -> list[FavorAttention]:
+        return [m for m in self.modules() if isinstance(m, FavorAttention)]
+
+
+class PerformerGenerationMixin:
+    """Generation guards: the FAVOR state is a running sum, it cannot be rolled back (cropped)."""
+
+    _is_stateful = True  # transformers refuses assisted generation for stateful models
+
+    def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):
+        if generation_mode in (GenerationMode.ASSISTED_GENERATION, GenerationMode.CONTRASTIVE_SEARCH):
+            raise ValueError(
+                f"{type(self).__name__} cannot use {generation_mode.value}: FAVOR+ decoding keeps a running sum per "
+                "layer, which cannot be cropped back after rejected draft tokens. Use greedy search, sampling or "
+                "beam search."
+            )
+        return super()._validate_generation_mode(generation_mode, generation_config, generation_mode_kwargs)
