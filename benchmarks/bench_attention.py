@@ -191,6 +191,8 @@ def _maxrss_bytes() -> int:
 def worker_matmul(spec: dict) -> dict:
     import torch
 
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
     n = MATMUL_N
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
@@ -367,7 +369,8 @@ def render_markdown(doc: dict) -> str:
     index = {(r["impl"], r["mode"], r["pass"], r["L"]): r for r in doc["results"]}
     impls = [i for i in IMPLS if any(r["impl"] == i for r in doc["results"])]
     machine = meta["machine"]
-    where = machine.get("gpu") or f"{machine.get('cpu')}, {machine.get('threads')} threads"
+    threads = (mm.get("threads") if mm.get("status") == "ok" else None) or args.get("threads") or machine.get("threads")
+    where = machine.get("gpu") or f"{machine.get('cpu')}, {threads} threads"
     lines = [
         f"Batch {args['batch']}, {args['heads']} heads, head_dim {args['head_dim']}, {args['dtype']}, "
         f"FAVOR+ nb_features {args['nb_features']} (chunk {args['chunk_size']}); {args['device']}: {where}; "
