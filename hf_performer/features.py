@@ -81,24 +81,26 @@ def oprf_a(rho: torch.Tensor) -> torch.Tensor:
 class FeatureMap:
     """Feature map of one kernel with a fixed projection (and, for favor++, a fixed A).
 
-    ``a`` broadcasts against [B, H, 1, 1] (one value per batch and head, or per head)."""
+    ``projection`` is [rows, d] or batched [*P, rows, d] (P broadcasting against the leading dims of
+    x [..., L, d]); ``a`` broadcasts against [B, H, 1, 1] (one value per batch and head, or per head)."""
 
     def __init__(self, kernel: str, projection: torch.Tensor, eps: float = 1e-6, a: torch.Tensor | None = None):
         self.kernel = kernel
         self.projection = projection  # [rows, d]
         self.eps = eps
         self.a = a
-        self.sq_norms = (projection * projection).sum(-1) if kernel == "favor++" else None
+        # [*P, 1, rows] so that it broadcasts against [..., L, rows]
+        self.sq_norms = (projection * projection).sum(-1).unsqueeze(-2) if kernel == "favor++" else None
 
     @property
     def nb_features(self) -> int:
-        rows = self.projection.shape[0]
+        rows = self.projection.shape[-2]
         return 2 * rows if self.kernel == "trig" else rows
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: [..., d] -> (logits [..., m] or [..., 1], factor [..., m] or None)."""
         w = self.projection.to(x.dtype)
-        proj = x @ w.T  # [..., rows]
+        proj = x @ w.transpose(-1, -2)  # [..., L, rows]
         half_sq = 0.5 * (x * x).sum(-1, keepdim=True)  # [..., 1]
         if self.kernel == "softmax":
             return proj - half_sq, None

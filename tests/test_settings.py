@@ -1,0 +1,43 @@
+import json
+
+import pytest
+
+from hf_performer import PerformerConfig
+
+
+def test_defaults_round_trip_through_json():
+    cfg = PerformerConfig(nb_features=64, kernel="favor++", orthogonal=False, seed=7, extra={"note": "x"})
+    again = PerformerConfig.from_json_string(cfg.to_json_string())
+    assert again == cfg
+    assert PerformerConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("nb_features", 0),
+        ("nb_features", 2.5),
+        ("kernel", "gaussian"),
+        ("feature_norm", "unit"),
+        ("redraw_interval", -1),
+        ("seed", -3),
+        ("chunk_size", 0),
+        ("eps", 0.0),
+        ("eps", 2.0),
+        ("orthogonal", "yes"),
+        ("center_keys", 1),
+    ],
+)
+def test_bad_values_name_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"PerformerConfig\.{field}="):
+        PerformerConfig(**{field: value})
+
+
+def test_trig_needs_even_features():
+    with pytest.raises(ValueError, match="nb_features"):
+        PerformerConfig(kernel="trig", nb_features=7)
+
+
+def test_unknown_field_lists_accepted_ones():
+    with pytest.raises(ValueError, match="unknown field.*nb_featurez"):
+        PerformerConfig.from_dict({"nb_featurez": 3})
