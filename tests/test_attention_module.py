@@ -1,0 +1,154 @@
+"""FavorAttention (the public module) against exact softmax attention and its own contracts."""
+
+import pytest
+import torch
+
+from hf_performer import FavorAttention, PerformerConfig
+from hf_performer.ops import exact_softmax_attention
+
+D64 = torch.float64
+
+
+def qkv(B=2, H=4, L=64, d=16, dtype=D64, q_norm=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=D64)
+    # after the d^-1/4 scaling |q| ≈ q_norm; keys share a common offset (as real keys do)
+    q = mk(B, H, L, d) * q_norm * d**-0.25
+    k = (mk(B, H, L, d) + 2.0 * mk(1, H, 1, d)) * q_norm * d**-0.25
+    return q.to(dtype), k.to(dtype), mk(B, H, L, d).to(dtype)
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_error_to_exact_softmax_falls_as_features_grow(causal):
+    q, k, v = qkv()
+    ref = exact_softmax_attention(q, k, v, causal=causal)
+    errs = []
+    for m in (16, 128, 1024):
+        total = 0.0
+        for seed in range(3):
+            attn = FavorAttention(16, PerformerConfig(nb_features=m, seed=seed), num_heads=4)
+            if causal:  # causal attention uses stored statistics (it cannot look ahead for them)
+                attn.calibrate_statistics(q, k)
+            total += rel(attn(q, k, v, causal=causal), ref)
+        errs.append(total)
+    assert errs[0] > errs[1] > errs[2]
+    assert errs[2] / 3 < 0.1
+
+
+def test_key_centering_and_balancing_lower_the_error_on_offset_keys():
+    q, k, v = qkv(q_norm=1.5)
+    ref = exact_softmax_attention(q, k, v)
+
+    def err(center, balance):
+        cfg = PerformerConfig(nb_features=128, center_keys=center, balance_qk=balance)
+        return sum(rel(FavorAttention(16, PerformerConfig.from_dict({**cfg.to_dict(), "seed": s}))(q, k, v), ref) for s in range(4))
+
+    assert err(True, True) < 0.7 * err(False, False)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_padding_left_and_right_equals_per_example(causal):
+    attn = FavorAttention(16, PerformerConfig(nb_features=64), num_heads=4)
+    q, k, v = qkv(B=1, L=30)
+    if causal:
+        attn.calibrate_statistics(q, k)
+    ref = attn(q, k, v, causal=causal)
+    for left, right in [(4, 0), (0, 6)]:
+        L = 30 + left + right
+        pad = lambda x, left=left, right=right: torch.cat([x[:, :, :left] * 0 + 5, x, x[:, :, :right] * 0 - 3], 2)
+        mask = torch.zeros(1, L, dtype=torch.bool)
+        mask[:, left : left + 30] = True
+        out = attn(pad(q), pad(k), pad(v), causal=causal, key_padding_mask=mask)
+        assert torch.allclose(out[:, :, left : left + 30], ref, atol=1e-12, rtol=1e-9)
+
+
+def test_calibrated_causal_has_no_look_ahead_and_steps_match():
+    attn = FavorAttention(16, PerformerConfig(nb_features=64, kernel="favor++", chunk_size=8), num_heads=4)
+    q, k, v = qkv(L=40)
+    attn.calibrate_statistics(q, k)
+    assert bool(attn.stats_calibrated) and attn.oprf_rho.abs().sum() > 0
+    full = attn(q, k, v, causal=True)
+    k2 = k.clone()
+    k2[:, :, 30] *= 10
+    assert torch.equal(attn(q, k2, v, causal=True)[:, :, :30], full[:, :, :30])
+    state, outs = None, []
+    for t in range(40):
+        out, state = attn.step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], state)
+        outs.append(out)
+    assert torch.allclose(torch.cat(outs, 2), full, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("causal,kernel", [(False, "softmax"), (True, "favor++")])
+def test_module_gradcheck(causal, kernel):
+    # bidirectional favor++ measures its A on the sequence and holds it constant in the backward (the
+    # estimator is unbiased for every A), so the exact-derivative check uses the softmax kernel there
+    attn = FavorAttention(4, PerformerConfig(nb_features=8, kernel=kernel, chunk_size=4), num_heads=2)
+    q, k, v = (x.requires_grad_(True) for x in qkv(B=1, H=2, L=7, d=4))
+    if causal:
+        attn.calibrate_statistics(q.detach(), k.detach())
+    assert torch.autograd.gradcheck(lambda q, k, v: attn(q, k, v, causal=causal), (q, k, v))
+
+
+def test_redraw_is_deterministic_across_instances_and_survives_state_dict():
+    cfg = PerformerConfig(nb_features=32, seed=5)
+    a, b = FavorAttention(16, cfg, layer_id=2), FavorAttention(16, cfg, layer_id=2)
+    other_layer = FavorAttention(16, cfg, layer_id=3)
+    assert torch.equal(a.projection, b.projection)
+    assert not torch.equal(a.projection, other_layer.projection)
+    first = a.projection.clone()
+    a.redraw_features()
+    b.redraw_features()
+    assert int(a.draw_count) == 1 and torch.equal(a.projection, b.projection)
+    assert not torch.equal(a.projection, first)
+    c = FavorAttention(16, cfg, layer_id=2)
+    c.load_state_dict(a.state_dict())
+    c.redraw_features()
+    a.redraw_features()
+    assert torch.equal(a.projection, c.projection)  # a resumed module continues the same sequence
+
+
+def test_half_precision_casts_keep_projection_fp32():
+    attn = FavorAttention(16, PerformerConfig(nb_features=32)).to(torch.bfloat16)
+    assert attn.projection.dtype == torch.float32
+    q, k, v = qkv(B=1, L=20, dtype=torch.bfloat16)
+    out = attn(q, k, v)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_bad_inputs_raise_clear_errors():
+    attn = FavorAttention(16, PerformerConfig(nb_features=8), num_heads=4)
+    q, k, v = qkv(L=10)
+    with pytest.raises(ValueError, match="key_padding_mask must be"):
+        attn(q, k, v, key_padding_mask=torch.ones(2, 1, 10, 10, dtype=torch.bool))
+    with pytest.raises(ValueError, match="not floating point"):
+        attn(q, k, v, key_padding_mask=torch.ones(2, 10))
+    with pytest.raises(ValueError, match=r"\[batch, heads, length, head_dim\]"):
+        attn(q[0], k[0], v[0])
+    with pytest.raises(ValueError, match="head_dim"):
+        attn(q[..., :8], k[..., :8], v)
+    with pytest.raises(ValueError, match="num_heads"):
+        FavorAttention(16, PerformerConfig(nb_features=8), num_heads=3).calibrate_statistics(q, k)
+    with pytest.raises(ValueError, match="head_dim"):
+        FavorAttention(0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_half_precision_long_large_norm_inputs_stay_finite(dtype, causal):
+    # L = 16384, |q|, |k| up to ~9 after the d^-1/4 scaling (as in real BERT layers)
+    attn = FavorAttention(64, PerformerConfig(nb_features=64, chunk_size=256), num_heads=2)
+    g = torch.Generator().manual_seed(0)
+    q = (torch.randn(1, 2, 16384, 64, generator=g) * 3 * 64**0.25 * 64**-0.5 * 3).to(dtype).requires_grad_(True)
+    k = (torch.randn(1, 2, 16384, 64, generator=g) * 3 * 64**0.25 * 64**-0.5 * 3).to(dtype).requires_grad_(True)
+    v = torch.randn(1, 2, 16384, 64, generator=g).to(dtype).requires_grad_(True)
+    with torch.autocast("cpu", dtype=dtype):
+        out = attn(q, k, v, causal=causal)
+    out.float().square().mean().backward()
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
