@@ -1,0 +1,160 @@
+"""Generation with the recurrent FAVOR+ cache: same tokens as uncached full forwards, constant-size state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+from transformers.cache_utils import DynamicCache
+
+import hf_performer.integration as I
+from hf_performer.integration.cache import FavorCacheLayer
+from hf_performer.settings import PerformerConfig
+
+V = 96
+
+
+def gpt2(**kw):
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64, initializer_range=0.3,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=0, **kw)
+    return I.convert_to_performer(tf.GPT2LMHeadModel(cfg), PerformerConfig(nb_features=32, seed=5)).eval()
+
+
+def left_padded_prompts():
+    g = torch.Generator().manual_seed(7)
+    lengths = [6, 3, 5]
+    ids = torch.zeros((3, 6), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, 6 - n:] = torch.randint(3, V, (n,), generator=g)
+        mask[i, 6 - n:] = 1
+    return ids, mask
+
+
+NEW = 10
+COMMON = dict(max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=0)
+
+
+def test_greedy_cached_equals_uncached_full_forwards():
+    model, (ids, mask) = gpt2(), left_padded_prompts()
+    with torch.no_grad():
+        cached = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, **COMMON)
+        seq, m = ids, mask  # the uncached reference: a full forward over the whole sequence per token
+        for _ in range(NEW):
+            positions = (m.cumsum(-1) - 1).clamp_min(0)  # stock GPT-2 generation positions under left padding
+            logits = model(input_ids=seq, attention_mask=m, position_ids=positions, use_cache=False).logits
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            seq, m = torch.cat([seq, nxt], 1), torch.cat([m, torch.ones_like(nxt)], 1)
+    assert torch.equal(cached, seq)
+    assert len(set(cached[:, ids.shape[1]:].flatten().tolist())) > 3  # not a degenerate constant output
+
+
+@pytest.mark.parametrize("mode", ["greedy", "beam", "sample", "beam_sample"])
+def test_generate_with_cache_equals_generate_without(mode):
+    model, (ids, mask) = gpt2(), left_padded_prompts()
+    kw = {
+        "greedy": dict(do_sample=False),
+        "beam": dict(do_sample=False, num_beams=3, num_return_sequences=2),
+        "sample": dict(do_sample=True, top_k=0),
+        "beam_sample": dict(do_sample=True, num_beams=2),
+    }[mode]
+    outs = []
+    for use_cache in (True, False):
+        torch.manual_seed(11)
+        with torch.no_grad():
+            outs.append(model.generate(input_ids=ids, attention_mask=mask, use_cache=use_cache, **kw, **COMMON))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_generation_cache_is_constant_size_favor_state():
+    model, (ids, mask) = gpt2(), left_padded_prompts()
+    sizes = []
+    for new in (2, 12):
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new,
+                                 min_new_tokens=new, pad_token_id=0, return_dict_in_generate=True)
+        layers = out.cache.layers
+        assert len(layers) == 2 and all(isinstance(layer, FavorCacheLayer) and layer.recurrent for layer in layers)
+        assert all(layer.keys is None and layer.state is not None for layer in layers)  # no key/value storage
+        assert layers[0].get_seq_length() == ids.shape[1] + new - 1
+        sizes.append([layer.state.nbytes for layer in layers])
+    assert sizes[0] == sizes[1]
+
+
+def test_explicit_favor_cache_step_by_step_equals_full_forward():
+    model = gpt2()
+    ids = torch.randint(3, V, (2, 9), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=False).logits  # [B, 9, V]
+        cache = I.FavorCache()
+        first = model(input_ids=ids[:, :4], cache=cache, use_cache=True)
+        steps = [first.logits]
+        for t in range(4, 9):
+            steps.append(model(input_ids=ids[:, t:t + 1], cache=first.cache, use_cache=True).logits)
+    assert first.cache is cache and cache.get_seq_length() == 9
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_default_forward_returns_a_cache_that_continues_decoding():
+    model = gpt2()
+    ids = torch.randint(3, V, (1, 7), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=False).logits[:, -1]
+        prefix = model(input_ids=ids[:, :-1])  # use_cache defaults to True for GPT-2
+        last = model(input_ids=ids[:, -1:], cache=prefix.cache).logits[:, -1]
+    torch.testing.assert_close(last, full, rtol=1e-5, atol=1e-5)
+
+
+def test_assisted_decoding_is_refused():
+    model, (ids, mask) = gpt2(), left_padded_prompts()
+    with pytest.raises(ValueError, match="cannot be cropped"):
+        model.generate(input_ids=ids[:1], attention_mask=mask[:1], assistant_model=gpt2(), max_new_tokens=3)
+    with pytest.raises(ValueError, match="cannot be cropped"):
+        model.generate(input_ids=ids[:1], attention_mask=mask[:1], prompt_lookup_num_tokens=2, max_new_tokens=3)
+
+
+def test_cache_rollback_is_refused():
+    model = gpt2()
+    with torch.no_grad():
+        out = model(input_ids=torch.randint(3, V, (1, 5)), cache=I.FavorCache(), use_cache=True)
+    assert not out.cache.is_croppable
+    with pytest.raises(NotImplementedError, match="cannot be cropped"):
+        out.cache.crop(-1)
+
+
+def test_key_value_cache_is_refused():
+    model = gpt2()
+    stock = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
+    with torch.no_grad():
+        filled = stock(input_ids=torch.randint(3, V, (1, 4)), cache=DynamicCache(), use_cache=True).cache
+        with pytest.raises(TypeError, match="FAVOR\\+ state"):
+            model(input_ids=torch.randint(3, V, (1, 1)), cache=filled, use_cache=True)
+
+
+def test_bert_decoder_generation_cached_equals_uncached():
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        max_position_embeddings=64, initializer_range=0.3, is_decoder=True, pad_token_id=0)
+    model = I.convert_to_performer(tf.BertLMHeadModel(cfg), PerformerConfig(nb_features=32)).eval()
+    ids = torch.randint(3, V, (2, 5), generator=torch.Generator().manual_seed(3))
+    outs = []
+    for use_cache in (True, False):
+        with torch.no_grad():
+            outs.append(model.generate(input_ids=ids, use_cache=use_cache, do_sample=False, **COMMON))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_prefill_with_grad_uses_the_fused_op_and_still_fills_the_cache():
+    model = gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0).train()  # same function in train and eval
+    ids = torch.randint(3, V, (2, 7), generator=torch.Generator().manual_seed(4))
+    out = model(input_ids=ids, labels=ids)  # GPT-2 builds a cache by default, training included
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.transformer.h[0].attn.c_attn.parameters())
+    assert out.cache.get_seq_length() == 7
+    model.eval()
+    with torch.no_grad():
+        nxt = torch.randint(3, V, (2, 1))
+        stepped = model(input_ids=nxt, cache=out.cache).logits[:, -1]
+        full = model(input_ids=torch.cat([ids, nxt], 1), use_cache=False).logits[:, -1]
+    torch.testing.assert_close(stepped, full, rtol=1e-5, atol=1e-5)
