@@ -5,9 +5,10 @@
 
 Before the feature map, q and k are scaled by √scale and transformed by two exact identities that
 shrink |q + k| (the estimator's variance grows like exp(|q + k|²)):
-  * key centering  k ← k − μ: adds −q·μ to every logit of a query, so softmax is unchanged;
+  * key shift      k ← k − c: adds −q·c to every logit of a query, so softmax is unchanged; the
+                   c minimising E|q + k − c|² is E[q] + E[k];
   * balancing      q ← a q, k ← k / a: leaves every q·k unchanged.
-Bidirectional attention takes μ and a from the sequence itself (real tokens only). Causal attention
+Bidirectional attention takes c and a from the sequence itself (real tokens only). Causal attention
 and decoding must not look ahead, so they use per-head statistics stored in buffers by
 ``calibrate_statistics`` (identity until then).
 """
@@ -120,7 +121,11 @@ class FavorAttention(nn.Module):
 
     def _statistics(self, q, k, qmask, kmask, dims):
         """Key mean, log balance factor and favor++ rho (mean |q + k|² / d after both transforms)."""
-        shift = _masked_mean(k, kmask, dims) if self.config.center_keys else torch.zeros_like(k[:, :, :1])
+        # the key shift minimising E|q + k - c|^2 is c = E[q] + E[k]
+        if self.config.center_keys:
+            shift = _masked_mean(q, qmask, dims) + _masked_mean(k, kmask, dims)
+        else:
+            shift = torch.zeros_like(k[:, :, :1])
         k = k - shift
         mq = _masked_mean((q * q).sum(-1, keepdim=True), qmask, dims).clamp_min(1e-12)
         mk = _masked_mean((k * k).sum(-1, keepdim=True), kmask, dims).clamp_min(1e-12)

@@ -38,9 +38,9 @@ class PerformerConfig:
         chunk_size: keys/queries processed per chunk; bounds peak memory to O(chunk * (m + d)).
         eps: guard of the normalizer, and the additive floor of ``relu`` features only. Never added
             to softmax features.
-        center_keys: subtract a shared vector from the keys before the feature map. Exact for softmax
-            attention (it adds a per-query constant to every logit) and it shrinks |k|, which cuts the
-            estimator's variance (it grows like exp(|q+k|^2)).
+        center_keys: subtract a shared vector c = E[q] + E[k] from the keys before the feature map. Exact
+            for softmax attention (it adds a per-query constant to every logit) and it shrinks |q+k|,
+            which cuts the estimator's variance (it grows like exp(|q+k|^2)).
         balance_qk: rescale q by a and k by 1/a (a per head) so that mean |q|^2 = mean |k|^2; exact,
             and it lowers the variance further.
     """
