@@ -158,3 +158,21 @@ def test_prefill_with_grad_uses_the_fused_op_and_still_fills_the_cache():
         stepped = model(input_ids=nxt, cache=out.cache).logits[:, -1]
         full = model(input_ids=torch.cat([ids, nxt], 1), use_cache=False).logits[:, -1]
     torch.testing.assert_close(stepped, full, rtol=1e-5, atol=1e-5)
+
+
+def test_gpt2_cross_attention_generation_cached_equals_uncached():
+    """add_cross_attention: bidirectional FAVOR+ over the encoder keys (their padding honoured)."""
+    model = gpt2(add_cross_attention=True)
+    layer_ids = sorted(m.favor.layer_id for m in model.modules() if hasattr(m, "favor"))
+    assert layer_ids == [0, 1, 2, 3]  # self-attention 0..n-1, cross-attention n..2n-1
+    ids, mask = left_padded_prompts()
+    g = torch.Generator().manual_seed(5)
+    enc = torch.randn(3, 7, 32, generator=g)
+    enc_mask = torch.ones(3, 7, dtype=torch.long)
+    enc_mask[1, 4:] = 0
+    outs = []
+    for use_cache in (True, False):
+        with torch.no_grad():
+            outs.append(model.generate(input_ids=ids, attention_mask=mask, encoder_hidden_states=enc,
+                                       encoder_attention_mask=enc_mask, use_cache=use_cache, do_sample=False, **COMMON))
+    assert torch.equal(outs[0], outs[1])

@@ -185,3 +185,9 @@ def test_gpt2_scaling_options_are_honoured():
         unscaled = gpt2(scale_attn_weights=False)
         assert unscaled.transformer.h[0].attn.scaling == 1.0
         assert not torch.allclose(unscaled(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
+def test_hidden_states_are_still_returned():
+    model = gpt2()
+    out = model(input_ids=torch.randint(3, V, (1, 5)), output_hidden_states=True, use_cache=False)
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1

@@ -85,7 +85,7 @@ def bert_style_sites(model, self_cls, cross_cls, performer_self_cls) -> Iterator
         if isinstance(m, self_cls):
             yield AttentionSite(m, m.attention_head_size, m.num_attention_heads, m.layer_idx, performer_self_cls)
         elif isinstance(m, cross_cls):
-            yield AttentionSite(m, m.attention_head_size, m.num_attention_heads, n + m.layer_idx)
+            yield AttentionSite(m, m.attention_head_size, m.num_attention_heads, n + m.layer_idx, cross_attention=True)
 
 
 class _PerformerBert(PerformerModelMixin):

@@ -14,7 +14,7 @@ from torch import nn
 from ..attention import FavorAttention
 from ..settings import PerformerConfig
 from .attention_function import ATTN_IMPLEMENTATION
-from .modeling import PerformerModelMixin, attach_favor
+from .modeling import PerformerModelMixin, attach_favor, plan_favor
 from .registry import FAMILIES
 
 
@@ -54,6 +54,8 @@ def convert_to_performer(model: nn.Module, config: PerformerConfig | dict | None
         raise ValueError("config.output_attentions=True cannot be honoured: FAVOR+ never forms attention matrices.")
 
     # build and validate everything before touching the model
+    performer_cls = classes[type(model)]
+    plan = plan_favor(performer_cls._favor_sites(model), settings)
     fields = {k: v for k, v in old.to_dict().items() if k not in ("model_type", "transformers_version", "layer_types")}
     new = config_cls.from_dict({**fields, "performer": settings.to_dict()})
     new._attn_implementation = ATTN_IMPLEMENTATION
@@ -62,9 +64,9 @@ def convert_to_performer(model: nn.Module, config: PerformerConfig | dict | None
     for module in model.modules():  # every module that shares the config sees the new one
         if getattr(module, "config", None) is old:
             module.config = new
-    model.__class__ = classes[type(model)]
+    model.__class__ = performer_cls
     model._keep_in_fp32_modules_strict = set(model._keep_in_fp32_modules_strict or ()) | {"favor"}
-    attach_favor(model, model._favor_sites(), settings)
+    attach_favor(plan)
     return model
 
 

@@ -93,7 +93,7 @@ def gpt2_sites(model) -> Iterator[AttentionSite]:
     for m in model.modules():
         if isinstance(m, GPT2Attention):
             layer_id = n + m.layer_idx if m.is_cross_attention else m.layer_idx
-            yield AttentionSite(m, m.head_dim, m.num_heads, layer_id, PerformerGPT2Attention)
+            yield AttentionSite(m, m.head_dim, m.num_heads, layer_id, PerformerGPT2Attention, m.is_cross_attention)
 
 
 class _PerformerGPT2(PerformerModelMixin):

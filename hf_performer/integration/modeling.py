@@ -64,12 +64,33 @@ class AttentionSite:
     num_heads: int
     layer_id: int  # self-attention: the layer index; cross-attention: num_layers + layer index
     performer_class: type | None = None  # subclass whose forward handles the FAVOR cache (or None)
+    cross_attention: bool = False
 
 
-def attach_favor(model: nn.Module, sites: Iterator[AttentionSite], settings: PerformerConfig) -> int:
-    """Give every attention site a FavorAttention child ``favor`` (and its Performer forward). Idempotent."""
-    n = 0
-    for site in sites:
+def site_settings(site: AttentionSite, settings: PerformerConfig) -> PerformerConfig:
+    """The FAVOR+ settings of one site.
+
+    An uncalibrated bidirectional FavorAttention measures its key shift / balance factor / favor++ A on the
+    queries of each call. For cross-attention that would make decoding (one query per call) differ from a
+    full forward (all queries), so cross-attention sites run without those query statistics."""
+    if not site.cross_attention:
+        return settings
+    if settings.kernel == "favor++":
+        raise NotImplementedError(
+            "kernel='favor++' is not supported with cross-attention: its variance-optimal A is measured on the "
+            "queries of each call, so cached decoding would not match full forwards. Use kernel='softmax'."
+        )
+    return PerformerConfig.from_dict({**settings.to_dict(), "center_keys": False, "balance_qk": False})
+
+
+def plan_favor(sites: Iterator[AttentionSite], settings: PerformerConfig) -> list[tuple[AttentionSite, PerformerConfig]]:
+    """Every site with its settings; raises before anything is modified."""
+    return [(site, site_settings(site, settings)) for site in sites]
+
+
+def attach_favor(plan: list[tuple[AttentionSite, PerformerConfig]]) -> None:
+    """Give every planned site a FavorAttention child ``favor`` (and its Performer forward). Idempotent."""
+    for site, settings in plan:
         module = site.module
         if site.performer_class is not None and not isinstance(module, site.performer_class):
             module.__class__ = site.performer_class  # adds a forward only: no new state, same weights
@@ -77,19 +98,30 @@ def attach_favor(model: nn.Module, sites: Iterator[AttentionSite], settings: Per
             ref = next(module.parameters(), None)
             favor = FavorAttention(site.head_dim, settings, num_heads=site.num_heads, layer_id=site.layer_id)
             module.favor = favor.to(ref.device) if ref is not None else favor
-        n += 1
-    return n
+
+
+DERIVED_BUFFERS = ("projection", "aligned_projection", "aligned_bias")  # functions of seed, layer, draw, centers
+
+
+def _loaded(t: torch.Tensor) -> bool:
+    return bool(getattr(t, "_is_hf_initialized", False))
 
 
 @torch.no_grad()
 def init_favor_buffers(favor: FavorAttention) -> None:
-    """Initialise the buffers the checkpoint did not provide (transformers' guarded init skips loaded ones).
+    """Initialise the buffers a checkpoint did not provide (loaded ones carry transformers' initialised flag).
 
-    The projection is re-derived from (seed, layer_id, draw_count): deterministic, never garbage."""
-    init.zeros_(favor.draw_count)
+    Counters and statistics start at zero (uncalibrated, draw 0); the random features are re-derived from
+    (seed, layer_id, draw_count): deterministic, never garbage."""
+    for name, buf in favor.named_buffers(recurse=False):
+        if name not in DERIVED_BUFFERS:
+            init.zeros_(buf)
+    derived = [getattr(favor, n) for n in DERIVED_BUFFERS if hasattr(favor, n)]
+    if all(_loaded(t) for t in derived):
+        return
     init.copy_(favor.projection, favor._draw(int(favor.draw_count)).to(favor.projection))
-    for name in ("key_shift", "log_qk_scale", "oprf_rho", "stats_calibrated"):
-        init.zeros_(getattr(favor, name))
+    if getattr(favor, "aligned", False):
+        favor._draw_aligned()
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -102,7 +134,7 @@ class PerformerModelMixin:
         raise NotImplementedError
 
     def post_init(self):
-        attach_favor(self, self._favor_sites(), PerformerConfig.from_dict(self.config.performer))
+        attach_favor(plan_favor(self._favor_sites(), PerformerConfig.from_dict(self.config.performer)))
         super().post_init()
 
     def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs):

@@ -1,0 +1,201 @@
+"""Saving and loading Performer models: config.json, safetensors buffers, loud failure without the plugin,
+dtype / device_map, missing buffers, feature redraws, Trainer resume, gradient checkpointing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers as tf
+from safetensors.torch import load_file, save_file
+
+import hf_performer
+import hf_performer.integration as I
+from hf_performer.attention import FavorAttention
+from hf_performer.settings import PerformerConfig
+
+V = 64
+BUFFERS = ("projection", "draw_count", "key_shift", "log_qk_scale", "oprf_rho", "stats_calibrated")
+
+
+def bert_cls(**kw):
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(vocab_size=V, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                        max_position_embeddings=32, initializer_range=0.2, num_labels=3)
+    return I.convert_to_performer(tf.BertForSequenceClassification(cfg), PerformerConfig(nb_features=16, **kw)).eval()
+
+
+def gpt2_lm(**kw):
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(vocab_size=V, n_embd=16, n_layer=2, n_head=2, n_positions=32, initializer_range=0.2,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return I.convert_to_performer(tf.GPT2LMHeadModel(cfg), PerformerConfig(nb_features=16, **kw))
+
+
+def realigned(model):
+    """Fresh (aligned) memory for every tensor: mmapped safetensors weights can change the last bits of tiny GEMMs."""
+    for t in [*model.parameters(), *model.buffers()]:
+        t.data = t.data.clone()
+    return model
+
+
+IDS = torch.randint(3, V, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+def favors(model) -> list[FavorAttention]:
+    return [m for m in model.modules() if isinstance(m, FavorAttention)]
+
+
+def test_checkpoint_carries_settings_version_and_every_favor_buffer(tmp_path):
+    model = bert_cls(seed=7, redraw_interval=5)
+    with torch.no_grad():  # calibrated statistics must survive the round trip too
+        q = torch.randn(2, 2, 9, 8)
+        favors(model)[1].calibrate_statistics(q, q)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "performer_bert"
+    assert config["performer"] == PerformerConfig(nb_features=16, seed=7, redraw_interval=5).to_dict()
+    assert config["hf_performer_version"] == hf_performer.__version__
+    assert config["architectures"] == ["PerformerBertForSequenceClassification"]
+    tensors = load_file(tmp_path / "model.safetensors")
+    for layer in range(2):
+        for name in BUFFERS:
+            key = f"bert.encoder.layer.{layer}.attention.self.favor.{name}"
+            assert key in tensors, key
+    again = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    assert bool(favors(again)[1].stats_calibrated) and not bool(favors(again)[0].stats_calibrated)
+    with torch.no_grad():
+        assert torch.equal(realigned(again)(input_ids=IDS).logits, model(input_ids=IDS).logits)
+
+
+def test_stock_class_refuses_a_performer_checkpoint(tmp_path):
+    bert_cls().save_pretrained(tmp_path)
+    with pytest.raises(Exception, match="layer_types"):
+        tf.BertForSequenceClassification.from_pretrained(tmp_path)
+
+
+def test_loading_without_the_plugin_fails_loudly(tmp_path):
+    gpt2_lm().save_pretrained(tmp_path)
+    code = (
+        "import sys, transformers\n"
+        "transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+        "assert 'hf_performer' not in sys.modules\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert "performer_gpt2" in run.stderr
+
+
+def test_bfloat16_keeps_favor_buffers_in_float32(tmp_path):
+    model = gpt2_lm().eval()
+    model.save_pretrained(tmp_path)
+    half = tf.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert half.transformer.h[0].attn.c_attn.weight.dtype == torch.bfloat16
+    for a, b in zip(favors(half), favors(model)):
+        assert a.projection.dtype == torch.float32 and torch.equal(a.projection, b.projection)
+    with torch.no_grad():
+        logits = half(input_ids=IDS).logits
+        generated = half.generate(input_ids=IDS, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all() and generated.shape == (2, 12)
+    torch.testing.assert_close(logits.float(), model(input_ids=IDS).logits, rtol=0.1, atol=0.1)
+
+
+def test_device_map_cpu(tmp_path):
+    model = gpt2_lm().eval()
+    model.save_pretrained(tmp_path)
+    again = tf.AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cpu")
+    with torch.no_grad():
+        assert torch.equal(realigned(again)(input_ids=IDS).logits, model(input_ids=IDS).logits)
+
+
+def test_missing_projection_is_rederived_from_seed_layer_and_draw_count(tmp_path):
+    model = gpt2_lm(seed=4).eval()
+    I.redraw_features(model)  # draw 1: the re-derivation must use the loaded draw count
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    tensors = load_file(path)
+    del tensors["transformer.h.1.attn.favor.projection"]
+    save_file(tensors, path, metadata={"format": "pt"})
+    again, info = tf.AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] == {"transformer.h.1.attn.favor.projection"}
+    for a, b in zip(favors(again), favors(model)):
+        assert torch.equal(a.projection, b.projection)
+    with torch.no_grad():
+        assert torch.equal(realigned(again)(input_ids=IDS).logits, model(input_ids=IDS).logits)
+
+
+def test_redraw_is_deterministic_per_layer_and_round_trips(tmp_path):
+    a, b = gpt2_lm(seed=2), gpt2_lm(seed=2)  # e.g. two data-parallel ranks
+    before = [f.projection.clone() for f in favors(a)]
+    assert I.redraw_features(a) == 2 and I.redraw_features(b) == 2
+    after = [f.projection for f in favors(a)]
+    assert all(not torch.equal(x, y) for x, y in zip(before, after))
+    assert not torch.equal(after[0], after[1])  # layers draw different features
+    assert all(torch.equal(x.projection, y.projection) and int(x.draw_count) == 1 for x, y in zip(favors(a), favors(b)))
+    a.eval().save_pretrained(tmp_path)
+    again = tf.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert [int(f.draw_count) for f in favors(again)] == [1, 1]
+    with torch.no_grad():
+        assert torch.equal(realigned(again)(input_ids=IDS).logits, a(input_ids=IDS).logits)
+
+
+def test_redraw_schedule_counts_optimizer_steps_and_is_idempotent():
+    model = gpt2_lm(redraw_interval=3)
+    draws = lambda: [int(f.draw_count) for f in favors(model)]  # noqa: E731
+    assert not I.maybe_redraw_features(model, 2) and draws() == [0, 0]
+    assert I.maybe_redraw_features(model, 3) and draws() == [1, 1]
+    assert not I.maybe_redraw_features(model, 3) and draws() == [1, 1]  # same step again (accumulation, resume)
+    assert I.maybe_redraw_features(model, 7) and draws() == [2, 2]
+    reference = gpt2_lm(redraw_interval=3)
+    for _ in range(2):
+        I.redraw_features(reference)
+    assert all(torch.equal(x.projection, y.projection) for x, y in zip(favors(model), favors(reference)))
+    never = gpt2_lm()
+    assert not I.maybe_redraw_features(never, 100) and [int(f.draw_count) for f in favors(never)] == [0, 0]
+    with pytest.raises(ValueError, match="no FavorAttention"):
+        I.redraw_features(torch.nn.Linear(2, 2))
+
+
+def test_trainer_resume_continues_the_same_features(tmp_path):
+    data = [{"input_ids": row, "labels": row} for row in torch.randint(3, V, (8, 9), generator=torch.Generator())]
+
+    def train(resume=None):
+        model = gpt2_lm(redraw_interval=2)
+        args = tf.TrainingArguments(output_dir=str(tmp_path), max_steps=4, save_steps=2, per_device_train_batch_size=2,
+                                    use_cpu=True, report_to=[], logging_strategy="no", seed=0, disable_tqdm=True)
+        trainer = tf.Trainer(model=model, args=args, train_dataset=data, callbacks=[I.PerformerRedrawCallback()])
+        trainer.train(resume_from_checkpoint=resume)
+        return model
+
+    first = train()
+    assert [int(f.draw_count) for f in favors(first)] == [2, 2]  # redrawn after optimizer steps 2 and 4
+    saved = load_file(tmp_path / "checkpoint-2" / "model.safetensors")  # the checkpoint holds the features
+    assert int(saved["transformer.h.0.attn.favor.draw_count"]) == 1
+    assert torch.equal(saved["transformer.h.0.attn.favor.projection"], favors(first)[0]._draw(1).float())
+    resumed = train(resume=str(tmp_path / "checkpoint-2"))
+    for a, b in zip(favors(resumed), favors(first)):
+        assert int(a.draw_count) == int(b.draw_count) and torch.equal(a.projection, b.projection)
+    for (name, a), b in zip(resumed.named_parameters(), first.parameters()):  # steps 3-4 replayed identically
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("build", [bert_cls, gpt2_lm], ids=["bert", "gpt2"])
+def test_gradient_checkpointing_gives_the_same_gradients(build):
+    grads = []
+    for checkpointing in (False, True):
+        model = build()
+        for m in model.modules():  # compare like with like: no dropout randomness
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        labels = IDS if "GPT2" in type(model).__name__ else torch.tensor([0, 2])
+        model(input_ids=IDS, labels=labels).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-6)
