@@ -236,3 +236,12 @@ def test_many_features_approach_softmax_attention(family):
     assert sensitivity > 0
     assert many < 0.15 * sensitivity, (float(many), float(sensitivity))
     assert many < 0.5 * few, (float(many), float(few))
+
+
+def test_favor_plus_plus_cross_attention_is_refused_and_changes_nothing():
+    model = tf.GPT2LMHeadModel(gpt2_cfg(add_cross_attention=True))
+    snap = _snapshot(model)
+    with pytest.raises(NotImplementedError, match="cross-attention"):
+        I.convert_to_performer(model, PerformerConfig(nb_features=16, kernel="favor++"))
+    assert _unchanged(model, snap)
+    I.convert_to_performer(tf.GPT2LMHeadModel(gpt2_cfg()), PerformerConfig(nb_features=16, kernel="favor++"))
