@@ -1,0 +1,110 @@
+"""Training helpers: the FAVOR+ feature-redraw schedule as a transformers ``TrainerCallback``.
+
+    from hf_performer.training import PerformerRedrawCallback
+    trainer = Trainer(model=model, args=args, ..., callbacks=[PerformerRedrawCallback()])
+
+The schedule is ``PerformerConfig.redraw_interval`` (saved in the model's config.json), counted in
+optimizer steps: after ``state.global_step`` steps every FAVOR+ layer holds draw number
+``global_step // redraw_interval`` (``hf_performer.integration.maybe_redraw_features``). Hence:
+
+* gradient accumulation: one redraw per optimizer step at most, never between micro-batches, and the
+  forward and its recomputation (gradient checkpointing) always see the same features;
+* data parallelism (DDP, FSDP, accelerate): every rank runs the same callback at the same global step
+  and a draw depends only on (seed, layer id, draw count), so every rank holds identical features
+  without any communication;
+* resuming: ``draw_count`` and ``projection`` are persistent buffers saved in every checkpoint; a
+  resumed run loads them and continues with exactly the features an uninterrupted run would have.
+  ``on_train_begin`` also catches up (never goes back) if a checkpoint holds an older draw.
+
+``PerformerTrainer`` is ``Trainer`` with the callback added, and with ``resume_from_checkpoint`` working
+on Performer checkpoints: transformers 5.x's ``Trainer._load_from_checkpoint`` reads the checkpoint's
+config.json with the base ``PreTrainedConfig``, whose validator refuses the ``"favor_attention"`` layer
+type of Performer configs (a plain ``Trainer`` fails to resume with "The `layer_types` entries must be
+in ..."). It accepts that layer type for the duration of that one call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from transformers import Trainer, TrainerCallback
+from transformers import configuration_utils as _configuration_utils
+
+from .integration import maybe_redraw_features
+from .integration.cache import LAYER_TYPE
+from .integration.convert import favor_modules
+
+__all__ = ["PerformerRedrawCallback", "PerformerTrainer", "feature_draw_counts"]
+
+
+def _unwrap(model):
+    """The model under DDP / torch.compile wrappers (FSDP keeps the module tree, buffers unsharded)."""
+    for attr in ("module", "_orig_mod"):
+        while hasattr(model, attr) and not hasattr(model, "config"):
+            model = getattr(model, attr)
+    return model
+
+
+def feature_draw_counts(model) -> list[int]:
+    """The draw count of every FAVOR+ layer (model order): handy to check a schedule or a resumed run."""
+    return [int(m.draw_count) for m in favor_modules(_unwrap(model))]
+
+
+class PerformerRedrawCallback(TrainerCallback):
+    """Redraw FAVOR+ random features every ``PerformerConfig.redraw_interval`` optimizer steps.
+
+    A model without a redraw interval (0, the default) is left alone; a model without FAVOR+ layers
+    raises at the start of training (the callback was added to the wrong model).
+
+    Args:
+        verbose: print a line on the main process whenever features are redrawn.
+    """
+
+    def __init__(self, verbose: bool = False):
+        self.verbose = verbose
+        self.redraws = 0  # redraw events seen by this callback (this process)
+
+    def _sync(self, args, state, model) -> None:
+        if model is None:
+            return
+        if maybe_redraw_features(_unwrap(model), state.global_step):
+            self.redraws += 1
+            if self.verbose and state.is_world_process_zero:
+                counts = sorted(set(feature_draw_counts(model)))
+                print(f"[hf-performer] step {state.global_step}: redrew FAVOR+ features (draw {counts})")
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            favor_modules(_unwrap(model))  # clear error if the model has no FAVOR+ layers
+        self._sync(args, state, model)  # resumed from an older checkpoint: catch up (no-op otherwise)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self._sync(args, state, model)
+
+
+@contextlib.contextmanager
+def _favor_layer_type_allowed():
+    """Let the base PreTrainedConfig validator accept "favor_attention" layers, within this block only."""
+    old = _configuration_utils.ALLOWED_ATTN_LAYER_TYPES
+    if LAYER_TYPE in old:
+        yield
+        return
+    _configuration_utils.ALLOWED_ATTN_LAYER_TYPES = (*old, LAYER_TYPE)
+    try:
+        yield
+    finally:
+        _configuration_utils.ALLOWED_ATTN_LAYER_TYPES = old
+
+
+class PerformerTrainer(Trainer):
+    """``transformers.Trainer`` for Performer models: adds a ``PerformerRedrawCallback`` (unless one is given)
+    and resumes from Performer checkpoints (see the module docstring). Everything else is ``Trainer``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not any(isinstance(cb, PerformerRedrawCallback) for cb in self.callback_handler.callbacks):
+            self.add_callback(PerformerRedrawCallback())
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        with _favor_layer_type_allowed():
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)

@@ -1,0 +1,140 @@
+"""PerformerRedrawCallback: the redraw schedule in optimizer steps under Trainer (gradient accumulation,
+gradient checkpointing), the features it draws, and a resumed run that continues with the same features."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+from torch.utils.data import Dataset
+
+import hf_performer.integration as I
+from hf_performer.attention import FavorAttention
+from hf_performer.settings import PerformerConfig
+from hf_performer.training import PerformerRedrawCallback, PerformerTrainer, feature_draw_counts
+
+V, L, N = 64, 12, 32
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is much faster than two on a busy machine (no OpenMP spinning)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class Toy(Dataset):
+    """Sequence classification: label = whether token 5 occurs more often than token 6 (learnable)."""
+
+    def __init__(self, n=N, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(3, 9, (n, L), generator=g)
+        self.labels = ((self.ids == 5).sum(1) > (self.ids == 6).sum(1)).long()
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones(L, dtype=torch.long), "labels": self.labels[i]}
+
+
+def tiny_model(redraw_interval=2, seed=0):
+    torch.manual_seed(seed)
+    cfg = tf.BertConfig(vocab_size=V, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                        max_position_embeddings=32, num_labels=2)
+    model = tf.BertForSequenceClassification(cfg)
+    return I.convert_to_performer(model, PerformerConfig(nb_features=16, seed=7, redraw_interval=redraw_interval))
+
+
+def args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-3, max_steps=5,
+                use_cpu=True, report_to="none", save_strategy="no", logging_steps=1, seed=0, data_seed=0,
+                disable_tqdm=True, dataloader_num_workers=0)
+    base.update(kw)
+    return tf.TrainingArguments(**base)
+
+
+def train(model, training_args, resume=None, callbacks=None, trainer_cls=tf.Trainer):
+    trainer = trainer_cls(model=model, args=training_args, train_dataset=Toy(),
+                          callbacks=[PerformerRedrawCallback()] if callbacks is None else callbacks)
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def expected_projection(module: FavorAttention, draw: int) -> torch.Tensor:
+    return module._draw(draw).float()
+
+
+@pytest.mark.parametrize("accumulation,checkpointing", [(1, False), (3, True)])
+def test_redraw_counts_optimizer_steps(tmp_path, accumulation, checkpointing):
+    """5 optimizer steps, interval 2 -> draw 2 on every layer, whatever the micro-batches per step."""
+    model = tiny_model(redraw_interval=2)
+    trainer = train(model, args(tmp_path, gradient_accumulation_steps=accumulation,
+                                activation_checkpointing=checkpointing))
+    assert trainer.state.global_step == 5
+    assert feature_draw_counts(model) == [2] * len(model.favor_modules())
+    for m in model.favor_modules():
+        torch.testing.assert_close(m.projection, expected_projection(m, 2), rtol=0, atol=0)
+
+
+def test_no_interval_never_redraws(tmp_path):
+    model = tiny_model(redraw_interval=0)
+    before = [m.projection.clone() for m in model.favor_modules()]
+    train(model, args(tmp_path, max_steps=3))
+    assert feature_draw_counts(model) == [0] * len(before)
+    for m, p in zip(model.favor_modules(), before):
+        assert torch.equal(m.projection, p)
+
+
+def test_callback_refuses_a_softmax_model(tmp_path):
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(vocab_size=V, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=32, num_labels=2)
+    with pytest.raises(ValueError, match="no FavorAttention layers"):
+        train(tf.BertForSequenceClassification(cfg), args(tmp_path, max_steps=1))
+
+
+def test_resumed_run_matches_uninterrupted(tmp_path):
+    """Stop after a checkpoint at step 3 (interval 2: draw 1 inside the checkpoint), resume in a fresh model:
+    parameters, projections and draw counts equal an uninterrupted 6-step run. PerformerTrainer: a plain
+    Trainer cannot read a Performer checkpoint's config.json when resuming (see hf_performer.training)."""
+    full = tiny_model(redraw_interval=2)
+    train(full, args(tmp_path / "full", max_steps=6))
+
+    first = tiny_model(redraw_interval=2)
+    train(first, args(tmp_path / "run", max_steps=6, save_strategy="steps", save_steps=3),
+          callbacks=[PerformerRedrawCallback(), _StopAt(3)])
+    ckpt = tmp_path / "run" / "checkpoint-3"
+    assert ckpt.is_dir()
+
+    resumed = tiny_model(redraw_interval=2, seed=123)  # different init and draws until the checkpoint loads
+    trainer = train(resumed, args(tmp_path / "run", max_steps=6, save_strategy="steps", save_steps=3),
+                    resume=str(ckpt), callbacks=[], trainer_cls=PerformerTrainer)
+    assert sum(isinstance(cb, PerformerRedrawCallback) for cb in trainer.callback_handler.callbacks) == 1
+
+    assert feature_draw_counts(resumed) == feature_draw_counts(full) == [3] * len(full.favor_modules())
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+class _StopAt(tf.TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+        return control
+
+
+def test_checkpoint_holds_draw_count(tmp_path):
+    """The saved checkpoint has draw_count / projection: a plain from_pretrained gets the same features."""
+    model = tiny_model(redraw_interval=1)
+    train(model, args(tmp_path, max_steps=3))
+    model.save_pretrained(tmp_path / "saved")
+    back = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "saved")
+    assert feature_draw_counts(back) == [3] * len(back.favor_modules())
+    for a, b in zip(model.favor_modules(), back.favor_modules()):
+        assert torch.equal(a.projection, b.projection)
