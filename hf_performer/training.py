@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import contextlib
 
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 from transformers import configuration_utils as _configuration_utils
 
 from .integration import maybe_redraw_features
 from .integration.cache import LAYER_TYPE
+from .integration.callback import PerformerRedrawCallback as _BaseRedrawCallback
 from .integration.convert import favor_modules
 
 __all__ = ["PerformerRedrawCallback", "PerformerTrainer", "feature_draw_counts"]
@@ -50,8 +51,11 @@ def feature_draw_counts(model) -> list[int]:
     return [int(m.draw_count) for m in favor_modules(_unwrap(model))]
 
 
-class PerformerRedrawCallback(TrainerCallback):
+class PerformerRedrawCallback(_BaseRedrawCallback):
     """Redraw FAVOR+ random features every ``PerformerConfig.redraw_interval`` optimizer steps.
+
+    Same schedule as ``hf_performer.integration.PerformerRedrawCallback`` (a subclass of it), plus: it
+    unwraps DDP / compiled models, refuses a model without FAVOR+ layers, and can report redraws.
 
     A model without a redraw interval (0, the default) is left alone; a model without FAVOR+ layers
     raises at the start of training (the callback was added to the wrong model).
@@ -102,7 +106,7 @@ class PerformerTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if not any(isinstance(cb, PerformerRedrawCallback) for cb in self.callback_handler.callbacks):
+        if not any(isinstance(cb, _BaseRedrawCallback) for cb in self.callback_handler.callbacks):
             self.add_callback(PerformerRedrawCallback())
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
