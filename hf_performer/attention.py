@@ -8,9 +8,10 @@ shrink |q + k| (the estimator's variance grows like exp(|q + k|²)):
   * key shift      k ← k − c: adds −q·c to every logit of a query, so softmax is unchanged; the
                    c minimising E|q + k − c|² is E[q] + E[k];
   * balancing      q ← a q, k ← k / a: leaves every q·k unchanged.
-Bidirectional attention takes c and a from the sequence itself (real tokens only). Causal attention
-and decoding must not look ahead, so they use per-head statistics stored in buffers by
-``calibrate_statistics`` (identity until then).
+Uncalibrated bidirectional attention takes c and a from the sequence itself (real tokens only);
+uncalibrated causal attention uses neither (it must not look ahead). ``calibrate_statistics`` stores
+per-head statistics measured on real data, used by both modes and by decoding afterwards, and draws
+importance-sampled ("aligned") features concentrated where the layer's q + k fall.
 """
 
 from __future__ import annotations
@@ -20,12 +21,24 @@ import math
 import torch
 from torch import nn
 
-from .features import FeatureMap, draw_projection, oprf_a, projection_rows
+from .features import (
+    FeatureMap,
+    derive_seed,
+    draw_aligned_projection,
+    draw_projection,
+    oprf_a,
+    projection_rows,
+)
 from .ops import FavorState, favor_bidirectional, favor_causal, favor_step
 from .ops.common import compute_dtype
 from .settings import PerformerConfig
 
-_FP32_BUFFERS = ("projection", "key_shift", "log_qk_scale", "oprf_rho")
+_FP32_BUFFERS = (
+    "projection", "key_shift", "log_qk_scale", "oprf_rho", "proposal_centers", "aligned_projection", "aligned_bias",
+)
+NB_CENTERS = 1024  # q + k pairs kept per head for the importance-sampling proposal
+ALIGNED_WIDTH = 1.0  # std of each proposal component (the integrand of one pair is N(q + k, I))
+MAX_CALIBRATION_QUERIES = 512  # queries per batch row whose attention is sampled during calibration
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None, dims: tuple[int, ...]) -> torch.Tensor:
@@ -59,6 +72,11 @@ class FavorAttention(nn.Module):
         self.register_buffer("log_qk_scale", torch.zeros(num_heads, **f32))
         self.register_buffer("oprf_rho", torch.zeros(num_heads, **f32))
         self.register_buffer("stats_calibrated", torch.zeros((), dtype=torch.bool))
+        # importance-sampled ("aligned") features, filled by calibrate_statistics
+        rows = projection_rows(self.config)
+        self.register_buffer("proposal_centers", torch.zeros(num_heads, NB_CENTERS, head_dim, **f32))
+        self.register_buffer("aligned_projection", torch.zeros(num_heads, rows, head_dim, **f32))
+        self.register_buffer("aligned_bias", torch.zeros(num_heads, rows, **f32))
 
     # ------------------------------------------------------------------ features
     def _draw(self, draw: int) -> torch.Tensor:
@@ -68,11 +86,28 @@ class FavorAttention(nn.Module):
             seed=c.seed, layer_id=self.layer_id, draw=draw,
         )
 
+    @property
+    def aligned(self) -> bool:
+        """True when this layer uses importance-sampled features (calibrated, positive kernel)."""
+        c = self.config
+        return c.aligned_features and c.kernel in ("softmax", "favor++") and bool(self.stats_calibrated)
+
+    @torch.no_grad()
+    def _draw_aligned(self) -> None:
+        w, b = draw_aligned_projection(
+            self.proposal_centers, self.aligned_projection.shape[1], width=ALIGNED_WIDTH,
+            seed=self.config.seed, layer_id=self.layer_id, draw=int(self.draw_count),
+        )
+        self.aligned_projection.copy_(w.to(self.aligned_projection))
+        self.aligned_bias.copy_(b.to(self.aligned_bias))
+
     @torch.no_grad()
     def redraw_features(self) -> None:
-        """Draw the next projection of this layer's sequence (seed, layer_id, draw_count + 1)."""
+        """Draw the next features of this layer's sequence (seed, layer_id, draw_count + 1)."""
         self.draw_count += 1
         self.projection.copy_(self._draw(int(self.draw_count)).to(self.projection))
+        if self.aligned:
+            self._draw_aligned()
 
     def _apply(self, fn, recurse=True):
         # keep the projection and statistics in float32 when the model is cast to half precision
@@ -98,26 +133,32 @@ class FavorAttention(nn.Module):
             )
         return buf
 
-    def _transform(self, q, k, causal: bool, mask):
-        """Scaled q, k after centering/balancing, and the favor++ A (or None). q, k: [B,H,L,d] float."""
+    def _prepare(self, q, k, causal: bool, mask):
+        """Scaled q, k after the key shift and balancing, and the feature map. q, k: [B,H,L,d] float.
+
+        Calibrated layers use their stored per-head statistics (and aligned features) in both modes;
+        uncalibrated bidirectional attention measures them on the sequence; uncalibrated causal
+        attention uses none (it must not look ahead)."""
         c, H = self.config, q.shape[1]
-        qmask = mask if (mask is not None and q.shape[2] == k.shape[2]) else None
-        if causal:
-            if not bool(self.stats_calibrated):
-                return q, k, None
+        if bool(self.stats_calibrated):
             shift = self._per_head(self.key_shift, H).to(k)[None, :, None, :]
             log_a = self._per_head(self.log_qk_scale, H).to(q)[None, :, None, None]
             rho = self._per_head(self.oprf_rho, H).to(q)[None, :, None, None]
-            k = k - shift if c.center_keys else k
-            if c.balance_qk:
-                q, k = q * log_a.exp(), k * (-log_a).exp()
-            return q, k, (oprf_a(rho) if c.kernel == "favor++" else None)
-        shift, log_a, rho = self._statistics(q, k, qmask, mask, dims=(2,))
+        elif causal:
+            return q, k, self._feature_map(None, q.dtype)
+        else:
+            qmask = mask if (mask is not None and q.shape[2] == k.shape[2]) else None
+            shift, log_a, rho = self._statistics(q, k, qmask, mask, dims=(2,))
+            rho = rho.detach()
         if c.center_keys:
             k = k - shift
         if c.balance_qk:
             q, k = q * log_a.exp(), k * (-log_a).exp()
-        return q, k, (oprf_a(rho.detach()) if c.kernel == "favor++" else None)
+        if self.aligned:
+            w = self._per_head(self.aligned_projection, H).to(q.dtype)
+            b = self._per_head(self.aligned_bias, H).to(q.dtype)
+            return q, k, FeatureMap("softmax", w, c.eps, bias=b)
+        return q, k, self._feature_map(oprf_a(rho) if c.kernel == "favor++" else None, q.dtype)
 
     def _statistics(self, q, k, qmask, kmask, dims):
         """Key mean, log balance factor and favor++ rho (mean |q + k|² / d after both transforms)."""
@@ -137,10 +178,13 @@ class FavorAttention(nn.Module):
         return shift, log_a, rho
 
     @torch.no_grad()
-    def calibrate_statistics(self, q, k, key_padding_mask=None, scale=None) -> None:
-        """Store per-head key shift, balance factor and favor++ rho measured on q, k [B,H,L,d] (a
-        representative batch). Used by causal attention and decoding; bidirectional attention
-        measures them per sequence."""
+    def calibrate_statistics(self, q, k, key_padding_mask=None, scale=None, causal: bool = False) -> None:
+        """Fit this layer's statistics on q, k [B,H,L,d] of a representative batch (no training).
+
+        Stores the per-head key shift, balance factor and favor++ rho, and (``aligned_features``)
+        the q + k of NB_CENTERS pairs sampled in proportion to the exact attention weights, from
+        which the features are then drawn by importance sampling. ``causal`` says which attention
+        weights to sample. Afterwards both modes and decoding use these statistics."""
         if q.shape[1] != self.num_heads:
             raise ValueError(f"calibrate_statistics got {q.shape[1]} heads; this layer has num_heads={self.num_heads}.")
         q, k = self._scaled(q, k, scale)
@@ -150,7 +194,38 @@ class FavorAttention(nn.Module):
         self.key_shift.copy_(shift.reshape(self.num_heads, -1))
         self.log_qk_scale.copy_(log_a.reshape(self.num_heads))
         self.oprf_rho.copy_(rho.reshape(self.num_heads))
+        if self.config.center_keys:
+            k = k - shift
+        if self.config.balance_qk:
+            q, k = q * log_a.exp(), k * (-log_a).exp()
+        self.proposal_centers.copy_(self._sample_pair_sums(q, k, qmask, mask, causal).to(self.proposal_centers))
         self.stats_calibrated.fill_(True)
+        if self.aligned:
+            self._draw_aligned()
+
+    def _sample_pair_sums(self, q, k, qmask, kmask, causal) -> torch.Tensor:
+        """q + k of NB_CENTERS (query, key) pairs per head, drawn with probability softmax(q.k) / #queries."""
+        B, H, Lq, _ = q.shape
+        Lk = k.shape[2]
+        gen = torch.Generator(device="cpu").manual_seed(derive_seed(self.config.seed, self.layer_id, 0, ":pairs"))
+        rows = torch.randperm(Lq, generator=gen)[:MAX_CALIBRATION_QUERIES].sort().values.to(q.device)
+        allowed = torch.ones(len(rows), Lk, dtype=torch.bool, device=q.device)
+        if causal:
+            allowed = rows[:, None] + (Lk - Lq) >= torch.arange(Lk, device=q.device)[None, :]
+        allowed = allowed[None].expand(B, -1, -1)
+        if kmask is not None:
+            allowed = allowed & kmask[:, None, :]
+        centers = []
+        for h in range(H):
+            qh, kh = q[:, h, rows].float(), k[:, h].float()  # [B, R, d], [B, Lk, d]
+            probs = torch.softmax((qh @ kh.transpose(-1, -2)).masked_fill(~allowed, float("-inf")), dim=-1)
+            probs = torch.nan_to_num(probs)  # queries that see no key
+            if qmask is not None:
+                probs = probs * qmask[:, rows, None]
+            pick = torch.multinomial(probs.reshape(-1).cpu(), NB_CENTERS, replacement=True, generator=gen)
+            b, t, s = pick // (len(rows) * Lk), (pick // Lk) % len(rows), pick % Lk
+            centers.append(qh[b, t] + kh[b, s])
+        return torch.stack(centers)
 
     # ------------------------------------------------------------------ attention
     def _check(self, q, k, v):
@@ -192,8 +267,7 @@ class FavorAttention(nn.Module):
             raise ValueError("causal FavorAttention needs as many queries as keys; use step() to decode.")
         mask = self._check_mask(key_padding_mask, k)
         q2, k2 = self._scaled(q, k, scale)
-        q2, k2, a = self._transform(q2, k2, causal, mask)
-        fmap = self._feature_map(a, q2.dtype)
+        q2, k2, fmap = self._prepare(q2, k2, causal, mask)
         op = favor_causal if causal else favor_bidirectional
         return op(q2, k2, v, fmap, mask, self.config.chunk_size)
 
@@ -203,5 +277,5 @@ class FavorAttention(nn.Module):
         self._check(q, k, v)
         mask = self._check_mask(key_padding_mask, k)
         q2, k2 = self._scaled(q, k, scale)
-        q2, k2, a = self._transform(q2, k2, True, mask)
-        return favor_step(q2, k2, v, self._feature_map(a, q2.dtype), state, mask, self.config.chunk_size)
+        q2, k2, fmap = self._prepare(q2, k2, True, mask)
+        return favor_step(q2, k2, v, fmap, state, mask, self.config.chunk_size)

@@ -24,9 +24,9 @@ import torch
 from .settings import PerformerConfig
 
 
-def derive_seed(seed: int, layer_id: int, draw: int) -> int:
-    """A 63-bit seed that depends on (seed, layer_id, draw) only."""
-    digest = hashlib.sha256(f"hf-performer:{seed}:{layer_id}:{draw}".encode()).digest()
+def derive_seed(seed: int, layer_id: int, draw: int, stream: str = "") -> int:
+    """A 63-bit seed that depends on (seed, layer_id, draw, stream) only."""
+    digest = hashlib.sha256(f"hf-performer:{seed}:{layer_id}:{draw}{stream}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
@@ -43,6 +43,11 @@ def draw_projection(
     """Draw the [nb_rows, dim] projection W (float64, CPU). Each row is marginally N(0, I_dim)
     when ``feature_norm == "chi"``; rows within a block of ``dim`` are orthogonal if ``orthogonal``."""
     gen = torch.Generator(device="cpu").manual_seed(derive_seed(seed, layer_id, draw))
+    return gaussian_rows(gen, nb_rows, dim, orthogonal=orthogonal, feature_norm=feature_norm)
+
+
+def gaussian_rows(gen: torch.Generator, nb_rows: int, dim: int, *, orthogonal=True, feature_norm="chi"):
+    """[nb_rows, dim] float64 rows from ``gen``: orthogonal blocks (sign-fixed QR) or iid."""
     if orthogonal:
         blocks = []
         for _ in range(math.ceil(nb_rows / dim)):
@@ -60,6 +65,37 @@ def draw_projection(
     if feature_norm == "sqrt_d":
         w = w / w.norm(dim=1, keepdim=True) * math.sqrt(dim)
     return w
+
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def draw_aligned_projection(centers: torch.Tensor, nb_rows: int, *, width: float, seed: int, layer_id: int, draw: int):
+    """Importance-sampled features: rows drawn from a proposal fitted to where q + k falls.
+
+    The softmax kernel is exp(q.k) = E_{w~N(0,I)}[exp(w.(q+k) - |q|^2/2 - |k|^2/2)]; its integrand is
+    exp(q.k) N(w; q+k, I), so a proposal concentrated near the q + k of the pairs that carry the
+    attention has far lower variance than N(0, I) when |q + k| is large. With w ~ p and per-row weight
+    b(w) = (log N(w; 0, I) - log p(w)) / 2 added to both sides' logits, the estimator stays unbiased
+    and positive for any p > 0. Here p = (1/n) sum_i N(c_i, width^2 I), a Gaussian mixture on the
+    ``centers`` c_i (q + k of attention-weighted pairs). Rows inside a head are drawn with orthogonal
+    noise blocks (chi norms), so each row is still marginally distributed as p.
+
+    centers: [H, n, d] -> (projection [H, nb_rows, d], bias [H, nb_rows]) in float64.
+    """
+    centers = centers.to(torch.float64).cpu()
+    H, n, d = centers.shape
+    gen = torch.Generator(device="cpu").manual_seed(derive_seed(seed, layer_id, draw, ":aligned"))
+    rows, biases = [], []
+    for h in range(H):
+        pick = torch.randint(n, (nb_rows,), generator=gen)
+        w = centers[h, pick] + width * gaussian_rows(gen, nb_rows, d, orthogonal=True, feature_norm="chi")
+        sq = torch.cdist(w, centers[h]) ** 2  # [rows, n]
+        log_p = torch.logsumexp(-sq / (2 * width**2), dim=1) - math.log(n) - 0.5 * d * (LOG_2PI + 2 * math.log(width))
+        log_n0 = -0.5 * (w * w).sum(1) - 0.5 * d * LOG_2PI
+        rows.append(w)
+        biases.append(0.5 * (log_n0 - log_p))
+    return torch.stack(rows), torch.stack(biases)
 
 
 def projection_rows(config: PerformerConfig) -> int:
@@ -84,11 +120,20 @@ class FeatureMap:
     ``projection`` is [rows, d] or batched [*P, rows, d] (P broadcasting against the leading dims of
     x [..., L, d]); ``a`` broadcasts against [B, H, 1, 1] (one value per batch and head, or per head)."""
 
-    def __init__(self, kernel: str, projection: torch.Tensor, eps: float = 1e-6, a: torch.Tensor | None = None):
+    def __init__(
+        self,
+        kernel: str,
+        projection: torch.Tensor,
+        eps: float = 1e-6,
+        a: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+    ):
         self.kernel = kernel
-        self.projection = projection  # [rows, d]
+        self.projection = projection  # [rows, d] or [*P, rows, d]
         self.eps = eps
         self.a = a
+        # per-row log weights of importance-sampled rows, [*P, rows] -> [*P, 1, rows] (softmax kernel)
+        self.bias = None if bias is None else bias.unsqueeze(-2)
         # [*P, 1, rows] so that it broadcasts against [..., L, rows]
         self.sq_norms = (projection * projection).sum(-1).unsqueeze(-2) if kernel == "favor++" else None
 
@@ -103,7 +148,8 @@ class FeatureMap:
         proj = x @ w.transpose(-1, -2)  # [..., L, rows]
         half_sq = 0.5 * (x * x).sum(-1, keepdim=True)  # [..., 1]
         if self.kernel == "softmax":
-            return proj - half_sq, None
+            logits = proj - half_sq
+            return (logits if self.bias is None else logits + self.bias.to(x.dtype)), None
         if self.kernel == "favor++":
             a = torch.zeros((), dtype=x.dtype, device=x.device) if self.a is None else self.a.to(x.dtype)
             one_m4a = 1 - 4 * a

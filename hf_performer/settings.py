@@ -43,6 +43,10 @@ class PerformerConfig:
             which cuts the estimator's variance (it grows like exp(|q+k|^2)).
         balance_qk: rescale q by a and k by 1/a (a per head) so that mean |q|^2 = mean |k|^2; exact,
             and it lowers the variance further.
+        aligned_features: once a layer's statistics are calibrated (``calibrate_statistics``), draw its
+            features by importance sampling from a proposal fitted to the q + k of the pairs that carry
+            its attention (softmax and favor++ kernels; still unbiased and positive, far lower variance
+            on real checkpoints). False keeps N(0, I) features.
     """
 
     nb_features: int = 256
@@ -55,6 +59,7 @@ class PerformerConfig:
     eps: float = 1e-6
     center_keys: bool = True
     balance_qk: bool = True
+    aligned_features: bool = True
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -79,7 +84,7 @@ class PerformerConfig:
             _fail("chunk_size", self.chunk_size, "expected a positive integer such as 128")
         if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0 < self.eps < 1:
             _fail("eps", self.eps, "expected a float in (0, 1) such as 1e-6")
-        for name in ("center_keys", "balance_qk"):
+        for name in ("center_keys", "balance_qk", "aligned_features"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "expected True or False")
         if not isinstance(self.extra, dict):

@@ -96,3 +96,21 @@ def test_oprf_a_reduces_to_favor_plus_at_zero():
     plus = FeatureMap("softmax", w).features(x)
     pp = FeatureMap("favor++", w, a=torch.tensor(0.0, dtype=D64)).features(x)
     assert torch.allclose(plus, pp)
+
+
+def test_aligned_features_are_unbiased_with_far_lower_mse_at_large_norms():
+    from hf_performer.features import draw_aligned_projection
+
+    d, m, draws = 8, 16, 500
+    x, y = _pair(d, sum_sq=9.0, dot=0.5)  # |x + y| = 3: N(0, I) features have MSE ~ exp(9) / m
+    sm = math.exp(0.5)
+    g = torch.Generator().manual_seed(0)
+    centers = (x + y)[None, None] + 0.5 * torch.randn(1, 64, d, generator=g, dtype=D64)  # pairs near x + y
+    est = torch.empty(draws, dtype=D64)
+    for i in range(draws):
+        w, b = draw_aligned_projection(centers, m, width=1.0, seed=0, layer_id=0, draw=i)
+        fmap = FeatureMap("softmax", w[0], bias=b[0])
+        est[i] = (fmap.features(x) * fmap.features(y)).sum()
+    assert abs(est.mean().item() - sm) < 4 * est.std().item() / math.sqrt(draws)
+    plus = _estimates("softmax", x, y, m, draws, orthogonal=True)
+    assert ((est - sm) ** 2).mean() < 0.05 * ((plus - sm) ** 2).mean()
