@@ -1,10 +1,48 @@
-"""hf-performer: Performer FAVOR+ attention for Hugging Face Transformers models."""
+"""hf-performer: Performer FAVOR+ attention for Hugging Face Transformers models.
+
+``import hf_performer`` registers the "favor" attention and the Performer model types with
+transformers' Auto classes, so a saved Performer checkpoint loads with plain ``from_pretrained``.
+"""
 
 __version__ = "0.1.0"
 
 from .attention import FavorAttention  # noqa: E402
 from .features import FeatureMap, draw_projection  # noqa: E402
+from .integration import (  # noqa: E402
+    FavorCache,
+    convert_to_performer,
+    maybe_redraw_features,
+    redraw_features,
+    supported_model_classes,
+)
 from .ops import FavorState  # noqa: E402
 from .settings import PerformerConfig  # noqa: E402
+from .statistics import calibrate_feature_statistics  # noqa: E402
 
-__all__ = ["FavorAttention", "FavorState", "FeatureMap", "PerformerConfig", "__version__", "draw_projection"]
+_TRAINING = ("PerformerRedrawCallback", "PerformerTrainer")
+
+
+def __getattr__(name):  # the Trainer helpers import transformers.Trainer: load them on first use
+    if name in _TRAINING:
+        from . import training
+
+        return getattr(training, name)
+    raise AttributeError(f"module 'hf_performer' has no attribute {name!r}")
+
+
+__all__ = [
+    "FavorAttention",
+    "FavorCache",
+    "FavorState",
+    "FeatureMap",
+    "PerformerConfig",
+    "PerformerRedrawCallback",
+    "PerformerTrainer",
+    "__version__",
+    "calibrate_feature_statistics",
+    "convert_to_performer",
+    "draw_projection",
+    "maybe_redraw_features",
+    "redraw_features",
+    "supported_model_classes",
+]
