@@ -14,6 +14,7 @@ A running sum cannot be cropped: assisted decoding and anything else that calls 
 from __future__ import annotations
 
 import torch
+from transformers import configuration_utils
 from transformers.cache_utils import STATIC_LAYER_TYPE_MAPPING, Cache, DynamicLayer, EncoderDecoderCache
 
 from ..ops import FavorState
@@ -133,8 +134,18 @@ class FavorCache(Cache):
             super().__init__(layers=[FavorCacheLayer() for _ in range(num_layers)])
 
 
-# a FAVOR state is fixed-size already: cache_implementation="static" gets the same layers
-STATIC_LAYER_TYPE_MAPPING.setdefault(LAYER_TYPE, FavorCacheLayer)
+def register_favor_layer_type() -> None:
+    """Make "favor_attention" a known layer type (idempotent): caches built from a Performer config, dynamic or
+    static (a FAVOR state is fixed-size already), are made of FavorCacheLayers, and config.json files with that
+    layer type load through the base ``PreTrainedConfig`` too (``Trainer`` reads checkpoints' configs with it).
+    Without the plugin the stock config classes refuse that layer type, so a Performer checkpoint cannot be
+    loaded silently as softmax attention."""
+    STATIC_LAYER_TYPE_MAPPING.setdefault(LAYER_TYPE, FavorCacheLayer)  # DYNAMIC: registered by _layer_type
+    if LAYER_TYPE not in configuration_utils.ALLOWED_ATTN_LAYER_TYPES:
+        configuration_utils.ALLOWED_ATTN_LAYER_TYPES = (*configuration_utils.ALLOWED_ATTN_LAYER_TYPES, LAYER_TYPE)
+        configuration_utils.ALLOWED_LAYER_TYPES = (
+            configuration_utils.ALLOWED_ATTN_LAYER_TYPES + configuration_utils.ALLOWED_MLP_LAYER_TYPES
+        )
 
 
 def favor_cache_layer(cache: Cache, layer_idx: int) -> FavorCacheLayer:

@@ -2,7 +2,8 @@
 
 After registration ``AutoModelFor*.from_pretrained(path)`` rebuilds a saved Performer model from its
 ``model_type`` (``performer_bert``, ``performer_gpt2``, ``performer_roberta``, ``performer_distilbert``).
-Without the plugin that model type is unknown and loading fails loudly.
+Without the plugin that model type is unknown and loading fails loudly (and the stock config classes refuse
+the "favor_attention" layer types of a Performer config.json).
 Each Performer class is registered wherever transformers registers its stock class.
 """
 
@@ -24,6 +25,7 @@ from transformers.models.auto import modeling_auto as names
 
 from .attention_function import register_favor_attention
 from .bert import BERT_CLASSES, PerformerBertConfig
+from .cache import register_favor_layer_type
 from .distilbert import DISTILBERT_CLASSES, PerformerDistilBertConfig
 from .gpt2 import GPT2_CLASSES, PerformerGPT2Config
 from .roberta import ROBERTA_CLASSES, PerformerRobertaConfig
@@ -52,6 +54,7 @@ AUTO_CLASSES = [
 def register_performer_models() -> None:
     """Register the "favor" attention and every Performer config/model class (idempotent)."""
     register_favor_attention()
+    register_favor_layer_type()
     for stock_type, (config_cls, classes) in FAMILIES.items():
         AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
         for auto_cls, stock_names in AUTO_CLASSES:
