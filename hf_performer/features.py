@@ -142,24 +142,29 @@ class FeatureMap:
         rows = self.projection.shape[-2]
         return 2 * rows if self.kernel == "trig" else rows
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x: [..., d] -> (logits [..., m] or [..., 1], factor [..., m] or None)."""
+    def __call__(self, x: torch.Tensor, query: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: [..., d] -> (logits [..., m] or [..., 1], factor [..., m] or None).
+
+        ``query=True`` drops the terms that are constant along a row (-|x|^2/2 and favor++'s log D):
+        the ops normalise every query row, so they cancel exactly, value and gradient alike."""
         w = self.projection.to(x.dtype)
         proj = x @ w.transpose(-1, -2)  # [..., L, rows]
-        half_sq = 0.5 * (x * x).sum(-1, keepdim=True)  # [..., 1]
+        half_sq = None if query else 0.5 * (x * x).sum(-1, keepdim=True)  # [..., L, 1]
         if self.kernel == "softmax":
-            logits = proj - half_sq
+            logits = proj if query else proj - half_sq
             return (logits if self.bias is None else logits + self.bias.to(x.dtype)), None
         if self.kernel == "favor++":
             a = torch.zeros((), dtype=x.dtype, device=x.device) if self.a is None else self.a.to(x.dtype)
             one_m4a = 1 - 4 * a
-            d = x.shape[-1]
-            logits = torch.sqrt(one_m4a) * proj + a * self.sq_norms.to(x.dtype) - half_sq
-            return logits + 0.25 * d * torch.log(one_m4a), None
+            logits = torch.sqrt(one_m4a) * proj + a * self.sq_norms.to(x.dtype)
+            if query:
+                return logits, None
+            return logits - half_sq + 0.25 * x.shape[-1] * torch.log(one_m4a), None
         if self.kernel == "trig":
-            return half_sq, torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1)
+            logits = torch.zeros_like(proj[..., :1]) if query else half_sq
+            return logits, torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1)
         if self.kernel == "relu":
-            return torch.zeros_like(half_sq), torch.relu(proj) + self.eps
+            return torch.zeros_like(proj[..., :1]), torch.relu(proj) + self.eps
         raise ValueError(f"unknown kernel {self.kernel!r}")
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from .common import (
     key_features,
     no_autocast,
     query_features,
+    read_state,
     safe_den,
 )
 
@@ -50,10 +51,10 @@ class _FavorBidirectional(torch.autograd.Function):
             den = qc.new_empty(qc.shape[:-1])  # [B, H, Lq]
             rmax = qc.new_empty(qc.shape[:-1])
             for a, b in chunks(qc.shape[2], chunk_size):
-                logits, factor = fmap(qc[:, :, a:b])
-                phi_q, r = query_features(logits, factor, c)  # [B, H, C, m]
-                d = safe_den(phi_q @ state.z[..., None]).squeeze(-1)
-                out[:, :, a:b] = (phi_q @ state.S) / d[..., None]
+                phi_q, r = query_features(*fmap(qc[:, :, a:b], query=True), c)  # [B, H, C, m]
+                num, d = read_state(phi_q, state)
+                d = safe_den(d)
+                out[:, :, a:b] = num / d[..., None]
                 den[:, :, a:b], rmax[:, :, a:b] = d, r.squeeze(-1)
         ctx.save_for_backward(q, k, v, out, den, rmax, state.S, state.z, state.c, mask)
         ctx.fmap, ctx.chunk_size, ctx.ct = fmap, chunk_size, ct
@@ -71,7 +72,7 @@ class _FavorBidirectional(torch.autograd.Function):
             # queries: dq, and the gradient reaching S and z
             for a, b in chunks(q.shape[2], chunk_size):
                 qa = q[:, :, a:b].to(ct).detach().requires_grad_(True)
-                logits, factor = fmap(qa)
+                logits, factor = fmap(qa, query=True)
                 phi_q = torch.exp(logits + c - rmax[:, :, a:b, None])
                 if factor is not None:
                     phi_q = phi_q * factor

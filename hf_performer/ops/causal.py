@@ -30,7 +30,9 @@ from .common import (
     neg_big,
     no_autocast,
     query_features,
+    read_state,
     safe_den,
+    with_ones,
 )
 
 
@@ -70,12 +72,15 @@ def causal_chunk(fmap: FeatureMap, q, k, v, mask, state: FavorState):
     state = state.rescaled(c_ref)
     U = prefix_shift(lk, c_ref, mask)
     phi_k = key_features(lk, fk, c_ref[:, :, None, :] + U[..., None], mask)  # [B, H, C, m]
-    phi_q, r = query_features(*fmap(q), c_ref[:, :, None, :])  # [B, H, C, m]
+    phi_q, r = query_features(*fmap(q, query=True), c_ref[:, :, None, :])  # [B, H, C, m]
     attn = (phi_q @ phi_k.transpose(-1, -2)) * decay_matrix(U)  # [B, H, C, C]
     e_u = torch.exp(-U)
-    den = safe_den((phi_q @ state.z[..., None]).squeeze(-1) * e_u + attn.sum(-1))
-    out = ((phi_q @ state.S) * e_u[..., None] + attn @ v) / den[..., None]
-    return out, den, r.squeeze(-1), U, c_ref, absorb(state, lk, fk, v, mask)
+    v1 = with_ones(v)
+    inter_num, inter_den = read_state(phi_q, state)
+    intra = attn @ v1  # [B, H, C, dv + 1]
+    den = safe_den(inter_den * e_u + intra[..., -1])
+    out = (inter_num * e_u[..., None] + intra[..., :-1]) / den[..., None]
+    return out, den, r.squeeze(-1), U, c_ref, absorb(state, lk, fk, v1, mask)
 
 
 def causal_scan(fmap, q, k, v, mask, chunk_size, state: FavorState | None = None):
@@ -120,7 +125,7 @@ class _FavorCausal(torch.autograd.Function):
                 qa = q[:, :, a:b].to(ct).detach().requires_grad_(q_grad)
                 ka = k[:, :, a:b].to(ct).detach().requires_grad_(k_grad)
                 m_a = None if mask is None else mask[:, a:b]
-                lq, fq = fmap(qa)
+                lq, fq = fmap(qa, query=True)
                 lk, fk = fmap(ka)
                 c_ref, Ua = refs[i][:, :, None, :], U[:, :, a:b]
                 phi_q = torch.exp(lq + c_ref - r[:, :, a:b, None])
@@ -144,7 +149,7 @@ class _FavorCausal(torch.autograd.Function):
                     g_num[:, :, a:b] @ state.S.transpose(-1, -2) + g_den[:, :, a:b, None] * state.z[:, :, None, :]
                 ) + b_mat @ phi_k.detach()
                 (dq[:, :, a:b],) = torch.autograd.grad(phi_q, qa, d_phi_q)
-                state = absorb(state, lk.detach(), None if fk is None else fk.detach(), va, m_a)
+                state = absorb(state, lk.detach(), None if fk is None else fk.detach(), with_ones(va), m_a)
 
             # reverse sweep: gradient of the future states (R, rz relative to the next chunk's c_ref)
             R = rz = None

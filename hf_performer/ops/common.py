@@ -108,15 +108,28 @@ def query_features(logits, factor, c):
     return phi, r
 
 
-def absorb(state: FavorState, logits, factor, v: torch.Tensor, mask) -> FavorState:
-    """Add keys (given by their feature logits/factor [B,H,C,m']) and values v [B,H,C,dv] to the
-    running sums, raising the per-feature stabiliser c to the keys' maximum first."""
+def with_ones(v: torch.Tensor) -> torch.Tensor:
+    """[..., dv] -> [..., dv + 1]: one matmul then yields a numerator and its normaliser."""
+    return torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+
+
+def read_state(phi_q: torch.Tensor, state: FavorState) -> tuple[torch.Tensor, torch.Tensor]:
+    """(phi_q S [.., C, dv], phi_q z [.., C]) with a single matmul."""
+    out = phi_q @ torch.cat([state.S, state.z[..., None]], dim=-1)
+    return out[..., :-1], out[..., -1]
+
+
+def absorb(state: FavorState, logits, factor, v1: torch.Tensor, mask) -> FavorState:
+    """Add keys (given by their feature logits/factor [B,H,C,m']) and values with a ones column,
+    v1 = with_ones(v) [B,H,C,dv+1], to the running sums, raising the per-feature stabiliser c to the
+    keys' maximum first."""
     chunk_max = masked_logits(logits, mask, neg_big(logits.dtype)).amax(dim=2)  # [B, H, m']
     state = state.rescaled(torch.maximum(state.c, chunk_max))
     phi = key_features(logits, factor, state.c[:, :, None, :], mask)  # [B, H, C, m]
-    return FavorState(S=state.S + phi.transpose(-1, -2) @ v, z=state.z + phi.sum(dim=2), c=state.c)
+    inc = phi.transpose(-1, -2) @ v1  # [B, H, m, dv + 1]
+    return FavorState(S=state.S + inc[..., :-1], z=state.z + inc[..., -1], c=state.c)
 
 
 def absorb_keys(state: FavorState, fmap: FeatureMap, k: torch.Tensor, v: torch.Tensor, mask) -> FavorState:
     """absorb() for raw keys k [B,H,C,d]."""
-    return absorb(state, *fmap(k), v, mask)
+    return absorb(state, *fmap(k), with_ones(v), mask)
