@@ -7,6 +7,7 @@ AttentionMaskInterface, AutoConfig, AutoModelFor*).
 from .attention_function import ATTN_IMPLEMENTATION
 from .bert import PerformerBertConfig
 from .cache import FavorCache, FavorCacheLayer
+from .callback import PerformerRedrawCallback
 from .convert import convert_to_performer, maybe_redraw_features, redraw_features, supported_model_classes
 from .distilbert import PerformerDistilBertConfig
 from .gpt2 import PerformerGPT2Config
@@ -22,6 +23,7 @@ __all__ = [
     "PerformerBertConfig",
     "PerformerDistilBertConfig",
     "PerformerGPT2Config",
+    "PerformerRedrawCallback",
     "PerformerRobertaConfig",
     "convert_to_performer",
     "maybe_redraw_features",
