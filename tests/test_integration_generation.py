@@ -176,3 +176,21 @@ def test_gpt2_cross_attention_generation_cached_equals_uncached():
             outs.append(model.generate(input_ids=ids, attention_mask=mask, encoder_hidden_states=enc,
                                        encoder_attention_mask=enc_mask, use_cache=use_cache, do_sample=False, **COMMON))
     assert torch.equal(outs[0], outs[1])
+
+
+def test_cache_layer_batch_operations_follow_the_rows():
+    model = gpt2()
+    ids = torch.randint(3, V, (3, 5), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        cache = model(input_ids=ids, cache=I.FavorCache(), use_cache=True).cache
+    layer = cache.layers[0]
+    S = layer.state.S.clone()  # [B, H, m, dv]
+    cache.reorder_cache(torch.tensor([2, 0, 0]))
+    assert torch.equal(layer.state.S, S[[2, 0, 0]])
+    cache.batch_select_indices(torch.tensor([True, False, True]))
+    assert torch.equal(layer.state.S, S[[2, 0]])
+    cache.batch_repeat_interleave(2)
+    assert torch.equal(layer.state.S, S[[2, 2, 0, 0]])
+    assert cache.get_seq_length() == 5
+    cache.reset()
+    assert layer.state is None and cache.get_seq_length() == 0

@@ -80,23 +80,24 @@ class FavorCacheLayer(DynamicLayer):
 
     def _map_state(self, fn) -> None:
         if self.state is not None:
-            self.state = FavorState(S=fn(self.state.S), z=fn(self.state.z), c=fn(self.state.c))
+            self.state = fn(self.state)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.recurrent:
-            self._map_state(lambda t: t.index_select(0, beam_idx.to(t.device)))
+            self._map_state(lambda s: s.index_select(beam_idx))
         else:
             super().reorder_cache(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.recurrent:
-            self._map_state(lambda t: t.repeat_interleave(repeats, dim=0))
+            self._map_state(lambda s: s.repeat_interleave(repeats))
         else:
             super().batch_repeat_interleave(repeats)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.recurrent:
-            self._map_state(lambda t: t[indices.to(t.device)])
+            index = indices.nonzero().flatten() if indices.dtype == torch.bool else indices.long()
+            self._map_state(lambda s: s.index_select(index))
         else:
             super().batch_select_indices(indices)
 
@@ -111,13 +112,13 @@ class FavorCacheLayer(DynamicLayer):
 
     def offload(self) -> None:
         if self.recurrent:
-            self._map_state(lambda t: t.to("cpu", non_blocking=True))
+            self._map_state(lambda s: s.to("cpu", non_blocking=True))
         else:
             super().offload()
 
     def prefetch(self) -> None:
         if self.recurrent:
-            self._map_state(lambda t: t.to(self.device, non_blocking=True))
+            self._map_state(lambda s: s.to(self.device, non_blocking=True))
         else:
             super().prefetch()
 
