@@ -41,14 +41,6 @@ ALIGNED_WIDTH = 1.0  # std of each proposal component (the integrand of one pair
 MAX_CALIBRATION_QUERIES = 512  # queries per batch row whose attention is sampled during calibration
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None, dims: tuple[int, ...]) -> torch.Tensor:
-    """Mean of x [B, H, L, f] over dims, counting only rows where mask [B, L] is True."""
-    if mask is None:
-        return x.mean(dim=dims, keepdim=True)
-    w = mask[:, None, :, None].to(x.dtype)
-    return (x * w).sum(dim=dims, keepdim=True) / (w.expand_as(x[..., :1]).sum(dim=dims, keepdim=True)).clamp_min(1)
-
-
 class FavorAttention(nn.Module):
     """FAVOR+ attention for one layer.
 
@@ -102,12 +94,18 @@ class FavorAttention(nn.Module):
         self.aligned_bias.copy_(b.to(self.aligned_bias))
 
     @torch.no_grad()
-    def redraw_features(self) -> None:
-        """Draw the next features of this layer's sequence (seed, layer_id, draw_count + 1)."""
-        self.draw_count += 1
+    def rederive_features(self) -> None:
+        """Recompute the current draw's features from (seed, layer_id, draw_count) and, for aligned
+        features, the stored proposal: restores them exactly (e.g. after loading without them)."""
         self.projection.copy_(self._draw(int(self.draw_count)).to(self.projection))
         if self.aligned:
             self._draw_aligned()
+
+    @torch.no_grad()
+    def redraw_features(self) -> None:
+        """Draw the next features of this layer's sequence (seed, layer_id, draw_count + 1)."""
+        self.draw_count += 1
+        self.rederive_features()
 
     def _apply(self, fn, recurse=True):
         # keep the projection and statistics in float32 when the model is cast to half precision
@@ -133,49 +131,67 @@ class FavorAttention(nn.Module):
             )
         return buf
 
-    def _prepare(self, q, k, causal: bool, mask):
-        """Scaled q, k after the key shift and balancing, and the feature map. q, k: [B,H,L,d] float.
+    @torch.no_grad()
+    def _prepare(self, q, k, causal: bool, mask, scale) -> FeatureMap:
+        """The feature map, with the exact input transforms q' = q·√scale·a, k' = (k·√scale − c)/a.
 
         Calibrated layers use their stored per-head statistics (and aligned features) in both modes;
         uncalibrated bidirectional attention measures them on the sequence; uncalibrated causal
-        attention uses none (it must not look ahead)."""
-        c, H = self.config, q.shape[1]
+        attention uses none (it must not look ahead). The statistics are constants of the estimator
+        (its expectation does not depend on them), also in the backward. The transforms run chunk by
+        chunk inside the ops, so no transformed copy of q or k is ever materialised."""
+        c, H, dt = self.config, q.shape[1], compute_dtype(q.dtype)
+        root = math.sqrt(self.head_dim**-0.5 if scale is None else float(scale))
         if bool(self.stats_calibrated):
-            shift = self._per_head(self.key_shift, H).to(k)[None, :, None, :]
-            log_a = self._per_head(self.log_qk_scale, H).to(q)[None, :, None, None]
-            rho = self._per_head(self.oprf_rho, H).to(q)[None, :, None, None]
+            shift = self._per_head(self.key_shift, H).to(dt)[None, :, None, :]
+            log_a = self._per_head(self.log_qk_scale, H).to(dt)[None, :, None, None]
+            rho = self._per_head(self.oprf_rho, H).to(dt)[None, :, None, None]
         elif causal:
-            return q, k, self._feature_map(None, q.dtype)
+            scalar = torch.tensor(root, dtype=dt, device=q.device)
+            return self._feature_map(None, dt, q_scale=scalar, k_scale=scalar)
         else:
             qmask = mask if (mask is not None and q.shape[2] == k.shape[2]) else None
-            shift, log_a, rho = self._statistics(q, k, qmask, mask, dims=(2,))
-            rho = rho.detach()
-        if c.center_keys:
-            k = k - shift
-        if c.balance_qk:
-            q, k = q * log_a.exp(), k * (-log_a).exp()
+            shift, log_a, rho = self._statistics(q, k, qmask, mask, root, reduce_batch=False)
+        a = log_a.exp() if c.balance_qk else torch.ones_like(log_a)
+        q_scale, k_scale = root * a, root / a
+        k_shift = shift / a if c.center_keys else None
         if self.aligned:
-            w = self._per_head(self.aligned_projection, H).to(q.dtype)
-            b = self._per_head(self.aligned_bias, H).to(q.dtype)
-            return q, k, FeatureMap("softmax", w, c.eps, bias=b)
-        return q, k, self._feature_map(oprf_a(rho) if c.kernel == "favor++" else None, q.dtype)
+            w = self._per_head(self.aligned_projection, H).to(dt)
+            b = self._per_head(self.aligned_bias, H).to(dt)
+            return FeatureMap("softmax", w, c.eps, bias=b, q_scale=q_scale, k_scale=k_scale, k_shift=k_shift)
+        favor_a = oprf_a(rho) if c.kernel == "favor++" else None
+        return self._feature_map(favor_a, dt, q_scale=q_scale, k_scale=k_scale, k_shift=k_shift)
 
-    def _statistics(self, q, k, qmask, kmask, dims):
-        """Key mean, log balance factor and favor++ rho (mean |q + k|² / d after both transforms)."""
-        # the key shift minimising E|q + k - c|^2 is c = E[q] + E[k]
-        if self.config.center_keys:
-            shift = _masked_mean(q, qmask, dims) + _masked_mean(k, kmask, dims)
-        else:
-            shift = torch.zeros_like(k[:, :, :1])
-        k = k - shift
-        mq = _masked_mean((q * q).sum(-1, keepdim=True), qmask, dims).clamp_min(1e-12)
-        mk = _masked_mean((k * k).sum(-1, keepdim=True), kmask, dims).clamp_min(1e-12)
+    def _statistics(self, q, k, qmask, kmask, root: float, reduce_batch: bool):
+        """Key shift c, log balance factor and favor++ rho of the scaled q·root, k·root, from first and
+        second moments (no full-size temporaries). Shapes [B|1, H, 1, d], [B|1, H, 1, 1] × 2.
+
+        c = E[q] + E[k] minimises E|q + k − c|²; a⁴ = E|k − c|² / E|q|² balances the two norms; rho is
+        E|a q + (k − c)/a|² / d, the favor++ parameter."""
+
+        def moments(x, mask):  # E[x] [B,H,d] and E|x|² [B,H] over real positions
+            sq = torch.linalg.vector_norm(x.float(), dim=-1) ** 2  # [B, H, L]
+            if mask is None:
+                w = torch.full((x.shape[0], x.shape[2]), 1.0 / x.shape[2], dtype=torch.float32, device=x.device)
+            else:
+                w = mask.float() / mask.sum(1, keepdim=True).clamp_min(1)  # [B, L]
+            mean, msq = torch.einsum("bhld,bl->bhd", x.float(), w), torch.einsum("bhl,bl->bh", sq, w)
+            if reduce_batch:
+                rows = torch.ones(x.shape[0], device=x.device) if mask is None else (mask.sum(1) > 0).float()
+                rows = rows / rows.sum().clamp_min(1)
+                mean, msq = torch.einsum("bhd,b->hd", mean, rows)[None], torch.einsum("bh,b->h", msq, rows)[None]
+            return root * mean, root**2 * msq
+
+        mean_q, mq = moments(q, qmask)
+        mean_k, mk = moments(k, kmask)
+        shift = mean_q + mean_k if self.config.center_keys else torch.zeros_like(mean_k)
+        mk = mk - 2 * (shift * mean_k).sum(-1) + (shift * shift).sum(-1)  # E|k − c|²
+        mq, mk = mq.clamp_min(1e-12), mk.clamp_min(1e-12)
         log_a = 0.25 * (mk.log() - mq.log()) if self.config.balance_qk else torch.zeros_like(mq)
         a2 = (2 * log_a).exp()
-        mean_q, mean_k = _masked_mean(q, qmask, dims), _masked_mean(k, kmask, dims)
-        cross = (mean_q * mean_k).sum(-1, keepdim=True)
-        rho = (a2 * mq + mk / a2 + 2 * cross) / q.shape[-1]
-        return shift, log_a, rho
+        rho = (a2 * mq + mk / a2 + 2 * (mean_q * (mean_k - shift)).sum(-1)) / q.shape[-1]
+        dt = compute_dtype(q.dtype)
+        return shift[:, :, None, :].to(dt), log_a[..., None, None].to(dt), rho[..., None, None].to(dt)
 
     @torch.no_grad()
     def calibrate_statistics(self, q, k, key_padding_mask=None, scale=None, causal: bool = False) -> None:
@@ -187,17 +203,17 @@ class FavorAttention(nn.Module):
         weights to sample. Afterwards both modes and decoding use these statistics."""
         if q.shape[1] != self.num_heads:
             raise ValueError(f"calibrate_statistics got {q.shape[1]} heads; this layer has num_heads={self.num_heads}.")
-        q, k = self._scaled(q, k, scale)
         mask = self._check_mask(key_padding_mask, k)
         qmask = mask if q.shape[2] == k.shape[2] else None
-        shift, log_a, rho = self._statistics(q, k, qmask, mask, dims=(0, 2))
+        root = math.sqrt(self.head_dim**-0.5 if scale is None else float(scale))
+        shift, log_a, rho = self._statistics(q, k, qmask, mask, root, reduce_batch=True)
         self.key_shift.copy_(shift.reshape(self.num_heads, -1))
         self.log_qk_scale.copy_(log_a.reshape(self.num_heads))
         self.oprf_rho.copy_(rho.reshape(self.num_heads))
-        if self.config.center_keys:
-            k = k - shift
-        if self.config.balance_qk:
-            q, k = q * log_a.exp(), k * (-log_a).exp()
+        a = log_a.exp() if self.config.balance_qk else torch.ones_like(log_a)
+        ct = compute_dtype(q.dtype)
+        q = q.to(ct) * (root * a)
+        k = k.to(ct) * (root / a) - (shift / a if self.config.center_keys else 0)
         self.proposal_centers.copy_(self._sample_pair_sums(q, k, qmask, mask, causal).to(self.proposal_centers))
         self.stats_calibrated.fill_(True)
         if self.aligned:
@@ -252,13 +268,8 @@ class FavorAttention(nn.Module):
             raise ValueError("key_padding_mask must be bool or integer (1/True = real token), not floating point.")
         return mask.to(device=k.device, dtype=torch.bool)
 
-    def _scaled(self, q, k, scale):
-        ct = compute_dtype(q.dtype)
-        s = math.sqrt(self.head_dim**-0.5 if scale is None else float(scale))
-        return q.to(ct) * s, k.to(ct) * s
-
-    def _feature_map(self, a, dtype) -> FeatureMap:
-        return FeatureMap(self.config.kernel, self.projection.to(dtype), self.config.eps, a)
+    def _feature_map(self, a, dtype, **transforms) -> FeatureMap:
+        return FeatureMap(self.config.kernel, self.projection.to(dtype), self.config.eps, a, **transforms)
 
     def forward(self, q, k, v, causal: bool = False, key_padding_mask=None, scale=None) -> torch.Tensor:
         """q, k [B,H,L,d], v [B,H,L,dv] -> [B,H,Lq,dv] ≈ softmax(q kᵀ·scale) v (scale = d^-1/2 if None)."""
@@ -266,16 +277,13 @@ class FavorAttention(nn.Module):
         if causal and q.shape[2] != k.shape[2]:
             raise ValueError("causal FavorAttention needs as many queries as keys; use step() to decode.")
         mask = self._check_mask(key_padding_mask, k)
-        q2, k2 = self._scaled(q, k, scale)
-        q2, k2, fmap = self._prepare(q2, k2, causal, mask)
+        fmap = self._prepare(q, k, causal, mask, scale)
         op = favor_causal if causal else favor_bidirectional
-        return op(q2, k2, v, fmap, mask, self.config.chunk_size)
+        return op(q, k, v, fmap, mask, self.config.chunk_size)
 
     def step(self, q, k, v, state: FavorState | None = None, key_padding_mask=None, scale=None):
         """Recurrent decoding: T >= 1 new tokens -> (out [B,H,T,dv], new FavorState). Equals causal
         attention over the whole sequence, position by position."""
         self._check(q, k, v)
         mask = self._check_mask(key_padding_mask, k)
-        q2, k2 = self._scaled(q, k, scale)
-        q2, k2, fmap = self._prepare(q2, k2, True, mask)
-        return favor_step(q2, k2, v, fmap, state, mask, self.config.chunk_size)
+        return favor_step(q, k, v, self._prepare(q, k, True, mask, scale), state, mask, self.config.chunk_size)

@@ -49,13 +49,11 @@ def draw_projection(
 def gaussian_rows(gen: torch.Generator, nb_rows: int, dim: int, *, orthogonal=True, feature_norm="chi"):
     """[nb_rows, dim] float64 rows from ``gen``: orthogonal blocks (sign-fixed QR) or iid."""
     if orthogonal:
-        blocks = []
-        for _ in range(math.ceil(nb_rows / dim)):
-            gaussian = torch.randn(dim, dim, generator=gen, dtype=torch.float64)
-            q, r = torch.linalg.qr(gaussian)
-            q = q * torch.sign(torch.diagonal(r)).masked_fill(torch.diagonal(r) == 0, 1.0)
-            blocks.append(q.T)  # rows orthonormal
-        w = torch.cat(blocks, dim=0)[:nb_rows]
+        gaussian = torch.randn(math.ceil(nb_rows / dim), dim, dim, generator=gen, dtype=torch.float64)
+        q, r = torch.linalg.qr(gaussian)  # one batched QR for all blocks
+        signs = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
+        q = q * signs.masked_fill(signs == 0, 1.0)[:, None, :]  # Q <- Q sign(diag R): unique given G
+        w = q.transpose(-1, -2).reshape(-1, dim)[:nb_rows]  # rows orthonormal within each block
         if feature_norm == "chi":
             norms = torch.randn(nb_rows, dim, generator=gen, dtype=torch.float64).norm(dim=1)
         else:
@@ -127,8 +125,14 @@ class FeatureMap:
         eps: float = 1e-6,
         a: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
+        q_scale: torch.Tensor | None = None,
+        k_scale: torch.Tensor | None = None,
+        k_shift: torch.Tensor | None = None,
     ):
         self.kernel = kernel
+        # exact input transforms applied chunk by chunk (no full-length copies of q and k):
+        # q' = q * q_scale, k' = k * k_scale - k_shift (broadcasting against [B, H, L, d])
+        self.q_scale, self.k_scale, self.k_shift = q_scale, k_scale, k_shift
         self.projection = projection  # [rows, d] or [*P, rows, d]
         self.eps = eps
         self.a = a
@@ -142,11 +146,24 @@ class FeatureMap:
         rows = self.projection.shape[-2]
         return 2 * rows if self.kernel == "trig" else rows
 
-    def __call__(self, x: torch.Tensor, query: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x: [..., d] -> (logits [..., m] or [..., 1], factor [..., m] or None).
+    def transform(self, x: torch.Tensor, query: bool) -> torch.Tensor:
+        if query:
+            return x if self.q_scale is None else x * self.q_scale.to(x.dtype)
+        if self.k_scale is not None:
+            x = x * self.k_scale.to(x.dtype)
+        return x if self.k_shift is None else x - self.k_shift.to(x.dtype)
 
-        ``query=True`` drops the terms that are constant along a row (-|x|^2/2 and favor++'s log D):
-        the ops normalise every query row, so they cancel exactly, value and gradient alike."""
+    def __call__(self, x: torch.Tensor, query: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: [..., d] (a query or key, before the input transform) -> (logits [..., m] or [..., 1],
+        factor [..., m] or None).
+
+        ``query=True`` applies the query transform and drops the terms that are constant along a row
+        (-|x|^2/2 and favor++'s log D): the ops normalise every query row, so they cancel exactly,
+        value and gradient alike."""
+        return self._logits(self.transform(x, query), drop_row_terms=query)
+
+    def _logits(self, x: torch.Tensor, drop_row_terms: bool):
+        query = drop_row_terms
         w = self.projection.to(x.dtype)
         proj = x @ w.transpose(-1, -2)  # [..., L, rows]
         half_sq = None if query else 0.5 * (x * x).sum(-1, keepdim=True)  # [..., L, 1]
@@ -167,9 +184,10 @@ class FeatureMap:
             return torch.zeros_like(proj[..., :1]), torch.relu(proj) + self.eps
         raise ValueError(f"unknown kernel {self.kernel!r}")
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Explicit, unstabilised phi(x) [..., m] (references and statistics; may overflow)."""
-        logits, factor = self(x)
+    def features(self, x: torch.Tensor, query: bool = False) -> torch.Tensor:
+        """Explicit, unstabilised phi(x') [..., m] of the transformed x (references and statistics;
+        may overflow)."""
+        logits, factor = self._logits(self.transform(x, query), drop_row_terms=False)
         phi = torch.exp(logits).expand(*logits.shape[:-1], self.nb_features)
         if factor is not None:
             phi = phi * factor

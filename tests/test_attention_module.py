@@ -82,15 +82,32 @@ def test_calibrated_causal_has_no_look_ahead_and_steps_match():
     assert torch.allclose(torch.cat(outs, 2), full, atol=1e-12, rtol=1e-10)
 
 
-@pytest.mark.parametrize("causal,kernel", [(False, "softmax"), (True, "favor++")])
-def test_module_gradcheck(causal, kernel):
-    # bidirectional favor++ measures its A on the sequence and holds it constant in the backward (the
-    # estimator is unbiased for every A), so the exact-derivative check uses the softmax kernel there
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kernel", ["softmax", "favor++"])
+def test_module_gradcheck_with_calibrated_statistics(causal, kernel):
     attn = FavorAttention(4, PerformerConfig(nb_features=8, kernel=kernel, chunk_size=4), num_heads=2)
     q, k, v = (x.requires_grad_(True) for x in qkv(B=1, H=2, L=7, d=4))
-    if causal:
-        attn.calibrate_statistics(q.detach(), k.detach())
+    attn.calibrate_statistics(q.detach(), k.detach(), causal=causal)
     assert torch.autograd.gradcheck(lambda q, k, v: attn(q, k, v, causal=causal), (q, k, v))
+
+
+def test_per_sequence_statistics_are_constants_of_the_backward():
+    # uncalibrated bidirectional attention measures its key shift and balance on the sequence; like the
+    # random features they are constants of the estimator, so its gradient is that of the same
+    # computation with the statistics detached (the estimator's expectation does not depend on them)
+    cfg = PerformerConfig(nb_features=16, chunk_size=4)
+    attn = FavorAttention(4, cfg, num_heads=2)
+    q, k, v = (x.requires_grad_(True) for x in qkv(B=2, H=2, L=9, d=4))
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 6:] = False
+    g = torch.randn(2, 2, 9, 4, dtype=D64)
+    fast = torch.autograd.grad((attn(q, k, v, key_padding_mask=mask) * g).sum(), (q, k, v))
+    fmap = attn._prepare(q.detach(), k.detach(), False, mask, None)
+    from hf_performer.ops import naive_linear_attention
+
+    slow = torch.autograd.grad((naive_linear_attention(q, k, v, fmap, key_padding_mask=mask) * g).sum(), (q, k, v))
+    for a, b in zip(fast, slow):
+        assert torch.allclose(a, b, atol=1e-10, rtol=1e-8)
 
 
 def test_redraw_is_deterministic_across_instances_and_survives_state_dict():

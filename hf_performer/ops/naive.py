@@ -30,7 +30,7 @@ def exact_softmax_attention(q, k, v, scale=None, causal=False, key_padding_mask=
 def naive_linear_attention(q, k, v, fmap: FeatureMap, causal=False, key_padding_mask=None):
     """phi(q) phi(k)^T, masked, normalised by its row sums: the exact value the fast ops compute.
     Uses unstabilised features, so call it in float64 with moderate norms."""
-    attn = fmap.features(q) @ fmap.features(k).transpose(-1, -2)  # [B, H, Lq, Lk]
+    attn = fmap.features(q, query=True) @ fmap.features(k).transpose(-1, -2)  # [B, H, Lq, Lk]
     allowed = _allowed(q.shape[2], k.shape[2], causal, key_padding_mask, q.device)
     attn = attn.masked_fill(~allowed, 0.0)
     return (attn @ v) / attn.sum(-1, keepdim=True)
