@@ -1,0 +1,331 @@
+"""Helpers shared by the example scripts (small on purpose: each script reads top to bottom).
+
+* ``PerformerArguments``: the ``--performer_*`` options (also spelled ``--performer-*``) that convert a
+  softmax checkpoint on the fly; a checkpoint that is already a Performer model loads as it is.
+* ``load_model``: from_pretrained + optional conversion + optional position extension.
+* ``calibrate``: the statistics step and attention-transfer calibration of ``conversion`` (skipped, with a
+  message, where that package is not installed).
+* ``measure_train_step``: time and peak memory of one optimizer step (CUDA allocator peak, or the
+  process's resident-set high-water mark on CPU).
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import gc
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import hf_performer.integration as hfp
+from hf_performer import PerformerConfig
+
+EXAMPLES = Path(__file__).resolve().parent
+BUNDLED_DATA = EXAMPLES / "data" / "pydoc_chapters.jsonl"
+
+
+def _arg(default, help: str, name: str):
+    dashed = name.replace("_", "-")
+    return field(default=default, metadata={"help": help, **({"aliases": [f"--{dashed}"]} if dashed != name else {})})
+
+
+@dataclass
+class PerformerArguments:
+    """FAVOR+ settings used when converting a softmax checkpoint (ignored for a Performer checkpoint)."""
+
+    performer: bool = _arg(True, "Convert a softmax checkpoint to Performer FAVOR+ attention on the fly "
+                           "(--performer False keeps softmax attention: the baseline).", "performer")
+    performer_nb_features: int = _arg(256, "Random features m per layer.", "performer_nb_features")
+    performer_kernel: str = _arg("softmax", "softmax | favor++ | relu | trig.", "performer_kernel")
+    performer_redraw_interval: int = _arg(0, "Redraw the features every this many optimizer steps (0 = never).",
+                                          "performer_redraw_interval")
+    performer_seed: int = _arg(0, "Seed of the random features.", "performer_seed")
+    performer_chunk_size: int = _arg(128, "FAVOR+ chunk size (peak memory vs speed).", "performer_chunk_size")
+    performer_calibration_steps: int = _arg(0, "Attention-transfer calibration steps after conversion "
+                                            "(0 = statistics step only; needs the conversion package).",
+                                            "performer_calibration_steps")
+    max_position_embeddings: int | None = _arg(None, "Extend the learned position table to this many tokens "
+                                               "(Longformer-style tiling) before training.", "max_position_embeddings")
+
+    def settings(self) -> PerformerConfig:
+        return PerformerConfig(nb_features=self.performer_nb_features, kernel=self.performer_kernel,
+                               redraw_interval=self.performer_redraw_interval, seed=self.performer_seed,
+                               chunk_size=self.performer_chunk_size)
+
+
+def is_performer(model) -> bool:
+    return str(getattr(model.config, "model_type", "")).startswith("performer_")
+
+
+def load_model(auto_cls, name_or_path: str, performer_args: PerformerArguments, tokenizer=None,
+               calibration_texts: list[str] | None = None, max_length: int = 128, seed: int = 0, **kwargs):
+    """``auto_cls.from_pretrained`` (offline paths work as usual), then extend positions and convert as asked.
+
+    A softmax checkpoint converted here is calibrated on ``calibration_texts`` (statistics step, plus
+    ``--performer_calibration_steps`` of attention transfer from a copy of the softmax model). A softmax
+    model keeps transformers' default attention (sdpa)."""
+    model = auto_cls.from_pretrained(name_or_path, **kwargs)
+    if performer_args.max_position_embeddings:
+        info = extend_positions(model, performer_args.max_position_embeddings, tokenizer)
+        print(f"[examples] position table extended from {info['from']} to {info['to']} tokens")
+    if performer_args.performer and not is_performer(model):
+        steps = performer_args.performer_calibration_steps
+        teacher = copy.deepcopy(model).eval() if steps > 0 else None
+        model = hfp.convert_to_performer(model, performer_args.settings())
+        if calibration_texts and tokenizer is not None:
+            done = calibrate(model, teacher, tokenizer, calibration_texts, steps=steps, max_length=max_length, seed=seed)
+            print(f"[examples] calibration: {done}")
+        del teacher
+    return model
+
+
+def extend_positions(model, new_max: int, tokenizer=None) -> dict:
+    """conversion.positions.extend_positions when available, else the same Longformer tiling for BERT-likes."""
+    try:
+        from conversion.positions import extend_positions as conversion_extend
+    except ImportError:
+        conversion_extend = None
+    if conversion_extend is not None:
+        return conversion_extend(model, new_max, tokenizer)
+    emb = model.base_model.embeddings  # fallback: BERT / DistilBERT (no RoBERTa offset, no GPT-2)
+    old = emb.position_embeddings.weight
+    n = old.shape[0]
+    new = torch.nn.Embedding(new_max, old.shape[1]).to(old)
+    with torch.no_grad():
+        new.weight.copy_(old[torch.arange(new_max) % n])
+    emb.position_embeddings = new
+    for name in ("position_ids", "token_type_ids"):
+        if hasattr(emb, name):
+            buf = getattr(emb, name)
+            emb.register_buffer(name, torch.arange(new_max, device=buf.device)[None].to(buf.dtype)
+                                if name == "position_ids" else buf.new_zeros(1, new_max), persistent=False)
+    model.config.max_position_embeddings = new_max
+    if tokenizer is not None:
+        tokenizer.model_max_length = new_max
+    return {"from": n, "to": new_max}
+
+
+def calibrate(model, teacher, tokenizer, texts: list[str], steps: int = 0, max_length: int = 128,
+              batch_size: int = 8, seed: int = 0) -> dict:
+    """The conversion pipeline's statistics step (per-head FAVOR+ statistics from real text, seconds), then
+    ``steps`` of attention-transfer calibration of ``model`` towards ``teacher`` (its softmax original).
+    Returns what ran; without the conversion package nothing runs (TODO hook until it ships)."""
+    try:
+        from conversion.calibrate import CalibrationConfig
+        from conversion.calibrate import calibrate as transfer
+        from conversion.data import BatchSchedule, pad_id, tokenize
+        from conversion.statistics import calibrate_model_statistics
+    except ImportError as exc:
+        print(f"[examples] calibration skipped: the conversion package is not available ({exc})")
+        return {"statistics": False, "transfer_steps": 0}
+    schedule = BatchSchedule(tokenize(texts, tokenizer, max_length), batch_size, pad_id(tokenizer), seed=seed)
+    calibrate_model_statistics(model, schedule.epoch()[:8], progress=False)
+    done = {"statistics": True, "transfer_steps": 0}
+    if steps > 0:
+        log = transfer(model, teacher, schedule, CalibrationConfig(steps=steps, batch_size=batch_size,
+                                                                  max_length=max_length, seed=seed), progress=False)
+        done.update(transfer_steps=log["steps_done"], transfer_loss=log["history"][-1]["loss"] if log["history"] else None)
+    return done
+
+
+# ---------------------------------------------------------------------------------------------- LM data
+@dataclass
+class LMDataArguments:
+    """Text for run_mlm.py / run_clm.py: a datasets name (offline: cached), 'pydoc_chapters' (bundled Python
+    documentation passages) or local .txt (one document per line) / .csv / .json files."""
+
+    dataset_name: str | None = field(default=None, metadata={"help": "datasets name, or 'pydoc_chapters'."})
+    dataset_config_name: str | None = field(default=None)
+    train_file: str | None = field(default=None)
+    validation_file: str | None = field(default=None)
+    text_column: str = field(default="text")
+    validation_split_percentage: int = field(default=10, metadata={"help": "Held out when there is no validation split."})
+    max_seq_length: int = field(default=128, metadata={"help": "Tokens per training block (texts are concatenated)."})
+    max_train_samples: int | None = field(default=None)
+    max_eval_samples: int | None = field(default=None)
+    calibration_samples: int = field(default=64, metadata={"help": "Blocks used by the calibration step."})
+
+
+def load_lm_texts(data: LMDataArguments):
+    """DatasetDict(train=..., validation=...) with one column ``data.text_column``."""
+    from datasets import DatasetDict, load_dataset
+
+    if data.dataset_name == "pydoc_chapters":
+        raw = load_dataset("json", data_files=str(BUNDLED_DATA), split="train")
+        return DatasetDict(train=raw.filter(lambda r: r["split"] == "train"),
+                           validation=raw.filter(lambda r: r["split"] == "test"))
+    if data.dataset_name:
+        raw = load_dataset(data.dataset_name, data.dataset_config_name)
+    else:
+        files = {k: v for k, v in (("train", data.train_file), ("validation", data.validation_file)) if v}
+        if not files:
+            raise ValueError("give --dataset_name or --train_file")
+        ext = Path(next(iter(files.values()))).suffix.lstrip(".")
+        ext = {"txt": "text", "jsonl": "json"}.get(ext, ext)
+        raw = load_dataset(ext, data_files=files)
+    if "validation" not in raw:
+        split = raw["train"].train_test_split(test_size=data.validation_split_percentage / 100, seed=0)
+        raw = DatasetDict(train=split["train"], validation=split["test"])
+    return raw
+
+
+def lm_blocks(raw, tokenizer, data: LMDataArguments, training_args, add_labels: bool):
+    """Tokenize, concatenate and cut into blocks of max_seq_length tokens (run_mlm / run_clm grouping)."""
+    size = min(data.max_seq_length, tokenizer.model_max_length)
+
+    def tokenize(batch):
+        return tokenizer([t for t in batch[data.text_column] if t and t.strip()], return_special_tokens_mask=not add_labels)
+
+    def group(batch):
+        joined = {k: sum(batch[k], []) for k in batch}
+        total = (len(joined["input_ids"]) // size) * size
+        out = {k: [v[i:i + size] for i in range(0, total, size)] for k, v in joined.items()}
+        if add_labels:
+            out["labels"] = [list(b) for b in out["input_ids"]]
+        return out
+
+    with training_args.main_process_first(desc="tokenizing"):
+        tok = raw.map(tokenize, batched=True, remove_columns=raw["train"].column_names)
+        blocks = tok.map(group, batched=True)
+    train, evaluation = blocks["train"], blocks["validation"]
+    if data.max_train_samples:
+        train = train.select(range(min(len(train), data.max_train_samples)))
+    if data.max_eval_samples:
+        evaluation = evaluation.select(range(min(len(evaluation), data.max_eval_samples)))
+    return train, evaluation
+
+
+# ---------------------------------------------------------------------------------------------- training
+def resume_path(training_args) -> str | None:
+    """--resume_from_checkpoint PATH, or "latest": the newest checkpoint-* in --output_dir (None if none)."""
+    r = training_args.resume_from_checkpoint
+    if r == "latest":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        return get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+    return r
+
+
+def train_and_evaluate(trainer, training_args, perplexity: bool = False) -> dict:
+    """Train (resuming if asked), save the model and the metrics, evaluate; returns the metrics."""
+    results = {}
+    if training_args.do_train:
+        out = trainer.train(resume_from_checkpoint=resume_path(training_args))
+        trainer.save_model()
+        trainer.log_metrics("train", out.metrics)
+        trainer.save_metrics("train", out.metrics)
+        trainer.save_state()
+        results.update(out.metrics)
+    if training_args.do_eval:
+        metrics = trainer.evaluate()
+        if perplexity and "eval_loss" in metrics:
+            metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+        results.update(metrics)
+    return results
+
+
+def parse_args(dataclass_types, argv=None):
+    """HfArgumentParser over the script's dataclasses (a single .json argument: read from that file)."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(dataclass_types)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(argv)
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+def _rss(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_rss_peak() -> bool:
+    """Reset VmHWM (Linux) and make glibc return large buffers to the OS at once, so the high-water mark
+    measures this step, not memory kept from earlier ones."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: blocks >= 64 KiB are mmapped / unmapped one by one
+            libc.mallopt(-1, 1 << 17)  # M_TRIM_THRESHOLD
+            libc.malloc_trim(0)
+        except OSError:
+            pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_train_step(model, batch: dict, repeats: int = 2, lr: float = 1e-5, autocast_dtype=None) -> dict:
+    """Median time (s) of ``repeats`` optimizer steps (forward, backward, AdamW) after one warm-up step, and
+    the peak memory above the state before the measured step: CUDA max_memory_allocated (tensors), or the
+    CPU process's resident-set high-water mark. Errors (out of memory) are returned, not raised."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    cuda = device.type == "cuda"
+
+    def step():
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    try:
+        step()  # warm-up: kernels, optimizer state
+        gc.collect()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        else:
+            exact = _reset_rss_peak()
+            base = _rss("VmRSS")
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t)
+        if cuda:
+            peak, method = torch.cuda.max_memory_allocated(device) - base, "cuda.max_memory_allocated"
+        else:
+            peak = (_rss("VmHWM") or 0) - (base or 0)
+            method = "VmHWM - VmRSS" if exact else "VmHWM - VmRSS (high-water mark not resettable: upper bound)"
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+        if not ("out of memory" in str(exc).lower() or isinstance(exc, (torch.OutOfMemoryError, MemoryError))):
+            raise
+        return {"status": "oom", "error": str(exc).splitlines()[0]}
+    finally:
+        opt.state.clear()
+        model.zero_grad(set_to_none=True)
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    return {"status": "ok", "time_s": sorted(times)[len(times) // 2], "peak_bytes": max(0, peak), "method": method}
+
+
+def env_summary() -> str:
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    return f"torch {torch.__version__} ({dev}), {os.cpu_count()} CPUs"
+
