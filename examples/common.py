@@ -59,8 +59,20 @@ class PerformerArguments:
                                chunk_size=self.performer_chunk_size)
 
 
+def is_performer_config(config) -> bool:
+    return str(getattr(config, "model_type", "")).startswith("performer_")
+
+
 def is_performer(model) -> bool:
-    return str(getattr(model.config, "model_type", "")).startswith("performer_")
+    return is_performer_config(model.config)
+
+
+def max_tokens(config) -> int:
+    """Longest input the position table covers (GPT-2: n_positions; RoBERTa: minus its padding offset)."""
+    if hasattr(config, "n_positions"):
+        return int(config.n_positions)
+    offset = config.pad_token_id + 1 if "roberta" in config.model_type else 0
+    return int(config.max_position_embeddings) - offset
 
 
 def load_model(auto_cls, name_or_path: str, performer_args: PerformerArguments, tokenizer=None,
@@ -71,7 +83,7 @@ def load_model(auto_cls, name_or_path: str, performer_args: PerformerArguments, 
     ``--performer_calibration_steps`` of attention transfer from a copy of the softmax model). A softmax
     model keeps transformers' default attention (sdpa)."""
     model = auto_cls.from_pretrained(name_or_path, **kwargs)
-    if performer_args.max_position_embeddings:
+    if performer_args.max_position_embeddings and performer_args.max_position_embeddings > max_tokens(model.config):
         info = extend_positions(model, performer_args.max_position_embeddings, tokenizer)
         print(f"[examples] position table extended from {info['from']} to {info['to']} tokens")
     if performer_args.performer and not is_performer(model):
