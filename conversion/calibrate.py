@@ -1,0 +1,251 @@
+"""Calibration by attention transfer (as in LoLCATs and T2R): train the converted student to reproduce the
+original teacher on unlabeled text, with the random features fixed (never redrawn).
+
+Loss per step, on one batch (real tokens only):
+    layer_weight  * mean over layers of ||student attention output - teacher attention output||² / ||teacher||²
+  + output_weight * (encoders: 1 - cos of last hidden states;  causal LMs: KL(teacher || student) of logits)
+Attention outputs are captured by forward hooks on the attention modules of both models (same names).
+
+Runs through accelerate's ``Accelerator`` (CPU, one GPU, or mixed precision with ``mixed_precision``).
+Resumable: every ``save_every`` steps (and when interrupted) the trainable parameters, optimizer, scheduler,
+step and loss log go to ``state_dir/state.pt``; ``resume=True`` continues from there, batch ``i`` of the
+seeded schedule being the same batch in both runs. The loss log is also written to
+``state_dir/calibration_log.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .capture import attention_names, attention_outputs, forward_kwargs, is_causal_model
+from .data import BatchSchedule
+from .errors import ConversionError
+from .losses import cosine_distance, relative_mse, token_kl
+from .params import TRAIN_CHOICES, select_trainable
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+STATE_FILE, LOG_FILE = "state.pt", "calibration_log.json"
+
+
+@dataclass
+class CalibrationConfig:
+    """Settings of the attention-transfer calibration (CLI: --calibration-steps, --train, ...)."""
+
+    steps: int = 300
+    lr: float = 1e-3
+    batch_size: int = 8
+    max_length: int = 128
+    train: str = "attention"
+    layer_weight: float = 1.0
+    output_weight: float = 1.0
+    warmup_steps: int = 10
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    seed: int = 0
+    save_every: int = 50
+    max_time_s: float | None = None  # stop early after this many seconds of training (None: no limit)
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, accepted: str) -> None:
+            if not ok:
+                raise ConversionError(f"calibration {name}={getattr(self, name)!r} is invalid: {accepted}.")
+
+        def is_int(x) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        need(is_int(self.steps) and self.steps >= 0, "steps", "expected an integer >= 0")
+        need(isinstance(self.lr, (int, float)) and 0 < self.lr < 1, "lr", "expected a float in (0, 1)")
+        need(is_int(self.batch_size) and self.batch_size >= 1, "batch_size", "expected a positive integer")
+        need(is_int(self.max_length) and self.max_length >= 4, "max_length", "expected an integer >= 4")
+        need(self.train in TRAIN_CHOICES, "train", f"expected one of {', '.join(TRAIN_CHOICES)}")
+        for name in ("layer_weight", "output_weight"):
+            need(isinstance(getattr(self, name), (int, float)) and getattr(self, name) >= 0, name, "expected a float >= 0")
+        need(self.layer_weight + self.output_weight > 0, "output_weight", "layer_weight + output_weight must be > 0")
+        need(is_int(self.warmup_steps) and self.warmup_steps >= 0, "warmup_steps", "expected an integer >= 0")
+        need(isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm > 0, "max_grad_norm", "expected > 0")
+        need(self.mixed_precision in MIXED_PRECISION, "mixed_precision", f"expected one of {', '.join(MIXED_PRECISION)}")
+        need(is_int(self.seed) and self.seed >= 0, "seed", "expected an integer >= 0")
+        need(is_int(self.save_every) and self.save_every >= 1, "save_every", "expected a positive integer")
+        need(self.max_time_s is None or (isinstance(self.max_time_s, (int, float)) and self.max_time_s > 0),
+             "max_time_s", "expected seconds > 0 or None")
+
+    def fingerprint(self, extra: dict) -> str:
+        """What must match for a resume (everything but steps/save_every/max_time_s)."""
+        keep = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("steps", "save_every", "max_time_s")}
+        return hashlib.sha256(json.dumps({**keep, **extra}, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def output_kind(model: nn.Module) -> str:
+    """"logits" (KL) for causal language models, "hidden" (cosine of last hidden states) otherwise."""
+    causal = is_causal_model(model)
+    has_lm_head = model.get_output_embeddings() is not None if hasattr(model, "get_output_embeddings") else False
+    return "logits" if causal and has_lm_head else "hidden"
+
+
+def model_outputs(model: nn.Module, batch: dict, kind: str) -> torch.Tensor:
+    if kind == "logits":
+        return model(**batch, **forward_kwargs(model)).logits
+    return model.base_model(**batch, **forward_kwargs(model)).last_hidden_state  # the encoder's output, without any task head
+
+
+def transfer_loss(student, teacher, batch, names, kind, cfg: CalibrationConfig) -> tuple[torch.Tensor, dict]:
+    """The attention-transfer loss on one batch and its parts (floats)."""
+    mask = batch["attention_mask"]
+    with torch.no_grad(), attention_outputs(teacher, names) as t_att:
+        t_out = model_outputs(teacher, batch, kind)
+        t_att = dict(t_att)
+    with attention_outputs(student, names) as s_att:
+        s_out = model_outputs(student, batch, kind)
+        s_att = dict(s_att)
+    layer = torch.stack([relative_mse(s_att[n], t_att[n], mask) for n in names]).mean()
+    end = token_kl(s_out, t_out, mask) if kind == "logits" else cosine_distance(s_out, t_out, mask)
+    loss = cfg.layer_weight * layer + cfg.output_weight * end
+    return loss, {"loss": loss.item(), "layer_rel_mse": layer.item(), f"output_{'kl' if kind == 'logits' else 'cos_dist'}": end.item()}
+
+
+def _lr_lambda(cfg: CalibrationConfig):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        span = max(1, cfg.steps - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
+
+    return f
+
+
+def _save_state(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _write_log(path: Path, log: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(log, indent=1))
+    os.replace(tmp, path)
+
+
+def _make_accelerator(mixed_precision: str):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    # the state is a process-wide singleton: a second calibration in one process may ask for other settings
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision)
+
+
+def calibrate(
+    student: nn.Module,
+    teacher: nn.Module,
+    schedule: BatchSchedule,
+    cfg: CalibrationConfig,
+    state_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    fingerprint_extra: dict | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train ``student`` (in place) to reproduce ``teacher`` for ``cfg.steps`` steps. Returns the loss log
+    {"config", "steps_done", "wall_s", "history": [{"step", "loss", ...}, ...], ...}."""
+    state_dir = Path(state_dir) if state_dir is not None else None
+    fp = cfg.fingerprint(fingerprint_extra or {})
+    names = attention_names(student)
+    kind = output_kind(student)
+    trainable, hooks = select_trainable(student, cfg.train)
+    params = [p for p in student.parameters() if p.requires_grad]
+    torch.manual_seed(cfg.seed)
+
+    accelerator = _make_accelerator(cfg.mixed_precision)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    log = {"config": dataclasses.asdict(cfg), "fingerprint": fp, "output_kind": kind, "trainable": len(trainable),
+           "trainable_parameters": sum(p.numel() for p in params), "device": None, "steps_done": 0,
+           "wall_s": 0.0, "history": []}
+    start_step = 0
+    if resume:
+        state_path = state_dir / STATE_FILE if state_dir is not None else None
+        if state_path is None or not state_path.is_file():
+            raise ConversionError(f"cannot resume: no calibration state at {str(state_path)!r}.")
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        if state["fingerprint"] != fp:
+            raise ConversionError(
+                f"cannot resume from {str(state_path)!r}: it was made with other settings (source, FAVOR+ or "
+                "calibration flags differ). Start again without --resume or use the original flags."
+            )
+        missing = set(trainable) - set(state["params"])
+        if missing:
+            raise ConversionError(f"calibration state {str(state_path)!r} lacks parameters {sorted(missing)[:3]}...")
+        with torch.no_grad():
+            named = dict(student.named_parameters())
+            for n in trainable:
+                named[n].copy_(state["params"][n])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_step, log = state["step"], state["log"]
+        log["config"] = dataclasses.asdict(cfg)
+
+    student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
+    teacher.to(accelerator.device).eval()
+    student.eval()  # no dropout: the student must reproduce the deterministic teacher
+    log["device"] = str(accelerator.device)
+    raw = accelerator.unwrap_model(student)
+
+    def save(step: int) -> None:
+        if state_dir is None:
+            return
+        named = dict(raw.named_parameters())
+        _save_state(state_dir / STATE_FILE, {
+            "step": step, "fingerprint": fp, "log": log,
+            "params": {n: named[n].detach().cpu().clone() for n in trainable},
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        })
+        _write_log(state_dir / LOG_FILE, log)
+
+    t0, wall0 = time.perf_counter(), log["wall_s"]
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="calibration", disable=not progress)
+    step = start_step
+    try:
+        while step < cfg.steps:
+            if cfg.max_time_s is not None and time.perf_counter() - t0 >= cfg.max_time_s:
+                log["stopped_early"] = f"max_time_s={cfg.max_time_s} reached after {step} steps"
+                break
+            batch = {k: v.to(accelerator.device) for k, v in schedule.batch(step).items()}
+            loss, parts = transfer_loss(student, teacher, batch, names, kind, cfg)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            log["history"].append({"step": step, **parts, "lr": scheduler.get_last_lr()[0],
+                                   "wall_s": round(wall0 + time.perf_counter() - t0, 3)})
+            log["steps_done"], log["wall_s"] = step, wall0 + time.perf_counter() - t0
+            bar.update(1)
+            bar.set_postfix(loss=f"{parts['loss']:.4f}")
+            if step % cfg.save_every == 0 and step < cfg.steps:
+                save(step)
+    except KeyboardInterrupt:
+        save(step)
+        raise
+    finally:
+        bar.close()
+    log["steps_done"], log["wall_s"] = step, wall0 + time.perf_counter() - t0
+    save(step)
+    for h in hooks:
+        h.remove()
+    for p in raw.parameters():
+        p.requires_grad_(True)
+    accelerator.free_memory()
+    return log

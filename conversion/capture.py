@@ -1,0 +1,145 @@
+"""Forward hooks that see attention as it happens, for the statistics, calibration and report steps.
+
+* ``forward_kwargs(model)``: ``use_cache=False`` for causal models (full-sequence forwards, not decoding);
+* ``attention_names(model)``: the attention modules of a converted model (those owning a ``favor``
+  FavorAttention), in layer order. The stock teacher has modules of the same names (conversion keeps names).
+* ``favor_inputs(model)``: records q, k, the key padding mask and the scale exactly as they reach each
+  FavorAttention (a forward pre-hook on ``favor``: q/k after the projections, before any FAVOR transform).
+* ``attention_outputs(model, names)``: the output of each named attention module (BERT/RoBERTa: the context
+  before the output projection; GPT-2/DistilBERT: after it), overwritten on every forward.
+* ``attention_inputs(model, names)`` / ``replaced_attention_inputs(model, inputs)``: read the hidden states
+  entering each attention module, or substitute them (teacher forcing: the student's attention runs on the
+  teacher's inputs, which isolates each layer's own approximation error).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from hf_performer.attention import FavorAttention
+
+_FAVOR_SIGNATURE = inspect.signature(FavorAttention.forward)
+
+
+def is_causal_model(model: nn.Module) -> bool:
+    config = model.config
+    return config.model_type.removeprefix("performer_") == "gpt2" or bool(getattr(config, "is_decoder", False))
+
+
+def forward_kwargs(model: nn.Module) -> dict:
+    """Keyword arguments for full-sequence forwards: causal models must not take the cached decoding path
+    (``favor.step``), whose inputs the hooks here do not see."""
+    return {"use_cache": False} if is_causal_model(model) else {}
+
+
+def attention_names(model: nn.Module) -> list[str]:
+    names = [n for n, m in model.named_modules() if isinstance(getattr(m, "favor", None), FavorAttention)]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no FAVOR+ attention modules (convert it first).")
+    return names
+
+
+def _first(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@contextlib.contextmanager
+def favor_inputs(model: nn.Module) -> Iterator[dict[str, list[tuple]]]:
+    """{attention name: [(q, k, key_padding_mask or None, scale), ...] one entry per forward}."""
+    store: dict[str, list[tuple]] = {}
+    handles = []
+
+    def make(name):
+        def hook(module, args, kwargs):
+            bound = _FAVOR_SIGNATURE.bind(module, *args, **kwargs)
+            a = bound.arguments
+            mask = a.get("key_padding_mask")
+            store.setdefault(name, []).append(
+                (a["q"].detach(), a["k"].detach(), None if mask is None else mask.detach(), a.get("scale"))
+            )
+
+        return hook
+
+    modules = dict(model.named_modules())
+    try:
+        for name in attention_names(model):
+            handles.append(modules[name].favor.register_forward_pre_hook(make(name), with_kwargs=True))
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def attention_outputs(model: nn.Module, names: list[str]) -> Iterator[dict[str, torch.Tensor]]:
+    store: dict[str, torch.Tensor] = {}
+    modules = dict(model.named_modules())
+    handles = []
+
+    def make(name):
+        def hook(module, args, output):
+            store[name] = _first(output)
+
+        return hook
+
+    try:
+        for name in names:
+            handles.append(modules[name].register_forward_hook(make(name)))
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _hidden_states(args, kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@contextlib.contextmanager
+def attention_inputs(model: nn.Module, names: list[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """{name: hidden states entering that attention module} (overwritten on every forward)."""
+    store: dict[str, torch.Tensor] = {}
+    modules = dict(model.named_modules())
+    handles = []
+
+    def make(name):
+        def hook(module, args, kwargs):
+            store[name] = _hidden_states(args, kwargs)
+
+        return hook
+
+    try:
+        for name in names:
+            handles.append(modules[name].register_forward_pre_hook(make(name), with_kwargs=True))
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def replaced_attention_inputs(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Run each named attention module on the given hidden states instead of its own."""
+    modules = dict(model.named_modules())
+    handles = []
+
+    def make(name):
+        def hook(module, args, kwargs):
+            if args:
+                return (inputs[name], *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": inputs[name]}
+
+        return hook
+
+    try:
+        for name in inputs:
+            handles.append(modules[name].register_forward_pre_hook(make(name), with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,163 @@
+"""``hf-performer`` command line: ``convert`` and ``report`` (thin wrappers over ``conversion.convert`` and
+``conversion.report``).
+
+    hf-performer convert bert-base-uncased ./bert-performer --nb-features 256 --max-position-embeddings 4096 \\
+        --calibrate --calibration-data ./my_texts.txt --calibration-steps 300
+    hf-performer report bert-base-uncased ./bert-performer --data ./heldout.txt
+
+FAVOR+ flags are generated from ``PerformerConfig``'s fields (``--nb-features``, ``--kernel``, ``--seed``,
+``--chunk-size``, ``--redraw-interval``, ``--orthogonal/--no-orthogonal``, ...); an unset flag keeps the
+PerformerConfig default. Errors print one line ``hf-performer: error: ...`` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+import sys
+
+from hf_performer.settings import FEATURE_NORMS, KERNELS, PerformerConfig
+
+from .calibrate import MIXED_PRECISION, CalibrationConfig
+from .errors import ConversionError
+from .params import TRAIN_CHOICES
+
+_CHOICES = {"kernel": KERNELS, "feature_norm": FEATURE_NORMS}
+
+
+def _add_performer_flags(parser: argparse.ArgumentParser) -> list[str]:
+    group = parser.add_argument_group("FAVOR+ settings (PerformerConfig; defaults from hf_performer)")
+    defaults = PerformerConfig()
+    names = []
+    for f in dataclasses.fields(PerformerConfig):
+        value = getattr(defaults, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                               help=f"(default {value})")
+        elif isinstance(value, (int, float, str)):
+            kind = type(value)
+            group.add_argument(flag, dest=f.name, type=kind, default=None, choices=_CHOICES.get(f.name),
+                               metavar=None if f.name in _CHOICES else kind.__name__.upper(), help=f"(default {value})")
+        else:
+            continue  # dict fields (extra) are Python-only
+        names.append(f.name)
+    return names
+
+
+def _convert_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("convert", help="convert a BERT/GPT-2/RoBERTa/DistilBERT checkpoint to FAVOR+ attention",
+                       description="Convert a checkpoint to Performer FAVOR+ attention and write a ready-to-load folder.")
+    p.add_argument("source", help="hub id (needs the Hub or its local cache) or local checkpoint folder")
+    p.add_argument("output", help="output folder (written atomically; see --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--model-class", help="stock class to load, e.g. BertForMaskedLM (default: config.architectures)")
+    p.add_argument("--max-position-embeddings", type=int, metavar="N",
+                   help="grow learned absolute positions to N tokens by tiling the pretrained table")
+    p.set_defaults(performer_fields=_add_performer_flags(p))
+    d = CalibrationConfig()
+    g = p.add_argument_group("statistics and calibration")
+    g.add_argument("--calibration-data", metavar="TEXT",
+                   help=".txt file (lines or blank-line paragraphs), folder of .txt files, or datasets NAME[:CONFIG][:SPLIT]")
+    g.add_argument("--statistics-batches", type=int, default=4, help="batches for the statistics step (default 4)")
+    g.add_argument("--calibrate", action="store_true", help="attention-transfer calibration (needs --calibration-data)")
+    g.add_argument("--calibration-steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
+    g.add_argument("--train", choices=TRAIN_CHOICES, default=d.train, help=f"trainable parameters (default {d.train})")
+    g.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"sequences per step (default {d.batch_size})")
+    g.add_argument("--max-length", type=int, default=d.max_length, help=f"tokens per sequence (default {d.max_length})")
+    g.add_argument("--layer-weight", type=float, default=d.layer_weight, help="weight of per-layer attention matching")
+    g.add_argument("--output-weight", type=float, default=d.output_weight, help="weight of end-to-end matching")
+    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    g.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=d.mixed_precision)
+    g.add_argument("--calibration-seed", type=int, default=d.seed, help="data order seed")
+    g.add_argument("--save-every", type=int, default=d.save_every, help="save resumable state every N steps")
+    g.add_argument("--max-time", type=float, default=None, metavar="SECONDS", help="stop calibration after this long")
+    g.add_argument("--resume", nargs="?", const=True, default=False, metavar="STATE_DIR",
+                   help="continue an interrupted calibration (default state folder: .<output>.calibration next to it)")
+    g.add_argument("--keep-calibration-state", action="store_true", help="keep the resumable state after success")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _report_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("report", help="fidelity of a converted checkpoint against its source",
+                       description="Per-layer and end-to-end fidelity, time and memory: JSON + markdown + PNG.")
+    p.add_argument("source", help="the original checkpoint (hub id or folder)")
+    p.add_argument("converted", help="the converted checkpoint folder")
+    p.add_argument("--data", required=True, help="held-out text (.txt file, folder, or datasets name)")
+    p.add_argument("--out", help="output folder (default <converted>/fidelity_report)")
+    p.add_argument("--max-texts", type=int, help="use at most this many texts")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per sequence (default 128)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lengths", type=int, nargs="*", default=[128, 512, 2048], help="lengths for time/memory ('' = none)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-performer", description="Performer FAVOR+ conversion tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _convert_parser(sub)
+    _report_parser(sub)
+    return parser
+
+
+def _run_convert(args, argv) -> None:
+    from .convert import convert
+
+    performer = {n: getattr(args, n) for n in args.performer_fields if getattr(args, n) is not None}
+    calibration = CalibrationConfig(
+        steps=args.calibration_steps, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
+        train=args.train, layer_weight=args.layer_weight, output_weight=args.output_weight,
+        warmup_steps=args.warmup_steps, mixed_precision=args.mixed_precision, seed=args.calibration_seed,
+        save_every=args.save_every, max_time_s=args.max_time,
+    )
+    summary = convert(
+        args.source, args.output, performer, max_position_embeddings=args.max_position_embeddings,
+        calibration_data=args.calibration_data, calibrate_model=args.calibrate, calibration=calibration,
+        statistics_batches=args.statistics_batches, model_class=args.model_class, overwrite=args.overwrite,
+        resume=args.resume, keep_calibration_state=args.keep_calibration_state, progress=not args.no_progress,
+        command="hf-performer " + shlex.join(argv),
+    )
+    print(f"hf-performer: wrote {args.output} ({summary['model_class']}, nb_features={summary['performer']['nb_features']}, "
+          f"{summary['positions']['to']} positions" + (
+              f", calibrated {summary['calibration']['steps_done']} steps" if summary["calibration"] else "") + ")")
+
+
+def _run_report(args) -> None:
+    from .report import report
+
+    r = report(args.source, args.converted, args.data, args.out, max_texts=args.max_texts, max_length=args.max_length,
+               batch_size=args.batch_size, lengths=tuple(args.lengths), repeats=args.repeats,
+               progress=not args.no_progress)
+    end = ", ".join(f"{k} {v:.4f}" for k, v in r["end_to_end"].items() if isinstance(v, float))
+    print(f"hf-performer: report in {r['out_dir']}: {end}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    try:
+        if args.command == "convert":
+            _run_convert(args, argv)
+        else:
+            _run_report(args)
+    except ConversionError as e:
+        print(f"hf-performer: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hf-performer: interrupted; nothing was written (a calibration keeps its state: rerun with --resume).",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

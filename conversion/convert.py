@@ -1,0 +1,160 @@
+"""``convert``: source checkpoint -> ready-to-load Performer checkpoint (the CLI calls this function).
+
+Order: validate every argument and the source's config (no weights read, nothing written) -> read the text ->
+load tokenizer and weights -> convert_to_performer -> extend positions -> statistics step (whenever text is
+given) -> calibration (``calibrate=True``) -> write safetensors, config, tokenizer, README.md,
+conversion.json (and calibration_log.json) into a temporary folder next to the target, then rename it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime as _dt
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from hf_performer import PerformerConfig, __version__
+from hf_performer.integration import convert_to_performer
+
+from .calibrate import CalibrationConfig, calibrate
+from .data import BatchSchedule, pad_id, read_texts, tokenize
+from .errors import ConversionError
+from .model_card import model_card
+from .positions import check_extension, extend_positions, max_tokens
+from .source import inspect_source, load_model, load_tokenizer
+from .statistics import calibrate_model_statistics
+from .writer import atomic_directory, check_target
+
+
+def performer_settings(settings: PerformerConfig | dict | None) -> PerformerConfig:
+    try:
+        return PerformerConfig.from_dict(settings or {}) if not isinstance(settings, PerformerConfig) else settings
+    except (TypeError, ValueError) as e:
+        raise ConversionError(str(e)) from e
+
+
+def default_state_dir(output: str | os.PathLike) -> Path:
+    path = Path(os.path.expanduser(str(output))).absolute()
+    return path.parent / f".{path.name}.calibration"
+
+
+def _fix_output_capture(model) -> None:
+    # transformers keys `_can_record_outputs` (output_hidden_states) by the class the model was built as;
+    # convert_to_performer swaps the class in place, so register the Performer class too.
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # pragma: no cover - other transformers layouts
+        return
+    _CAN_RECORD_REGISTRY[model] = getattr(model, "_can_record_outputs", None)
+
+
+def _summary_calibration(log: dict) -> dict:
+    keep = {k: v for k, v in log.items() if k != "history"}
+    keep["final"] = log["history"][-1] if log["history"] else {}
+    keep["first"] = log["history"][0] if log["history"] else {}
+    return keep
+
+
+def convert(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    performer: PerformerConfig | dict | None = None,
+    *,
+    max_position_embeddings: int | None = None,
+    calibration_data: str | os.PathLike | None = None,
+    calibrate_model: bool = False,
+    calibration: CalibrationConfig | dict | None = None,
+    statistics_batches: int = 4,
+    model_class: str | None = None,
+    overwrite: bool = False,
+    resume: bool | str | os.PathLike = False,
+    keep_calibration_state: bool = False,
+    progress: bool = True,
+    command: str | None = None,
+) -> dict:
+    """Convert ``source`` (hub id or local folder) into a Performer checkpoint at ``output``.
+
+    Args:
+        performer: the FAVOR+ settings (PerformerConfig or its dict).
+        max_position_embeddings: grow learned absolute positions to this many tokens (tiling).
+        calibration_data: text for the statistics step and calibration (.txt file, folder, datasets name).
+        calibrate_model: run attention-transfer calibration (needs ``calibration_data``).
+        calibration: CalibrationConfig (or its dict): steps, lr, batch_size, max_length, train, ...
+        statistics_batches: batches of text for the statistics step.
+        model_class: stock class to load (default: the config's ``architectures``).
+        resume: continue an interrupted calibration: True = the default state folder next to ``output``
+            (``.<name>.calibration``), or a folder path.
+    Returns the summary written to ``output/conversion.json``.
+    """
+    t_start = time.perf_counter()
+    # ---------------------------------------------------------------- validate everything first
+    settings = performer_settings(performer)
+    if isinstance(calibration, dict):
+        calibration = CalibrationConfig(**calibration)
+    cal_cfg = calibration or CalibrationConfig()
+    if not isinstance(statistics_batches, int) or statistics_batches < 1:
+        raise ConversionError(f"statistics_batches={statistics_batches!r}: expected a positive integer.")
+    if calibrate_model and calibration_data is None:
+        raise ConversionError("--calibrate needs --calibration-data (a .txt file, a folder of .txt files or a datasets name).")
+    if resume and not calibrate_model:
+        raise ConversionError("--resume continues a calibration: pass --calibrate as well.")
+    target = check_target(output, overwrite)
+    state_dir = Path(resume) if isinstance(resume, (str, os.PathLike)) and not isinstance(resume, bool) else default_state_dir(target)
+    src = inspect_source(source, model_class)
+    check_extension(src.config, max_position_embeddings)
+    texts = read_texts(calibration_data) if calibration_data is not None else None
+
+    # ---------------------------------------------------------------- load and convert
+    tokenizer = load_tokenizer(src, required=texts is not None)
+    model = load_model(src)
+    teacher = copy.deepcopy(model) if calibrate_model else None
+    try:
+        convert_to_performer(model, settings)
+    except (TypeError, ValueError) as e:
+        raise ConversionError(f"cannot convert {src.spec!r}: {e}") from e
+    _fix_output_capture(model)
+    positions = extend_positions(model, max_position_embeddings or max_tokens(model.config), tokenizer)
+    summary = {
+        "source": src.spec, "source_name": Path(src.location).name if src.is_local else src.location,
+        "source_is_local": src.is_local, "model_class": type(model).__name__, "stock_class": src.model_class.__name__,
+        "hf_performer_version": __version__, "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"),
+        "performer": settings.to_dict(), "positions": positions,
+        "calibration_data": str(calibration_data) if calibration_data is not None else None,
+        "statistics": None, "calibration": None, "command": command,
+    }
+
+    # ---------------------------------------------------------------- statistics and calibration
+    log = None
+    if texts is not None:
+        length = min(cal_cfg.max_length, max_tokens(src.config))
+        schedule = BatchSchedule(tokenize(texts, tokenizer, length), cal_cfg.batch_size, pad_id(tokenizer), cal_cfg.seed)
+        batches = [schedule.batch(i) for i in range(min(statistics_batches, len(schedule)))]
+        layers = calibrate_model_statistics(model, batches, progress=progress)
+        summary["statistics"] = {"layers": layers, "batches": len(batches),
+                                 "tokens": int(sum(int(b["attention_mask"].sum()) for b in batches)),
+                                 "texts": len(texts), "sequences": len(schedule.sequences)}
+        if calibrate_model:
+            fingerprint = {"source": src.location, "performer": settings.to_dict(), "positions": positions,
+                           "data": str(calibration_data), "sequences": len(schedule.sequences)}
+            log = calibrate(model, teacher, schedule, dataclasses.replace(cal_cfg, max_length=length),
+                            state_dir=state_dir, resume=bool(resume), fingerprint_extra=fingerprint, progress=progress)
+            summary["calibration"] = _summary_calibration(log)
+            del teacher
+    summary["convert_wall_s"] = round(time.perf_counter() - t_start, 2)
+
+    # ---------------------------------------------------------------- write atomically
+    with atomic_directory(target, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "conversion.json").write_text(json.dumps(summary, indent=1))
+        if log is not None:
+            (tmp / "calibration_log.json").write_text(json.dumps(log, indent=1))
+        (tmp / "README.md").write_text(model_card(summary))
+    if log is not None and not keep_calibration_state:
+        shutil.rmtree(state_dir, ignore_errors=True)
+    return summary

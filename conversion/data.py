@@ -1,0 +1,145 @@
+"""Unlabeled text for the statistics, calibration and report steps: reading, tokenizing, batching.
+
+Text sources (``read_texts``):
+  * a ``.txt`` file: blank-line separated paragraphs if the file has blank lines, else one document per line;
+  * a folder: every ``*.txt`` file below it (sorted), each read as above;
+  * a ``datasets`` name ``NAME[:CONFIG][:SPLIT]`` (default split ``train``, column ``text``), loaded with
+    ``datasets.load_dataset``: needs the Hub (or a local datasets cache); offline it fails with a clear error.
+
+Documents longer than ``max_length`` tokens are cut into consecutive windows (each with the tokenizer's
+special tokens), so long documents are used whole. ``BatchSchedule`` groups sequences of similar length
+(little padding) and yields batch ``i`` of an endless, seeded stream: the same index gives the same batch,
+which is what makes a resumed calibration see the data it would have seen.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import torch
+
+from .errors import ConversionError
+
+
+def _split_documents(text: str) -> list[str]:
+    text = text.replace("\r\n", "\n")
+    if "\n\n" in text.strip("\n"):
+        parts = text.split("\n\n")
+    else:
+        parts = text.split("\n")
+    return [" ".join(p.split()) for p in parts if p.strip()]
+
+
+def _read_file(path: Path) -> list[str]:
+    try:
+        return _split_documents(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConversionError(f"cannot read text file {str(path)!r}: {e}") from e
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or spec.endswith(".txt") or os.sep in spec and Path(spec).parent.exists()
+
+
+def _load_dataset(spec: str) -> list[str]:
+    name, config, split = (spec.split(":") + [None, None])[:3]
+    try:
+        import datasets
+    except ImportError as e:  # pragma: no cover - datasets is a dependency
+        raise ConversionError(f"{spec!r} is not a file or folder, and `datasets` is not installed") from e
+    try:
+        ds = datasets.load_dataset(name, config, split=split or "train")
+    except Exception as e:  # noqa: BLE001 - any failure gets one clear message
+        raise ConversionError(
+            f"{spec!r} is not a local .txt file or folder, and loading it as a `datasets` dataset "
+            f"(name={name!r}, config={config!r}, split={split or 'train'!r}) failed: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}. Datasets need the Hugging Face Hub (offline: "
+            "HF_DATASETS_OFFLINE/HF_HUB_OFFLINE, or no internet) unless cached; pass a local text file or folder."
+        ) from e
+    column = "text" if "text" in ds.column_names else next(
+        (c for c, f in ds.features.items() if getattr(f, "dtype", None) == "string"), None
+    )
+    if column is None:
+        raise ConversionError(f"dataset {spec!r} has no text column (columns: {ds.column_names}).")
+    return [" ".join(t.split()) for t in ds[column] if isinstance(t, str) and t.strip()]
+
+
+def read_texts(spec: str | os.PathLike) -> list[str]:
+    """Documents (whitespace-normalised strings) from a .txt file, a folder of .txt files or a datasets name."""
+    path = Path(os.path.expanduser(str(spec)))
+    if path.is_file():
+        texts = _read_file(path)
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise ConversionError(f"folder {str(path)!r} holds no .txt files.")
+        texts = [t for f in files for t in _read_file(f)]
+    elif _looks_like_path(str(spec)):
+        raise ConversionError(f"text data {str(spec)!r}: no such file or folder.")
+    else:
+        texts = _load_dataset(str(spec))
+    if not texts:
+        raise ConversionError(f"text data {str(spec)!r} holds no text.")
+    return texts
+
+
+def tokenize(texts: list[str], tokenizer, max_length: int, min_length: int = 2) -> list[list[int]]:
+    """Token id lists of at most ``max_length`` tokens; long documents become several windows."""
+    if max_length < min_length:
+        raise ConversionError(f"max_length={max_length} is too short (need >= {min_length}).")
+    kwargs = dict(truncation=True, max_length=max_length, add_special_tokens=True)
+    if getattr(tokenizer, "is_fast", False):
+        kwargs["return_overflowing_tokens"] = True
+    ids = tokenizer(texts, **kwargs)["input_ids"]
+    return [list(x) for x in ids if len(x) >= min_length]
+
+
+def pad_id(tokenizer) -> int:
+    for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def collate(sequences: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids`` and ``attention_mask`` [B, L] (1 = real token)."""
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+class BatchSchedule:
+    """Length-bucketed batches, in a seeded order that changes every epoch; ``batch(i)`` for any i >= 0."""
+
+    def __init__(self, sequences: list[list[int]], batch_size: int, pad_token_id: int, seed: int = 0):
+        if not sequences:
+            raise ConversionError("no token sequences to batch (is the text empty?).")
+        if batch_size < 1:
+            raise ConversionError(f"batch_size={batch_size}: expected a positive integer.")
+        order = sorted(range(len(sequences)), key=lambda i: (len(sequences[i]), i))
+        self.groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        self.sequences, self.pad_token_id, self.seed = sequences, pad_token_id, seed
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def batch(self, index: int) -> dict[str, torch.Tensor]:
+        epoch, pos = divmod(int(index), len(self.groups))
+        perm = list(range(len(self.groups)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(perm)
+        return collate([self.sequences[i] for i in self.groups[perm[pos]]], self.pad_token_id)
+
+    def epoch(self) -> list[dict[str, torch.Tensor]]:
+        """Every batch once, shortest first (deterministic; for evaluation and statistics)."""
+        return [collate([self.sequences[i] for i in g], self.pad_token_id) for g in self.groups]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s) for s in self.sequences)

@@ -1,0 +1,124 @@
+"""The source checkpoint: a local folder or a Hugging Face Hub id, inspected (config only) before anything
+heavy happens, then loaded.
+
+``inspect_source`` reads only the config and decides the stock model class to load (``config.architectures``
+or ``model_class``); unsupported architectures, already converted checkpoints, missing folders and hub ids
+that cannot be reached (offline, not cached) raise ``ConversionError`` with one clear message.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hf_performer.integration.registry import FAMILIES
+
+from .errors import ConversionError
+
+# what a checkpoint without ``architectures`` is loaded as
+DEFAULT_CLASS = {"bert": "BertModel", "roberta": "RobertaModel", "distilbert": "DistilBertModel", "gpt2": "GPT2LMHeadModel"}
+
+
+@dataclass
+class Source:
+    spec: str  # as given
+    location: str  # the local folder (absolute) or the hub id
+    is_local: bool
+    config: object  # the stock PreTrainedConfig
+    model_class: type  # the stock class to load
+
+    @property
+    def family(self) -> str:
+        return self.config.model_type
+
+
+def supported_classes(model_type: str) -> dict[str, type]:
+    return {cls.__name__: cls for cls in FAMILIES[model_type][1]}
+
+
+def _looks_local(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or os.path.isabs(spec) or spec.count("/") > 1 or "\\" in spec
+
+
+def _load_config(location: str, spec: str, is_local: bool):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(location)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if is_local:
+            raise ConversionError(f"cannot read the config of {spec!r}: {first}") from e
+        if "model type" in first.lower() or isinstance(e, (KeyError, ValueError)) and "does not recognize" in first:
+            raise ConversionError(f"source {spec!r}: {first}") from e
+        raise ConversionError(
+            f"cannot load source {spec!r}: it is not a local folder, and the Hugging Face Hub copy is not available "
+            f"(offline — HF_HUB_OFFLINE=1 or no internet — and not in the local cache). Download it first "
+            f"(`hf download {spec}`) or pass a local folder. ({first})"
+        ) from e
+
+
+def inspect_source(spec: str | os.PathLike, model_class: str | None = None) -> Source:
+    """Validate ``spec`` and pick the model class from its config alone (no weights are read)."""
+    spec = str(spec)
+    path = Path(os.path.expanduser(spec))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConversionError(f"source folder {spec!r} has no config.json (is it a transformers checkpoint?).")
+        location, is_local = str(path.resolve()), True
+    elif path.exists():
+        raise ConversionError(f"source {spec!r} is a file; pass the checkpoint's folder or a hub id.")
+    elif _looks_local(spec):
+        raise ConversionError(f"source folder {spec!r} does not exist.")
+    else:
+        location, is_local = spec, False
+    config = _load_config(location, spec, is_local)
+    model_type = getattr(config, "model_type", None)
+    if isinstance(model_type, str) and model_type.startswith("performer_"):
+        raise ConversionError(f"source {spec!r} is already a Performer checkpoint ({model_type}); convert the original.")
+    if model_type not in FAMILIES:
+        raise ConversionError(
+            f"source {spec!r} has an unsupported architecture: model_type {model_type!r} "
+            f"({', '.join(getattr(config, 'architectures', None) or [])}). Supported model types: "
+            f"{', '.join(FAMILIES)}."
+        )
+    classes = supported_classes(model_type)
+    if model_class is None:
+        archs = getattr(config, "architectures", None) or []
+        model_class = next((a for a in archs if a in classes), None)
+        if model_class is None and archs:
+            raise ConversionError(
+                f"source {spec!r} is a {archs[0]}, which has no Performer class. Supported: {', '.join(classes)} "
+                "(choose one with --model-class)."
+            )
+        model_class = model_class or DEFAULT_CLASS[model_type]
+    if model_class not in classes:
+        raise ConversionError(f"--model-class {model_class!r} is not supported for {model_type}; choose from {', '.join(classes)}.")
+    return Source(spec, location, is_local, config, classes[model_class])
+
+
+def load_model(source: Source, dtype: torch.dtype = torch.float32):
+    """The stock model (eval mode, ``dtype``)."""
+    try:
+        model = source.model_class.from_pretrained(source.location, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"cannot load the weights of {source.spec!r}: {str(e).strip().splitlines()[0]}") from e
+    return model.eval()
+
+
+def load_tokenizer(source: Source, required: bool):
+    """The source's tokenizer, or None when it has none and ``required`` is False."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source.location)
+    except (OSError, ValueError, TypeError) as e:
+        if required:
+            raise ConversionError(
+                f"source {source.spec!r} has no usable tokenizer ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); "
+                "the statistics/calibration steps need one to read text."
+            ) from e
+        return None

@@ -1,0 +1,54 @@
+"""Atomic output folders: everything is written to a temporary folder next to the target, then renamed.
+
+A failure (or Ctrl-C) removes the temporary folder, so the target is either the complete new checkpoint or
+untouched. An existing target is replaced only with ``overwrite=True`` (and only if it is a folder).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import ConversionError
+
+
+def check_target(target: str | os.PathLike, overwrite: bool) -> Path:
+    """Validate an output folder before any work: returns its absolute path."""
+    path = Path(os.path.expanduser(str(target))).absolute()
+    if path.exists() or path.is_symlink():
+        if not path.is_dir():
+            raise ConversionError(f"output {str(target)!r} exists and is not a folder; choose another path.")
+        if not overwrite:
+            raise ConversionError(f"output folder {str(target)!r} already exists; pass --overwrite to replace it.")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ConversionError(f"cannot create output folder {str(target)!r}: {str(parent)!r} is not writable.")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary folder; on success it becomes ``target`` (replacing it if ``overwrite``)."""
+    path = check_target(target, overwrite)
+    created = [p for p in reversed(path.parents) if not p.exists()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for p in reversed(created):  # folders made for this output only
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise

@@ -1,0 +1,113 @@
+"""hf-performer convert: round trips through the CLI, refusals that leave nothing behind."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers as tf
+from test_conversion_fixtures import listing, text_file, tiny_bert, tiny_gpt2
+
+import hf_performer  # noqa: F401 - registers the Performer model types
+import hf_performer.integration  # noqa: F401
+from conversion.cli import main
+
+
+def run(*argv) -> int:
+    return main([str(a) for a in argv])
+
+
+def test_convert_bert_round_trip(tmp_path, capsys):
+    src, out, txt = tiny_bert(tmp_path / "src"), tmp_path / "out", text_file(tmp_path / "t.txt")
+    rc = run("convert", src, out, "--nb-features", 16, "--seed", 3, "--chunk-size", 32, "--calibration-data", txt,
+             "--statistics-batches", 2, "--no-progress")
+    assert rc == 0, capsys.readouterr().err
+    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md", "conversion.json"} <= set(listing(out))
+    assert listing(tmp_path) == ["out", "src", "t.txt"]  # no temporary folders left
+    model = tf.AutoModelForMaskedLM.from_pretrained(out)
+    assert type(model).__name__ == "PerformerBertForMaskedLM"
+    assert model.config.performer["nb_features"] == 16 and model.config.performer["seed"] == 3
+    assert model.config.performer["chunk_size"] == 32
+    assert all(bool(f.stats_calibrated) for f in model.favor_modules())
+    card = (out / "README.md").read_text()
+    assert "nb_features" in card and "hf-performer convert" in card and "AutoModelForMaskedLM" in card
+    summary = json.loads((out / "conversion.json").read_text())
+    assert summary["statistics"]["batches"] == 2 and summary["calibration"] is None
+    ids = torch.randint(0, 100, (2, 9))
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_convert_gpt2_round_trip_with_calibration(tmp_path, capsys):
+    src, out, txt = tiny_gpt2(tmp_path / "src"), tmp_path / "out", text_file(tmp_path / "t.txt")
+    rc = run("convert", src, out, "--nb-features", 16, "--calibrate", "--calibration-data", txt,
+             "--calibration-steps", 2, "--batch-size", 2, "--max-length", 24, "--no-progress")
+    assert rc == 0, capsys.readouterr().err
+    model = tf.AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == "PerformerGPT2LMHeadModel"
+    log = json.loads((out / "calibration_log.json").read_text())
+    assert log["steps_done"] == 2 and len(log["history"]) == 2 and log["output_kind"] == "logits"
+    assert not (tmp_path / ".out.calibration").exists()  # state removed after success
+    ids = torch.randint(5, 100, (1, 4))
+    gen = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert gen.shape == (1, 7)
+
+
+def test_refuses_overwrite(tmp_path, capsys):
+    src, out = tiny_bert(tmp_path / "src"), tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert run("convert", src, out, "--nb-features", 8, "--no-progress") == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert listing(out) == ["keep.txt"]
+    assert run("convert", src, out, "--nb-features", 8, "--overwrite", "--no-progress") == 0
+    assert "keep.txt" not in listing(out) and "model.safetensors" in listing(out)
+    assert listing(tmp_path) == ["out", "src"]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--nb-features", "0"], "nb_features"),
+        (["--chunk-size", "-1"], "chunk_size"),
+        (["--max-position-embeddings", "16"], "can only grow"),
+        (["--calibrate"], "--calibration-data"),
+        (["--calibration-data", "missing.txt"], "no such file"),
+        (["--calibrate", "--calibration-data", "{txt}", "--lr", "5"], "lr"),
+        (["--resume"], "--calibrate"),
+        (["--model-class", "GPT2Model"], "not supported"),
+    ],
+)
+def test_bad_flags_leave_nothing(tmp_path, capsys, flags, message):
+    src, txt = tiny_bert(tmp_path / "src"), text_file(tmp_path / "t.txt")
+    before = listing(tmp_path)
+    flags = [f.replace("{txt}", str(txt)) for f in flags]
+    capsys.readouterr()
+    assert run("convert", src, tmp_path / "out" / "nested", *flags, "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hf-performer: error:") and message in err and err.count("\n") == 1
+    assert listing(tmp_path) == before
+
+
+def test_argparse_rejects_bad_choice(tmp_path):
+    src = tiny_bert(tmp_path / "src")
+    with pytest.raises(SystemExit) as e:
+        run("convert", src, tmp_path / "out", "--kernel", "cosine")
+    assert e.value.code == 2
+    assert listing(tmp_path) == ["src"]
+
+
+def test_missing_unsupported_and_offline_sources(tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    t5 = tmp_path / "t5"
+    tf.T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2).save_pretrained(t5)
+    before = listing(tmp_path)
+    capsys.readouterr()
+    cases = [(tmp_path / "nope", "does not exist"), (t5, "unsupported architecture"),
+             ("someone/not-cached-model", "offline")]
+    for source, message in cases:
+        assert run("convert", source, tmp_path / "out", "--no-progress") == 2
+        assert message in capsys.readouterr().err
+    assert listing(tmp_path) == before
