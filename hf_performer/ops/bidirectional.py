@@ -63,6 +63,7 @@ class _FavorBidirectional(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, den, rmax, S, z, c, mask = ctx.saved_tensors
+        q, k, v = q.detach(), k.detach(), v.detach()  # no autograd graph across chunks (see causal.py)
         fmap, chunk_size, ct = ctx.fmap, ctx.chunk_size, ctx.ct
         c = c[:, :, None, :]
         dq, dk, dv = torch.zeros_like(q, dtype=ct), torch.zeros_like(k, dtype=ct), torch.zeros_like(v, dtype=ct)

@@ -90,13 +90,15 @@ def causal_scan(fmap, q, k, v, mask, chunk_size, state: FavorState | None = None
     if state is None:
         width = fmap(k[:, :, :1])[0].shape[-1]
         state = FavorState.empty(B, H, fmap.nb_features, width, v.shape[-1], q.dtype, q.device)
-    outs, dens, rs, Us, refs = [], [], [], [], []
+    out = v.new_empty(B, H, L, v.shape[-1])  # written chunk by chunk (autograd tracks the slices)
+    den, rmax, shift = (q.new_empty(B, H, L) for _ in range(3))
+    refs = []
     for a, b in chunks(L, chunk_size):
         m_a = None if mask is None else mask[:, a:b]
-        out, den, r, U, c_ref, state = causal_chunk(fmap, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], m_a, state)
-        outs.append(out), dens.append(den), rs.append(r), Us.append(U), refs.append(c_ref)
-    cat = lambda xs: torch.cat(xs, dim=2)  # noqa: E731
-    return cat(outs), cat(dens), cat(rs), cat(Us), torch.stack(refs), state
+        o, d, r, U, c_ref, state = causal_chunk(fmap, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], m_a, state)
+        out[:, :, a:b], den[:, :, a:b], rmax[:, :, a:b], shift[:, :, a:b] = o, d, r, U
+        refs.append(c_ref)
+    return out, den, rmax, shift, torch.stack(refs), state
 
 
 class _FavorCausal(torch.autograd.Function):
@@ -112,14 +114,19 @@ class _FavorCausal(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, den, r, U, refs, mask = ctx.saved_tensors
+        # detached: under enable_grad, ops on the saved leaves would chain an autograd graph through
+        # every chunk's state and keep each chunk's features alive until the backward ends
+        q, k, v = q.detach(), k.detach(), v.detach()
         fmap, size, ct = ctx.fmap, ctx.chunk_size, ctx.ct
         B, H, L, _ = q.shape
         spans = list(chunks(L, size))
         dq, dk, dv = torch.zeros_like(q, dtype=ct), torch.zeros_like(k, dtype=ct), torch.zeros_like(v, dtype=ct)
         with no_autocast(q.device), torch.enable_grad():
             g = grad_out.to(ct)
-            g_num = g / den[..., None]  # [B, H, L, dv]
-            g_den = -(g_num * out).sum(-1)  # [B, H, L]
+
+            def grads_of_num_den(a, b):  # d loss / d num and d loss / d den of the chunk's queries
+                g_num = g[:, :, a:b] / den[:, :, a:b, None]  # [B, H, C, dv]
+                return g_num, -(g_num * out[:, :, a:b]).sum(-1)  # [B, H, C]
 
             def chunk_terms(i, a, b, q_grad: bool, k_grad: bool):
                 qa = q[:, :, a:b].to(ct).detach().requires_grad_(q_grad)
@@ -134,19 +141,20 @@ class _FavorCausal(torch.autograd.Function):
                 phi_k = key_features(lk, fk, c_ref + Ua[..., None], m_a)
                 decay = decay_matrix(Ua)
                 va = v[:, :, a:b].to(ct)
+                g_num, g_den = grads_of_num_den(a, b)
                 # d loss / d attn[t, s] through num and den, times the decay
-                b_mat = (g_num[:, :, a:b] @ va.transpose(-1, -2) + g_den[:, :, a:b, None]) * decay
-                return qa, ka, m_a, lk, fk, phi_q, phi_k, decay, va, b_mat
+                b_mat = (g_num @ va.transpose(-1, -2) + g_den[..., None]) * decay
+                return qa, ka, m_a, lk, fk, phi_q, phi_k, decay, va, b_mat, g_num, g_den
 
             # forward sweep: prefix states -> dq
             width = refs.shape[-1]
             state = FavorState.empty(B, H, fmap.nb_features, width, v.shape[-1], ct, q.device)
             for i, (a, b) in enumerate(spans):
-                qa, _, m_a, lk, fk, phi_q, phi_k, _, va, b_mat = chunk_terms(i, a, b, True, False)
+                qa, _, m_a, lk, fk, phi_q, phi_k, _, va, b_mat, g_num, g_den = chunk_terms(i, a, b, True, False)
                 state = state.rescaled(refs[i])
                 e_u = torch.exp(-U[:, :, a:b])[..., None]
                 d_phi_q = e_u * (
-                    g_num[:, :, a:b] @ state.S.transpose(-1, -2) + g_den[:, :, a:b, None] * state.z[:, :, None, :]
+                    g_num @ state.S.transpose(-1, -2) + g_den[..., None] * state.z[:, :, None, :]
                 ) + b_mat @ phi_k.detach()
                 (dq[:, :, a:b],) = torch.autograd.grad(phi_q, qa, d_phi_q)
                 state = absorb(state, lk.detach(), None if fk is None else fk.detach(), with_ones(va), m_a)
@@ -155,11 +163,11 @@ class _FavorCausal(torch.autograd.Function):
             R = rz = None
             for i in range(len(spans) - 1, -1, -1):
                 a, b = spans[i]
-                _, ka, m_a, lk, fk, phi_q, phi_k, decay, va, b_mat = chunk_terms(i, a, b, False, True)
+                _, ka, m_a, lk, fk, phi_q, phi_k, decay, va, b_mat, g_num, g_den = chunk_terms(i, a, b, False, True)
                 phi_q = phi_q.detach()
                 attn = (phi_q @ phi_k.detach().transpose(-1, -2)) * decay
                 outs, grads = [phi_k], [b_mat.transpose(-1, -2) @ phi_q]
-                dv[:, :, a:b] = attn.transpose(-1, -2) @ g_num[:, :, a:b]
+                dv[:, :, a:b] = attn.transpose(-1, -2) @ g_num
                 if R is not None:
                     phi_hat = key_features(lk, fk, refs[i + 1][:, :, None, :], m_a)
                     outs.append(phi_hat)
@@ -167,8 +175,8 @@ class _FavorCausal(torch.autograd.Function):
                     dv[:, :, a:b] += phi_hat.detach() @ R
                 dk[:, :, a:b] = torch.autograd.grad(outs, ka, grads)[0]
                 q_eu = phi_q * torch.exp(-U[:, :, a:b])[..., None]  # [B, H, C, m]
-                dS = q_eu.transpose(-1, -2) @ g_num[:, :, a:b]
-                dz = (q_eu * g_den[:, :, a:b, None]).sum(dim=2)
+                dS = q_eu.transpose(-1, -2) @ g_num
+                dz = (q_eu * g_den[..., None]).sum(dim=2)
                 if R is None:
                     R, rz = dS, dz
                 else:
