@@ -3,8 +3,9 @@
 * ``PerformerArguments``: the ``--performer_*`` options (also spelled ``--performer-*``) that convert a
   softmax checkpoint on the fly; a checkpoint that is already a Performer model loads as it is.
 * ``load_model``: from_pretrained + optional conversion + optional position extension.
-* ``calibrate``: the statistics step and attention-transfer calibration of ``conversion`` (skipped, with a
-  message, where that package is not installed).
+* ``calibrate``: the conversion pipeline's statistics step and attention-transfer calibration
+  (``conversion.calibrate_model_statistics`` / ``conversion.calibrate``); ``extend_positions`` and
+  ``max_tokens`` are ``conversion``'s (Longformer-style tiling of the position table).
 * ``measure_train_step``: time and peak memory of one optimizer step (CUDA allocator peak, or the
   process's resident-set high-water mark on CPU).
 """
@@ -24,7 +25,14 @@ from pathlib import Path
 import torch
 
 import hf_performer.integration as hfp
+from conversion import CalibrationConfig, calibrate_model_statistics, extend_positions
+from conversion import calibrate as attention_transfer
+from conversion.data import BatchSchedule, pad_id, tokenize
+from conversion.positions import max_tokens
 from hf_performer import PerformerConfig
+
+__all__ = ["BUNDLED_DATA", "LMDataArguments", "PerformerArguments", "calibrate", "extend_positions", "is_performer",
+           "load_model", "max_tokens", "measure_train_step", "parse_args", "train_and_evaluate"]
 
 EXAMPLES = Path(__file__).resolve().parent
 BUNDLED_DATA = EXAMPLES / "data" / "pydoc_chapters.jsonl"
@@ -67,14 +75,6 @@ def is_performer(model) -> bool:
     return is_performer_config(model.config)
 
 
-def max_tokens(config) -> int:
-    """Longest input the position table covers (GPT-2: n_positions; RoBERTa: minus its padding offset)."""
-    if hasattr(config, "n_positions"):
-        return int(config.n_positions)
-    offset = config.pad_token_id + 1 if "roberta" in config.model_type else 0
-    return int(config.max_position_embeddings) - offset
-
-
 def load_model(auto_cls, name_or_path: str, performer_args: PerformerArguments, tokenizer=None,
                calibration_texts: list[str] | None = None, max_length: int = 128, seed: int = 0, **kwargs):
     """``auto_cls.from_pretrained`` (offline paths work as usual), then extend positions and convert as asked.
@@ -97,50 +97,17 @@ def load_model(auto_cls, name_or_path: str, performer_args: PerformerArguments, 
     return model
 
 
-def extend_positions(model, new_max: int, tokenizer=None) -> dict:
-    """conversion.positions.extend_positions when available, else the same Longformer tiling for BERT-likes."""
-    try:
-        from conversion.positions import extend_positions as conversion_extend
-    except ImportError:
-        conversion_extend = None
-    if conversion_extend is not None:
-        return conversion_extend(model, new_max, tokenizer)
-    emb = model.base_model.embeddings  # fallback: BERT / DistilBERT (no RoBERTa offset, no GPT-2)
-    old = emb.position_embeddings.weight
-    n = old.shape[0]
-    new = torch.nn.Embedding(new_max, old.shape[1]).to(old)
-    with torch.no_grad():
-        new.weight.copy_(old[torch.arange(new_max) % n])
-    emb.position_embeddings = new
-    for name in ("position_ids", "token_type_ids"):
-        if hasattr(emb, name):
-            buf = getattr(emb, name)
-            emb.register_buffer(name, torch.arange(new_max, device=buf.device)[None].to(buf.dtype)
-                                if name == "position_ids" else buf.new_zeros(1, new_max), persistent=False)
-    model.config.max_position_embeddings = new_max
-    if tokenizer is not None:
-        tokenizer.model_max_length = new_max
-    return {"from": n, "to": new_max}
-
-
 def calibrate(model, teacher, tokenizer, texts: list[str], steps: int = 0, max_length: int = 128,
               batch_size: int = 8, seed: int = 0) -> dict:
     """The conversion pipeline's statistics step (per-head FAVOR+ statistics from real text, seconds), then
     ``steps`` of attention-transfer calibration of ``model`` towards ``teacher`` (its softmax original).
-    Returns what ran; without the conversion package nothing runs (TODO hook until it ships)."""
-    try:
-        from conversion.calibrate import CalibrationConfig
-        from conversion.calibrate import calibrate as transfer
-        from conversion.data import BatchSchedule, pad_id, tokenize
-        from conversion.statistics import calibrate_model_statistics
-    except ImportError as exc:
-        print(f"[examples] calibration skipped: the conversion package is not available ({exc})")
-        return {"statistics": False, "transfer_steps": 0}
+    Returns what ran."""
     schedule = BatchSchedule(tokenize(texts, tokenizer, max_length), batch_size, pad_id(tokenizer), seed=seed)
-    calibrate_model_statistics(model, schedule.epoch()[:8], progress=False)
+    batches = schedule.epoch()  # shortest first: take 8 spread over the lengths
+    calibrate_model_statistics(model, batches[:: max(1, len(batches) // 8)][:8], progress=False)
     done = {"statistics": True, "transfer_steps": 0}
     if steps > 0:
-        log = transfer(model, teacher, schedule, CalibrationConfig(steps=steps, batch_size=batch_size,
+        log = attention_transfer(model, teacher, schedule, CalibrationConfig(steps=steps, batch_size=batch_size,
                                                                   max_length=max_length, seed=seed), progress=False)
         done.update(transfer_steps=log["steps_done"], transfer_loss=log["history"][-1]["loss"] if log["history"] else None)
     return done

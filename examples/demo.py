@@ -50,11 +50,11 @@ def parse_args(argv=None):
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--nb-features", type=int, default=256)
     p.add_argument("--kernel", default="softmax", help="FAVOR+ kernel (softmax | favor++ | relu | trig)")
-    p.add_argument("--max-length", type=int, default=80, help="tokens per passage (longer ones are truncated)")
-    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--max-length", type=int, default=64, help="tokens per passage (longer ones are truncated)")
+    p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--calibration-steps", type=int, default=60,
+    p.add_argument("--calibration-steps", type=int, default=20,
                    help="attention-transfer calibration steps before fine-tuning (0: statistics step only)")
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 4096],
                    help="sequence lengths of the speed / memory measurement (batch 1, forward)")

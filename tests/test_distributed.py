@@ -4,7 +4,8 @@
 * both ranks hold identical projections (redrawn without communication), draw counts and parameters, and
   the loss goes down;
 * kill-and-resume: a run killed (os._exit, no cleanup) right after its checkpoint at step 4, resumed from
-  that checkpoint in new processes, ends with the parameters and projections of the uninterrupted run.
+  that checkpoint in new processes, ends with the parameters and projections of the uninterrupted run;
+* FSDP2 (fully_shard over gloo): the same schedule, and a gathered checkpoint that reloads.
 
 The worker is this file: ``python -m torch.distributed.run --nproc_per_node 2 tests/test_distributed.py OUT ...``.
 """
@@ -27,7 +28,7 @@ ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE"
 
 
 # ---------------------------------------------------------------------------------------------- worker
-def worker(out: str, crash_after_save: int, resume: str) -> None:
+def worker(out: str, crash_after_save: int, resume: str, fsdp: bool = False) -> None:
     import torch
     import torch.distributed as dist
     import transformers as tf
@@ -63,6 +64,8 @@ def worker(out: str, crash_after_save: int, resume: str) -> None:
         output_dir=out, per_device_train_batch_size=4, learning_rate=1e-2, max_steps=STEPS, warmup_steps=0,
         use_cpu=True, report_to="none", save_strategy="steps", save_steps=SAVE_AT, logging_steps=1, seed=0, data_seed=0,
         disable_tqdm=True, dataloader_num_workers=0, ddp_backend="gloo",
+        **(dict(fsdp="full_shard", fsdp_config={"fsdp_version": 2, "reshard_after_forward": True,
+                                                "state_dict_type": "FULL_STATE_DICT"}) if fsdp else {}),
     )
 
     class KillAfterSave(tf.TrainerCallback):
@@ -75,6 +78,12 @@ def worker(out: str, crash_after_save: int, resume: str) -> None:
                                callbacks=[KillAfterSave()] if crash_after_save else [])
     trainer.train(resume_from_checkpoint=resume or None)
     rank = dist.get_rank() if dist.is_initialized() else 0
+    if fsdp:  # parameters are sharded: save the gathered model the way the examples do
+        trainer.save_model(str(Path(out) / "final"))
+        if rank == 0:
+            losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+            (Path(out) / "losses.json").write_text(json.dumps(losses))
+        return
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     torch.save({"state": state, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
                 "global_step": trainer.state.global_step}, Path(out) / f"final_rank{rank}.pt")
@@ -90,9 +99,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(out: Path, crash_after_save: int = 0, resume: str = "") -> subprocess.CompletedProcess:
+def launch(out: Path, crash_after_save: int = 0, resume: str = "", fsdp: bool = False) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), __file__, str(out), str(crash_after_save), resume]
+           "--master_port", str(_free_port()), __file__, str(out), str(crash_after_save), resume, str(int(fsdp))]
     return subprocess.run(cmd, cwd=ROOT, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=300)
 
 
@@ -151,5 +160,24 @@ def test_killed_run_resumes_to_the_uninterrupted_result(uninterrupted, tmp_path)
     assert set(int(v) for k, v in resumed.items() if k.endswith("draw_count")) == {STEPS // INTERVAL}
 
 
+@pytest.mark.slow
+def test_fsdp2_trains_redraws_and_saves_a_loadable_model(tmp_path):
+    """FSDP2 (fully_shard, gloo, 2 CPU processes): FAVOR+ buffers stay replicated and follow the schedule; the
+    gathered checkpoint reloads with from_pretrained and holds the expected draw."""
+    import torch
+    import transformers as tf
+
+    import hf_performer.integration  # noqa: F401  (registers the Performer model types with the Auto classes)
+
+    _ok(launch(tmp_path, fsdp=True))
+    model = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "final")
+    assert type(model).__name__ == "PerformerBertForSequenceClassification"
+    for m in model.favor_modules():
+        assert int(m.draw_count) == STEPS // INTERVAL
+        assert torch.equal(m.projection, m._draw(STEPS // INTERVAL).float())
+    losses = json.loads((tmp_path / "losses.json").read_text())
+    assert sum(losses[-2:]) < sum(losses[:2]), losses
+
+
 if __name__ == "__main__":
-    worker(sys.argv[1], int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "")
+    worker(sys.argv[1], int(sys.argv[2]), sys.argv[3], bool(int(sys.argv[4])))
