@@ -55,7 +55,7 @@ pytest: $(STAMP)
 test: lint pytest
 
 demo: $(STAMP)
-	$(PY) examples/demo_attention.py
+	$(PY) examples/demo.py $(DEMO_ARGS)
 
 $(BENCH_STAMP): $(STAMP)
 	$(PIP) install -e ".[bench]"
