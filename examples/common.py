@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import gc
@@ -253,10 +254,53 @@ def _reset_rss_peak() -> bool:
         return False
 
 
-def measure_train_step(model, batch: dict, repeats: int = 2, lr: float = 1e-5, autocast_dtype=None) -> dict:
+def available_memory_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+@contextlib.contextmanager
+def cpu_memory_cap(extra_bytes: int | None):
+    """Cap this process's address space at its current size + ``extra_bytes`` (Linux): an allocation past the
+    cap fails inside torch ("can't allocate memory") instead of the kernel's OOM killer ending the process
+    (or a neighbour). No-op when ``extra_bytes`` is None or the platform has no RLIMIT_AS."""
+    try:
+        import resource
+    except ImportError:
+        resource = None
+    size = _rss("VmSize")
+    if extra_bytes is None or resource is None or size is None:
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = size + int(extra_bytes)
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _is_oom(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text \
+        or "can't allocate memory" in text or "cannot allocate memory" in text
+
+
+def measure_train_step(model, batch: dict, repeats: int = 2, lr: float = 1e-5, autocast_dtype=None,
+                       cpu_memory_limit: int | None = None) -> dict:
     """Median time (s) of ``repeats`` optimizer steps (forward, backward, AdamW) after one warm-up step, and
     the peak memory above the state before the measured step: CUDA max_memory_allocated (tensors), or the
-    CPU process's resident-set high-water mark. Errors (out of memory) are returned, not raised."""
+    CPU process's resident-set high-water mark. On CPU, ``cpu_memory_limit`` bytes cap what the steps may
+    allocate (see cpu_memory_cap). Out-of-memory is returned as {"status": "oom"}, not raised."""
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
     model.train()
@@ -272,7 +316,9 @@ def measure_train_step(model, batch: dict, repeats: int = 2, lr: float = 1e-5, a
         if cuda:
             torch.cuda.synchronize(device)
 
+    cap = cpu_memory_cap(None if cuda else cpu_memory_limit)
     try:
+        cap.__enter__()
         step()  # warm-up: kernels, optimizer state
         gc.collect()
         if cuda:
@@ -292,10 +338,13 @@ def measure_train_step(model, batch: dict, repeats: int = 2, lr: float = 1e-5, a
             peak = (_rss("VmHWM") or 0) - (base or 0)
             method = "VmHWM - VmRSS" if exact else "VmHWM - VmRSS (high-water mark not resettable: upper bound)"
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
-        if not ("out of memory" in str(exc).lower() or isinstance(exc, (torch.OutOfMemoryError, MemoryError))):
+        capped = cpu_memory_limit is not None and not cuda and isinstance(exc, RuntimeError)
+        if not (_is_oom(exc) or capped):  # under a cap, allocator failures surface as assorted RuntimeErrors
             raise
-        return {"status": "oom", "error": str(exc).splitlines()[0]}
+        limit = f" (limit {cpu_memory_limit / 2**30:.1f} GiB)" if cpu_memory_limit and not cuda else ""
+        return {"status": "oom", "error": str(exc).splitlines()[0][:300] + limit}
     finally:
+        cap.__exit__(None, None, None)
         opt.state.clear()
         model.zero_grad(set_to_none=True)
         gc.collect()
