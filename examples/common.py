@@ -297,10 +297,12 @@ def _is_oom(exc: BaseException) -> bool:
 
 def measure_train_step(model, batch: dict, repeats: int = 2, lr: float = 1e-5, autocast_dtype=None,
                        cpu_memory_limit: int | None = None) -> dict:
-    """Median time (s) of ``repeats`` optimizer steps (forward, backward, AdamW) after one warm-up step, and
-    the peak memory above the state before the measured step: CUDA max_memory_allocated (tensors), or the
-    CPU process's resident-set high-water mark. On CPU, ``cpu_memory_limit`` bytes cap what the steps may
-    allocate (see cpu_memory_cap). Out-of-memory is returned as {"status": "oom"}, not raised."""
+    """Median time (s) of ``repeats`` optimizer steps (forward, backward, AdamW) after one warm-up step, then
+    one more step for the peak memory above the state before it: CUDA max_memory_allocated (tensors), or on
+    CPU the resident-set high-water mark, with glibc set to return large blocks at once (which slows
+    allocation, hence after the timed steps and best in a fresh process: see run_long_classification.py).
+    On CPU, ``cpu_memory_limit`` bytes cap what the steps may allocate (see cpu_memory_cap).
+    Out-of-memory is returned as {"status": "oom"}, not raised."""
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
     model.train()
@@ -320,6 +322,11 @@ def measure_train_step(model, batch: dict, repeats: int = 2, lr: float = 1e-5, a
     try:
         cap.__enter__()
         step()  # warm-up: kernels, optimizer state
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t)
         gc.collect()
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
@@ -327,11 +334,7 @@ def measure_train_step(model, batch: dict, repeats: int = 2, lr: float = 1e-5, a
         else:
             exact = _reset_rss_peak()
             base = _rss("VmRSS")
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t)
+        step()  # the memory step
         if cuda:
             peak, method = torch.cuda.max_memory_allocated(device) - base, "cuda.max_memory_allocated"
         else:

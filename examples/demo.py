@@ -115,42 +115,50 @@ def fine_tune(model, name: str, train: Dataset, test: Dataset, tokenizer, args, 
             "train_loss": result.training_loss, "predictions": preds.tolist()}
 
 
-def forward_cost(model, length: int) -> dict:
-    """Time (median of 2) and peak memory of one forward pass (batch 1, no grad) at ``length`` tokens."""
+def forward_cost(model, length: int, memory: bool) -> dict:
+    """Time (best of 2, after a warm-up) or peak memory of one forward pass (batch 1, no grad) at ``length``."""
     ids = torch.randint(1000, 20000, (1, length), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     model.eval()
     try:
         with torch.no_grad():
-            model(**batch)  # warm-up
+            if not memory:
+                model(**batch)  # warm-up
+                times = []
+                for _ in range(2):
+                    t = time.perf_counter()
+                    model(**batch)
+                    times.append(time.perf_counter() - t)
+                return {"status": "ok", "time_s": min(times)}
             gc.collect()
             exact = common._reset_rss_peak()
             base = common._rss("VmRSS") or 0
-            times = []
-            for _ in range(2):
-                t = time.perf_counter()
-                model(**batch)
-                times.append(time.perf_counter() - t)
+            model(**batch)
             peak = (common._rss("VmHWM") or 0) - base
     except (RuntimeError, MemoryError) as exc:
         return {"status": "error", "error": str(exc).splitlines()[0]}
-    return {"status": "ok", "time_s": min(times), "peak_mib": max(0, peak) / 2**20, "exact_peak": exact}
+    return {"status": "ok", "peak_mib": max(0, peak) / 2**20, "exact_peak": exact}
 
 
 def speed_memory(stock, performer, lengths: list[int]) -> list[dict]:
-    rows = []
-    for L in lengths:
-        row = {"length": L}
-        for name, model in (("softmax", stock), ("performer", performer)):
-            m = copy.deepcopy(model.base_model)  # the encoder; the position table tiled to L (cost only)
-            if L > m.config.max_position_embeddings:
-                common.extend_positions(m, L)
-            row[name] = forward_cost(m, L)
-            del m
-            gc.collect()
-        print(f"[demo] forward at L={L}: softmax {row['softmax'].get('time_s', float('nan')):.2f} s, "
-              f"performer {row['performer'].get('time_s', float('nan')):.2f} s")
-        rows.append(row)
+    """All timings first, then all peak-memory passes (they switch glibc to returning large blocks at once,
+    which would slow the timings that follow)."""
+    rows = [{"length": L} for L in lengths]
+    for memory in (False, True):
+        for row in rows:
+            L = row["length"]
+            for name, model in (("softmax", stock), ("performer", performer)):
+                m = copy.deepcopy(model.base_model)  # the encoder; the position table tiled to L (cost only)
+                if L > common.max_tokens(m.config):
+                    common.extend_positions(m, L)
+                row.setdefault(name, {"status": "ok"})
+                r = forward_cost(m, L, memory)
+                row[name] = {**row[name], **r} if r["status"] == "ok" else r
+                del m
+                gc.collect()
+            if not memory:
+                print(f"[demo] forward at L={L}: softmax {row['softmax'].get('time_s', float('nan')):.2f} s, "
+                      f"performer {row['performer'].get('time_s', float('nan')):.2f} s")
     return rows
 
 

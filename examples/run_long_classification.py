@@ -19,7 +19,6 @@ the Performer model: time and peak memory, written to OUTPUT_DIR/long_step_bench
 
 from __future__ import annotations
 
-import copy
 import json
 import sys
 from dataclasses import dataclass, field
@@ -40,72 +39,100 @@ class BenchmarkArguments:
     benchmark_batch_size: int = field(default=1)
     benchmark_repeats: int = field(default=2, metadata={"help": "Measured steps (median) after one warm-up step."})
     benchmark_only: bool = field(default=False, metadata={"help": "Stop after the measurement."})
+    benchmark_isolate: bool = field(default=True, metadata={
+        "help": "Measure each model in its own fresh process (clean allocator state and peak; survives an OOM kill). "
+                "False: in this process (faster to start; smoke tests)."})
     benchmark_cpu_memory_gb: float | None = field(default=None, metadata={
         "help": "CPU only: cap on what one measured step may allocate (default: 60% of the available memory). "
                 "A step past it reports 'oom' instead of meeting the kernel's OOM killer."})
 
 
-def stock_and_performer(path: str, perf_args: common.PerformerArguments, length: int, num_labels: int):
-    """(stock model with sdpa, Performer model), both for sequence classification with ``length`` positions.
-    From a softmax checkpoint: the Performer model is its conversion. From a Performer checkpoint: the stock
-    model is its architecture with sdpa attention (weights do not change the cost)."""
+def build(path: str, perf_args: common.PerformerArguments, length: int, num_labels: int, which: str):
+    """The stock model with sdpa (``which="stock"``) or the Performer model, for sequence classification with
+    ``length`` positions. From a softmax checkpoint the Performer model is its conversion; from a Performer
+    checkpoint the stock model is its architecture with sdpa attention (weights do not change the cost)."""
     config = tf.AutoConfig.from_pretrained(path)
-    if common.is_performer_config(config):
-        performer = tf.AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    performer_ckpt = common.is_performer_config(config)
+    if which == "performer" and performer_ckpt:
+        model = tf.AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    elif performer_ckpt:
         fields = {k: v for k, v in config.to_dict().items()
                   if k not in ("performer", "hf_performer_version", "layer_types", "model_type", "architectures")}
         stock_cfg = tf.AutoConfig.for_model(config.model_type.removeprefix("performer_"), **fields)
         stock_cfg.num_labels = num_labels
-        stock = tf.AutoModelForSequenceClassification.from_config(stock_cfg, attn_implementation="sdpa")
+        model = tf.AutoModelForSequenceClassification.from_config(stock_cfg, attn_implementation="sdpa")
     else:
-        stock = tf.AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
+        model = tf.AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
                                                                       attn_implementation="sdpa")
-        performer = None
-    for m in (stock, performer):
-        if m is not None and common.max_tokens(m.config) < length:
-            common.extend_positions(m, length)
-    if performer is None:
-        performer = common.hfp.convert_to_performer(copy.deepcopy(stock), perf_args.settings())
-    return stock, performer
+    if common.max_tokens(model.config) < length:
+        common.extend_positions(model, length)
+    if which == "performer" and not common.is_performer(model):
+        model = common.hfp.convert_to_performer(model, perf_args.settings())
+    return model
+
+
+def _measure_one(which, path, perf_args, bench, device, dtype, checkpointing, limit, num_labels, queue):
+    """Child process: build one model, measure one training step, put the result on ``queue``."""
+    try:
+        model = build(path, perf_args, bench.benchmark_length, num_labels, which)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.to(device)
+        g = torch.Generator().manual_seed(0)
+        vocab = model.config.vocab_size
+        ids = torch.randint(min(1000, vocab // 2), vocab, (bench.benchmark_batch_size, bench.benchmark_length), generator=g)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                 "labels": torch.randint(0, num_labels, (bench.benchmark_batch_size,), generator=g)}
+        result = common.measure_train_step(model, batch, repeats=bench.benchmark_repeats,
+                                           autocast_dtype=getattr(torch, dtype) if dtype else None,
+                                           cpu_memory_limit=limit)
+        result["nb_features"] = model.config.performer["nb_features"] if common.is_performer(model) else None
+    except Exception as exc:  # reported, not raised: the other model is still measured
+        result = {"status": "error", "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+    queue.put(result)
 
 
 def benchmark(model_args, perf_args, bench: BenchmarkArguments, training_args, num_labels: int = 2) -> dict:
+    """Each model in its own fresh process (spawn): clean allocator state and peak memory; a model killed for
+    memory is reported as such."""
+    import multiprocessing as mp
+
     device = training_args.device
-    dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else None
-    stock, performer = stock_and_performer(model_args.model_name_or_path, perf_args, bench.benchmark_length, num_labels)
-    g = torch.Generator().manual_seed(0)
-    vocab = stock.config.vocab_size
-    ids = torch.randint(min(1000, vocab // 2), vocab, (bench.benchmark_batch_size, bench.benchmark_length), generator=g)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-             "labels": torch.randint(0, num_labels, (bench.benchmark_batch_size,), generator=g)}
+    dtype = "bfloat16" if training_args.bf16 else "float16" if training_args.fp16 else None
     checkpointing = bool(getattr(training_args, "activation_checkpointing", False)
                          or getattr(training_args, "gradient_checkpointing", False))
     limit = None
     if device.type == "cpu":
         gb = bench.benchmark_cpu_memory_gb
         limit = int(gb * 2**30) if gb else int(0.6 * (common.available_memory_bytes() or 8 * 2**30))
+    ctx = mp.get_context("spawn")
     rows = {}
-    # the Performer first: a capped CPU allocation failure can leave oneDNN unusable for the rest of the process
-    for name, model in (("performer", performer), ("stock (sdpa)", stock)):
-        if checkpointing:
-            model.gradient_checkpointing_enable()
-        model.to(device)
-        rows[name] = common.measure_train_step(model, batch, repeats=bench.benchmark_repeats, autocast_dtype=dtype,
-                                               cpu_memory_limit=limit)
-        model.to("cpu")
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    for which, name in (("performer", "performer"), ("stock", "stock (sdpa)")):
+        if not bench.benchmark_isolate:
+            out = []
+            _measure_one(which, model_args.model_name_or_path, perf_args, bench, str(device), dtype, checkpointing,
+                         limit, num_labels, type("Q", (), {"put": staticmethod(out.append)}))
+            rows[name] = out[0]
+            continue
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_measure_one, args=(which, model_args.model_name_or_path, perf_args, bench,
+                                                      str(device), dtype, checkpointing, limit, num_labels, queue))
+        proc.start()
+        proc.join()
+        rows[name] = queue.get() if not queue.empty() else {
+            "status": "killed", "error": f"measuring process exited with code {proc.exitcode} (out of memory?)"}
     s, p = rows["stock (sdpa)"], rows["performer"]
     ok = s.get("status") == p.get("status") == "ok"
-    result = {
+    return {
         "length": bench.benchmark_length, "batch_size": bench.benchmark_batch_size, "device": str(device),
-        "precision": str(dtype).replace("torch.", "") if dtype else "float32", "activation_checkpointing": checkpointing,
-        "nb_features": performer.config.performer["nb_features"], "env": common.env_summary(), "results": rows,
-        "cpu_memory_limit_bytes": limit,
+        "precision": dtype or "float32", "activation_checkpointing": checkpointing,
+        "nb_features": p.get("nb_features") or perf_args.performer_nb_features, "env": common.env_summary(),
+        "results": rows, "cpu_memory_limit_bytes": limit,
         "time_ratio": p["time_s"] / s["time_s"] if ok else None,
         "memory_ratio": p["peak_bytes"] / max(s["peak_bytes"], 1) if ok else None,
+        "note": "each model measured in its own process; median of the timed steps after a warm-up step, then "
+                "one step for the peak memory",
     }
-    return result
 
 
 def render(r: dict) -> str:

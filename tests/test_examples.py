@@ -160,6 +160,7 @@ def _long_files(tmp_path: Path) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
+@pytest.mark.slow
 def test_run_long_classification_benchmarks_both_models(tiny_bert, tmp_path):
     train, dev = _long_files(tmp_path)
     out = tmp_path / "long"
@@ -167,7 +168,7 @@ def test_run_long_classification_benchmarks_both_models(tiny_bert, tmp_path):
         "--model_name_or_path", str(tiny_bert), "--train_file", str(train), "--validation_file", str(dev),
         "--output_dir", str(out), "--do_train", "--do_eval", "--max_seq_length", "256", "--max_steps", "1",
         "--per_device_train_batch_size", "2", "--performer_nb_features", "16", "--benchmark_length", "512",
-        "--benchmark_repeats", "1", "--save_strategy", "no", *COMMON])
+        "--benchmark_repeats", "1", "--benchmark_isolate", "False", "--save_strategy", "no", *COMMON])
     bench = json.loads((out / "long_step_benchmark.json").read_text())
     assert bench["length"] == 512 and set(bench["results"]) == {"stock (sdpa)", "performer"}
     assert all(r["status"] == "ok" and r["time_s"] > 0 for r in bench["results"].values())
