@@ -133,7 +133,7 @@ def convert(
         length = min(cal_cfg.max_length, max_tokens(src.config))
         schedule = BatchSchedule(tokenize(texts, tokenizer, length), cal_cfg.batch_size, pad_id(tokenizer), cal_cfg.seed)
         batches = [schedule.batch(i) for i in range(min(statistics_batches, len(schedule)))]
-        layers = calibrate_model_statistics(model, batches, progress=progress)
+        layers = calibrate_model_statistics(model, batches, pad_token_id=pad_id(tokenizer))
         summary["statistics"] = {"layers": layers, "batches": len(batches),
                                  "tokens": int(sum(int(b["attention_mask"].sum()) for b in batches)),
                                  "texts": len(texts), "sequences": len(schedule.sequences)}

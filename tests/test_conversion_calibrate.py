@@ -58,7 +58,7 @@ def test_statistics_step_sets_calibrated_buffers(kind):
     batch = sched.batch(0)
     with torch.no_grad():
         before = student(**batch)[0]
-    assert calibrate_model_statistics(student, [sched.batch(i) for i in range(2)], progress=False) == 2
+    assert calibrate_model_statistics(student, [sched.batch(i) for i in range(2)]) == 2
     for f in student.favor_modules():
         assert bool(f.stats_calibrated)
         assert f.key_shift.abs().sum() > 0 and torch.isfinite(f.key_shift).all()
@@ -71,7 +71,7 @@ def test_statistics_step_sets_calibrated_buffers(kind):
 def test_calibration_lowers_transfer_loss(kind):
     teacher, student = pair(kind)
     train, held_out = schedule(), schedule(8, 16, "eval").batch(0)
-    calibrate_model_statistics(student, [train.batch(0)], progress=False)
+    calibrate_model_statistics(student, [train.batch(0)])
     cfg = CalibrationConfig(steps=12, lr=1e-3, batch_size=4, max_length=32, warmup_steps=2, train="attention")
     names, kind_ = attention_names(student), output_kind(student)
     assert kind_ == ("hidden" if kind == "bert" else "logits")
