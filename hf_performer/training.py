@@ -16,22 +16,14 @@ optimizer steps: after ``state.global_step`` steps every FAVOR+ layer holds draw
   resumed run loads them and continues with exactly the features an uninterrupted run would have.
   ``on_train_begin`` also catches up (never goes back) if a checkpoint holds an older draw.
 
-``PerformerTrainer`` is ``Trainer`` with the callback added, and with ``resume_from_checkpoint`` working
-on Performer checkpoints: transformers 5.x's ``Trainer._load_from_checkpoint`` reads the checkpoint's
-config.json with the base ``PreTrainedConfig``, whose validator refuses the ``"favor_attention"`` layer
-type of Performer configs (a plain ``Trainer`` fails to resume with "The `layer_types` entries must be
-in ..."). It accepts that layer type for the duration of that one call.
+``PerformerTrainer`` is ``Trainer`` with the callback added (the examples use it).
 """
 
 from __future__ import annotations
 
-import contextlib
-
 from transformers import Trainer
-from transformers import configuration_utils as _configuration_utils
 
 from .integration import maybe_redraw_features
-from .integration.cache import LAYER_TYPE
 from .integration.callback import PerformerRedrawCallback as _BaseRedrawCallback
 from .integration.convert import favor_modules
 
@@ -86,29 +78,11 @@ class PerformerRedrawCallback(_BaseRedrawCallback):
         self._sync(args, state, model)
 
 
-@contextlib.contextmanager
-def _favor_layer_type_allowed():
-    """Let the base PreTrainedConfig validator accept "favor_attention" layers, within this block only."""
-    old = _configuration_utils.ALLOWED_ATTN_LAYER_TYPES
-    if LAYER_TYPE in old:
-        yield
-        return
-    _configuration_utils.ALLOWED_ATTN_LAYER_TYPES = (*old, LAYER_TYPE)
-    try:
-        yield
-    finally:
-        _configuration_utils.ALLOWED_ATTN_LAYER_TYPES = old
-
-
 class PerformerTrainer(Trainer):
-    """``transformers.Trainer`` for Performer models: adds a ``PerformerRedrawCallback`` (unless one is given)
-    and resumes from Performer checkpoints (see the module docstring). Everything else is ``Trainer``."""
+    """``transformers.Trainer`` for Performer models: adds a ``PerformerRedrawCallback`` unless one (or the
+    integration's) is given. Everything else is ``Trainer``."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if not any(isinstance(cb, _BaseRedrawCallback) for cb in self.callback_handler.callbacks):
             self.add_callback(PerformerRedrawCallback())
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        with _favor_layer_type_allowed():
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)

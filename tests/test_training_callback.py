@@ -96,10 +96,11 @@ def test_callback_refuses_a_softmax_model(tmp_path):
         train(tf.BertForSequenceClassification(cfg), args(tmp_path, max_steps=1))
 
 
-def test_resumed_run_matches_uninterrupted(tmp_path):
+@pytest.mark.parametrize("trainer_cls", [tf.Trainer, PerformerTrainer])
+def test_resumed_run_matches_uninterrupted(tmp_path, trainer_cls):
     """Stop after a checkpoint at step 3 (interval 2: draw 1 inside the checkpoint), resume in a fresh model:
-    parameters, projections and draw counts equal an uninterrupted 6-step run. PerformerTrainer: a plain
-    Trainer cannot read a Performer checkpoint's config.json when resuming (see hf_performer.training)."""
+    parameters, projections and draw counts equal an uninterrupted 6-step run (plain Trainer + callback, and
+    PerformerTrainer, which adds the callback itself)."""
     full = tiny_model(redraw_interval=2)
     train(full, args(tmp_path / "full", max_steps=6))
 
@@ -110,8 +111,9 @@ def test_resumed_run_matches_uninterrupted(tmp_path):
     assert ckpt.is_dir()
 
     resumed = tiny_model(redraw_interval=2, seed=123)  # different init and draws until the checkpoint loads
+    callbacks = [] if trainer_cls is PerformerTrainer else [PerformerRedrawCallback()]
     trainer = train(resumed, args(tmp_path / "run", max_steps=6, save_strategy="steps", save_steps=3),
-                    resume=str(ckpt), callbacks=[], trainer_cls=PerformerTrainer)
+                    resume=str(ckpt), callbacks=callbacks, trainer_cls=trainer_cls)
     assert sum(isinstance(cb, PerformerRedrawCallback) for cb in trainer.callback_handler.callbacks) == 1
 
     assert feature_draw_counts(resumed) == feature_draw_counts(full) == [3] * len(full.favor_modules())
