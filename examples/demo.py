@@ -53,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke run: tiny subsets, a few steps, short lengths")
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--nb-features", type=int, default=256)
-    p.add_argument("--kernel", default="softmax", help="FAVOR+ kernel (softmax | favor++ | relu | trig)")
+    p.add_argument("--kernel", default="favor++", help="FAVOR+ kernel (favor++ | softmax | relu | trig)")
     p.add_argument("--max-length", type=int, default=64, help="tokens per passage (longer ones are truncated)")
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--batch-size", type=int, default=16)
