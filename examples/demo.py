@@ -178,7 +178,7 @@ def render(results: dict) -> str:
         "| model | test accuracy (95% CI) | fine-tuning | steps |",
         "| --- | --- | --- | --- |",
         f"| all-MiniLM-L6-v2, softmax attention | {s['accuracy']:.3f} ± {s['ci95']:.3f} | {s['train_s']:.0f} s | {s['steps']} |",
-        f"| same, Performer FAVOR+ (m={results['nb_features']}, {results['calibration']}) | {p['accuracy']:.3f} ± "
+        f"| same, Performer FAVOR+ (m={results['nb_features']}, {results['kernel']} kernel, {results['calibration']}) | {p['accuracy']:.3f} ± "
         f"{p['ci95']:.3f} | {p['train_s']:.0f} s | {p['steps']} |",
         "",
         f"Accuracy difference (Performer - softmax): {100 * (p['accuracy'] - s['accuracy']):+.1f} points; the two "
