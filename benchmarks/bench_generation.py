@@ -1,0 +1,133 @@
+"""Generation benchmark: per-token decode latency and cache memory vs context length.
+
+A GPT-2 (seeded random init, no download; --layers/--hidden/--heads) with stock SDPA attention and its
+KV cache, next to the same weights converted to FAVOR+ with the recurrent FavorCache. For each context
+length: prefill the context, then decode --new-tokens tokens one at a time. Reported: median ms per
+decoded token, the cache's size after the prefill (tensor bytes: K/V for stock, running sums for FAVOR+),
+and the peak memory growth while decoding (conversion.memory.peak_memory: resident-set high-water mark
+on CPU, max_memory_allocated on CUDA).
+
+    python benchmarks/bench_generation.py                    # contexts 256 ... 8192
+    python benchmarks/bench_generation.py --contexts 256 1024 --device cuda
+
+Writes benchmarks/results/generation.json and generation.md (atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import hf_performer  # noqa: F401  (registers the Performer model types)
+from conversion.memory import peak_memory
+from hf_performer import PerformerConfig, convert_to_performer
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def cache_bytes(cache) -> int:
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        state = getattr(layer, "state", None)
+        if state is not None:
+            total += state.nbytes
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+@torch.no_grad()
+def measure(model, context: int, new_tokens: int, vocab: int, device) -> dict:
+    g = torch.Generator().manual_seed(context)
+    ids = torch.randint(vocab, (1, context), generator=g).to(device)
+    out = model(input_ids=ids, use_cache=True)
+    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    size = cache_bytes(cache)
+    times = []
+
+    def decode():
+        nonlocal cache, token
+        for _ in range(new_tokens):
+            start = time.perf_counter()
+            step = model(input_ids=token, past_key_values=cache, use_cache=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+            cache, token = step.past_key_values, step.logits[:, -1:].argmax(-1)
+
+    peak, method = peak_memory(decode, device)
+    return {"context": context, "ms_per_token": 1e3 * statistics.median(times), "cache_bytes": size,
+            "decode_peak_bytes": peak, "memory_method": method, "cache_type": type(cache).__name__}
+
+
+def table(rows: list[dict]) -> str:
+    by = {(r["model"], r["context"]): r for r in rows}
+    contexts = sorted({r["context"] for r in rows})
+    mib = lambda b: "n/a" if b is None else f"{b / 2**20:.1f}"  # noqa: E731
+    lines = ["| context | stock ms/token | stock KV cache MiB | stock decode peak MiB | FAVOR+ ms/token | "
+             "FAVOR+ state MiB | FAVOR+ decode peak MiB |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in contexts:
+        s, f = by.get(("stock", c)), by.get(("favor", c))
+        cells = [str(c)]
+        for r in (s, f):
+            cells += ["n/a"] * 3 if r is None else [f"{r['ms_per_token']:.1f}", mib(r["cache_bytes"]),
+                                                     mib(r["decode_peak_bytes"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--contexts", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096, 8192])
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--nb-features", type=int, default=128)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out-dir", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=args.layers, n_embd=args.hidden, n_head=args.heads, vocab_size=1000,
+                     n_positions=max(args.contexts) + args.new_tokens + 1)
+    stock = GPT2LMHeadModel(cfg).eval().to(device)
+    favor = convert_to_performer(copy.deepcopy(stock), PerformerConfig(nb_features=args.nb_features)).eval()
+    rows = []
+    for context in args.contexts:
+        for name, model in (("stock", stock), ("favor", favor)):
+            row = {"model": name, **measure(model, context, args.new_tokens, cfg.vocab_size, device)}
+            rows.append(row)
+            print(f"{name:5s} context {context:6d}: {row['ms_per_token']:7.1f} ms/token, cache "
+                  f"{row['cache_bytes'] / 2**20:7.2f} MiB ({row['cache_type']})", flush=True)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"layers": args.layers, "hidden": args.hidden, "heads": args.heads, "nb_features": args.nb_features,
+            "new_tokens": args.new_tokens, "device": str(device), "threads": torch.get_num_threads(),
+            "torch": torch.__version__}
+    md = (f"# Generation benchmark\n\nGPT-2 {args.layers} layers, hidden {args.hidden}, {args.heads} heads "
+          f"(seeded random init), batch 1, {args.new_tokens} decoded tokens after a prefill of `context` tokens; "
+          f"FAVOR+ nb_features {args.nb_features}; {device}, {torch.get_num_threads()} threads.\n\n"
+          + table(rows) + "\n")
+    for name, text in (("generation.json", json.dumps({"meta": meta, "rows": rows}, indent=2)),
+                       ("generation.md", md)):
+        tmp = args.out_dir / (name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, args.out_dir / name)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
