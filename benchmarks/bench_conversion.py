@@ -152,7 +152,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=CalibrationConfig.batch_size)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--statistics-batches", type=int, default=4)
-    p.add_argument("--gpt2-steps", type=int, default=300, help="training steps of the small GPT-2")
+    p.add_argument("--gpt2-steps", type=int, default=200, help="training steps of the small GPT-2")
     p.add_argument("--max-eval", type=int, default=None, help="held-out paragraphs (default all)")
     p.add_argument("--work-dir", help="keep the converted checkpoints here (default: a temporary folder)")
     p.add_argument("--no-progress", action="store_true")

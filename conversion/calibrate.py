@@ -28,7 +28,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .capture import attention_names, attention_outputs, forward_kwargs, is_causal_model
+from .capture import (
+    attention_inputs,
+    attention_names,
+    attention_outputs,
+    forward_kwargs,
+    is_causal_model,
+    replaced_attention_inputs,
+)
 from .data import BatchSchedule
 from .errors import ConversionError
 from .losses import cosine_distance, relative_mse, token_kl
@@ -55,6 +62,7 @@ class CalibrationConfig:
     seed: int = 0
     save_every: int = 50
     max_time_s: float | None = None  # stop early after this many seconds of training (None: no limit)
+    teacher_forced: bool = False  # per-layer loss with each student layer on the teacher's inputs
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, accepted: str) -> None:
@@ -77,6 +85,7 @@ class CalibrationConfig:
         need(self.mixed_precision in MIXED_PRECISION, "mixed_precision", f"expected one of {', '.join(MIXED_PRECISION)}")
         need(is_int(self.seed) and self.seed >= 0, "seed", "expected an integer >= 0")
         need(is_int(self.save_every) and self.save_every >= 1, "save_every", "expected a positive integer")
+        need(isinstance(self.teacher_forced, bool), "teacher_forced", "expected True or False")
         need(self.max_time_s is None or (isinstance(self.max_time_s, (int, float)) and self.max_time_s > 0),
              "max_time_s", "expected seconds > 0 or None")
 
@@ -102,14 +111,24 @@ def model_outputs(model: nn.Module, batch: dict, kind: str) -> torch.Tensor:
 def transfer_loss(student, teacher, batch, names, kind, cfg: CalibrationConfig) -> tuple[torch.Tensor, dict]:
     """The attention-transfer loss on one batch and its parts (floats)."""
     mask = batch["attention_mask"]
-    with torch.no_grad(), attention_outputs(teacher, names) as t_att:
+    with torch.no_grad(), attention_outputs(teacher, names) as t_att, attention_inputs(teacher, names) as t_in:
         t_out = model_outputs(teacher, batch, kind)
-        t_att = dict(t_att)
-    with attention_outputs(student, names) as s_att:
-        s_out = model_outputs(student, batch, kind)
-        s_att = dict(s_att)
+        t_att, t_in = dict(t_att), dict(t_in)
+    s_out = None
+    if cfg.teacher_forced:  # each student attention layer runs on the teacher's inputs (LoLCATs-style)
+        with replaced_attention_inputs(student, t_in), attention_outputs(student, names) as s_att:
+            model_outputs(student, batch, "hidden")
+            s_att = dict(s_att)
+    if not cfg.teacher_forced or cfg.output_weight > 0:
+        with attention_outputs(student, names) as s_free:
+            s_out = model_outputs(student, batch, kind)
+            s_free = dict(s_free)
+        s_att = s_att if cfg.teacher_forced else s_free
     layer = torch.stack([relative_mse(s_att[n], t_att[n], mask) for n in names]).mean()
-    end = token_kl(s_out, t_out, mask) if kind == "logits" else cosine_distance(s_out, t_out, mask)
+    if s_out is None:
+        end = torch.zeros((), device=layer.device)
+    else:
+        end = token_kl(s_out, t_out, mask) if kind == "logits" else cosine_distance(s_out, t_out, mask)
     loss = cfg.layer_weight * layer + cfg.output_weight * end
     return loss, {"loss": loss.item(), "layer_rel_mse": layer.item(), f"output_{'kl' if kind == 'logits' else 'cos_dist'}": end.item()}
 

@@ -2,7 +2,9 @@
 
 Used by the tests and the conversion benchmark (no download). Topics are split into paragraphs (blank-line
 separated); grammar/code blocks (indented first line) and short lines are dropped. ``pydoc_paragraphs(split)`` splits by
-*topic* so calibration and evaluation never share a paragraph (not even one from the same topic).
+*topic* (calibration and evaluation never read the same topic) and then by paragraph: topics repeat some
+paragraphs of other topics, so the train split drops every paragraph the eval split holds. No paragraph is
+in both, and none is repeated within a split.
 """
 
 from __future__ import annotations
@@ -31,12 +33,12 @@ def pydoc_paragraphs(split: str = "all", eval_fraction: float = 0.3, min_words: 
         raise ValueError(f"split={split!r}: expected 'train', 'eval' or 'all'.")
     from pydoc_data.topics import topics
 
-    out = []
+    parts: dict[str, list[str]] = {"train": [], "eval": []}
     for name in sorted(topics):
-        if split != "all" and _topic_split(name, eval_fraction) != split:
-            continue
         for paragraph in topics[name].split("\n\n"):
             paragraph = paragraph.strip("\n")
             if _is_prose(paragraph, min_words):
-                out.append(" ".join(paragraph.split()))
-    return out
+                parts[_topic_split(name, eval_fraction)].append(" ".join(paragraph.split()))
+    held_out = list(dict.fromkeys(parts["eval"]))
+    train = [p for p in dict.fromkeys(parts["train"]) if p not in set(held_out)]
+    return {"train": train, "eval": held_out, "all": train + held_out}[split]

@@ -45,11 +45,12 @@ def model_card(summary: dict) -> str:
                      "table (Longformer recipe); the first positions are unchanged.")
     stats = s.get("statistics")
     if stats:
-        lines.append(f"- Per-head FAVOR+ statistics (used by causal attention and decoding) measured on "
+        lines.append(f"- Per-head FAVOR+ statistics (key shift, balance, the proposal of the data-aligned features; causal "
+                     "attention and decoding use them) measured on "
                      f"{stats['batches']} batches ({stats['tokens']} tokens) of `{s.get('calibration_data')}`.")
     else:
-        lines.append("- No text was given: per-head statistics are at their identity values (causal attention and "
-                     "decoding are less accurate until `calibrate_statistics` runs).")
+        lines.append("- No text was given: per-head statistics are at their identity values and the features are not "
+                     "data-aligned (less accurate until `hf_performer.calibrate_feature_statistics` runs).")
     cal = s.get("calibration")
     if cal:
         last = cal["final"]

@@ -85,9 +85,7 @@ def extend_positions(model: nn.Module, new_max: int, tokenizer=None) -> dict:
     config = model.config
     check_extension(config, new_max)
     old = max_tokens(config)
-    if new_max == old:
-        if tokenizer is not None:
-            tokenizer.model_max_length = new_max
+    if new_max == old:  # nothing to grow; the tokenizer keeps its own limit
         return {"from": old, "to": new_max}
     family, offset = _family(config), position_offset(config)
     base = model.base_model

@@ -1,0 +1,59 @@
+"""Text sources and batching for the statistics / calibration / report steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conversion.corpus import pydoc_paragraphs
+from conversion.data import BatchSchedule, collate, read_texts
+from conversion.errors import ConversionError
+
+
+def test_text_file_lines_paragraphs_and_folder(tmp_path):
+    lines = tmp_path / "lines.txt"
+    lines.write_text("first document\nsecond  document\n\n")
+    assert read_texts(lines) == ["first document", "second document"]
+    paras = tmp_path / "sub" / "paras.txt"
+    paras.parent.mkdir()
+    paras.write_text("one paragraph\nwrapped here\n\nanother one\n")
+    assert read_texts(paras) == ["one paragraph wrapped here", "another one"]
+    assert read_texts(tmp_path) == ["first document", "second document", "one paragraph wrapped here", "another one"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConversionError, match="no .txt files"):
+        read_texts(empty)
+    with pytest.raises(ConversionError, match="no such file"):
+        read_texts(tmp_path / "missing.txt")
+
+
+@pytest.mark.slow
+def test_dataset_name_offline_fails_clearly(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConversionError, match="datasets"):
+        read_texts("someone/some-unavailable-dataset:default:train")
+
+
+def test_schedule_is_deterministic_bucketed_and_endless():
+    seqs = [[1] * n for n in (3, 9, 4, 8, 5, 7, 6, 2)]
+    s = BatchSchedule(seqs, batch_size=2, pad_token_id=0, seed=1)
+    assert len(s) == 4
+    first = [s.batch(i)["attention_mask"].sum(1).tolist() for i in range(8)]
+    again = [BatchSchedule(seqs, 2, 0, seed=1).batch(i)["attention_mask"].sum(1).tolist() for i in range(8)]
+    assert first == again
+    assert sorted(map(sorted, first[:4])) == [[2, 3], [4, 5], [6, 7], [8, 9]]  # similar lengths together
+    assert sorted(map(sorted, first[4:])) == sorted(map(sorted, first[:4]))  # the next epoch reuses the buckets
+    b = collate([[5, 6, 7], [8]], pad_token_id=0)
+    assert torch.equal(b["input_ids"], torch.tensor([[5, 6, 7], [8, 0, 0]]))
+    assert torch.equal(b["attention_mask"], torch.tensor([[1, 1, 1], [1, 0, 0]]))
+
+
+def test_pydoc_splits_share_no_paragraph():
+    train, held_out = pydoc_paragraphs("train"), pydoc_paragraphs("eval")
+    assert len(train) > 100 and len(held_out) > 50
+    assert not set(train) & set(held_out)
+    assert all(not p.startswith(" ") and len(p.split()) >= 20 for p in held_out)
