@@ -19,7 +19,7 @@ from .ops import FavorState  # noqa: E402
 from .settings import PerformerConfig  # noqa: E402
 from .statistics import calibrate_feature_statistics  # noqa: E402
 
-_TRAINING = ("PerformerRedrawCallback", "PerformerTrainer")
+_TRAINING = ("PerformerRedrawCallback", "PerformerTrainer", "feature_draw_counts")
 
 
 def __getattr__(name):  # the Trainer helpers import transformers.Trainer: load them on first use
@@ -42,6 +42,7 @@ __all__ = [
     "calibrate_feature_statistics",
     "convert_to_performer",
     "draw_projection",
+    "feature_draw_counts",
     "maybe_redraw_features",
     "redraw_features",
     "supported_model_classes",
