@@ -68,7 +68,9 @@ def run_pair(name: str, source: str, work: Path, train: Path, held_out: Path, ar
                  lengths=lengths, progress=not args.no_progress)
     out["zero_shot"] = {"end_to_end": rep["end_to_end"], "layer_errors": rep["layer_errors"], "timing": rep["timing"]}
     cal = CalibrationConfig(steps=args.calibration_steps, lr=args.lr, batch_size=args.batch_size,
-                            max_length=args.max_length, train=args.train, max_time_s=args.max_time, seed=args.seed)
+                            max_length=args.max_length, train=args.train, max_time_s=args.max_time, seed=args.seed,
+                            teacher_forced=args.teacher_forced, layer_weight=args.layer_weight,
+                            output_weight=args.output_weight)
     cdir = work / f"{name}-calibrated"
     t = time.perf_counter()
     summary = convert(source, cdir, performer, calibration_data=train, calibrate_model=True, calibration=cal,
@@ -149,6 +151,9 @@ def parse_args(argv=None):
     p.add_argument("--max-time", type=float, default=600.0, help="calibration time limit per model (s)")
     p.add_argument("--lr", type=float, default=CalibrationConfig.lr)
     p.add_argument("--train", default=CalibrationConfig.train)
+    p.add_argument("--teacher-forced", action=argparse.BooleanOptionalAction, default=CalibrationConfig.teacher_forced)
+    p.add_argument("--layer-weight", type=float, default=CalibrationConfig.layer_weight)
+    p.add_argument("--output-weight", type=float, default=CalibrationConfig.output_weight)
     p.add_argument("--batch-size", type=int, default=CalibrationConfig.batch_size)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--statistics-batches", type=int, default=4)

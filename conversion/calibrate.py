@@ -133,6 +133,17 @@ def transfer_loss(student, teacher, batch, names, kind, cfg: CalibrationConfig) 
     return loss, {"loss": loss.item(), "layer_rel_mse": layer.item(), f"output_{'kl' if kind == 'logits' else 'cos_dist'}": end.item()}
 
 
+@torch.no_grad()
+def validation_loss(student, teacher, batches, names, kind, device) -> float:
+    """Mean end-to-end transfer loss (free-running attention outputs + outputs, weights 1 and 1)."""
+    cfg = CalibrationConfig(layer_weight=1.0, output_weight=1.0, teacher_forced=False)
+    total = 0.0
+    for batch in batches:
+        loss, _ = transfer_loss(student, teacher, {k: v.to(device) for k, v in batch.items()}, names, kind, cfg)
+        total += loss.item()
+    return total / len(batches)
+
+
 def _lr_lambda(cfg: CalibrationConfig):
     def f(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -175,9 +186,14 @@ def calibrate(
     resume: bool = False,
     fingerprint_extra: dict | None = None,
     progress: bool = True,
+    validation: list[dict] | None = None,
 ) -> dict:
     """Train ``student`` (in place) to reproduce ``teacher`` for ``cfg.steps`` steps. Returns the loss log
-    {"config", "steps_done", "wall_s", "history": [{"step", "loss", ...}, ...], ...}."""
+    {"config", "steps_done", "wall_s", "history": [{"step", "loss", ...}, ...], ...}.
+
+    ``validation``: held-out batches; the end-to-end transfer loss (free-running layers + outputs) is measured
+    on them before and after training, and if training made it worse the trained parameters are restored to
+    their starting values (``log["reverted"]``): calibration never leaves the model further from the original."""
     state_dir = Path(state_dir) if state_dir is not None else None
     fp = cfg.fingerprint(fingerprint_extra or {})
     names = attention_names(student)
@@ -214,12 +230,17 @@ def calibrate(
         scheduler.load_state_dict(state["scheduler"])
         start_step, log = state["step"], state["log"]
         log["config"] = dataclasses.asdict(cfg)
+        initial = state.get("initial")
+    else:
+        initial = {n: p.detach().cpu().clone() for n, p in student.named_parameters() if n in set(trainable)}
 
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
     teacher.to(accelerator.device).eval()
     student.eval()  # no dropout: the student must reproduce the deterministic teacher
     log["device"] = str(accelerator.device)
     raw = accelerator.unwrap_model(student)
+    if validation and "validation_start" not in log:
+        log["validation_start"] = validation_loss(raw, teacher, validation, names, kind, accelerator.device)
 
     def save(step: int) -> None:
         if state_dir is None:
@@ -227,7 +248,7 @@ def calibrate(
         named = dict(raw.named_parameters())
         _save_state(state_dir / STATE_FILE, {
             "step": step, "fingerprint": fp, "log": log,
-            "params": {n: named[n].detach().cpu().clone() for n in trainable},
+            "params": {n: named[n].detach().cpu().clone() for n in trainable}, "initial": initial,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         })
         _write_log(state_dir / LOG_FILE, log)
@@ -261,6 +282,14 @@ def calibrate(
     finally:
         bar.close()
     log["steps_done"], log["wall_s"] = step, wall0 + time.perf_counter() - t0
+    if validation:
+        log["validation_end"] = validation_loss(raw, teacher, validation, names, kind, accelerator.device)
+        log["reverted"] = bool(log["validation_end"] > log["validation_start"] and initial is not None)
+        if log["reverted"]:
+            with torch.no_grad():
+                named = dict(raw.named_parameters())
+                for n, value in initial.items():
+                    named[n].copy_(value)
     save(step)
     for h in hooks:
         h.remove()

@@ -69,6 +69,9 @@ def _convert_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--max-length", type=int, default=d.max_length, help=f"tokens per sequence (default {d.max_length})")
     g.add_argument("--layer-weight", type=float, default=d.layer_weight, help="weight of per-layer attention matching")
     g.add_argument("--output-weight", type=float, default=d.output_weight, help="weight of end-to-end matching")
+    g.add_argument("--teacher-forced", action=argparse.BooleanOptionalAction, default=d.teacher_forced,
+                   help="per-layer loss with each converted layer on the original's inputs (LoLCATs-style; "
+                        f"default {d.teacher_forced})")
     g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     g.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=d.mixed_precision)
     g.add_argument("--calibration-seed", type=int, default=d.seed, help="data order seed")
@@ -113,7 +116,7 @@ def _run_convert(args, argv) -> None:
         steps=args.calibration_steps, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
         train=args.train, layer_weight=args.layer_weight, output_weight=args.output_weight,
         warmup_steps=args.warmup_steps, mixed_precision=args.mixed_precision, seed=args.calibration_seed,
-        save_every=args.save_every, max_time_s=args.max_time,
+        save_every=args.save_every, max_time_s=args.max_time, teacher_forced=args.teacher_forced,
     )
     summary = convert(
         args.source, args.output, performer, max_position_embeddings=args.max_position_embeddings,

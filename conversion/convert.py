@@ -13,6 +13,7 @@ import dataclasses
 import datetime as _dt
 import json
 import os
+import random
 import shutil
 import time
 from pathlib import Path
@@ -35,6 +36,15 @@ def performer_settings(settings: PerformerConfig | dict | None) -> PerformerConf
         return PerformerConfig.from_dict(settings or {}) if not isinstance(settings, PerformerConfig) else settings
     except (TypeError, ValueError) as e:
         raise ConversionError(str(e)) from e
+
+
+def held_out_sequences(sequences: list, batch_size: int, seed: int) -> list[int]:
+    """Indices of calibration sequences kept out of training to validate it: ~10%, at most two batches,
+    none when there are fewer than four batches of text."""
+    if len(sequences) < 4 * batch_size:
+        return []
+    n = min(max(1, len(sequences) // 10), 2 * batch_size)
+    return sorted(random.Random(seed).sample(range(len(sequences)), n))
 
 
 def default_state_dir(output: str | os.PathLike) -> Path:
@@ -131,7 +141,11 @@ def convert(
     log = None
     if texts is not None:
         length = min(cal_cfg.max_length, max_tokens(src.config))
-        schedule = BatchSchedule(tokenize(texts, tokenizer, length), cal_cfg.batch_size, pad_id(tokenizer), cal_cfg.seed)
+        sequences = tokenize(texts, tokenizer, length)
+        held_out = held_out_sequences(sequences, cal_cfg.batch_size, cal_cfg.seed) if calibrate_model else []
+        hold = set(held_out)
+        schedule = BatchSchedule([s for i, s in enumerate(sequences) if i not in hold] or sequences,
+                                 cal_cfg.batch_size, pad_id(tokenizer), cal_cfg.seed)
         batches = [schedule.batch(i) for i in range(min(statistics_batches, len(schedule)))]
         layers = calibrate_model_statistics(model, batches, pad_token_id=pad_id(tokenizer))
         summary["statistics"] = {"layers": layers, "batches": len(batches),
@@ -140,8 +154,11 @@ def convert(
         if calibrate_model:
             fingerprint = {"source": src.location, "performer": settings.to_dict(), "positions": positions,
                            "data": str(calibration_data), "sequences": len(schedule.sequences)}
+            validation = BatchSchedule([sequences[i] for i in held_out], cal_cfg.batch_size,
+                                       pad_id(tokenizer)).epoch() if held_out else None
             log = calibrate(model, teacher, schedule, dataclasses.replace(cal_cfg, max_length=length),
-                            state_dir=state_dir, resume=bool(resume), fingerprint_extra=fingerprint, progress=progress)
+                            state_dir=state_dir, resume=bool(resume), fingerprint_extra=fingerprint, progress=progress,
+                            validation=validation)
             summary["calibration"] = _summary_calibration(log)
             del teacher
     summary["convert_wall_s"] = round(time.perf_counter() - t_start, 2)

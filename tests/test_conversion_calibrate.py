@@ -67,12 +67,13 @@ def test_statistics_step_sets_calibrated_buffers(kind):
             assert not torch.allclose(student(**batch)[0], before)
 
 
-@pytest.mark.parametrize("kind", ["bert", "gpt2"])
-def test_calibration_lowers_transfer_loss(kind):
+@pytest.mark.parametrize("kind, teacher_forced", [("bert", False), ("gpt2", False), ("bert", True)])
+def test_calibration_lowers_transfer_loss(kind, teacher_forced):
     teacher, student = pair(kind)
     train, held_out = schedule(), schedule(8, 16, "eval").batch(0)
     calibrate_model_statistics(student, [train.batch(0)])
-    cfg = CalibrationConfig(steps=12, lr=1e-3, batch_size=4, max_length=32, warmup_steps=2, train="attention")
+    cfg = CalibrationConfig(steps=12, lr=1e-3, batch_size=4, max_length=32, warmup_steps=2, train="attention",
+                            teacher_forced=teacher_forced)
     names, kind_ = attention_names(student), output_kind(student)
     assert kind_ == ("hidden" if kind == "bert" else "logits")
     with torch.no_grad():
@@ -119,6 +120,28 @@ def test_resume_matches_uninterrupted(tmp_path):
         calibrate(copy.deepcopy(fresh), teacher, schedule(), other, state_dir=tmp_path / "b", resume=True, progress=False)
     with pytest.raises(ConversionError, match="no calibration state"):
         calibrate(copy.deepcopy(fresh), teacher, schedule(), cfg, state_dir=tmp_path / "c", resume=True, progress=False)
+
+
+def test_validation_reverts_a_harmful_calibration():
+    teacher, student = pair("bert")
+    val = schedule(4, 8, "eval").epoch()
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    cfg = CalibrationConfig(steps=3, lr=0.5, batch_size=4, max_length=32, warmup_steps=0)  # absurd lr
+    log = calibrate(student, teacher, schedule(), cfg, progress=False, validation=val)
+    assert log["reverted"] and log["validation_end"] > log["validation_start"]
+    for n, p in student.named_parameters():
+        assert torch.equal(p, before[n]), n
+    good = CalibrationConfig(steps=12, lr=1e-3, batch_size=4, max_length=32, warmup_steps=2)
+    log = calibrate(student, teacher, schedule(), good, progress=False, validation=val)
+    assert not log["reverted"] and log["validation_end"] < log["validation_start"]
+
+
+def test_mixed_precision_runs():
+    teacher, student = pair("bert")
+    cfg = CalibrationConfig(steps=2, lr=1e-3, batch_size=4, max_length=32, warmup_steps=0, mixed_precision="bf16")
+    log = calibrate(student, teacher, schedule(), cfg, progress=False)
+    assert log["steps_done"] == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in log["history"])
+    assert all(p.dtype == torch.float32 for p in student.parameters())
 
 
 def test_gpt2_qk_training_leaves_values():
