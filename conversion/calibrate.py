@@ -5,9 +5,17 @@ Loss per step, on one batch (real tokens only):
     layer_weight  * mean over layers of ||student attention output - teacher attention output||² / ||teacher||²
   + output_weight * (encoders: 1 - cos of last hidden states;  causal LMs: KL(teacher || student) of logits)
 Attention outputs are captured by forward hooks on the attention modules of both models (same names).
+With ``teacher_forced`` (the default) every student attention layer runs on the *teacher's* input hidden
+states (forward pre-hooks substitute them), as in LoLCATs' layer-wise attention transfer: each layer learns
+its own approximation error against a clean target, and one student pass suffices when output_weight is 0.
+
+Defaults chosen by measurement (all-MiniLM-L6-v2, nb_features=256, pydoc text, 300 steps of 8 sequences,
+held-out mean-embedding cosine / Spearman of pairwise cosines; zero-shot 0.896 / 0.932):
+teacher-forced layer loss only, lr 2e-3: 0.951 / 0.967 in 136 s; free-running layers + output cosine,
+lr 1e-3: 0.939 / 0.951 in 218 s; teacher-forced layers + output cosine, lr 2e-3: 0.927 / 0.944 in 281 s.
 
 Runs through accelerate's ``Accelerator`` (CPU, one GPU, or mixed precision with ``mixed_precision``).
-Resumable: every ``save_every`` steps (and when interrupted) the trainable parameters, optimizer, scheduler,
+Resumable: every ``save_every`` steps (and when interrupted) the trainable parameters, optimizer,
 step and loss log go to ``state_dir/state.pt``; ``resume=True`` continues from there, batch ``i`` of the
 seeded schedule being the same batch in both runs. The loss log is also written to
 ``state_dir/calibration_log.json``.
@@ -34,6 +42,7 @@ from .capture import (
     attention_outputs,
     forward_kwargs,
     is_causal_model,
+    layer_names,
     replaced_attention_inputs,
 )
 from .data import BatchSchedule
@@ -42,6 +51,7 @@ from .losses import cosine_distance, relative_mse, token_kl
 from .params import TRAIN_CHOICES, select_trainable
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+MATCH = ("attention", "layer")
 STATE_FILE, LOG_FILE = "state.pt", "calibration_log.json"
 
 
@@ -50,19 +60,20 @@ class CalibrationConfig:
     """Settings of the attention-transfer calibration (CLI: --calibration-steps, --train, ...)."""
 
     steps: int = 300
-    lr: float = 1e-3
+    lr: float = 2e-3
     batch_size: int = 8
     max_length: int = 128
     train: str = "attention"
     layer_weight: float = 1.0
-    output_weight: float = 1.0
+    output_weight: float = 0.0
     warmup_steps: int = 10
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"
     seed: int = 0
     save_every: int = 50
     max_time_s: float | None = None  # stop early after this many seconds of training (None: no limit)
-    teacher_forced: bool = False  # per-layer loss with each student layer on the teacher's inputs
+    teacher_forced: bool = True  # per-layer loss with each student layer on the teacher's inputs
+    match: str = "attention"  # per-layer targets: "attention" outputs or whole "layer" (block) outputs
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, accepted: str) -> None:
@@ -86,6 +97,7 @@ class CalibrationConfig:
         need(is_int(self.seed) and self.seed >= 0, "seed", "expected an integer >= 0")
         need(is_int(self.save_every) and self.save_every >= 1, "save_every", "expected a positive integer")
         need(isinstance(self.teacher_forced, bool), "teacher_forced", "expected True or False")
+        need(self.match in MATCH, "match", f"expected one of {', '.join(MATCH)}")
         need(self.max_time_s is None or (isinstance(self.max_time_s, (int, float)) and self.max_time_s > 0),
              "max_time_s", "expected seconds > 0 or None")
 
@@ -144,14 +156,15 @@ def validation_loss(student, teacher, batches, names, kind, device) -> float:
     return total / len(batches)
 
 
-def _lr_lambda(cfg: CalibrationConfig):
-    def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
-        span = max(1, cfg.steps - cfg.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
-
-    return f
+def learning_rate(cfg: CalibrationConfig, step: int, elapsed_s: float) -> float:
+    """Linear warm-up, then cosine decay to 0 over the steps — or over ``max_time_s`` if that comes first, so a
+    time-limited run still ends at a small learning rate."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    if cfg.max_time_s is not None:
+        progress = max(progress, elapsed_s / cfg.max_time_s)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def _save_state(path: Path, state: dict) -> None:
@@ -196,7 +209,8 @@ def calibrate(
     their starting values (``log["reverted"]``): calibration never leaves the model further from the original."""
     state_dir = Path(state_dir) if state_dir is not None else None
     fp = cfg.fingerprint(fingerprint_extra or {})
-    names = attention_names(student)
+    attention = attention_names(student)
+    names = attention if cfg.match == "attention" else layer_names(student)
     kind = output_kind(student)
     trainable, hooks = select_trainable(student, cfg.train)
     params = [p for p in student.parameters() if p.requires_grad]
@@ -204,7 +218,6 @@ def calibrate(
 
     accelerator = _make_accelerator(cfg.mixed_precision)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
     log = {"config": dataclasses.asdict(cfg), "fingerprint": fp, "output_kind": kind, "trainable": len(trainable),
            "trainable_parameters": sum(p.numel() for p in params), "device": None, "steps_done": 0,
            "wall_s": 0.0, "history": []}
@@ -227,20 +240,19 @@ def calibrate(
             for n in trainable:
                 named[n].copy_(state["params"][n])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         start_step, log = state["step"], state["log"]
         log["config"] = dataclasses.asdict(cfg)
         initial = state.get("initial")
     else:
         initial = {n: p.detach().cpu().clone() for n, p in student.named_parameters() if n in set(trainable)}
 
-    student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
+    student, optimizer = accelerator.prepare(student, optimizer)
     teacher.to(accelerator.device).eval()
     student.eval()  # no dropout: the student must reproduce the deterministic teacher
     log["device"] = str(accelerator.device)
     raw = accelerator.unwrap_model(student)
     if validation and "validation_start" not in log:
-        log["validation_start"] = validation_loss(raw, teacher, validation, names, kind, accelerator.device)
+        log["validation_start"] = validation_loss(raw, teacher, validation, attention, kind, accelerator.device)
 
     def save(step: int) -> None:
         if state_dir is None:
@@ -249,7 +261,7 @@ def calibrate(
         _save_state(state_dir / STATE_FILE, {
             "step": step, "fingerprint": fp, "log": log,
             "params": {n: named[n].detach().cpu().clone() for n in trainable}, "initial": initial,
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "optimizer": optimizer.state_dict(),
         })
         _write_log(state_dir / LOG_FILE, log)
 
@@ -258,18 +270,21 @@ def calibrate(
     step = start_step
     try:
         while step < cfg.steps:
-            if cfg.max_time_s is not None and time.perf_counter() - t0 >= cfg.max_time_s:
+            elapsed = wall0 + time.perf_counter() - t0
+            if cfg.max_time_s is not None and elapsed >= cfg.max_time_s:
                 log["stopped_early"] = f"max_time_s={cfg.max_time_s} reached after {step} steps"
                 break
+            lr = learning_rate(cfg, step, elapsed)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             batch = {k: v.to(accelerator.device) for k, v in schedule.batch(step).items()}
             loss, parts = transfer_loss(student, teacher, batch, names, kind, cfg)
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
-            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            log["history"].append({"step": step, **parts, "lr": scheduler.get_last_lr()[0],
+            log["history"].append({"step": step, **parts, "lr": lr,
                                    "wall_s": round(wall0 + time.perf_counter() - t0, 3)})
             log["steps_done"], log["wall_s"] = step, wall0 + time.perf_counter() - t0
             bar.update(1)
@@ -283,7 +298,7 @@ def calibrate(
         bar.close()
     log["steps_done"], log["wall_s"] = step, wall0 + time.perf_counter() - t0
     if validation:
-        log["validation_end"] = validation_loss(raw, teacher, validation, names, kind, accelerator.device)
+        log["validation_end"] = validation_loss(raw, teacher, validation, attention, kind, accelerator.device)
         log["reverted"] = bool(log["validation_end"] > log["validation_start"] and initial is not None)
         if log["reverted"]:
             with torch.no_grad():
