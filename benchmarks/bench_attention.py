@@ -164,26 +164,6 @@ def _build(spec: dict, L: int):
     return call
 
 
-def _rss_bytes(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _maxrss_bytes() -> int:
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if sys.platform == "darwin" else r * 1024
@@ -246,11 +226,13 @@ def worker_memory(spec: dict) -> dict:
         call()
         peak = torch.cuda.max_memory_allocated(device)
         return {"peak_bytes": peak - base, "baseline_bytes": base, "method": "cuda.max_memory_allocated"}
-    if _reset_hwm() and _rss_bytes("VmHWM") is not None:
-        base = _rss_bytes("VmRSS")
-        _reset_hwm()
+    from conversion.memory import proc_status, reset_peak_rss
+
+    if reset_peak_rss() and proc_status("VmHWM") is not None:
+        base = proc_status("VmRSS")
+        reset_peak_rss()
         call()
-        peak = _rss_bytes("VmHWM")
+        peak = proc_status("VmHWM")
         method = "VmHWM-after-clear_refs" + (", MALLOC_MMAP_THRESHOLD_=" + os.environ["MALLOC_MMAP_THRESHOLD_"]
                                              if "MALLOC_MMAP_THRESHOLD_" in os.environ else "")
         return {"peak_bytes": max(0, peak - base), "baseline_bytes": base, "method": method}

@@ -13,25 +13,45 @@ import ctypes.util
 
 import torch
 
-_M_MMAP_THRESHOLD = -3
-_MALLOPT_DONE = False
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
-def _mallopt() -> None:
-    global _MALLOPT_DONE
-    if not _MALLOPT_DONE:
-        _MALLOPT_DONE = True
-        try:
-            ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(_M_MMAP_THRESHOLD, 65536)
-        except (OSError, AttributeError):  # pragma: no cover - not glibc
-            pass
-
-
-def _status(field: str) -> int | None:
+def proc_status(field: str) -> int | None:
+    """A size field of /proc/self/status (``VmRSS``, ``VmHWM``, ``VmSize``) in bytes; None off Linux."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Make glibc map/unmap blocks >= 64 KiB one by one and return freed memory at once, then reset VmHWM to
+    the current resident set. False where the mark cannot be reset (not Linux)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 16)
+        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 17)
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes; None off Linux."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         return None
@@ -47,15 +67,11 @@ def peak_memory(call, device: torch.device) -> tuple[int | None, str]:
         call()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before, "cuda max_memory_allocated growth"
-    _mallopt()
-    base = _status("VmRSS")
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
+    base = proc_status("VmRSS")
+    if not reset_peak_rss():
         return None, "unavailable (no /proc/self/clear_refs)"
     call()
-    hwm = _status("VmHWM")
+    hwm = proc_status("VmHWM")
     if base is None or hwm is None:
         return None, "unavailable"
     return max(0, hwm - base), "resident-set high-water mark growth (Linux)"

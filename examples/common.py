@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
 import gc
 import math
 import os
@@ -29,6 +28,7 @@ import hf_performer.integration as hfp
 from conversion import CalibrationConfig, calibrate_model_statistics, extend_positions
 from conversion import calibrate as attention_transfer
 from conversion.data import BatchSchedule, pad_id, tokenize
+from conversion.memory import proc_status, reset_peak_rss
 from conversion.positions import max_tokens
 from hf_performer import PerformerConfig
 
@@ -224,47 +224,6 @@ def parse_args(dataclass_types, argv=None):
 
 
 # ---------------------------------------------------------------------------------------------- measuring
-def _rss(field_name: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _reset_rss_peak() -> bool:
-    """Reset VmHWM (Linux) and make glibc return large buffers to the OS at once, so the high-water mark
-    measures this step, not memory kept from earlier ones."""
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: blocks >= 64 KiB are mmapped / unmapped one by one
-            libc.mallopt(-1, 1 << 17)  # M_TRIM_THRESHOLD
-            libc.malloc_trim(0)
-        except OSError:
-            pass
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def available_memory_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 @contextlib.contextmanager
 def cpu_memory_cap(extra_bytes: int | None):
     """Cap this process's address space at its current size + ``extra_bytes`` (Linux): an allocation past the
@@ -274,7 +233,7 @@ def cpu_memory_cap(extra_bytes: int | None):
         import resource
     except ImportError:
         resource = None
-    size = _rss("VmSize")
+    size = proc_status("VmSize")
     if extra_bytes is None or resource is None or size is None:
         yield
         return
@@ -332,13 +291,13 @@ def measure_train_step(model, batch: dict, repeats: int = 2, lr: float = 1e-5, a
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
         else:
-            exact = _reset_rss_peak()
-            base = _rss("VmRSS")
+            exact = reset_peak_rss()
+            base = proc_status("VmRSS")
         step()  # the memory step
         if cuda:
             peak, method = torch.cuda.max_memory_allocated(device) - base, "cuda.max_memory_allocated"
         else:
-            peak = (_rss("VmHWM") or 0) - (base or 0)
+            peak = (proc_status("VmHWM") or 0) - (base or 0)
             method = "VmHWM - VmRSS" if exact else "VmHWM - VmRSS (high-water mark not resettable: upper bound)"
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
         capped = cpu_memory_limit is not None and not cuda and isinstance(exc, RuntimeError)

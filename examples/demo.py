@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import hf_performer.integration as hfp  # noqa: E402
+from conversion.memory import proc_status, reset_peak_rss  # noqa: E402
 from hf_performer import PerformerConfig  # noqa: E402
 from hf_performer.training import PerformerTrainer  # noqa: E402
 
@@ -137,10 +138,10 @@ def forward_cost(model, length: int, memory: bool) -> dict:
                     times.append(time.perf_counter() - t)
                 return {"status": "ok", "time_s": min(times)}
             gc.collect()
-            exact = common._reset_rss_peak()
-            base = common._rss("VmRSS") or 0
+            exact = reset_peak_rss()
+            base = proc_status("VmRSS") or 0
             model(**batch)
-            peak = (common._rss("VmHWM") or 0) - base
+            peak = (proc_status("VmHWM") or 0) - base
     except (RuntimeError, MemoryError) as exc:
         return {"status": "error", "error": str(exc).splitlines()[0]}
     return {"status": "ok", "peak_mib": max(0, peak) / 2**20, "exact_peak": exact}

@@ -31,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from run_classification import DataArguments, ModelArguments, build_trainer  # noqa: E402
 
+from conversion.memory import available_memory_bytes  # noqa: E402
+
 
 @dataclass
 class BenchmarkArguments:
@@ -42,14 +44,27 @@ class BenchmarkArguments:
     benchmark_isolate: bool = field(default=True, metadata={
         "help": "Measure each model in its own fresh process (clean allocator state and peak; survives an OOM kill). "
                 "False: in this process (faster to start; smoke tests)."})
+    benchmark_no_dropout_stock: bool = field(default=True, metadata={
+        "help": "Also measure the stock model with attention dropout 0: training with attention dropout sends "
+                "CPU SDPA to its math kernel (an L x L matrix per head); without it CPU and CUDA use flash kernels."})
     benchmark_cpu_memory_gb: float | None = field(default=None, metadata={
         "help": "CPU only: cap on what one measured step may allocate (default: 60% of the available memory). "
                 "A step past it reports 'oom' instead of meeting the kernel's OOM killer."})
 
 
+STOCK, STOCK_NO_DROPOUT, PERFORMER = "stock (sdpa)", "stock (sdpa, no attention dropout)", "performer"
+
+
+def _no_attention_dropout(model) -> None:
+    """Attention-probability dropout off (hidden-state dropout stays): the model the flash kernels serve."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and ("attention.self" in name or name.endswith("attn_dropout")):
+            module.p = 0.0
+
+
 def build(path: str, perf_args: common.PerformerArguments, length: int, num_labels: int, which: str):
-    """The stock model with sdpa (``which="stock"``) or the Performer model, for sequence classification with
-    ``length`` positions. From a softmax checkpoint the Performer model is its conversion; from a Performer
+    """The stock model with sdpa (``which="stock"``, or ``"stock-no-dropout"``) or the Performer model, for
+    sequence classification with ``length`` positions. From a softmax checkpoint the Performer model is its conversion; from a Performer
     checkpoint the stock model is its architecture with sdpa attention (weights do not change the cost)."""
     config = tf.AutoConfig.from_pretrained(path)
     performer_ckpt = common.is_performer_config(config)
@@ -68,6 +83,8 @@ def build(path: str, perf_args: common.PerformerArguments, length: int, num_labe
         common.extend_positions(model, length)
     if which == "performer" and not common.is_performer(model):
         model = common.hfp.convert_to_performer(model, perf_args.settings())
+    if which == "stock-no-dropout":
+        _no_attention_dropout(model)
     return model
 
 
@@ -104,10 +121,13 @@ def benchmark(model_args, perf_args, bench: BenchmarkArguments, training_args, n
     limit = None
     if device.type == "cpu":
         gb = bench.benchmark_cpu_memory_gb
-        limit = int(gb * 2**30) if gb else int(0.6 * (common.available_memory_bytes() or 8 * 2**30))
+        limit = int(gb * 2**30) if gb else int(0.6 * (available_memory_bytes() or 8 * 2**30))
     ctx = mp.get_context("spawn")
     rows = {}
-    for which, name in (("performer", "performer"), ("stock", "stock (sdpa)")):
+    runs = [("performer", PERFORMER), ("stock", STOCK)]
+    if bench.benchmark_no_dropout_stock:
+        runs.append(("stock-no-dropout", STOCK_NO_DROPOUT))
+    for which, name in runs:
         if not bench.benchmark_isolate:
             out = []
             _measure_one(which, model_args.model_name_or_path, perf_args, bench, str(device), dtype, checkpointing,
@@ -121,15 +141,20 @@ def benchmark(model_args, perf_args, bench: BenchmarkArguments, training_args, n
         proc.join()
         rows[name] = queue.get() if not queue.empty() else {
             "status": "killed", "error": f"measuring process exited with code {proc.exitcode} (out of memory?)"}
-    s, p = rows["stock (sdpa)"], rows["performer"]
-    ok = s.get("status") == p.get("status") == "ok"
+    p = rows[PERFORMER]
+
+    def ratio(stock: str, key: str):
+        s = rows.get(stock, {})
+        return p[key] / max(s[key], 1e-12) if s.get("status") == p.get("status") == "ok" else None
+
     return {
         "length": bench.benchmark_length, "batch_size": bench.benchmark_batch_size, "device": str(device),
         "precision": dtype or "float32", "activation_checkpointing": checkpointing,
         "nb_features": p.get("nb_features") or perf_args.performer_nb_features, "env": common.env_summary(),
         "results": rows, "cpu_memory_limit_bytes": limit,
-        "time_ratio": p["time_s"] / s["time_s"] if ok else None,
-        "memory_ratio": p["peak_bytes"] / max(s["peak_bytes"], 1) if ok else None,
+        "time_ratio": ratio(STOCK, "time_s"), "memory_ratio": ratio(STOCK, "peak_bytes"),
+        "time_ratio_no_dropout": ratio(STOCK_NO_DROPOUT, "time_s"),
+        "memory_ratio_no_dropout": ratio(STOCK_NO_DROPOUT, "peak_bytes"),
         "note": "each model measured in its own process; median of the timed steps after a warm-up step, then "
                 "one step for the peak memory",
     }
@@ -143,16 +168,21 @@ def render(r: dict) -> str:
              f"activation checkpointing {'on' if r['activation_checkpointing'] else 'off'}, FAVOR+ m={r['nb_features']}; "
              f"{r['env']}, device {r['device']})", "",
              "| model | step time | peak memory |", "| --- | --- | --- |"]
-    for name in ("stock (sdpa)", "performer"):
+    for name in (STOCK, STOCK_NO_DROPOUT, PERFORMER):
+        if name not in r["results"]:
+            continue
         x = r["results"][name]
         lines.append(f"| {name} | {cell(x, 'time_s', lambda v: f'{v:.2f} s')} | "
                      f"{cell(x, 'peak_bytes', lambda v: f'{v / 2**20:.0f} MiB')} |")
     for name, x in r["results"].items():
         if x.get("status") != "ok":
             lines += ["", f"{name}: {x.get('status')}: {x.get('error', '')}"]
-    if r["time_ratio"] is not None:
-        lines += ["", f"Performer / stock: time {r['time_ratio']:.2f}x (target <= 0.5x), peak memory "
-                      f"{r['memory_ratio']:.2f}x (target <= 1.5x). Memory: {r['results']['performer']['method']}."]
+    for stock, suffix in ((STOCK, ""), (STOCK_NO_DROPOUT, "_no_dropout")):
+        if r.get("time_ratio" + suffix) is not None:
+            lines += ["", f"Performer / {stock}: time {r['time_ratio' + suffix]:.2f}x (target <= 0.5x), peak memory "
+                          f"{r['memory_ratio' + suffix]:.2f}x (target <= 1.5x)."]
+    if r["results"][PERFORMER].get("method"):
+        lines += ["", f"Memory: {r['results'][PERFORMER]['method']}."]
     return "\n".join(lines)
 
 

@@ -170,7 +170,8 @@ def test_run_long_classification_benchmarks_both_models(tiny_bert, tmp_path):
         "--per_device_train_batch_size", "2", "--performer_nb_features", "16", "--benchmark_length", "512",
         "--benchmark_repeats", "1", "--benchmark_isolate", "False", "--save_strategy", "no", *COMMON])
     bench = json.loads((out / "long_step_benchmark.json").read_text())
-    assert bench["length"] == 512 and set(bench["results"]) == {"stock (sdpa)", "performer"}
+    assert bench["length"] == 512 and set(bench["results"]) == {
+        "stock (sdpa)", "stock (sdpa, no attention dropout)", "performer"}
     assert all(r["status"] == "ok" and r["time_s"] > 0 for r in bench["results"].values())
     assert "Performer / stock" in (out / "long_step_benchmark.md").read_text()
     assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 256

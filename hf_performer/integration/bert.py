@@ -28,31 +28,20 @@ from .attention_function import key_padding_mask, reject_attention_weights, warn
 from .cache import favor_cache_layer
 from .modeling import (
     AttentionSite,
+    PerformerConfigMixin,
     PerformerGenerationMixin,
     PerformerModelMixin,
-    performer_config_post_init,
-    performer_config_to_dict,
 )
 
 
 @strict
-class PerformerBertConfig(BertConfig):
+class PerformerBertConfig(PerformerConfigMixin, BertConfig):
     """BertConfig + FAVOR+ settings (``performer``: PerformerConfig.to_dict())."""
 
     model_type = "performer_bert"
     performer: dict | None = None
     hf_performer_version: str | None = None
     layer_types: list[str] | None = None
-
-    def __post_init__(self, **kwargs):
-        performer_config_post_init(self)
-        super().__post_init__(**kwargs)
-
-    def validate_layer_type(self):  # "favor_attention" is checked by performer_config_post_init
-        pass
-
-    def to_dict(self):
-        return performer_config_to_dict(self, super().to_dict())
 
 
 class CachedSelfAttentionMixin:

@@ -16,27 +16,17 @@ from transformers import (
 )
 from transformers.models.distilbert.modeling_distilbert import DistilBertSelfAttention
 
-from .modeling import AttentionSite, PerformerModelMixin, performer_config_post_init, performer_config_to_dict
+from .modeling import AttentionSite, PerformerConfigMixin, PerformerModelMixin
 
 
 @strict
-class PerformerDistilBertConfig(DistilBertConfig):
+class PerformerDistilBertConfig(PerformerConfigMixin, DistilBertConfig):
     """DistilBertConfig + FAVOR+ settings (``performer``: PerformerConfig.to_dict())."""
 
     model_type = "performer_distilbert"
     performer: dict | None = None
     hf_performer_version: str | None = None
     layer_types: list[str] | None = None
-
-    def __post_init__(self, **kwargs):
-        performer_config_post_init(self)
-        super().__post_init__(**kwargs)
-
-    def validate_layer_type(self):  # "favor_attention" is checked by performer_config_post_init
-        pass
-
-    def to_dict(self):
-        return performer_config_to_dict(self, super().to_dict())
 
 
 def distilbert_sites(model) -> Iterator[AttentionSite]:

@@ -34,24 +34,33 @@ def plugin_version() -> str:
 
 
 # ---------------------------------------------------------------------------------------------- configs
-def performer_config_post_init(config) -> None:
-    """Validate/normalise the Performer fields of a PerformerXConfig (called from its __post_init__)."""
-    config.performer = PerformerConfig.from_dict(config.performer or {}).to_dict()
-    n = config.num_hidden_layers
-    if config.layer_types is None:
-        config.layer_types = [LAYER_TYPE] * n
-    if list(config.layer_types) != [LAYER_TYPE] * n:
-        raise ValueError(
-            f"{type(config).__name__}.layer_types must be {n} x '{LAYER_TYPE}' (every layer is FAVOR+), "
-            f"got {config.layer_types}."
-        )
-    if config.hf_performer_version is None:
-        config.hf_performer_version = plugin_version()
+class PerformerConfigMixin:
+    """What every PerformerXConfig adds to its stock config class (listed first among the bases). The fields
+    themselves (``performer``, ``hf_performer_version``, ``layer_types``) are declared on each config class,
+    where the strict dataclass machinery sees them."""
 
+    def __post_init__(self, **kwargs):
+        """Validate/normalise the Performer fields, then the stock checks."""
+        self.performer = PerformerConfig.from_dict(self.performer or {}).to_dict()
+        n = self.num_hidden_layers
+        if self.layer_types is None:
+            self.layer_types = [LAYER_TYPE] * n
+        if list(self.layer_types) != [LAYER_TYPE] * n:
+            raise ValueError(
+                f"{type(self).__name__}.layer_types must be {n} x '{LAYER_TYPE}' (every layer is FAVOR+), "
+                f"got {self.layer_types}."
+            )
+        if self.hf_performer_version is None:
+            self.hf_performer_version = plugin_version()
+        super().__post_init__(**kwargs)
 
-def performer_config_to_dict(config, d: dict) -> dict:
-    d["hf_performer_version"] = plugin_version()  # the plugin that writes the checkpoint
-    return d
+    def validate_layer_type(self):  # "favor_attention" is checked in __post_init__
+        pass
+
+    def to_dict(self):
+        d = super().to_dict()
+        d["hf_performer_version"] = plugin_version()  # the plugin that writes the checkpoint
+        return d
 
 
 # ---------------------------------------------------------------------------------------------- sites

@@ -17,31 +17,20 @@ from transformers.models.roberta.modeling_roberta import RobertaCrossAttention, 
 
 from .bert import CachedSelfAttentionMixin, bert_style_sites
 from .modeling import (
+    PerformerConfigMixin,
     PerformerGenerationMixin,
     PerformerModelMixin,
-    performer_config_post_init,
-    performer_config_to_dict,
 )
 
 
 @strict
-class PerformerRobertaConfig(RobertaConfig):
+class PerformerRobertaConfig(PerformerConfigMixin, RobertaConfig):
     """RobertaConfig + FAVOR+ settings (``performer``: PerformerConfig.to_dict())."""
 
     model_type = "performer_roberta"
     performer: dict | None = None
     hf_performer_version: str | None = None
     layer_types: list[str] | None = None
-
-    def __post_init__(self, **kwargs):
-        performer_config_post_init(self)
-        super().__post_init__(**kwargs)
-
-    def validate_layer_type(self):  # "favor_attention" is checked by performer_config_post_init
-        pass
-
-    def to_dict(self):
-        return performer_config_to_dict(self, super().to_dict())
 
 
 class PerformerRobertaSelfAttention(CachedSelfAttentionMixin, RobertaSelfAttention):
