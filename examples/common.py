@@ -28,7 +28,7 @@ import hf_performer.integration as hfp
 from conversion import CalibrationConfig, calibrate_model_statistics, extend_positions
 from conversion import calibrate as attention_transfer
 from conversion.data import BatchSchedule, pad_id, tokenize
-from conversion.memory import proc_status, reset_peak_rss
+from conversion.memory import proc_status, relax_malloc, reset_peak_rss
 from conversion.positions import max_tokens
 from hf_performer import PerformerConfig
 
@@ -308,6 +308,8 @@ def measure_train_step(model, batch: dict, repeats: int = 2, lr: float = 1e-5, a
     finally:
         cap.__exit__(None, None, None)
         opt.state.clear()
+        if not cuda:
+            relax_malloc()
         model.zero_grad(set_to_none=True)
         gc.collect()
         if cuda:

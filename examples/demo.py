@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import hf_performer.integration as hfp  # noqa: E402
-from conversion.memory import proc_status, reset_peak_rss  # noqa: E402
+from conversion.memory import proc_status, relax_malloc, reset_peak_rss  # noqa: E402
 from hf_performer import PerformerConfig  # noqa: E402
 from hf_performer.training import PerformerTrainer  # noqa: E402
 
@@ -59,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--calibration-steps", type=int, default=20,
+    p.add_argument("--calibration-steps", type=int, default=100,
                    help="attention-transfer calibration steps before fine-tuning (0: statistics step only)")
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 4096],
                    help="sequence lengths of the speed / memory measurement (batch 1, forward)")
@@ -140,8 +140,11 @@ def forward_cost(model, length: int, memory: bool) -> dict:
             gc.collect()
             exact = reset_peak_rss()
             base = proc_status("VmRSS") or 0
-            model(**batch)
-            peak = (proc_status("VmHWM") or 0) - base
+            try:
+                model(**batch)
+                peak = (proc_status("VmHWM") or 0) - base
+            finally:
+                relax_malloc()
     except (RuntimeError, MemoryError) as exc:
         return {"status": "error", "error": str(exc).splitlines()[0]}
     return {"status": "ok", "peak_mib": max(0, peak) / 2**20, "exact_peak": exact}
