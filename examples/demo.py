@@ -1,7 +1,7 @@
 """End-to-end offline demo: a pretrained BERT (all-MiniLM-L6-v2) converted to Performer FAVOR+ attention,
 calibrated, fine-tuned with Trainer and compared with the original fine-tuned the same way.
 
-    python examples/demo.py            # the full demo (aim: ~10 minutes on 2 idle CPU cores)
+    python examples/demo.py            # the full demo (about 4 minutes on 2 idle CPU cores)
     python examples/demo.py --quick    # smoke run (CI): a few steps, short sequences
 
 On a shared machine whose cores are oversubscribed, multi-threaded CPU timings of FAVOR+ (many small

@@ -10,9 +10,10 @@ attention's O(L^2) compute dominates a training step; FAVOR+ is O(L).
 
     accelerate launch --config_file examples/accelerate_fsdp.yaml examples/run_long_classification.py ...
 
-Before training it measures, side by side in this process, one training step (forward, backward, AdamW;
-batch --benchmark_batch_size of --benchmark_length tokens) of the stock model with SDPA attention and of
-the Performer model: time and peak memory, written to OUTPUT_DIR/long_step_benchmark.{json,md}
+Before training it measures, each in its own process, one training step (forward, backward, AdamW;
+batch --benchmark_batch_size of --benchmark_length tokens) of the stock model with SDPA attention (as
+configured, and with attention dropout 0, which CPU SDPA needs for its flash kernel) and of the Performer
+model: time and peak memory, written to OUTPUT_DIR/long_step_benchmark.{json,md}
 (--benchmark_length 0 skips it; --benchmark_only stops after it). Both use the run's precision
 (--bf16 / --fp16 autocast) and --activation_checkpointing. Data options are run_classification.py's.
 """
