@@ -16,13 +16,7 @@ from hf_performer.training import PerformerRedrawCallback, PerformerTrainer, fea
 V, L, N = 64, 12, 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is much faster than two on a busy machine (no OpenMP spinning)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Toy(Dataset):
