@@ -56,7 +56,7 @@ def write_texts(folder: Path, max_eval: int | None) -> tuple[Path, Path]:
 
 def run_pair(name: str, source: str, work: Path, train: Path, held_out: Path, args, lengths, steps: int) -> dict:
     """Zero-shot and calibrated conversion of ``source`` and their reports."""
-    performer = {"nb_features": args.nb_features, "seed": args.seed}
+    performer = {"nb_features": args.nb_features, "seed": args.seed, "local_window": args.local_window}
     out = {"source": name, "performer": performer}
     zs = work / f"{name}-zero-shot"
     t = time.perf_counter()
@@ -149,6 +149,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke run: few steps and texts")
     p.add_argument("--only", choices=("minilm", "gpt2"), help="run one model only")
     p.add_argument("--nb-features", type=int, default=256)
+    p.add_argument("--local-window", type=int, default=0, help="exact attention to the w nearest keys (0: pure FAVOR)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calibration-steps", type=int, default=1000)
     p.add_argument("--max-time", type=float, default=600.0, help="calibration time limit per model (s)")

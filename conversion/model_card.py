@@ -36,6 +36,10 @@ def model_card(summary: dict) -> str:
         "| --- | --- |",
     ]
     lines += [f"| `{k}` | `{json.dumps(v)}` |" for k, v in perf.items()]
+    if perf.get("local_window"):
+        lines += ["", f"Local window: each query attends to its {perf['local_window']} nearest keys on each side "
+                  "(causal: the previous ones) exactly, with softmax terms, and to all other keys through FAVOR+, in one "
+                  "normalisation."]
     lines += ["", "## How it was made", ""]
     if s.get("command"):
         lines += ["```bash", s["command"], "```", ""]

@@ -29,7 +29,15 @@ from .features import (
     oprf_a,
     projection_rows,
 )
-from .ops import FavorState, favor_bidirectional, favor_causal, favor_step
+from .ops import (
+    FavorState,
+    favor_bidirectional,
+    favor_bidirectional_with_normalizer,
+    favor_causal,
+    favor_causal_with_normalizer,
+    favor_step,
+    local_window_attention,
+)
 from .ops.common import compute_dtype
 from .settings import PerformerConfig
 
@@ -220,14 +228,19 @@ class FavorAttention(nn.Module):
             self._draw_aligned()
 
     def _sample_pair_sums(self, q, k, qmask, kmask, causal) -> torch.Tensor:
-        """q + k of NB_CENTERS (query, key) pairs per head, drawn with probability softmax(q.k) / #queries."""
+        """q + k of NB_CENTERS (query, key) pairs per head, drawn with probability softmax(q.k) / #queries
+        (pairs inside the local window excluded)."""
         B, H, Lq, _ = q.shape
         Lk = k.shape[2]
         gen = torch.Generator(device="cpu").manual_seed(derive_seed(self.config.seed, self.layer_id, 0, ":pairs"))
         rows = torch.randperm(Lq, generator=gen)[:MAX_CALIBRATION_QUERIES].sort().values.to(q.device)
         allowed = torch.ones(len(rows), Lk, dtype=torch.bool, device=q.device)
+        qpos, kpos = rows[:, None] + (Lk - Lq), torch.arange(Lk, device=q.device)[None, :]
         if causal:
-            allowed = rows[:, None] + (Lk - Lq) >= torch.arange(Lk, device=q.device)[None, :]
+            allowed = qpos >= kpos
+        # pairs inside the local window are computed exactly: the features serve the others (their weight
+        # stays their share of the full attention, so mostly-local queries count little)
+        far = (qpos - kpos).abs() > self.config.local_window if self.config.local_window else None
         allowed = allowed[None].expand(B, -1, -1)
         if kmask is not None:
             allowed = allowed & kmask[:, None, :]
@@ -238,6 +251,8 @@ class FavorAttention(nn.Module):
             probs = torch.nan_to_num(probs)  # queries that see no key
             if qmask is not None:
                 probs = probs * qmask[:, rows, None]
+            if far is not None and bool((probs * far).sum() > 0):
+                probs = probs * far
             pick = torch.multinomial(probs.reshape(-1).cpu(), NB_CENTERS, replacement=True, generator=gen)
             b, t, s = pick // (len(rows) * Lk), (pick // Lk) % len(rows), pick % Lk
             centers.append(qh[b, t] + kh[b, s])
@@ -278,12 +293,22 @@ class FavorAttention(nn.Module):
             raise ValueError("causal FavorAttention needs as many queries as keys; use step() to decode.")
         mask = self._check_mask(key_padding_mask, k)
         fmap = self._prepare(q, k, causal, mask, scale)
-        op = favor_causal if causal else favor_bidirectional
-        return op(q, k, v, fmap, mask, self.config.chunk_size)
+        window, chunk = self.config.local_window, self.config.chunk_size
+        if not window:
+            op = favor_causal if causal else favor_bidirectional
+            return op(q, k, v, fmap, mask, chunk)
+        if q.shape[2] != k.shape[2]:
+            raise ValueError("local_window attention needs as many queries as keys (self-attention).")
+        ct = compute_dtype(q.dtype)
+        qc, kc, vc = q.to(ct), k.to(ct), v.to(ct)
+        op = favor_causal_with_normalizer if causal else favor_bidirectional_with_normalizer
+        out, den, log_scale = op(qc, kc, vc, fmap, mask, chunk)
+        return local_window_attention(out, den, log_scale, qc, kc, vc, fmap, mask, window, causal, chunk).to(v.dtype)
 
     def step(self, q, k, v, state: FavorState | None = None, key_padding_mask=None, scale=None):
         """Recurrent decoding: T >= 1 new tokens -> (out [B,H,T,dv], new FavorState). Equals causal
         attention over the whole sequence, position by position."""
         self._check(q, k, v)
         mask = self._check_mask(key_padding_mask, k)
-        return favor_step(q, k, v, self._prepare(q, k, True, mask, scale), state, mask, self.config.chunk_size)
+        fmap = self._prepare(q, k, True, mask, scale)
+        return favor_step(q, k, v, fmap, state, mask, self.config.chunk_size, self.config.local_window)

@@ -162,6 +162,17 @@ class FeatureMap:
         value and gradient alike."""
         return self._logits(self.transform(x, query), drop_row_terms=query)
 
+    def query_row_terms(self, x: torch.Tensor) -> torch.Tensor:
+        """The terms ``__call__(x, query=True)`` drops from every logit of a query row, for the *transformed*
+        x [..., d] -> [...]: -|x|^2/2 (softmax), plus favor++'s log D. Positive kernels only."""
+        half_sq = -0.5 * (x * x).sum(-1)
+        if self.kernel == "softmax":
+            return half_sq
+        if self.kernel == "favor++":
+            a = torch.zeros((), dtype=x.dtype, device=x.device) if self.a is None else self.a.to(x.dtype)
+            return half_sq + (0.25 * x.shape[-1] * torch.log(1 - 4 * a)).squeeze(-1)
+        raise ValueError(f"kernel {self.kernel!r} has no exponential form (local-window attention needs softmax/favor++).")
+
     def _logits(self, x: torch.Tensor, drop_row_terms: bool):
         query = drop_row_terms
         w = self.projection.to(x.dtype)

@@ -47,6 +47,10 @@ class PerformerConfig:
             features by importance sampling from a proposal fitted to the q + k of the pairs that carry
             its attention (softmax and favor++ kernels; still unbiased and positive, far lower variance
             on real checkpoints). False keeps N(0, I) features.
+        local_window: w >= 1 takes each query's nearest keys exactly (softmax terms for |i - j| <= w,
+            or the w previous keys and itself when causal) and FAVOR for all other keys, in one
+            normalisation; 0 (the default) is pure FAVOR. Extra cost O(L * w * (m + d)); decoding keeps
+            the last w keys and values besides the running sums. Positive kernels (softmax, favor++) only.
     """
 
     nb_features: int = 256
@@ -60,6 +64,7 @@ class PerformerConfig:
     center_keys: bool = True
     balance_qk: bool = True
     aligned_features: bool = True
+    local_window: int = 0
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -87,6 +92,11 @@ class PerformerConfig:
         for name in ("center_keys", "balance_qk", "aligned_features"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "expected True or False")
+        if not is_int(self.local_window) or self.local_window < 0:
+            _fail("local_window", self.local_window, "expected an integer >= 0 (0 = pure FAVOR, e.g. 4)")
+        if self.local_window and self.kernel not in ("softmax", "favor++"):
+            _fail("local_window", self.local_window, f"kernel {self.kernel!r} has no exact form to mix with; use "
+                  "kernel='softmax' or 'favor++', or local_window=0")
         if not isinstance(self.extra, dict):
             _fail("extra", self.extra, "expected a dict")
         self.eps = float(self.eps)

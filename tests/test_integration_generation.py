@@ -14,11 +14,12 @@ from hf_performer.settings import PerformerConfig
 V = 96
 
 
-def gpt2(**kw):
+def gpt2(local_window=0, **kw):
     torch.manual_seed(0)
     cfg = tf.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64, initializer_range=0.3,
                         bos_token_id=1, eos_token_id=2, pad_token_id=0, **kw)
-    return I.convert_to_performer(tf.GPT2LMHeadModel(cfg), PerformerConfig(nb_features=32, seed=5)).eval()
+    performer = PerformerConfig(nb_features=32, seed=5, local_window=local_window)
+    return I.convert_to_performer(tf.GPT2LMHeadModel(cfg), performer).eval()
 
 
 def left_padded_prompts():
@@ -36,8 +37,9 @@ NEW = 10
 COMMON = dict(max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=0)
 
 
-def test_greedy_cached_equals_uncached_full_forwards():
-    model, (ids, mask) = gpt2(), left_padded_prompts()
+@pytest.mark.parametrize("local_window", [0, 3])
+def test_greedy_cached_equals_uncached_full_forwards(local_window):
+    model, (ids, mask) = gpt2(local_window), left_padded_prompts()
     with torch.no_grad():
         cached = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, **COMMON)
         seq, m = ids, mask  # the uncached reference: a full forward over the whole sequence per token

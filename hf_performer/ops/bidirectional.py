@@ -53,15 +53,15 @@ class _FavorBidirectional(torch.autograd.Function):
             for a, b in chunks(qc.shape[2], chunk_size):
                 phi_q, r = query_features(*fmap(qc[:, :, a:b], query=True), c)  # [B, H, C, m]
                 num, d = read_state(phi_q, state)
-                d = safe_den(d)
-                out[:, :, a:b] = num / d[..., None]
+                out[:, :, a:b] = num / safe_den(d)[..., None]
                 den[:, :, a:b], rmax[:, :, a:b] = d, r.squeeze(-1)
-        ctx.save_for_backward(q, k, v, out, den, rmax, state.S, state.z, state.c, mask)
+        ctx.save_for_backward(q, k, v, out, safe_den(den), rmax, state.S, state.z, state.c, mask)
         ctx.fmap, ctx.chunk_size, ctx.ct = fmap, chunk_size, ct
-        return out.to(in_dtype)
+        ctx.mark_non_differentiable(rmax)
+        return out.to(in_dtype), den, rmax
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, grad_den=None, _grad_rmax=None):
         q, k, v, out, den, rmax, S, z, c, mask = ctx.saved_tensors
         q, k, v = q.detach(), k.detach(), v.detach()  # no autograd graph across chunks (see causal.py)
         fmap, chunk_size, ct = ctx.fmap, ctx.chunk_size, ctx.ct
@@ -79,6 +79,8 @@ class _FavorBidirectional(torch.autograd.Function):
                     phi_q = phi_q * factor
                 g_num = g[:, :, a:b] / den[:, :, a:b, None]  # [B, H, C, dv]
                 g_den = -(g_num * out[:, :, a:b]).sum(-1)  # [B, H, C]
+                if grad_den is not None:  # the normaliser is an output too (local-window attention)
+                    g_den = g_den + grad_den[:, :, a:b].to(ct)
                 d_phi = g_num @ S.transpose(-1, -2) + g_den[..., None] * z[:, :, None, :]
                 (dq[:, :, a:b],) = torch.autograd.grad(phi_q, qa, d_phi)
                 phi_q = phi_q.detach()
@@ -105,4 +107,12 @@ def favor_bidirectional(
     chunk_size: int = 128,
 ) -> torch.Tensor:
     """q [B,H,Lq,d], k [B,H,Lk,d], v [B,H,Lk,dv] (q, k already scaled) -> [B,H,Lq,dv]."""
+    return _FavorBidirectional.apply(q, k, v, fmap, key_padding_mask, chunk_size)[0]
+
+
+def favor_bidirectional_with_normalizer(q, k, v, fmap: FeatureMap, key_padding_mask=None, chunk_size: int = 128):
+    """(out [B,H,Lq,dv], den [B,H,Lq], log_scale [B,H,Lq]): the output and its normaliser
+    den_i = sum_j sum_f exp(Lg_q[i, f] + Lg_k[j, f] - log_scale_i) (0 where no real key), both differentiable;
+    ``log_scale`` is the forward's stabiliser (a constant). Local-window attention combines these with
+    exact terms in the same scale."""
     return _FavorBidirectional.apply(q, k, v, fmap, key_padding_mask, chunk_size)

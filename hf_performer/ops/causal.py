@@ -78,14 +78,15 @@ def causal_chunk(fmap: FeatureMap, q, k, v, mask, state: FavorState):
     v1 = with_ones(v)
     inter_num, inter_den = read_state(phi_q, state)
     intra = attn @ v1  # [B, H, C, dv + 1]
-    den = safe_den(inter_den * e_u + intra[..., -1])
-    out = (inter_num * e_u[..., None] + intra[..., :-1]) / den[..., None]
+    den = inter_den * e_u + intra[..., -1]
+    out = (inter_num * e_u[..., None] + intra[..., :-1]) / safe_den(den)[..., None]
     return out, den, r.squeeze(-1), U, c_ref, absorb(state, lk, fk, v1, mask)
 
 
 def causal_scan(fmap, q, k, v, mask, chunk_size, state: FavorState | None = None):
     """Causal attention over the whole sequence (differentiable by autograd, used without grad by the
-    autograd Function and by decoding). Returns (out, den, r, U, c_refs [n_chunks, B, H, m'], state)."""
+    autograd Function and by decoding). Returns (out, den, r, U, c_refs [n_chunks, B, H, m'], state); den is
+    the normaliser in the scale exp(-(r + U)) (0 where a query saw no real key)."""
     B, H, L, _ = q.shape
     if state is None:
         width = fmap(k[:, :, :1])[0].shape[-1]
@@ -107,12 +108,14 @@ class _FavorCausal(torch.autograd.Function):
         ct = compute_dtype(q.dtype)
         with no_autocast(q.device):
             out, den, r, U, refs, _ = causal_scan(fmap, q.to(ct), k.to(ct), v.to(ct), mask, chunk_size)
-        ctx.save_for_backward(q, k, v, out, den, r, U, refs, mask)
+        ctx.save_for_backward(q, k, v, out, safe_den(den), r, U, refs, mask)
         ctx.fmap, ctx.chunk_size, ctx.ct = fmap, chunk_size, ct
-        return out.to(v.dtype)
+        log_scale = r + U
+        ctx.mark_non_differentiable(log_scale)
+        return out.to(v.dtype), den, log_scale
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, grad_den=None, _grad_log_scale=None):
         q, k, v, out, den, r, U, refs, mask = ctx.saved_tensors
         # detached: under enable_grad, ops on the saved leaves would chain an autograd graph through
         # every chunk's state and keep each chunk's features alive until the backward ends
@@ -126,7 +129,10 @@ class _FavorCausal(torch.autograd.Function):
 
             def grads_of_num_den(a, b):  # d loss / d num and d loss / d den of the chunk's queries
                 g_num = g[:, :, a:b] / den[:, :, a:b, None]  # [B, H, C, dv]
-                return g_num, -(g_num * out[:, :, a:b]).sum(-1)  # [B, H, C]
+                g_den = -(g_num * out[:, :, a:b]).sum(-1)  # [B, H, C]
+                if grad_den is not None:  # the normaliser is an output too (local-window attention)
+                    g_den = g_den + grad_den[:, :, a:b].to(ct)
+                return g_num, g_den
 
             def chunk_terms(i, a, b, q_grad: bool, k_grad: bool):
                 qa = q[:, :, a:b].to(ct).detach().requires_grad_(q_grad)
@@ -194,4 +200,9 @@ def favor_causal(
     chunk_size: int = 128,
 ) -> torch.Tensor:
     """q, k [B,H,L,d] (already scaled), v [B,H,L,dv] -> [B,H,L,dv]; position t attends to s <= t."""
+    return _FavorCausal.apply(q, k, v, fmap, key_padding_mask, chunk_size)[0]
+
+
+def favor_causal_with_normalizer(q, k, v, fmap: FeatureMap, key_padding_mask=None, chunk_size: int = 128):
+    """(out, den [B,H,L], log_scale [B,H,L]) as ``favor_bidirectional_with_normalizer``, for causal attention."""
     return _FavorCausal.apply(q, k, v, fmap, key_padding_mask, chunk_size)

@@ -45,11 +45,16 @@ class FavorState:
 
     S: [B, H, m, dv] sum_s phi~(k_s) v_s^T; z: [B, H, m] sum_s phi~(k_s); c: [B, H, m'] the
     per-feature stabiliser (m' = m, or 1 for trig/relu): phi~(k) = F(k) exp(Lg(k) - c).
+    With local-window attention (w > 0) it also keeps the last w keys and values, as they reach the op,
+    and their padding mask (1.0 = real): wk [B, H, w', d], wv [B, H, w', dv], wm [B, w'], w' <= w.
     """
 
     S: torch.Tensor
     z: torch.Tensor
     c: torch.Tensor
+    wk: torch.Tensor | None = None
+    wv: torch.Tensor | None = None
+    wm: torch.Tensor | None = None
 
     @classmethod
     def empty(cls, batch: int, heads: int, nb_features: int, c_width: int, dv: int, dtype, device):
@@ -60,7 +65,8 @@ class FavorState:
         )
 
     def _map(self, fn) -> FavorState:
-        return FavorState(S=fn(self.S), z=fn(self.z), c=fn(self.c))
+        opt = lambda t: None if t is None else fn(t)  # noqa: E731
+        return FavorState(S=fn(self.S), z=fn(self.z), c=fn(self.c), wk=opt(self.wk), wv=opt(self.wv), wm=opt(self.wm))
 
     def index_select(self, index: torch.Tensor) -> FavorState:
         return self._map(lambda t: t.index_select(0, index.to(t.device)))
@@ -74,11 +80,11 @@ class FavorState:
     def rescaled(self, c_new: torch.Tensor) -> FavorState:
         """The same sums expressed relative to a larger stabiliser c_new >= c."""
         factor = torch.exp(self.c - c_new)  # [B, H, m'] <= 1
-        return FavorState(S=self.S * factor[..., None], z=self.z * factor, c=c_new)
+        return FavorState(S=self.S * factor[..., None], z=self.z * factor, c=c_new, wk=self.wk, wv=self.wv, wm=self.wm)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.S, self.z, self.c))
+        return sum(t.numel() * t.element_size() for t in (self.S, self.z, self.c, self.wk, self.wv, self.wm) if t is not None)
 
 
 def masked_logits(logits: torch.Tensor, mask: torch.Tensor | None, fill: float) -> torch.Tensor:
@@ -127,7 +133,7 @@ def absorb(state: FavorState, logits, factor, v1: torch.Tensor, mask) -> FavorSt
     state = state.rescaled(torch.maximum(state.c, chunk_max))
     phi = key_features(logits, factor, state.c[:, :, None, :], mask)  # [B, H, C, m]
     inc = phi.transpose(-1, -2) @ v1  # [B, H, m, dv + 1]
-    return FavorState(S=state.S + inc[..., :-1], z=state.z + inc[..., -1], c=state.c)
+    return FavorState(S=state.S + inc[..., :-1], z=state.z + inc[..., -1], c=state.c, wk=state.wk, wv=state.wv, wm=state.wm)
 
 
 def absorb_keys(state: FavorState, fmap: FeatureMap, k: torch.Tensor, v: torch.Tensor, mask) -> FavorState:

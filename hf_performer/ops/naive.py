@@ -27,10 +27,16 @@ def exact_softmax_attention(q, k, v, scale=None, causal=False, key_padding_mask=
     return torch.nan_to_num(weights) @ v
 
 
-def naive_linear_attention(q, k, v, fmap: FeatureMap, causal=False, key_padding_mask=None):
+def naive_linear_attention(q, k, v, fmap: FeatureMap, causal=False, key_padding_mask=None, local_window: int = 0):
     """phi(q) phi(k)^T, masked, normalised by its row sums: the exact value the fast ops compute.
-    Uses unstabilised features, so call it in float64 with moderate norms."""
+    With ``local_window`` w, the pairs with |i - j| <= w use the exact exp(q'.k') instead (q', k' the
+    transformed inputs). Uses unstabilised features, so call it in float64 with moderate norms."""
     attn = fmap.features(q, query=True) @ fmap.features(k).transpose(-1, -2)  # [B, H, Lq, Lk]
+    if local_window:
+        i, j = torch.arange(q.shape[2], device=q.device), torch.arange(k.shape[2], device=q.device)
+        band = (i[:, None] - j[None, :]).abs() <= local_window
+        exact = torch.exp(fmap.transform(q, True) @ fmap.transform(k, False).transpose(-1, -2))
+        attn = torch.where(band, exact, attn)
     allowed = _allowed(q.shape[2], k.shape[2], causal, key_padding_mask, q.device)
     attn = attn.masked_fill(~allowed, 0.0)
     return (attn @ v) / attn.sum(-1, keepdim=True)

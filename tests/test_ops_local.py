@@ -1,0 +1,169 @@
+"""Local-window attention (exact softmax on the nearest keys, FAVOR on the rest) against independent references:
+the O(L^2) masked reference with the window's pairs exact, exact softmax attention when the window covers every
+key, autograd through the reference, and decoding against the full causal pass."""
+
+import pytest
+import torch
+
+from hf_performer import PerformerConfig
+from hf_performer.attention import FavorAttention
+from hf_performer.features import FeatureMap, draw_projection
+from hf_performer.ops import (
+    exact_softmax_attention,
+    favor_bidirectional_with_normalizer,
+    favor_causal_with_normalizer,
+    local_window_attention,
+    naive_linear_attention,
+)
+from hf_performer.ops.local import band, unband
+
+D64 = torch.float64
+
+
+def qkv(B=2, H=3, L=37, d=8, dv=5, scale=0.6, seed=0, dtype=D64):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=D64).to(dtype)
+    return scale * mk(B, H, L, d), scale * mk(B, H, L, d), mk(B, H, L, dv)
+
+
+def padding_mask(B, L, left=3, right=4):
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[0, :left] = False
+    mask[-1, L - right :] = False
+    return mask
+
+
+def attention(window, kernel="softmax", d=8, H=3, m=64, chunk=8, dtype=D64):
+    cfg = PerformerConfig(nb_features=m, kernel=kernel, local_window=window, chunk_size=chunk, seed=3)
+    return FavorAttention(d, cfg, num_heads=H).to(dtype)
+
+
+def max_err(a, b, valid=None):
+    if valid is not None:
+        a, b = a[valid], b[valid]
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_band_and_unband_are_inverse_views():
+    m = torch.arange(5 * 9, dtype=D64).reshape(5, 9)  # C = 5 queries, span C + 2w with w = 2
+    b = band(m, 5)
+    assert all(b[i, j] == m[i, i + j] for i in range(5) for j in range(5))
+    dense = unband(b, 9)
+    expected = torch.zeros(5, 9, dtype=D64)
+    for i in range(5):
+        expected[i, i : i + 5] = m[i, i : i + 5]
+    assert torch.equal(dense, expected)
+
+
+@pytest.mark.parametrize("kernel", ["softmax", "favor++"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [1, 3])
+@pytest.mark.parametrize("masked", [False, True])
+def test_matches_reference_with_exact_window_pairs(kernel, causal, window, masked):
+    q, k, v = qkv()  # L = 37 is not a multiple of the chunk size 8
+    mask = padding_mask(2, 37, left=0 if causal else 3) if masked else None
+    att = attention(window, kernel)
+    out = att(q, k, v, causal=causal, key_padding_mask=mask)
+    fmap = att._prepare(q, k, causal, mask, None)
+    ref = naive_linear_attention(q, k, v, fmap, causal=causal, key_padding_mask=mask, local_window=window)
+    valid = None if mask is None else mask[:, None, :, None].expand_as(out)
+    assert max_err(out, ref, valid) < 1e-10
+    # and the window changes the result: without it the same features give another output
+    plain = naive_linear_attention(q, k, v, fmap, causal=causal, key_padding_mask=mask)
+    assert max_err(plain, ref, valid) > 1e-3
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradients_match_autograd_through_the_reference(causal):
+    q, k, v = (x.requires_grad_(True) for x in qkv(L=30))
+    mask = padding_mask(2, 30, left=0)
+    att = attention(2)
+    fmap = att._prepare(q, k, causal, mask, None)
+    g = torch.randn(2, 3, 30, 5, dtype=D64) * mask[:, None, :, None]
+    fast = torch.autograd.grad((att(q, k, v, causal=causal, key_padding_mask=mask) * g).sum(), (q, k, v))
+    slow = torch.autograd.grad(
+        (naive_linear_attention(q, k, v, fmap, causal, mask, local_window=2) * g).sum(), (q, k, v))
+    for a, b in zip(fast, slow):
+        assert max_err(a, b) < 1e-9
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradcheck(causal):
+    q, k, v = (x.requires_grad_(True) for x in qkv(B=1, H=1, L=11, d=3, dv=2))
+    fmap = FeatureMap("softmax", draw_projection(6, 3, seed=1))  # fixed features (the module's are data-dependent)
+    op = favor_causal_with_normalizer if causal else favor_bidirectional_with_normalizer
+    mask = torch.ones(1, 11, dtype=torch.bool)
+    mask[0, 9:] = False
+
+    def f(q, k, v):
+        return local_window_attention(*op(q, k, v, fmap, mask, 4), q, k, v, fmap, mask, 2, causal, 4)
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, D64])
+def test_a_window_covering_every_key_is_exact_softmax_even_at_large_logits(causal, dtype):
+    # logits of several hundred: exp() of them overflows float32 unless the exact terms are rescaled
+    q, k, v = qkv(L=23, scale=4.0, dtype=dtype)
+    mask = padding_mask(2, 23, left=0 if causal else 3)
+    att = attention(23, dtype=dtype)
+    out = att(q, k, v, causal=causal, key_padding_mask=mask)
+    ref = exact_softmax_attention(q, k, v, causal=causal, key_padding_mask=mask)
+    assert torch.isfinite(out).all()
+    valid = mask[:, None, :, None].expand_as(out)
+    assert max_err(out, ref, valid) < (1e-4 if dtype == torch.float32 else 1e-10)
+
+
+def test_window_lowers_the_error_of_local_attention_patterns():
+    # queries that attend mostly to their neighbours (a positional head): q_i . k_j large for |i - j| <= 1
+    L, d = 64, 16
+    pos = torch.randn(L, d, dtype=D64, generator=torch.Generator().manual_seed(1))
+    q = pos[None, None]
+    k = (pos + torch.roll(pos, 1, 0) + torch.roll(pos, -1, 0))[None, None]
+    v = torch.randn(1, 1, L, 4, dtype=D64, generator=torch.Generator().manual_seed(2))
+    ref = exact_softmax_attention(q, k, v)
+    errors = [((attention(w, d=d, H=1)(q, k, v) - ref).norm() / ref.norm()).item() for w in (0, 1, 4)]
+    assert errors[1] < 0.8 * errors[0] and errors[2] < errors[1], errors
+
+
+def test_no_look_ahead_with_a_huge_future_key():
+    q, k, v = qkv(B=1, H=2, L=40, scale=1.0, dtype=torch.float32)
+    att = attention(3, H=2, chunk=16, dtype=torch.float32)
+    base = att(q, k, v, causal=True)
+    for t in (5, 16, 17, 39):
+        k2, v2 = k.clone(), v.clone()
+        k2[:, :, t] *= 6.0
+        v2[:, :, t] = 1e3
+        out = att(q, k2, v2, causal=True)
+        assert torch.equal(out[:, :, :t], base[:, :, :t])
+        assert not torch.equal(out[:, :, t:], base[:, :, t:])
+
+
+@pytest.mark.parametrize("kernel", ["softmax", "favor++"])
+def test_decoding_steps_equal_the_causal_pass_and_keep_a_constant_state(kernel):
+    q, k, v = qkv(L=29)
+    mask = padding_mask(2, 29, left=5, right=0)
+    att = attention(3, kernel, chunk=4)
+    full = att(q, k, v, causal=True, key_padding_mask=mask)
+    state, outs, sizes = None, [], []
+    for a, b in [(0, 1), (1, 2), (2, 9), (9, 10), (10, 23), (23, 29)]:
+        out, state = att.step(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], state, key_padding_mask=mask[:, a:b])
+        outs.append(out)
+        sizes.append(state.nbytes)
+    valid = mask[:, None, :, None].expand_as(full)
+    assert max_err(torch.cat(outs, 2), full, valid) < 1e-10
+    assert state.wk.shape == (2, 3, 3, 8) and state.wv.shape == (2, 3, 3, 5)
+    assert len(set(sizes[2:])) == 1  # constant once the window is full
+
+
+@pytest.mark.parametrize("bad", [-1, True, 2.0])
+def test_config_rejects_bad_windows(bad):
+    with pytest.raises(ValueError, match="local_window"):
+        PerformerConfig(local_window=bad)
+
+
+@pytest.mark.parametrize("kernel", ["relu", "trig"])
+def test_config_rejects_a_window_with_kernels_without_an_exact_form(kernel):
+    with pytest.raises(ValueError, match="local_window"):
+        PerformerConfig(kernel=kernel, local_window=2)
