@@ -24,6 +24,11 @@ from .errors import ConversionError
 from .params import TRAIN_CHOICES
 
 _CHOICES = {"kernel": KERNELS, "feature_norm": FEATURE_NORMS}
+_HELP = {
+    "nb_features": "random features per head",
+    "local_window": "take the w nearest keys on each side (causal: the w previous) exactly, FAVOR+ for the rest; "
+                    "0 = pure FAVOR+; 4 brings converted models much closer to the original",
+}
 
 
 def _add_performer_flags(parser: argparse.ArgumentParser) -> list[str]:
@@ -39,7 +44,8 @@ def _add_performer_flags(parser: argparse.ArgumentParser) -> list[str]:
         elif isinstance(value, (int, float, str)):
             kind = type(value)
             group.add_argument(flag, dest=f.name, type=kind, default=None, choices=_CHOICES.get(f.name),
-                               metavar=None if f.name in _CHOICES else kind.__name__.upper(), help=f"(default {value})")
+                               metavar=None if f.name in _CHOICES else kind.__name__.upper(),
+                               help=f"{_HELP[f.name] + ' ' if f.name in _HELP else ''}(default {value})")
         else:
             continue  # dict fields (extra) are Python-only
         names.append(f.name)

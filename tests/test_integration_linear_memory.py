@@ -67,9 +67,11 @@ def record_train_step(model, inputs) -> ShapeRecorder:
     return rec
 
 
+@pytest.mark.parametrize("local_window", [0, 3])
 @pytest.mark.parametrize("family", ["bert", "gpt2"])
-def test_training_step_allocates_no_attention_sized_tensor(family):
-    model = I.convert_to_performer(build(family, "sdpa"), PerformerConfig(nb_features=32, chunk_size=64))
+def test_training_step_allocates_no_attention_sized_tensor(family, local_window):
+    performer = PerformerConfig(nb_features=32, chunk_size=64, local_window=local_window)
+    model = I.convert_to_performer(build(family, "sdpa"), performer)
     rec = record_train_step(model, batch(family))
     assert len(rec.shapes) > 100  # the recorder saw the whole step
     assert rec.quadratic() == []
@@ -82,8 +84,10 @@ def test_recorder_catches_softmax_attention(family):
     assert any(s[-2:] == (L, L) for _, s in rec.quadratic())
 
 
-def test_generation_prefill_and_decode_allocate_no_attention_sized_tensor():
-    model = I.convert_to_performer(build("gpt2", "sdpa"), PerformerConfig(nb_features=32, chunk_size=64)).eval()
+@pytest.mark.parametrize("local_window", [0, 3])
+def test_generation_prefill_and_decode_allocate_no_attention_sized_tensor(local_window):
+    performer = PerformerConfig(nb_features=32, chunk_size=64, local_window=local_window)
+    model = I.convert_to_performer(build("gpt2", "sdpa"), performer).eval()
     inputs = batch("gpt2")
     with torch.no_grad(), ShapeRecorder() as rec:
         model.generate(input_ids=inputs["input_ids"][:, : L - 4], attention_mask=inputs["attention_mask"][:, : L - 4],

@@ -12,6 +12,7 @@ from hf_performer.ops import (
     exact_softmax_attention,
     favor_bidirectional_with_normalizer,
     favor_causal_with_normalizer,
+    local,
     local_window_attention,
     naive_linear_attention,
 )
@@ -73,8 +74,10 @@ def test_matches_reference_with_exact_window_pairs(kernel, causal, window, maske
     assert max_err(plain, ref, valid) > 1e-3
 
 
+@pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
-def test_gradients_match_autograd_through_the_reference(causal):
+def test_gradients_match_autograd_through_the_reference(causal, recompute, monkeypatch):
+    monkeypatch.setattr(local, "RECOMPUTE_ABOVE", 0 if recompute else 1 << 40)  # blocks recomputed or kept
     q, k, v = (x.requires_grad_(True) for x in qkv(L=30))
     mask = padding_mask(2, 30, left=0)
     att = attention(2)

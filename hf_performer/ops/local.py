@@ -10,7 +10,8 @@ The FAVOR op returns its output and normaliser over *all* keys, in the scale exp
 stabiliser); here, in that same scale, the FAVOR terms of the window's keys are subtracted and their exact
 terms added. Every FAVOR pair term exp(Lg_q + Lg_k - log_scale) is <= 1 (the op's stabilisers bound it); the
 exact terms are rescaled per query row by exp(-s_i), s_i = max(0, largest exact log term), so nothing overflows.
-Work goes by blocks of at most 32 queries (recomputed in the backward), so memory stays O(block * (w + m + d)).
+Work goes by blocks of at most 32 queries; above 4M (batch · heads · length · features) they are recomputed in
+the backward, so memory stays O(block * (w + m + d)) on top of the op's, nothing L×L.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ..features import FeatureMap
 from .common import chunks, neg_big, no_autocast, safe_den
 
 LOCAL_CHUNK = 32  # queries per block: the block's [C, C + 2w] pair products stay close to the band's C × (2w + 1)
+RECOMPUTE_ABOVE = 1 << 22  # B·H·L·m above which blocks are recomputed in the backward instead of kept
 
 
 def window_offsets(window: int, causal: bool) -> range:
@@ -104,12 +106,15 @@ def local_window_attention(
     pad = (window, window)
     kp, vp = F.pad(k, (0, 0, *pad)), F.pad(v, (0, 0, *pad))
     mp = F.pad(mask, pad, value=False)
+    # blocks are recomputed in the backward once what they would keep (a few [T, m] per head) gets large
+    recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (out, den, q, k, v)) and (
+        B * H * T * fmap.nb_features > RECOMPUTE_ABOVE)
     result = []
     with no_autocast(q.device):
         for a, b in chunks(T, min(chunk_size, LOCAL_CHUNK)):
             ks = slice(key_offset + a, key_offset + b + 2 * window)  # padded index of key position p is p + w
             args = (out[:, :, a:b], den[:, :, a:b], log_scale[:, :, a:b], q[:, :, a:b], kp[:, :, ks], vp[:, :, ks], mp[:, ks])
-            if torch.is_grad_enabled() and any(t.requires_grad for t in (out, den, q, k, v)):
+            if recompute:
                 result.append(checkpoint(_chunk, *args, fmap, window, causal, use_reentrant=False))
             else:
                 result.append(_chunk(*args, fmap, window, causal))
