@@ -50,14 +50,14 @@ def favors(model) -> list[FavorAttention]:
 
 
 def test_checkpoint_carries_settings_version_and_every_favor_buffer(tmp_path):
-    model = bert_cls(seed=7, redraw_interval=5)
+    model = bert_cls(seed=7, redraw_interval=5, local_window=2)
     with torch.no_grad():  # calibrated statistics must survive the round trip too
         q = torch.randn(2, 2, 9, 8)
         favors(model)[1].calibrate_statistics(q, q)
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == "performer_bert"
-    assert config["performer"] == PerformerConfig(nb_features=16, seed=7, redraw_interval=5).to_dict()
+    assert config["performer"] == PerformerConfig(nb_features=16, seed=7, redraw_interval=5, local_window=2).to_dict()
     assert config["hf_performer_version"] == hf_performer.__version__
     assert config["architectures"] == ["PerformerBertForSequenceClassification"]
     tensors = load_file(tmp_path / "model.safetensors")
@@ -66,6 +66,7 @@ def test_checkpoint_carries_settings_version_and_every_favor_buffer(tmp_path):
             key = f"bert.encoder.layer.{layer}.attention.self.favor.{name}"
             assert key in tensors, key
     again = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    assert all(f.config.local_window == 2 for f in favors(again))
     assert bool(favors(again)[1].stats_calibrated) and not bool(favors(again)[0].stats_calibrated)
     with torch.no_grad():
         assert torch.equal(realigned(again)(input_ids=IDS).logits, model(input_ids=IDS).logits)

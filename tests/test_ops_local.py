@@ -170,3 +170,16 @@ def test_config_rejects_bad_windows(bad):
 def test_config_rejects_a_window_with_kernels_without_an_exact_form(kernel):
     with pytest.raises(ValueError, match="local_window"):
         PerformerConfig(kernel=kernel, local_window=2)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_half_precision_inputs_stay_finite_and_close(causal):
+    q, k, v = qkv(L=40, scale=1.5)
+    att = attention(3)
+    ref = att(q, k, v, causal=causal)
+    x = [t.to(torch.bfloat16).requires_grad_(True) for t in (q, k, v)]
+    out = att.float()(*x, causal=causal)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    assert all(torch.isfinite(t.grad.float()).all() for t in x)
+    assert max_err(out.double(), ref) < 0.05  # bf16 rounding of q, k, v and of the output
