@@ -3,6 +3,8 @@
 Implementations
     exact              torch.nn.functional.scaled_dot_product_attention (is_causal for causal)
     favor              hf_performer.FavorAttention, nb_features m (default 256), calibrated statistics
+    favor-window       the same with local_window = --local-window (default 4): exact softmax for the w
+                       nearest keys, FAVOR+ for the rest (not in the default --impls)
     performer-pytorch  performer_pytorch.FastAttention at the same m, when importable (a peer, not a
                        dependency: `make bench` installs it with --no-deps). Its causal path without
                        CUDA kernels materialises an [L, m, dv] tensor per head, so its causal runs above
@@ -73,8 +75,10 @@ RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
 README_BEGIN, README_END = "<!-- bench-attention -->", "<!-- /bench-attention -->"
 
-IMPLS = ("exact", "favor", "performer-pytorch")
-IMPL_NAMES = {"exact": "exact (sdpa)", "favor": "FAVOR+", "performer-pytorch": "performer-pytorch"}
+IMPLS = ("exact", "favor", "favor-window", "performer-pytorch")
+DEFAULT_IMPLS = ("exact", "favor", "performer-pytorch")
+IMPL_NAMES = {"exact": "exact (sdpa)", "favor": "FAVOR+", "favor-window": "FAVOR+ & window",
+              "performer-pytorch": "performer-pytorch"}
 MODES = ("bidirectional", "causal")
 PASSES = ("fwd", "fwd+bwd")
 DEFAULT_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
@@ -134,10 +138,12 @@ def _build(spec: dict, L: int):
     impl = spec["impl"]
     if impl == "exact":
         fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
-    elif impl == "favor":
+    elif impl in ("favor", "favor-window"):
         from hf_performer import FavorAttention, PerformerConfig
 
-        config = PerformerConfig(nb_features=spec["nb_features"], chunk_size=spec["chunk_size"], seed=0)
+        window = spec["local_window"] if impl == "favor-window" else 0
+        config = PerformerConfig(nb_features=spec["nb_features"], chunk_size=spec["chunk_size"], seed=0,
+                                 local_window=window)
         attn = FavorAttention(d, config=config, num_heads=H, layer_id=0).to(device)
         attn.calibrate_statistics(q.detach(), k.detach())  # as a converted model would have
         fn = lambda: attn(q, k, v, causal=causal)  # noqa: E731
@@ -356,7 +362,9 @@ def render_markdown(doc: dict) -> str:
     where = machine.get("gpu") or f"{machine.get('cpu')}, {threads} threads"
     lines = [
         f"Batch {args['batch']}, {args['heads']} heads, head_dim {args['head_dim']}, {args['dtype']}, "
-        f"FAVOR+ nb_features {args['nb_features']} (chunk {args['chunk_size']}); {args['device']}: {where}; "
+        f"FAVOR+ nb_features {args['nb_features']} (chunk {args['chunk_size']}"
+        + (f", local window {args.get('local_window')} for 'FAVOR+ & window'" if "favor-window" in impls else "")
+        + f"); {args['device']}: {where}; "
         f"torch {machine.get('torch')}; commit {machine.get('git_commit')}; {meta['date']}"
         + (f"; load average {meta['loadavg_at_start']:.1f} at start." if meta.get("loadavg_at_start") is not None
            else "."),
@@ -423,7 +431,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help=f"tiny smoke run: L {list(QUICK_LENGTHS)}, 2 repeats")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    p.add_argument("--impls", nargs="+", default=list(DEFAULT_IMPLS), choices=IMPLS)
+    p.add_argument("--local-window", type=int, default=4, help="local_window of the favor-window implementation")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--passes", nargs="+", default=list(PASSES), choices=PASSES)
     p.add_argument("--batch", type=int, default=1)
@@ -462,7 +471,7 @@ def main(argv=None) -> int:
 
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "worker"}
     common = {k: settings[k] for k in ("device", "dtype", "batch", "heads", "head_dim", "nb_features",
-                                       "chunk_size", "seed", "threads")}
+                                       "chunk_size", "seed", "threads", "local_window")}
     json_path, md_path = args.out_dir / f"{args.name}.json", args.out_dir / f"{args.name}.md"
     print(f"writing {json_path} and {md_path}", flush=True)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None

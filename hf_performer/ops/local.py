@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..features import FeatureMap
-from .common import chunks, neg_big, no_autocast, safe_den
+from .common import neg_big, no_autocast, safe_den
 
 LOCAL_CHUNK = 32  # queries per block: the block's [C, C + 2w] pair products stay close to the band's C × (2w + 1)
 RECOMPUTE_ABOVE = 1 << 22  # B·H·L·m above which blocks are recomputed in the backward instead of kept
@@ -103,17 +103,24 @@ def local_window_attention(
         raise ValueError(f"window={window}: expected >= 1.")
     B, H, T, _ = q.shape
     mask = torch.ones(B, k.shape[2], dtype=torch.bool, device=k.device) if key_padding_mask is None else key_padding_mask
-    pad = (window, window)
-    kp, vp = F.pad(k, (0, 0, *pad)), F.pad(v, (0, 0, *pad))
-    mp = F.pad(mask, pad, value=False)
+    size = min(chunk_size, LOCAL_CHUNK)
+    n = -(-T // size)  # blocks; the last one may hold fewer queries
+    span = size + 2 * window  # keys of a block: [first query - w, last query + w]
+    # padded so that key position p sits at index p + w and every block's span exists; split/unfold/unbind make
+    # one autograd node each (slicing a full-length tensor per block would cost O(L) per block in the backward)
+    tail = n * size - T + window
+    kp, vp = (F.pad(x, (0, 0, window, tail))[:, :, key_offset:] for x in (k, v))
+    mp = F.pad(mask, (window, tail), value=False)[:, key_offset:]
+    k_blocks = kp.unfold(2, span, size).transpose(-1, -2).unbind(2)  # n × [B, H, span, d]
+    v_blocks = vp.unfold(2, span, size).transpose(-1, -2).unbind(2)
+    m_blocks = mp.unfold(1, span, size).unbind(1)  # n × [B, span]
+    q_blocks, o_blocks, d_blocks, s_blocks = (x.split(size, dim=2) for x in (q, out, den, log_scale))
     # blocks are recomputed in the backward once what they would keep (a few [T, m] per head) gets large
     recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (out, den, q, k, v)) and (
         B * H * T * fmap.nb_features > RECOMPUTE_ABOVE)
     result = []
     with no_autocast(q.device):
-        for a, b in chunks(T, min(chunk_size, LOCAL_CHUNK)):
-            ks = slice(key_offset + a, key_offset + b + 2 * window)  # padded index of key position p is p + w
-            args = (out[:, :, a:b], den[:, :, a:b], log_scale[:, :, a:b], q[:, :, a:b], kp[:, :, ks], vp[:, :, ks], mp[:, ks])
+        for args in zip(o_blocks, d_blocks, s_blocks, q_blocks, k_blocks, v_blocks, m_blocks):
             if recompute:
                 result.append(checkpoint(_chunk, *args, fmap, window, causal, use_reentrant=False))
             else:
