@@ -162,11 +162,14 @@ def test_prefill_with_grad_uses_the_fused_op_and_still_fills_the_cache():
     torch.testing.assert_close(stepped, full, rtol=1e-5, atol=1e-5)
 
 
-def test_gpt2_cross_attention_generation_cached_equals_uncached():
-    """add_cross_attention: bidirectional FAVOR+ over the encoder keys (their padding honoured)."""
-    model = gpt2(add_cross_attention=True)
-    layer_ids = sorted(m.favor.layer_id for m in model.modules() if hasattr(m, "favor"))
-    assert layer_ids == [0, 1, 2, 3]  # self-attention 0..n-1, cross-attention n..2n-1
+@pytest.mark.parametrize("local_window", [0, 3])
+def test_gpt2_cross_attention_generation_cached_equals_uncached(local_window):
+    """add_cross_attention: bidirectional FAVOR+ over the encoder keys (their padding honoured); a local window
+    applies to self-attention only."""
+    model = gpt2(local_window, add_cross_attention=True)
+    favors = sorted((m.favor for m in model.modules() if hasattr(m, "favor")), key=lambda f: f.layer_id)
+    assert [f.layer_id for f in favors] == [0, 1, 2, 3]  # self-attention 0..n-1, cross-attention n..2n-1
+    assert [f.config.local_window for f in favors] == [local_window] * 2 + [0, 0]
     ids, mask = left_padded_prompts()
     g = torch.Generator().manual_seed(5)
     enc = torch.randn(3, 7, 32, generator=g)

@@ -81,7 +81,8 @@ def site_settings(site: AttentionSite, settings: PerformerConfig) -> PerformerCo
 
     An uncalibrated bidirectional FavorAttention measures its key shift / balance factor / favor++ A on the
     queries of each call. For cross-attention that would make decoding (one query per call) differ from a
-    full forward (all queries), so cross-attention sites run without those query statistics."""
+    full forward (all queries), so cross-attention sites run without those query statistics, and without a
+    local window."""
     if not site.cross_attention:
         return settings
     if settings.kernel == "favor++":
@@ -89,7 +90,8 @@ def site_settings(site: AttentionSite, settings: PerformerConfig) -> PerformerCo
             "kernel='favor++' is not supported with cross-attention: its variance-optimal A is measured on the "
             "queries of each call, so cached decoding would not match full forwards. Use kernel='softmax'."
         )
-    return PerformerConfig.from_dict({**settings.to_dict(), "center_keys": False, "balance_qk": False})
+    # no local window either: query and key positions belong to different sequences
+    return PerformerConfig.from_dict({**settings.to_dict(), "center_keys": False, "balance_qk": False, "local_window": 0})
 
 
 def plan_favor(sites: Iterator[AttentionSite], settings: PerformerConfig) -> list[tuple[AttentionSite, PerformerConfig]]:
