@@ -40,11 +40,12 @@ def test_convert_bert_round_trip(tmp_path, capsys):
 
 def test_convert_gpt2_round_trip_with_calibration(tmp_path, capsys):
     src, out, txt = tiny_gpt2(tmp_path / "src"), tmp_path / "out", text_file(tmp_path / "t.txt")
-    rc = run("convert", src, out, "--nb-features", 16, "--calibrate", "--calibration-data", txt,
+    rc = run("convert", src, out, "--nb-features", 16, "--local-window", 2, "--calibrate", "--calibration-data", txt,
              "--calibration-steps", 2, "--batch-size", 2, "--max-length", 24, "--no-progress")
     assert rc == 0, capsys.readouterr().err
     model = tf.AutoModelForCausalLM.from_pretrained(out)
     assert type(model).__name__ == "PerformerGPT2LMHeadModel"
+    assert model.config.performer["local_window"] == 2 and "Local window" in (out / "README.md").read_text()
     log = json.loads((out / "calibration_log.json").read_text())
     assert log["steps_done"] == 2 and len(log["history"]) == 2 and log["output_kind"] == "logits"
     assert not (tmp_path / ".out.calibration").exists()  # state removed after success
