@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -65,8 +65,8 @@ class FavorState:
         )
 
     def _map(self, fn) -> FavorState:
-        opt = lambda t: None if t is None else fn(t)  # noqa: E731
-        return FavorState(S=fn(self.S), z=fn(self.z), c=fn(self.c), wk=opt(self.wk), wv=opt(self.wv), wm=opt(self.wm))
+        """fn applied to every tensor field (window fields too, when present)."""
+        return FavorState(**{f.name: None if (t := getattr(self, f.name)) is None else fn(t) for f in fields(self)})
 
     def index_select(self, index: torch.Tensor) -> FavorState:
         return self._map(lambda t: t.index_select(0, index.to(t.device)))
@@ -80,11 +80,12 @@ class FavorState:
     def rescaled(self, c_new: torch.Tensor) -> FavorState:
         """The same sums expressed relative to a larger stabiliser c_new >= c."""
         factor = torch.exp(self.c - c_new)  # [B, H, m'] <= 1
-        return FavorState(S=self.S * factor[..., None], z=self.z * factor, c=c_new, wk=self.wk, wv=self.wv, wm=self.wm)
+        return replace(self, S=self.S * factor[..., None], z=self.z * factor, c=c_new)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.S, self.z, self.c, self.wk, self.wv, self.wm) if t is not None)
+        tensors = (getattr(self, f.name) for f in fields(self))
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def masked_logits(logits: torch.Tensor, mask: torch.Tensor | None, fill: float) -> torch.Tensor:
@@ -133,7 +134,7 @@ def absorb(state: FavorState, logits, factor, v1: torch.Tensor, mask) -> FavorSt
     state = state.rescaled(torch.maximum(state.c, chunk_max))
     phi = key_features(logits, factor, state.c[:, :, None, :], mask)  # [B, H, C, m]
     inc = phi.transpose(-1, -2) @ v1  # [B, H, m, dv + 1]
-    return FavorState(S=state.S + inc[..., :-1], z=state.z + inc[..., -1], c=state.c, wk=state.wk, wv=state.wv, wm=state.wm)
+    return replace(state, S=state.S + inc[..., :-1], z=state.z + inc[..., -1])
 
 
 def absorb_keys(state: FavorState, fmap: FeatureMap, k: torch.Tensor, v: torch.Tensor, mask) -> FavorState:

@@ -9,6 +9,8 @@ window exactly from those and the new keys.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..features import FeatureMap
@@ -41,5 +43,5 @@ def favor_step(
                 kc, vc, mask = torch.cat([state.wk, kc], 2), torch.cat([state.wv, vc], 2), torch.cat([state.wm, mask], 1)
             out = local_window_attention(out, den, r + U, qc, kc, vc, fmap, mask > 0, local_window, True, chunk_size,
                                          key_offset=kc.shape[2] - T)
-            new.wk, new.wv, new.wm = kc[:, :, -local_window:], vc[:, :, -local_window:], mask[:, -local_window:]
+            new = replace(new, wk=kc[:, :, -local_window:], wv=vc[:, :, -local_window:], wm=mask[:, -local_window:])
     return out.to(v.dtype), new
