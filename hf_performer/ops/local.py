@@ -29,11 +29,6 @@ LOCAL_CHUNK = 32  # queries per block: the block's [C, C + 2w] pair products sta
 RECOMPUTE_ABOVE = 1 << 22  # B·H·L·m above which blocks are recomputed in the backward instead of kept
 
 
-def window_offsets(window: int, causal: bool) -> range:
-    """Key offsets j - i inside the window."""
-    return range(-window, 1) if causal else range(-window, window + 1)
-
-
 def band(m: torch.Tensor, width: int) -> torch.Tensor:
     """[..., C, C + s] -> [..., C, width]: entry (i, j) = m[i, i + j] (a view through padding; width <= s + 1)."""
     C, S = m.shape[-2:]
@@ -50,7 +45,7 @@ def _chunk(out, den, log_scale, q, k, v, kmask, fmap: FeatureMap, window: int, c
     """One chunk of C queries; k, v, kmask hold keys [first query - w, last query + w] (zero/False padded).
     out [B,H,C,dv], den/log_scale [B,H,C], q [B,H,C,d], k [B,H,C+2w,d], v [B,H,C+2w,dv], kmask [B,C+2w]."""
     C, span, big = q.shape[2], k.shape[2], neg_big(q.dtype)
-    width = len(window_offsets(window, causal))  # offsets -w .. 0 (causal) or -w .. w: column j is offset j - w
+    width = window + 1 if causal else 2 * window + 1  # offsets -w .. 0 or -w .. w: column j is offset j - w
     lq, _ = fmap(q, query=True)  # [B, H, C, m]
     lk, _ = fmap(k)  # [B, H, span, m]
     valid = kmask.unfold(-1, width, 1)[:, None, :C]  # [B, 1, C, width]: is key i + j real
@@ -66,7 +61,7 @@ def _chunk(out, den, log_scale, q, k, v, kmask, fmap: FeatureMap, window: int, c
         c = torch.where(key_ok, lk, big).amax(2, keepdim=True).detach()  # [B, H, 1, m]
         phi_q = torch.exp(lq + c - log_scale[..., None])
         phi_k = torch.exp(torch.where(key_ok, lk - c, big))
-        fav = band(phi_q @ phi_k.transpose(-1, -2), width).masked_fill(~valid, 0.0)
+        fav = band(phi_q @ phi_k.transpose(-1, -2), width)  # padded keys have phi_k = 0
     qt, kt = fmap.transform(q, True), fmap.transform(k, False)
     base = -fmap.query_row_terms(qt) - log_scale + math.log(fmap.nb_features)  # [B, H, C]
     exact = torch.where(valid, band(qt @ kt.transpose(-1, -2), width) + base[..., None], big)  # log exact terms
