@@ -35,8 +35,7 @@ help:
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# conversion/__init__.py: setuptools maps the top-level packages that exist at install time.
-$(STAMP): setup.cfg $(wildcard conversion/__init__.py) | $(PY)
+$(STAMP): setup.cfg | $(PY)
 	$(PIP) install "$(TORCH_SPEC)"
 	$(PIP) install -e ".[test]"
 	touch $@

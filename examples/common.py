@@ -4,7 +4,7 @@
   softmax checkpoint on the fly; a checkpoint that is already a Performer model loads as it is.
 * ``load_model``: from_pretrained + optional conversion + optional position extension.
 * ``calibrate``: the conversion pipeline's statistics step and attention-transfer calibration
-  (``conversion.calibrate_model_statistics`` / ``conversion.calibrate``); ``extend_positions`` and
+  (``hf_performer.conversion.calibrate_model_statistics`` / ``hf_performer.conversion.calibrate``); ``extend_positions`` and
   ``max_tokens`` are ``conversion``'s (Longformer-style tiling of the position table).
 * ``measure_train_step``: time and peak memory of one optimizer step (CUDA allocator peak, or the
   process's resident-set high-water mark on CPU).
@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 
 import hf_performer.integration as hfp
-from conversion import CalibrationConfig, calibrate_model_statistics, extend_positions
-from conversion import calibrate as attention_transfer
-from conversion.data import BatchSchedule, pad_id, tokenize
-from conversion.memory import proc_status, relax_malloc, reset_peak_rss
-from conversion.positions import max_tokens
 from hf_performer import PerformerConfig
+from hf_performer.conversion import CalibrationConfig, calibrate_model_statistics, extend_positions
+from hf_performer.conversion import calibrate as attention_transfer
+from hf_performer.conversion.data import BatchSchedule, pad_id, tokenize
+from hf_performer.conversion.memory import proc_status, relax_malloc, reset_peak_rss
+from hf_performer.conversion.positions import max_tokens
 
 __all__ = ["BUNDLED_DATA", "LMDataArguments", "PerformerArguments", "calibrate", "extend_positions", "is_performer",
            "load_model", "max_tokens", "measure_train_step", "parse_args", "train_and_evaluate"]

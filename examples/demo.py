@@ -41,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import hf_performer.integration as hfp  # noqa: E402
-from conversion.memory import proc_status, relax_malloc, reset_peak_rss  # noqa: E402
 from hf_performer import PerformerConfig  # noqa: E402
+from hf_performer.conversion.memory import proc_status, relax_malloc, reset_peak_rss  # noqa: E402
 from hf_performer.training import PerformerTrainer  # noqa: E402
 
 LABELS = ["lexical analysis", "data model", "execution model", "expressions", "simple statements",

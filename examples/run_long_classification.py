@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from run_classification import DataArguments, ModelArguments, build_trainer  # noqa: E402
 
-from conversion.memory import available_memory_bytes  # noqa: E402
+from hf_performer.conversion.memory import available_memory_bytes  # noqa: E402
 
 
 @dataclass

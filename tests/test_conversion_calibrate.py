@@ -9,13 +9,19 @@ import torch
 import transformers as tf
 from test_conversion_fixtures import tokenizer
 
-from conversion.calibrate import STATE_FILE, CalibrationConfig, calibrate, output_kind, transfer_loss
-from conversion.capture import attention_names
-from conversion.corpus import pydoc_paragraphs
-from conversion.data import BatchSchedule, pad_id, tokenize
-from conversion.errors import ConversionError
-from conversion.statistics import calibrate_model_statistics
 from hf_performer import PerformerConfig
+from hf_performer.conversion.calibrate import (
+    STATE_FILE,
+    CalibrationConfig,
+    calibrate,
+    output_kind,
+    transfer_loss,
+)
+from hf_performer.conversion.capture import attention_names
+from hf_performer.conversion.corpus import pydoc_paragraphs
+from hf_performer.conversion.data import BatchSchedule, pad_id, tokenize
+from hf_performer.conversion.errors import ConversionError
+from hf_performer.conversion.statistics import calibrate_model_statistics
 from hf_performer.integration import convert_to_performer
 
 SETTINGS = PerformerConfig(nb_features=8, seed=0)

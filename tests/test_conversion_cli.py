@@ -11,7 +11,7 @@ from test_conversion_fixtures import listing, text_file, tiny_bert, tiny_gpt2
 
 import hf_performer  # noqa: F401 - registers the Performer model types
 import hf_performer.integration  # noqa: F401
-from conversion.cli import main
+from hf_performer.conversion.cli import main
 
 
 def run(*argv) -> int:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conversion.corpus import pydoc_paragraphs
-from conversion.data import BatchSchedule, collate, read_texts
-from conversion.errors import ConversionError
+from hf_performer.conversion.corpus import pydoc_paragraphs
+from hf_performer.conversion.data import BatchSchedule, collate, read_texts
+from hf_performer.conversion.errors import ConversionError
 
 
 def test_text_file_lines_paragraphs_and_folder(tmp_path):

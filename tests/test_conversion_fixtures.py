@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers as tf
 
-from conversion.corpus import pydoc_paragraphs
+from hf_performer.conversion.corpus import pydoc_paragraphs
 
 
 @functools.cache

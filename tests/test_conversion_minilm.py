@@ -11,7 +11,7 @@ import transformers as tf
 from test_conversion_fixtures import listing, minilm_path, text_file
 
 import hf_performer.integration  # noqa: F401 - registers the Performer model types
-from conversion import convert
+from hf_performer.conversion import convert
 
 
 @pytest.mark.slow

@@ -8,9 +8,9 @@ import pytest
 import torch
 import transformers as tf
 
-from conversion.errors import ConversionError
-from conversion.positions import extend_positions, max_tokens
 from hf_performer import PerformerConfig
+from hf_performer.conversion.errors import ConversionError
+from hf_performer.conversion.positions import extend_positions, max_tokens
 from hf_performer.integration import convert_to_performer
 
 V = 50

@@ -7,8 +7,8 @@ import math
 
 from test_conversion_fixtures import text_file, tiny_bert, tiny_gpt2
 
-from conversion.cli import main
-from conversion.report import report
+from hf_performer.conversion.cli import main
+from hf_performer.conversion.report import report
 
 
 def _convert(src, out, txt):

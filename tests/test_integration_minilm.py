@@ -53,8 +53,8 @@ def test_minilm_converts_saves_and_reloads(tmp_path):
 
 
 def test_local_window_brings_zero_shot_minilm_closer_to_the_original():
-    from conversion.corpus import pydoc_paragraphs
     from hf_performer import calibrate_feature_statistics
+    from hf_performer.conversion.corpus import pydoc_paragraphs
 
     path = minilm.get_model_path()
     tokenizer = tf.AutoTokenizer.from_pretrained(path)

@@ -28,7 +28,7 @@ def test_metadata():
     assert cfg["metadata"]["license"] == "Apache-2.0"
     assert cfg["options"]["python_requires"] == ">=3.10"
     include = _lines(cfg["options.packages.find"]["include"])
-    assert {"hf_performer", "hf_performer.*", "conversion", "conversion.*"} <= set(include)
+    assert set(include) == {"hf_performer", "hf_performer.*"}  # no generic top-level names in site-packages
 
 
 def test_torch_is_a_range_not_a_pin():
@@ -45,7 +45,7 @@ def test_extras_and_console_script():
     assert "pytest" in _lines(extras["test"]) and "ruff" in _lines(extras["test"])
     assert "bench" in extras
     scripts = _lines(cfg["options.entry_points"]["console_scripts"])
-    assert "hf-performer = conversion.cli:main" in scripts
+    assert "hf-performer = hf_performer.conversion.cli:main" in scripts
 
 
 def test_readme_starts_with_the_two_commands():
@@ -103,3 +103,17 @@ def test_bench_atomic_write(tmp_path):
     bench.atomic_write(target, "{}\n")
     assert target.read_text() == "{}\n"
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_conversion_scripts_run_the_cli(tmp_path):
+    """conversion/*.py are thin scripts over hf_performer.conversion (no importable top-level `conversion`)."""
+    import subprocess
+    import sys
+
+    for script, command in (("convert_checkpoint.py", "convert"), ("report_checkpoint.py", "report")):
+        run = subprocess.run([sys.executable, str(ROOT / "conversion" / script), "--help"], capture_output=True,
+                             text=True, cwd=tmp_path, timeout=120)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.startswith(f"usage: hf-performer {command}")
+    assert importlib.util.find_spec("hf_performer.conversion.cli") is not None
+    assert not (ROOT / "conversion" / "__init__.py").exists()

@@ -1,5 +1,5 @@
-"""``hf-performer`` command line: ``convert`` and ``report`` (thin wrappers over ``conversion.convert`` and
-``conversion.report``).
+"""``hf-performer`` command line: ``convert`` and ``report`` (thin wrappers over ``hf_performer.conversion.convert`` and
+``hf_performer.conversion.report``).
 
     hf-performer convert bert-base-uncased ./bert-performer --nb-features 256 --max-position-embeddings 4096 \\
         --calibrate --calibration-data ./my_texts.txt --calibration-steps 300

@@ -1,6 +1,6 @@
 """hf-performer conversion: ``hf-performer convert`` / ``hf-performer report`` and their Python API.
 
-    from conversion import convert, report, CalibrationConfig
+    from hf_performer.conversion import convert, report, CalibrationConfig
     convert("bert-base-uncased", "./bert-performer", {"nb_features": 256}, max_position_embeddings=4096,
             calibration_data="./my_texts.txt", calibrate_model=True, calibration=CalibrationConfig(steps=300))
     report("bert-base-uncased", "./bert-performer", "./heldout.txt")
