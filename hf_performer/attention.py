@@ -29,15 +29,7 @@ from .features import (
     oprf_a,
     projection_rows,
 )
-from .ops import (
-    FavorState,
-    favor_bidirectional,
-    favor_bidirectional_with_normalizer,
-    favor_causal,
-    favor_causal_with_normalizer,
-    favor_step,
-    local_window_attention,
-)
+from .ops import FavorState, favor_bidirectional, favor_causal, favor_step
 from .ops.common import compute_dtype
 from .settings import PerformerConfig
 
@@ -72,6 +64,7 @@ class FavorAttention(nn.Module):
         self.register_buffer("log_qk_scale", torch.zeros(num_heads, **f32))
         self.register_buffer("oprf_rho", torch.zeros(num_heads, **f32))
         self.register_buffer("stats_calibrated", torch.zeros((), dtype=torch.bool))
+        self._calibrated_seen = (id(self.stats_calibrated), self.stats_calibrated._version, False)
         # importance-sampled ("aligned") features, filled by calibrate_statistics
         rows = projection_rows(self.config)
         self.register_buffer("proposal_centers", torch.zeros(num_heads, NB_CENTERS, head_dim, **f32))
@@ -87,10 +80,25 @@ class FavorAttention(nn.Module):
         )
 
     @property
+    def calibrated(self) -> bool:
+        """Whether the statistics step has run (the ``stats_calibrated`` buffer), as Python state.
+
+        Reading a device tensor's value is a host synchronisation, so the value is kept in Python and re-read
+        only when the buffer changes (another tensor object, or an in-place write such as a checkpoint load):
+        steady-state forwards, backwards and decoding steps never synchronise. Under ``torch.compile`` the
+        value last seen in eager mode is used."""
+        buf, seen = self.stats_calibrated, self._calibrated_seen
+        if torch.compiler.is_compiling() or buf.is_meta:
+            return seen[2]
+        if seen[:2] != (id(buf), buf._version):
+            self._calibrated_seen = (id(buf), buf._version, bool(buf))
+        return self._calibrated_seen[2]
+
+    @property
     def aligned(self) -> bool:
         """True when this layer uses importance-sampled features (calibrated, positive kernel)."""
         c = self.config
-        return c.aligned_features and c.kernel in ("softmax", "favor++") and bool(self.stats_calibrated)
+        return c.aligned_features and c.kernel in ("softmax", "favor++") and self.calibrated
 
     @torch.no_grad()
     def _draw_aligned(self) -> None:
@@ -118,7 +126,11 @@ class FavorAttention(nn.Module):
     def _apply(self, fn, recurse=True):
         # keep the projection and statistics in float32 when the model is cast to half precision
         keep = {n: self._buffers[n] for n in _FP32_BUFFERS}
+        calibrated = self._calibrated_seen[2] if self._calibrated_seen[0] == id(self.stats_calibrated) else None
         super()._apply(fn, recurse)
+        buf = self.stats_calibrated
+        if calibrated is not None:  # same value in a new tensor (device/dtype moves): no re-read needed
+            self._calibrated_seen = (id(buf), buf._version, calibrated)
         for name, old in keep.items():
             new = self._buffers[name]
             if new.dtype != torch.float32:
@@ -150,7 +162,7 @@ class FavorAttention(nn.Module):
         chunk inside the ops, so no transformed copy of q or k is ever materialised."""
         c, H, dt = self.config, q.shape[1], compute_dtype(q.dtype)
         root = math.sqrt(self.head_dim**-0.5 if scale is None else float(scale))
-        if bool(self.stats_calibrated):
+        if self.calibrated:
             shift = self._per_head(self.key_shift, H).to(dt)[None, :, None, :]
             log_a = self._per_head(self.log_qk_scale, H).to(dt)[None, :, None, None]
             rho = self._per_head(self.oprf_rho, H).to(dt)[None, :, None, None]
@@ -177,15 +189,18 @@ class FavorAttention(nn.Module):
         c = E[q] + E[k] minimises E|q + k − c|²; a⁴ = E|k − c|² / E|q|² balances the two norms; rho is
         E|a q + (k − c)/a|² / d, the favor++ parameter."""
 
+        dt = compute_dtype(q.dtype)  # float32 for half inputs, else the inputs' own precision
+
         def moments(x, mask):  # E[x] [B,H,d] and E|x|² [B,H] over real positions
-            sq = torch.linalg.vector_norm(x.float(), dim=-1) ** 2  # [B, H, L]
+            x = x.to(dt)
+            sq = torch.linalg.vector_norm(x, dim=-1) ** 2  # [B, H, L]
             if mask is None:
-                w = torch.full((x.shape[0], x.shape[2]), 1.0 / x.shape[2], dtype=torch.float32, device=x.device)
+                w = torch.full((x.shape[0], x.shape[2]), 1.0 / x.shape[2], dtype=dt, device=x.device)
             else:
-                w = mask.float() / mask.sum(1, keepdim=True).clamp_min(1)  # [B, L]
-            mean, msq = torch.einsum("bhld,bl->bhd", x.float(), w), torch.einsum("bhl,bl->bh", sq, w)
+                w = mask.to(dt) / mask.sum(1, keepdim=True).clamp_min(1)  # [B, L]
+            mean, msq = torch.einsum("bhld,bl->bhd", x, w), torch.einsum("bhl,bl->bh", sq, w)
             if reduce_batch:
-                rows = torch.ones(x.shape[0], device=x.device) if mask is None else (mask.sum(1) > 0).float()
+                rows = torch.ones(x.shape[0], dtype=dt, device=x.device) if mask is None else (mask.sum(1) > 0).to(dt)
                 rows = rows / rows.sum().clamp_min(1)
                 mean, msq = torch.einsum("bhd,b->hd", mean, rows)[None], torch.einsum("bh,b->h", msq, rows)[None]
             return root * mean, root**2 * msq
@@ -198,7 +213,6 @@ class FavorAttention(nn.Module):
         log_a = 0.25 * (mk.log() - mq.log()) if self.config.balance_qk else torch.zeros_like(mq)
         a2 = (2 * log_a).exp()
         rho = (a2 * mq + mk / a2 + 2 * (mean_q * (mean_k - shift)).sum(-1)) / q.shape[-1]
-        dt = compute_dtype(q.dtype)
         return shift[:, :, None, :].to(dt), log_a[..., None, None].to(dt), rho[..., None, None].to(dt)
 
     @torch.no_grad()
@@ -224,6 +238,7 @@ class FavorAttention(nn.Module):
         k = k.to(ct) * (root / a) - (shift / a if self.config.center_keys else 0)
         self.proposal_centers.copy_(self._sample_pair_sums(q, k, qmask, mask, causal).to(self.proposal_centers))
         self.stats_calibrated.fill_(True)
+        self._calibrated_seen = (id(self.stats_calibrated), self.stats_calibrated._version, True)
         if self.aligned:
             self._draw_aligned()
 
@@ -287,23 +302,19 @@ class FavorAttention(nn.Module):
         return FeatureMap(self.config.kernel, self.projection.to(dtype), self.config.eps, a, **transforms)
 
     def forward(self, q, k, v, causal: bool = False, key_padding_mask=None, scale=None) -> torch.Tensor:
-        """q, k [B,H,L,d], v [B,H,L,dv] -> [B,H,Lq,dv] ≈ softmax(q kᵀ·scale) v (scale = d^-1/2 if None)."""
+        """q, k [B,H,L,d], v [B,H,L,dv] -> [B,H,Lq,dv] ≈ softmax(q kᵀ·scale) v (scale = d^-1/2 if None).
+
+        key_padding_mask [B, Lk] bool/int (True/1 = real token) or None. Raises ValueError on shape mismatches,
+        an L×L or floating-point mask, causal attention with Lq != Lk, or a local window with Lq != Lk."""
         self._check(q, k, v)
         if causal and q.shape[2] != k.shape[2]:
             raise ValueError("causal FavorAttention needs as many queries as keys; use step() to decode.")
         mask = self._check_mask(key_padding_mask, k)
         fmap = self._prepare(q, k, causal, mask, scale)
-        window, chunk = self.config.local_window, self.config.chunk_size
-        if not window:
-            op = favor_causal if causal else favor_bidirectional
-            return op(q, k, v, fmap, mask, chunk)
-        if q.shape[2] != k.shape[2]:
-            raise ValueError("local_window attention needs as many queries as keys (self-attention).")
-        ct = compute_dtype(q.dtype)
-        qc, kc, vc = q.to(ct), k.to(ct), v.to(ct)
-        op = favor_causal_with_normalizer if causal else favor_bidirectional_with_normalizer
-        out, den, log_scale = op(qc, kc, vc, fmap, mask, chunk)
-        return local_window_attention(out, den, log_scale, qc, kc, vc, fmap, mask, window, causal, chunk).to(v.dtype)
+        window = self.config.local_window
+        if causal:
+            return favor_causal(q, k, v, fmap, mask, self.config.chunk_size, window)
+        return favor_bidirectional(q, k, v, fmap, mask, window)
 
     def step(self, q, k, v, state: FavorState | None = None, key_padding_mask=None, scale=None):
         """Recurrent decoding: T >= 1 new tokens -> (out [B,H,T,dv], new FavorState). Equals causal

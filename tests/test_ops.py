@@ -29,6 +29,13 @@ def padding_mask(B, L, left=3, right=4):
     return mask
 
 
+def bidirectional(q, k, v, fmap, mask=None, chunk_size=None):  # one pass: no chunk size
+    return favor_bidirectional(q, k, v, fmap, mask)
+
+
+OPS = {False: bidirectional, True: favor_causal}
+
+
 def rel_err(a, b, valid=None):
     if valid is not None:
         a, b = a[valid], b[valid]
@@ -42,7 +49,7 @@ def test_chunked_ops_match_naive_linear_attention(kernel, causal, masked):
     q, k, v = qkv()  # L = 37 is not a multiple of the chunk size 8
     mask = padding_mask(2, 37) if masked else None
     fmap = fmap_for(kernel)
-    op = favor_causal if causal else favor_bidirectional
+    op = OPS[causal]
     out = op(q, k, v, fmap, mask, chunk_size=8)
     ref = naive_linear_attention(q, k, v, fmap, causal=causal, key_padding_mask=mask)
     valid = None if mask is None else mask[:, None, :, None].expand_as(out)
@@ -69,7 +76,7 @@ def test_causal_output_at_t_equals_bidirectional_on_the_prefix():
     fmap = fmap_for("softmax")
     causal = favor_causal(q, k, v, fmap, chunk_size=4)
     for t in (0, 3, 4, 12, 20):
-        prefix = favor_bidirectional(q[:, :, : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], fmap, chunk_size=4)
+        prefix = favor_bidirectional(q[:, :, : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], fmap)
         assert rel_err(causal[:, :, t], prefix[:, :, t]) < 1e-10
 
 
@@ -92,7 +99,7 @@ def test_no_look_ahead_even_with_a_huge_future_key(dtype):
 def test_padding_equals_unpadded_computation(causal):
     q, k, v = qkv(B=1, L=20)
     fmap = fmap_for("softmax")
-    op = favor_causal if causal else favor_bidirectional
+    op = OPS[causal]
     ref = op(q, k, v, fmap, chunk_size=8)
     for left, right in [(5, 0), (0, 7), (3, 2)]:
         pad = lambda x, left=left, right=right: torch.cat(
@@ -111,7 +118,7 @@ def test_gradcheck(kernel, causal):
     fmap = fmap_for(kernel, d=3, m=6)
     mask = torch.ones(1, 10, dtype=torch.bool)
     mask[0, :2] = False
-    op = favor_causal if causal else favor_bidirectional
+    op = OPS[causal]
     for m in (None, mask):
         assert torch.autograd.gradcheck(lambda q, k, v, m=m: op(q, k, v, fmap, m, 4), (q, k, v))
 
@@ -122,7 +129,7 @@ def test_backward_matches_autograd_through_the_naive_reference(causal):
     # right padding only: a left-padded causal row has queries that see no key (0/0 in the reference)
     fmap, mask = fmap_for("softmax"), padding_mask(2, 30, left=0)
     g = torch.randn(2, 3, 30, 5, dtype=D64) * mask[:, None, :, None]
-    op = favor_causal if causal else favor_bidirectional
+    op = OPS[causal]
     fast = torch.autograd.grad((op(q, k, v, fmap, mask, 8) * g).sum(), (q, k, v))
     slow = torch.autograd.grad((naive_linear_attention(q, k, v, fmap, causal, mask) * g).sum(), (q, k, v))
     for a, b in zip(fast, slow):

@@ -8,15 +8,14 @@ import torch
 from hf_performer import PerformerConfig
 from hf_performer.attention import FavorAttention
 from hf_performer.features import FeatureMap, draw_projection
+from hf_performer.ops import common as ops_common
 from hf_performer.ops import (
     exact_softmax_attention,
-    favor_bidirectional_with_normalizer,
-    favor_causal_with_normalizer,
-    local,
-    local_window_attention,
+    favor_bidirectional,
+    favor_causal,
     naive_linear_attention,
 )
-from hf_performer.ops.local import band, unband
+from hf_performer.ops.local import band, shifted
 
 D64 = torch.float64
 
@@ -45,15 +44,16 @@ def max_err(a, b, valid=None):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def test_band_and_unband_are_inverse_views():
+def test_band_and_shifted_views():
     m = torch.arange(5 * 9, dtype=D64).reshape(5, 9)  # C = 5 queries, span C + 2w with w = 2
     b = band(m, 5)
     assert all(b[i, j] == m[i, i + j] for i in range(5) for j in range(5))
-    dense = unband(b, 9)
-    expected = torch.zeros(5, 9, dtype=D64)
-    for i in range(5):
-        expected[i, i : i + 5] = m[i, i : i + 5]
-    assert torch.equal(dense, expected)
+    x = torch.arange(2 * 7, dtype=D64).reshape(1, 1, 7, 2)
+    for o in (-3, -1, 0, 2, 6):
+        y = shifted(x, o)
+        for i in range(7):
+            expected = x[0, 0, i + o] if 0 <= i + o < 7 else torch.zeros(2, dtype=D64)
+            assert torch.equal(y[0, 0, i], expected)
 
 
 @pytest.mark.parametrize("kernel", ["softmax", "favor++"])
@@ -77,7 +77,7 @@ def test_matches_reference_with_exact_window_pairs(kernel, causal, window, maske
 @pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
 def test_gradients_match_autograd_through_the_reference(causal, recompute, monkeypatch):
-    monkeypatch.setattr(local, "RECOMPUTE_ABOVE", 0 if recompute else 1 << 40)  # blocks recomputed or kept
+    monkeypatch.setattr(ops_common, "RECOMPUTE_ABOVE", 0 if recompute else 1 << 40)  # graph recomputed or kept
     q, k, v = (x.requires_grad_(True) for x in qkv(L=30))
     mask = padding_mask(2, 30, left=0)
     att = attention(2)
@@ -94,12 +94,13 @@ def test_gradients_match_autograd_through_the_reference(causal, recompute, monke
 def test_gradcheck(causal):
     q, k, v = (x.requires_grad_(True) for x in qkv(B=1, H=1, L=11, d=3, dv=2))
     fmap = FeatureMap("softmax", draw_projection(6, 3, seed=1))  # fixed features (the module's are data-dependent)
-    op = favor_causal_with_normalizer if causal else favor_bidirectional_with_normalizer
     mask = torch.ones(1, 11, dtype=torch.bool)
     mask[0, 9:] = False
 
     def f(q, k, v):
-        return local_window_attention(*op(q, k, v, fmap, mask, 4), q, k, v, fmap, mask, 2, causal, 4)
+        if causal:
+            return favor_causal(q, k, v, fmap, mask, 4, local_window=2)
+        return favor_bidirectional(q, k, v, fmap, mask, local_window=2)
 
     assert torch.autograd.gradcheck(f, (q, k, v))
 

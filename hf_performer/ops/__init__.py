@@ -1,20 +1,17 @@
-"""FAVOR attention ops: fast chunked kernels and their O(L^2) references."""
+"""FAVOR attention ops: chunk-parallel / one-pass batched forms, the recurrent step, and O(L^2) references."""
 
-from .bidirectional import favor_bidirectional, favor_bidirectional_with_normalizer
-from .causal import favor_causal, favor_causal_with_normalizer
+from .bidirectional import favor_bidirectional
+from .causal import causal_attention, favor_causal
 from .common import FavorState
-from .local import local_window_attention
 from .naive import exact_softmax_attention, naive_linear_attention
 from .recurrent import favor_step
 
 __all__ = [
     "FavorState",
+    "causal_attention",
     "exact_softmax_attention",
     "favor_bidirectional",
-    "favor_bidirectional_with_normalizer",
     "favor_causal",
-    "favor_causal_with_normalizer",
     "favor_step",
-    "local_window_attention",
     "naive_linear_attention",
 ]

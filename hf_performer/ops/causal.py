@@ -1,208 +1,162 @@
-"""Causal FAVOR attention by chunked prefix sums, with a hand-written backward.
+"""Causal FAVOR attention in chunk-parallel form (the layout of flash-linear-attention's ``chunk`` kernels,
+in plain PyTorch): a fixed number of batched ops whatever the length, no Python loop over the sequence.
 
-For a chunk [a, b) the state (S, z) holds the keys before a, relative to the chunk's per-feature
-reference c = max(running maximum, logits of the chunk's first real key) — every query of the chunk
-sees all of those keys, so c is a constant shared by all keys a query sees. Inside the chunk a
-per-position prefix maximum U_t = max_{s<=t} max(0, max_j(Lg_k[s, j] - c_j)) bounds the new keys:
+The sequence is cut into n chunks of C positions ([B, H, n, C, ·] views). For chunk i:
 
-    phi~(k_s) = F exp(Lg_k[s] - c - U_s)      (<= 1)
-    num_t = e^{-U_t} phi~(q_t) S + sum_{s<=t in chunk} (phi~(q_t).phi~(k_s)) e^{U_s - U_t} v_s
-    den_t = the same with v = 1;  out_t = num_t / den_t
+* reference  c_i = max(M_{i-1}, logits of the chunk's first real key), M_i the running per-feature maximum of
+  the real key logits (a ``cummax`` over chunk maxima): one constant per feature shared by every key a query
+  of the chunk sees;
+* in-chunk   U_t = max_{s<=t} max(0, max_f(Lg_k[s, f] - c_i[f])) bounds the chunk's new keys:
+             phi~(k_s) = F exp(Lg_k[s] - c_i - U_s) <= 1,  phi~(q_t) = F exp(Lg_q[t] + c_i - r_t) <= 1;
+* intra      A = (phi~(Q) phi~(K)^T) ⊙ D, D[t, s] = e^{U_s - U_t} for s <= t else 0   ([n, C, C] batched);
+* inter      the state entering the chunk, P_i = sum_{j<i} K_j e^{M_j - c_i} with the chunk summaries
+             K_j = sum_{s in j} exp(Lg_k[s] - M_j) [v_s, 1], from a log-depth scan (``scan.exclusive_prefix``);
+* output     [num_t, den_t] = e^{-U_t} phi~(q_t) P_i + (A [V, 1])_t,  out_t = num_t / den_t.
 
-Every quantity uses keys s <= t only, so a future key cannot move an earlier output, not even in
-the last bit. Memory: O(chunk * (m + d) + chunk^2 + m * dv) per head besides q, k, v, out; nothing
-per position of size m × dv, nothing L × L. The backward recomputes features: a forward sweep
-rebuilds the prefix states for dq, a reverse sweep carries the gradient of the future states for
-dk and dv.
+Every quantity at t uses keys s <= t only, so a future key cannot move an earlier output, not even in the last
+bit. Padded keys are masked before every exponential (value and gradient exactly 0, no 0 * inf). Decoding
+passes the running state (S, z, c) as a summary ahead of chunk 0. With a local window the w keys before each
+chunk (the previous chunk's last keys, or the decoding state's) join the intra matrix as a halo, so the window's
+FAVOR estimates are a band of it (``local.combine_window``). The backward is autograd's through these batched
+ops (the scan's is a reverse scan); above ``common.RECOMPUTE_ABOVE`` the op keeps only q, k, v and recomputes
+its features in the backward. Memory: O(L (m + C) + (L / C) m dv) per head, nothing L×L.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..features import FeatureMap
 from .common import (
     FavorState,
-    absorb,
-    chunks,
     compute_dtype,
-    key_features,
+    finite_reference,
+    masked_exp,
+    maybe_checkpoint,
     neg_big,
     no_autocast,
-    query_features,
-    read_state,
     safe_den,
+    times,
     with_ones,
 )
+from .local import band, combine_window, exact_logits
+from .scan import exclusive_prefix
 
 
-def chunk_reference(logits: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """max(c, logits of the first real key of the chunk): [B, H, m']. logits [B, H, C, m']."""
-    if mask is None:
-        first = logits[:, :, 0]
+def _pad_len(x: torch.Tensor, before: int, after: int, value=0.0) -> torch.Tensor:
+    """Pad dim 2 of [B, H, L, ·] (or dim 1 of a [B, L] mask) with ``before`` / ``after`` entries."""
+    if x.dim() == 2:
+        return F.pad(x, (before, after), value=value)
+    return F.pad(x, (0, 0, before, after), value=value)
+
+
+def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: FavorState | None):
+    """q, k [B,H,T,d], v [B,H,T,dv] in the compute dtype, mask [B,T] bool -> (out [B,H,T,dv], new FavorState)."""
+    B, H, T, _ = q.shape
+    w, big = window, neg_big(q.dtype)
+    C = max(min(chunk, T), w, 1)
+    n = -(-T // C)
+    P = n * C - T  # padding after the last token (masked keys; their queries' outputs are cut off)
+    chunked = lambda x: x.unflatten(2, (n, C))  # [B, H, nC, ·] -> [B, H, n, C, ·]
+
+    # the w keys before the sequence: the decoding state's window, else missing (masked)
+    if w and state is not None and state.wk is not None:
+        have = state.wk.shape[2]
+        hk, hv = _pad_len(state.wk, w - have, 0), _pad_len(state.wv, w - have, 0)
+        hm = _pad_len(state.wm > 0, w - have, 0, value=False)
     else:
-        idx = mask.to(torch.int8).argmax(dim=1)  # first real position per row, [B]
-        first = logits[torch.arange(logits.shape[0], device=logits.device), :, idx]
-        first = first.masked_fill(~mask.any(dim=1)[:, None, None], neg_big(logits.dtype))
-    return torch.maximum(c, first)
+        hk, hv = k.new_zeros(B, H, w, k.shape[-1]), v.new_zeros(B, H, w, v.shape[-1])
+        hm = torch.zeros(B, w, dtype=torch.bool, device=q.device)
+    real = torch.ones(B, T, dtype=torch.bool, device=q.device) if mask is None else mask
+    kx = torch.cat([hk, _pad_len(k, 0, P)], 2)  # [B, H, w + nC, d]: key position p at index w + p
+    vx = torch.cat([hv, _pad_len(v, 0, P)], 2)
+    mx = torch.cat([hm, _pad_len(real, 0, P, value=False)], 1)  # [B, w + nC]
+    qx = _pad_len(q, 0, P)
+
+    lk_all, fk_all = fmap(kx)  # [B, H, w + nC, m'], F [.., m] or None
+    lk, mk = chunked(lk_all[:, :, w:]), mx[:, w:].unflatten(1, (n, C))  # [B, H, n, C, m'], [B, n, C]
+    fk = None if fk_all is None else chunked(fk_all[:, :, w:])
+    lq, fq = fmap(qx, query=True)
+    lq, fq = chunked(lq), None if fq is None else chunked(fq)
+    keep = mk[:, None, :, :, None]  # [B, 1, n, C, 1]
+
+    with torch.no_grad():  # stabilisers: constants of the estimator (the exact output does not depend on them)
+        lk_masked = torch.where(keep, lk, big)
+        c0 = torch.full_like(lk[:, :, 0, 0], big) if state is None else state.c.to(lk.dtype)  # [B, H, m']
+        M = torch.cummax(torch.cat([c0[:, :, None], lk_masked.amax(3)], 2), dim=2).values  # [B, H, n + 1, m']
+        first = lk.gather(3, mk.to(torch.int8).argmax(-1)[:, None, :, None, None].expand(B, H, n, 1, lk.shape[-1]))
+        first = torch.where(mk.any(-1)[:, None, :, None], first[:, :, :, 0], big)  # first real key of each chunk
+        ref = finite_reference(torch.maximum(M[:, :, :-1], first))  # [B, H, n, m']: c_i
+        U = (lk_masked - ref[:, :, :, None]).amax(-1).clamp_min(0).cummax(-1).values  # [B, H, n, C]
+        r = (lq + ref[:, :, :, None]).amax(-1, keepdim=True)  # [B, H, n, C, 1] query row maxima
+        tril = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+        decay = torch.where(tril, torch.exp((U[..., None, :] - U[..., :, None]).clamp_max(0)), 0.0)  # [t, s]
+        e_u = torch.exp(-U)[..., None]  # [B, H, n, C, 1]
+
+    phi_k = times(masked_exp(lk - ref[:, :, :, None] - U[..., None], keep), fk)  # [B, H, n, C, m]
+    phi_q = times(torch.exp(lq + ref[:, :, :, None] - r), fq)  # [B, H, n, C, m]
+    v1 = with_ones(chunked(vx[:, :, w:]))  # [B, H, n, C, dv + 1]
+
+    # chunk summaries relative to the running maximum, then the state entering each chunk (and the final one)
+    K = times(masked_exp(lk - M[:, :, 1:, None], keep), fk).transpose(-1, -2) @ v1  # [B, H, n, m, dv + 1]
+    S0 = state_sums(state, K)  # the decoding state as a summary ahead of chunk 0 (zeros when there is none)
+    items = torch.cat([S0[:, :, None], K, torch.zeros_like(K[:, :, :1])], 2)  # + an empty summary at the end
+    item_refs = torch.cat([M, torch.full_like(M[:, :, :1], big)], 2)  # [B, H, n + 2, m']
+    targets = torch.cat([c0[:, :, None], ref, M[:, :, -1:]], 2)  # state entering chunk i, then the final state
+    prefix = exclusive_prefix(items, item_refs, targets)[:, :, 1:]  # [B, H, n + 1, m, dv + 1]
+
+    A = (phi_q @ phi_k.transpose(-1, -2)) * decay  # [B, H, n, C, C]
+    total = (phi_q @ prefix[:, :, :n]) * e_u + A @ v1  # [B, H, n, C, dv + 1]
+    num, den = total[..., :-1].flatten(2, 3), total[..., -1].flatten(2, 3)  # [B, H, nC, ·]
+    if w:
+        halo = lambda x: x[:, :, : n * C].unflatten(2, (n, C))[:, :, :, :w]  # the w keys before each chunk
+        fh = None if fk_all is None else halo(fk_all)
+        keep_h = mx[:, : n * C].unflatten(1, (n, C))[:, None, :, :w, None]
+        phi_h = times(masked_exp(halo(lk_all) - ref[:, :, :, None], keep_h), fh)  # <= 1: before the chunk
+        A_ext = torch.cat([(phi_q @ phi_h.transpose(-1, -2)) * e_u, A], -1)  # [B, H, n, C, w + C]
+        fav = band(A_ext, w + 1).flatten(2, 3)  # [B, H, nC, w + 1]: the pair (t, t - w + j) at column j
+        log_scale = (r[..., 0] + U).flatten(2, 3)
+        keys = [kx[:, :, j : j + n * C] for j in range(w + 1)]
+        valid = torch.stack([mx[:, j : j + n * C] for j in range(w + 1)], -1)[:, None]
+        logits = exact_logits(fmap, qx, keys, log_scale)
+        out = combine_window(num, den, fav, logits, valid, [vx[:, :, j : j + n * C] for j in range(w + 1)])
+    else:
+        out = num / safe_den(den)[..., None]
+    final = prefix[:, :, n]
+    new = FavorState(S=final[..., :-1], z=final[..., -1], c=M[:, :, -1])
+    if w:
+        new.wk, new.wv, new.wm = kx[:, :, T : T + w], vx[:, :, T : T + w], mx[:, T : T + w].to(q.dtype)
+    return out[:, :, :T], new
 
 
-def prefix_shift(logits, c_ref, mask) -> torch.Tensor:
-    """U: [B, H, C], the running maximum of max(0, max_j(Lg - c_ref)) over the chunk."""
-    u = (logits - c_ref[:, :, None, :]).amax(dim=-1).clamp_min(0)
-    if mask is not None:
-        u = u.masked_fill(~mask[:, None, :], 0.0)
-    return torch.cummax(u, dim=-1).values
-
-
-def decay_matrix(U: torch.Tensor) -> torch.Tensor:
-    """[B, H, C, C]: e^{U_s - U_t} for s <= t, else 0 (rows t, columns s)."""
-    C = U.shape[-1]
-    lower = torch.ones(C, C, dtype=torch.bool, device=U.device).tril()
-    diff = (U[..., None, :] - U[..., :, None]).clamp_max(0)
-    return torch.where(lower, torch.exp(diff), torch.zeros((), dtype=U.dtype, device=U.device))
-
-
-def causal_chunk(fmap: FeatureMap, q, k, v, mask, state: FavorState):
-    """One chunk of causal attention from the state of all earlier keys.
-
-    Returns (out [B,H,C,dv], den [B,H,C], r [B,H,C], U [B,H,C], c_ref [B,H,m'], next state)."""
-    lk, fk = fmap(k)
-    c_ref = chunk_reference(lk, state.c, mask)
-    state = state.rescaled(c_ref)
-    U = prefix_shift(lk, c_ref, mask)
-    phi_k = key_features(lk, fk, c_ref[:, :, None, :] + U[..., None], mask)  # [B, H, C, m]
-    phi_q, r = query_features(*fmap(q, query=True), c_ref[:, :, None, :])  # [B, H, C, m]
-    attn = (phi_q @ phi_k.transpose(-1, -2)) * decay_matrix(U)  # [B, H, C, C]
-    e_u = torch.exp(-U)
-    v1 = with_ones(v)
-    inter_num, inter_den = read_state(phi_q, state)
-    intra = attn @ v1  # [B, H, C, dv + 1]
-    den = inter_den * e_u + intra[..., -1]
-    out = (inter_num * e_u[..., None] + intra[..., :-1]) / safe_den(den)[..., None]
-    return out, den, r.squeeze(-1), U, c_ref, absorb(state, lk, fk, v1, mask)
-
-
-def causal_scan(fmap, q, k, v, mask, chunk_size, state: FavorState | None = None):
-    """Causal attention over the whole sequence (differentiable by autograd, used without grad by the
-    autograd Function and by decoding). Returns (out, den, r, U, c_refs [n_chunks, B, H, m'], state); den is
-    the normaliser in the scale exp(-(r + U)) (0 where a query saw no real key)."""
-    B, H, L, _ = q.shape
+def state_sums(state: FavorState | None, like: torch.Tensor) -> torch.Tensor:
+    """[S, z] of a decoding state as one [B, H, m, dv + 1] summary (zeros without a state); like: [B,H,n,m,dv+1]."""
     if state is None:
-        width = fmap(k[:, :, :1])[0].shape[-1]
-        state = FavorState.empty(B, H, fmap.nb_features, width, v.shape[-1], q.dtype, q.device)
-    out = v.new_empty(B, H, L, v.shape[-1])  # written chunk by chunk (autograd tracks the slices)
-    den, rmax, shift = (q.new_empty(B, H, L) for _ in range(3))
-    refs = []
-    for a, b in chunks(L, chunk_size):
-        m_a = None if mask is None else mask[:, a:b]
-        o, d, r, U, c_ref, state = causal_chunk(fmap, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], m_a, state)
-        out[:, :, a:b], den[:, :, a:b], rmax[:, :, a:b], shift[:, :, a:b] = o, d, r, U
-        refs.append(c_ref)
-    return out, den, rmax, shift, torch.stack(refs), state
+        return torch.zeros_like(like[:, :, 0])
+    return torch.cat([state.S, state.z[..., None]], -1).to(like.dtype)
 
 
-class _FavorCausal(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, fmap: FeatureMap, mask, chunk_size: int):
-        ct = compute_dtype(q.dtype)
-        with no_autocast(q.device):
-            out, den, r, U, refs, _ = causal_scan(fmap, q.to(ct), k.to(ct), v.to(ct), mask, chunk_size)
-        ctx.save_for_backward(q, k, v, out, safe_den(den), r, U, refs, mask)
-        ctx.fmap, ctx.chunk_size, ctx.ct = fmap, chunk_size, ct
-        log_scale = r + U
-        ctx.mark_non_differentiable(log_scale)
-        return out.to(v.dtype), den, log_scale
+def causal_attention(q, k, v, fmap: FeatureMap, key_padding_mask=None, chunk_size: int = 64, local_window: int = 0,
+                     state: FavorState | None = None) -> tuple[torch.Tensor, FavorState]:
+    """Causal FAVOR attention (optionally from a decoding state, optionally with an exact local window).
 
-    @staticmethod
-    def backward(ctx, grad_out, grad_den=None, _grad_log_scale=None):
-        q, k, v, out, den, r, U, refs, mask = ctx.saved_tensors
-        # detached: under enable_grad, ops on the saved leaves would chain an autograd graph through
-        # every chunk's state and keep each chunk's features alive until the backward ends
-        q, k, v = q.detach(), k.detach(), v.detach()
-        fmap, size, ct = ctx.fmap, ctx.chunk_size, ctx.ct
-        B, H, L, _ = q.shape
-        spans = list(chunks(L, size))
-        dq, dk, dv = torch.zeros_like(q, dtype=ct), torch.zeros_like(k, dtype=ct), torch.zeros_like(v, dtype=ct)
-        with no_autocast(q.device), torch.enable_grad():
-            g = grad_out.to(ct)
-
-            def grads_of_num_den(a, b):  # d loss / d num and d loss / d den of the chunk's queries
-                g_num = g[:, :, a:b] / den[:, :, a:b, None]  # [B, H, C, dv]
-                g_den = -(g_num * out[:, :, a:b]).sum(-1)  # [B, H, C]
-                if grad_den is not None:  # the normaliser is an output too (local-window attention)
-                    g_den = g_den + grad_den[:, :, a:b].to(ct)
-                return g_num, g_den
-
-            def chunk_terms(i, a, b, q_grad: bool, k_grad: bool):
-                qa = q[:, :, a:b].to(ct).detach().requires_grad_(q_grad)
-                ka = k[:, :, a:b].to(ct).detach().requires_grad_(k_grad)
-                m_a = None if mask is None else mask[:, a:b]
-                lq, fq = fmap(qa, query=True)
-                lk, fk = fmap(ka)
-                c_ref, Ua = refs[i][:, :, None, :], U[:, :, a:b]
-                phi_q = torch.exp(lq + c_ref - r[:, :, a:b, None])
-                if fq is not None:
-                    phi_q = phi_q * fq
-                phi_k = key_features(lk, fk, c_ref + Ua[..., None], m_a)
-                decay = decay_matrix(Ua)
-                va = v[:, :, a:b].to(ct)
-                g_num, g_den = grads_of_num_den(a, b)
-                # d loss / d attn[t, s] through num and den, times the decay
-                b_mat = (g_num @ va.transpose(-1, -2) + g_den[..., None]) * decay
-                return qa, ka, m_a, lk, fk, phi_q, phi_k, decay, va, b_mat, g_num, g_den
-
-            # forward sweep: prefix states -> dq
-            width = refs.shape[-1]
-            state = FavorState.empty(B, H, fmap.nb_features, width, v.shape[-1], ct, q.device)
-            for i, (a, b) in enumerate(spans):
-                qa, _, m_a, lk, fk, phi_q, phi_k, _, va, b_mat, g_num, g_den = chunk_terms(i, a, b, True, False)
-                state = state.rescaled(refs[i])
-                e_u = torch.exp(-U[:, :, a:b])[..., None]
-                d_phi_q = e_u * (
-                    g_num @ state.S.transpose(-1, -2) + g_den[..., None] * state.z[:, :, None, :]
-                ) + b_mat @ phi_k.detach()
-                (dq[:, :, a:b],) = torch.autograd.grad(phi_q, qa, d_phi_q)
-                state = absorb(state, lk.detach(), None if fk is None else fk.detach(), with_ones(va), m_a)
-
-            # reverse sweep: gradient of the future states (R, rz relative to the next chunk's c_ref)
-            R = rz = None
-            for i in range(len(spans) - 1, -1, -1):
-                a, b = spans[i]
-                _, ka, m_a, lk, fk, phi_q, phi_k, decay, va, b_mat, g_num, g_den = chunk_terms(i, a, b, False, True)
-                phi_q = phi_q.detach()
-                attn = (phi_q @ phi_k.detach().transpose(-1, -2)) * decay
-                outs, grads = [phi_k], [b_mat.transpose(-1, -2) @ phi_q]
-                dv[:, :, a:b] = attn.transpose(-1, -2) @ g_num
-                if R is not None:
-                    phi_hat = key_features(lk, fk, refs[i + 1][:, :, None, :], m_a)
-                    outs.append(phi_hat)
-                    grads.append(va @ R.transpose(-1, -2) + rz[:, :, None, :])
-                    dv[:, :, a:b] += phi_hat.detach() @ R
-                dk[:, :, a:b] = torch.autograd.grad(outs, ka, grads)[0]
-                q_eu = phi_q * torch.exp(-U[:, :, a:b])[..., None]  # [B, H, C, m]
-                dS = q_eu.transpose(-1, -2) @ g_num
-                dz = (q_eu * g_den[..., None]).sum(dim=2)
-                if R is None:
-                    R, rz = dS, dz
-                else:
-                    f = torch.exp(refs[i] - refs[i + 1])  # [B, H, m'] <= 1
-                    R, rz = dS + f[..., None] * R, dz + f * rz
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+    q, k [B,H,T,d] (already scaled), v [B,H,T,dv], any float dtype (half inputs compute in float32);
+    key_padding_mask [B,T] bool (True = real) or None; chunk_size C of the chunk-parallel form (the intra-chunk
+    matrices are [C, C]); local_window w >= 0 (softmax/favor++ kernels only). Returns (out [B,H,T,dv] in v's
+    dtype, the FavorState after the T keys). Position t attends to s <= t (and to every key in ``state``)."""
+    ct = compute_dtype(q.dtype)
+    B, H, T, _ = q.shape
+    with no_autocast(q.device):
+        if state is not None:
+            state = state.to(dtype=ct, device=q.device)
+        args = (q.to(ct), k.to(ct), v.to(ct))
+        fn = lambda q, k, v: _causal(q, k, v, fmap, key_padding_mask, chunk_size, local_window, state)
+        out, new = maybe_checkpoint(fn, *args, size=B * H * T * fmap.nb_features)
+    return out.to(v.dtype), new
 
 
-def favor_causal(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    fmap: FeatureMap,
-    key_padding_mask: torch.Tensor | None = None,
-    chunk_size: int = 128,
-) -> torch.Tensor:
-    """q, k [B,H,L,d] (already scaled), v [B,H,L,dv] -> [B,H,L,dv]; position t attends to s <= t."""
-    return _FavorCausal.apply(q, k, v, fmap, key_padding_mask, chunk_size)[0]
-
-
-def favor_causal_with_normalizer(q, k, v, fmap: FeatureMap, key_padding_mask=None, chunk_size: int = 128):
-    """(out, den [B,H,L], log_scale [B,H,L]) as ``favor_bidirectional_with_normalizer``, for causal attention."""
-    return _FavorCausal.apply(q, k, v, fmap, key_padding_mask, chunk_size)
+def favor_causal(q, k, v, fmap: FeatureMap, key_padding_mask=None, chunk_size: int = 64, local_window: int = 0):
+    """q, k [B,H,L,d] (already scaled), v [B,H,L,dv] -> [B,H,L,dv]; position t attends to s <= t.
+    See ``causal_attention`` for the arguments."""
+    return causal_attention(q, k, v, fmap, key_padding_mask, chunk_size, local_window)[0]

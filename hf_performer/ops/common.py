@@ -1,4 +1,4 @@
-"""Pieces shared by the FAVOR ops: compute dtype, the running state and its key update."""
+"""Pieces shared by the FAVOR ops: compute dtype, stabiliser helpers, recomputation, the running state."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import contextlib
 from dataclasses import dataclass, fields, replace
 
 import torch
-
-from ..features import FeatureMap
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -32,11 +30,6 @@ def no_autocast(device: torch.device):
 def safe_den(den: torch.Tensor) -> torch.Tensor:
     """Guard a normaliser that underflowed to exactly 0 (no real key seen): the output becomes 0."""
     return torch.where(den == 0, torch.ones_like(den), den)
-
-
-def chunks(length: int, size: int):
-    for start in range(0, length, size):
-        yield start, min(start + size, length)
 
 
 @dataclass
@@ -88,31 +81,18 @@ class FavorState:
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def masked_logits(logits: torch.Tensor, mask: torch.Tensor | None, fill: float) -> torch.Tensor:
-    """logits [B, H, L, m']; mask [B, L] bool (True = real) -> padded rows filled."""
-    if mask is None:
-        return logits
-    return logits.masked_fill(~mask[:, None, :, None], fill)
+def masked_exp(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """exp(x) where ``keep``, exactly 0 elsewhere, with the mask applied *before* the exponential: a dropped
+    entry never reaches exp(), so neither its value nor its gradient (0 * inf = NaN) can leak, whatever
+    placeholder stabiliser it was paired with. x [..., m], keep broadcastable bool or None."""
+    if keep is None:
+        return torch.exp(x)
+    return torch.exp(torch.where(keep, x, neg_big(x.dtype)))
 
 
-def key_features(logits, factor, c, mask):
-    """phi~(k) = F exp(Lg - c) with padded keys set to exactly 0. logits [B,H,C,m'], c [B,H,1,m']."""
-    phi = torch.exp(logits - c)
-    if factor is not None:
-        phi = phi * factor
-    if mask is not None:
-        phi = phi.masked_fill(~mask[:, None, :, None], 0.0)
-    return phi
-
-
-def query_features(logits, factor, c):
-    """phi~(q) = F exp(Lg + c - r), r the row maximum (cancels in the normalisation). Returns (phi, r)."""
-    shifted = logits + c
-    r = shifted.amax(dim=-1, keepdim=True)
-    phi = torch.exp(shifted - r)
-    if factor is not None:
-        phi = phi * factor
-    return phi, r
+def times(phi: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
+    """phi * factor (the bounded factor F of trig/relu features), or phi when F is None."""
+    return phi if factor is None else phi * factor
 
 
 def with_ones(v: torch.Tensor) -> torch.Tensor:
@@ -120,23 +100,22 @@ def with_ones(v: torch.Tensor) -> torch.Tensor:
     return torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
 
 
-def read_state(phi_q: torch.Tensor, state: FavorState) -> tuple[torch.Tensor, torch.Tensor]:
-    """(phi_q S [.., C, dv], phi_q z [.., C]) with a single matmul."""
-    out = phi_q @ torch.cat([state.S, state.z[..., None]], dim=-1)
-    return out[..., :-1], out[..., -1]
+def finite_reference(c: torch.Tensor) -> torch.Tensor:
+    """A stabiliser that saw no real key (still the -big placeholder) becomes 0: every key it scales is
+    padding (features exactly 0), and queries then see finite logits instead of -big cancellations."""
+    return torch.where(c > neg_big(c.dtype) / 2, c, torch.zeros_like(c))
 
 
-def absorb(state: FavorState, logits, factor, v1: torch.Tensor, mask) -> FavorState:
-    """Add keys (given by their feature logits/factor [B,H,C,m']) and values with a ones column,
-    v1 = with_ones(v) [B,H,C,dv+1], to the running sums, raising the per-feature stabiliser c to the
-    keys' maximum first."""
-    chunk_max = masked_logits(logits, mask, neg_big(logits.dtype)).amax(dim=2)  # [B, H, m']
-    state = state.rescaled(torch.maximum(state.c, chunk_max))
-    phi = key_features(logits, factor, state.c[:, :, None, :], mask)  # [B, H, C, m]
-    inc = phi.transpose(-1, -2) @ v1  # [B, H, m, dv + 1]
-    return replace(state, S=state.S + inc[..., :-1], z=state.z + inc[..., -1])
+RECOMPUTE_ABOVE = 1 << 22  # B·H·L·m above which an op's graph is recomputed in the backward instead of kept
 
 
-def absorb_keys(state: FavorState, fmap: FeatureMap, k: torch.Tensor, v: torch.Tensor, mask) -> FavorState:
-    """absorb() for raw keys k [B,H,C,d]."""
-    return absorb(state, *fmap(k), with_ones(v), mask)
+def maybe_checkpoint(fn, *args, size: int):
+    """fn(*args), recomputed in the backward (torch.utils.checkpoint) when a gradient is needed and the graph
+    it would keep (a few [B, H, L, m] feature tensors; ``size`` = B·H·L·m) exceeds RECOMPUTE_ABOVE: then the op
+    keeps only its inputs, like a hand-written backward would, at the price of a second forward."""
+    needs_grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    if needs_grad and size > RECOMPUTE_ABOVE:
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
