@@ -1,67 +1,77 @@
-"""Log-depth scan of stabilised chunk summaries: the inter-chunk states of causal FAVOR.
+"""Inter-chunk states of causal FAVOR from stabilised chunk summaries, in a fixed number of batched ops.
 
 A chunk summary is a pair (K, c): the sums K = sum_s exp(Lg(k_s) - c) [v_s, 1] of its keys relative to a
 per-feature reference c (c >= every logit it holds, so every term is <= 1). Two summaries combine by
 
     (K1, c1) (+) (K2, c2) = (K1 e^{c1 - c} + K2 e^{c2 - c}, c = max(c1, c2))
 
-which is associative (Performer paper, arXiv:2009.14794, sec. 2.3 with the stabiliser of the README), so
-all prefixes come from a Hillis-Steele scan in ceil(log2 n) steps of a fixed number of batched ops,
-independent of the sequence length (flash-linear-attention's chunked layout, without its kernels).
+which is associative (the stabiliser of arXiv:2009.14794, sec. 2.3, made exact; see docs/DESIGN.md). The state
+entering chunk i, relative to a target reference t_i >= c_j (j < i), is P_i = sum_{j<i} K_j e^{c_j - t_i}.
 
-``exclusive_prefix`` returns the state entering every chunk i, expressed relative to a target reference
-t_i >= c_j (j < i): P_i = sum_{j<i} K_j e^{c_j - t_i}. Its backward is the same scan run in reverse over
-the incoming gradients; it keeps only the references (the op is linear in K), nothing of size K.
+It is computed in two levels (the chunked layout of flash-linear-attention, without its kernels):
+* inside groups of up to GROUP consecutive chunks, as one batched matmul per feature with the weights
+  e^{c_j - t_i} <= 1 (a [G, G] lower-triangular matrix per group and feature);
+* across groups, from the group totals by a Hillis-Steele scan with (+): ceil(log2(n / GROUP)) steps of a fixed
+  number of ops on [n / GROUP, m, dv + 1] tensors (none at all up to GROUP chunks).
+Everything is linear in K with constant weights (the stabilisers cancel in the attention output), so the
+backward is autograd's transpose of the same ops. No Python loop over chunks or tokens.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .common import neg_big
 
+GROUP = 64  # chunks per group of the in-group matrix form: [GROUP, GROUP] weights per feature
+
 
 def _scan(K: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inclusive scan along dim -3 of K [..., n, m, e] with references c [..., n, m'] (m' = m or 1)."""
+    """Inclusive (+)-scan along dim -3 of K [..., n, m, e] with references c [..., n, m'] (m' = m or 1)."""
     n, step = K.shape[-3], 1
     while step < n:
-        # the summary `step` chunks back (the identity (0, -big) before the start)
-        K_prev = torch.nn.functional.pad(K, (0, 0, 0, 0, step, 0))[..., :n, :, :]
-        c_prev = torch.nn.functional.pad(c, (0, 0, step, 0), value=neg_big(c.dtype))[..., :n, :]
+        # the summary `step` positions back (the identity (0, -big) before the start)
+        K_prev = F.pad(K, (0, 0, 0, 0, step, 0))[..., :n, :, :]
+        c_prev = F.pad(c, (0, 0, step, 0), value=neg_big(c.dtype))[..., :n, :]
         c_new = torch.maximum(c, c_prev)
         K = K * torch.exp(c - c_new)[..., None] + K_prev * torch.exp(c_prev - c_new)[..., None]
         c, step = c_new, 2 * step
     return K, c
 
 
-def _exclusive(K, c, targets, reverse: bool) -> torch.Tensor:
-    """P_i = sum_{j<i} K_j e^{c_j - t_i} (reverse: sum_{j>i} K_j e^{t_i - c_j}, references that decrease)."""
-    if reverse:  # a suffix scan is a prefix scan of the flipped sequence with negated references
-        return _exclusive(K.flip(-3), -c.flip(-2), -targets.flip(-2), False).flip(-3)
-    inclusive, ref = _scan(K, c)
-    # shift by one chunk: the state entering chunk i holds chunks < i
-    K_in = torch.nn.functional.pad(inclusive, (0, 0, 0, 0, 1, 0))[..., :-1, :, :]
-    ref_in = torch.nn.functional.pad(ref, (0, 0, 1, 0), value=neg_big(ref.dtype))[..., :-1, :]
-    return K_in * torch.exp(ref_in - targets)[..., None]
-
-
-class _ExclusivePrefix(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, K, c, targets):
-        ctx.save_for_backward(c, targets)
-        return _exclusive(K, c, targets, reverse=False)
-
-    @staticmethod
-    def backward(ctx, grad):
-        c, targets = ctx.saved_tensors
-        # dK_j = sum_{i>j} dP_i e^{c_j - t_i}: the reverse scan of the gradients, with roles of c and t swapped
-        return _exclusive(grad, targets, c, reverse=True), None, None
-
-
 def exclusive_prefix(K: torch.Tensor, c: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The state entering each chunk: P_i = sum_{j<i} K_j e^{c_j - t_i}.
 
     K [..., n, m, e] chunk summaries (float32/float64), c [..., n, m'] their references, targets [..., n, m'] with
-    t_i >= c_j for all j < i (then every factor is <= 1). Differentiable in K (c and targets are constants: the
-    stabilisers cancel in the attention output). Returns [..., n, m, e]; ceil(log2 n) steps of batched ops."""
-    return _ExclusivePrefix.apply(K, c.detach(), targets.detach())
+    t_i >= c_j for all j < i (then every weight is <= 1; m' = m, or 1 for kernels with one log-scale per
+    position). Differentiable in K; c and targets are constants. Returns [..., n, m, e]."""
+    c, targets = c.detach(), targets.detach()
+    n, m, e = K.shape[-3:]
+    G = min(n, GROUP)
+    ng = -(-n // G)
+    pad = ng * G - n
+    if pad:  # empty summaries; their outputs are cut off (targets +big: weights 0, never inf)
+        K = F.pad(K, (0, 0, 0, 0, 0, pad))
+        c = F.pad(c, (0, 0, 0, pad), value=neg_big(c.dtype))
+        targets = F.pad(targets, (0, 0, 0, pad), value=-neg_big(c.dtype))
+    lead = K.shape[:-3]
+    Kg = K.unflatten(-3, (ng, G)).movedim(-2, -3)  # [..., ng, m, G, e]
+    cg, tg = c.unflatten(-2, (ng, G)), targets.unflatten(-2, (ng, G))  # [..., ng, G, m']
+    with torch.no_grad():
+        before = torch.ones(G, G, dtype=torch.bool, device=K.device).tril(-1)  # j < i
+        w = torch.exp((cg[..., None, :, :] - tg[..., :, None, :]).clamp_max(0))  # [..., ng, G(i), G(j), m']
+        w = torch.where(before[..., None], w, 0.0).movedim(-1, -3)  # [..., ng, m', G, G]
+    local = w @ Kg  # [..., ng, m, G, e]: the earlier chunks of the same group
+    if ng > 1:
+        with torch.no_grad():
+            ref = cg.amax(-2)  # [..., ng, m'] each group's reference (its largest)
+            to_ref = torch.exp(cg - ref[..., None, :]).movedim(-1, -2)[..., None, :]  # [..., ng, m', 1, G]
+        totals = (to_ref @ Kg).squeeze(-2)  # [..., ng, m, e] each group's sum relative to its reference
+        inclusive, inc_ref = _scan(totals, ref)
+        into = F.pad(inclusive, (0, 0, 0, 0, 1, 0))[..., :ng, :, :]  # groups before g
+        into_ref = F.pad(inc_ref, (0, 0, 1, 0), value=neg_big(c.dtype))[..., :ng, :]
+        with torch.no_grad():
+            scale = torch.exp(into_ref[..., None, :] - tg).movedim(-1, -2)[..., None]  # [..., ng, m', G, 1]
+        local = local + into[..., None, :] * scale
+    return local.movedim(-3, -2).reshape(*lead, ng * G, m, e)[..., :n, :, :]
