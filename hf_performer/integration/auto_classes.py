@@ -20,7 +20,7 @@ from transformers import (
 )
 from transformers.models.auto import modeling_auto as names
 
-AUTO_CLASSES = [
+AUTO_CLASSES = [  # generic classes first (``portable.auto_class_name`` takes the last match)
     (AutoModel, names.MODEL_MAPPING_NAMES),
     (AutoModelForPreTraining, names.MODEL_FOR_PRETRAINING_MAPPING_NAMES),
     (AutoModelForMaskedLM, names.MODEL_FOR_MASKED_LM_MAPPING_NAMES),

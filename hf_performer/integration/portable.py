@@ -200,3 +200,12 @@ def write_portable_code(config, folder: str | os.PathLike) -> list[Path]:
     _check_written(folder, set(files))
     config.auto_map = auto_map
     return written
+
+
+def auto_class_name(model_cls: type) -> str | None:
+    """The Auto class that loads ``model_cls`` from a saved folder, the most specific one (``AutoModelForCausalLM``
+    rather than ``AutoModelForPreTraining`` for GPT-2's LM head), or None when no Auto class maps it (e.g. GPT-2's
+    double-heads model)."""
+    names = [k for k, v in portable_auto_map(model_cls.config_class).items()
+             if k != "AutoConfig" and v.rpartition(".")[2] == model_cls.__name__]
+    return names[-1] if names else None  # auto_map follows AUTO_CLASSES: generic classes first
