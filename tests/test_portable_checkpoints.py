@@ -66,6 +66,23 @@ def tiny_gpt2():
     return calibrated(model)
 
 
+def tiny_roberta():
+    torch.manual_seed(0)
+    cfg = tf.RobertaConfig(vocab_size=V, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=32, max_position_embeddings=40, initializer_range=0.2)
+    return calibrated(I.convert_to_performer(tf.RobertaForMaskedLM(cfg), PerformerConfig(nb_features=16)))
+
+
+def tiny_distilbert():
+    torch.manual_seed(0)
+    cfg = tf.DistilBertConfig(vocab_size=V, dim=16, n_layers=2, n_heads=2, hidden_dim=32, max_position_embeddings=32,
+                              initializer_range=0.2)
+    model = tf.DistilBertForSequenceClassification(cfg)
+    return calibrated(I.convert_to_performer(model, PerformerConfig(nb_features=16, local_window=1)))
+
+
+OTHER_FAMILIES = {"roberta": "AutoModelForMaskedLM", "distilbert": "AutoModelForSequenceClassification"}
+
 REMOTE = textwrap.dedent(
     """
     import importlib.abc, json, sys
@@ -103,6 +120,9 @@ REMOTE = textwrap.dedent(
         out["gpt2"] = gpt(input_ids=ids, attention_mask=mask).logits
         gen = gpt.generate(input_ids=ids[:, :5], max_new_tokens=6, min_new_tokens=6, do_sample=False,
                            pad_token_id=0, return_dict_in_generate=True)
+        for family, auto in (("roberta", "AutoModelForMaskedLM"), ("distilbert", "AutoModelForSequenceClassification")):
+            model = realigned(getattr(tf, auto).from_pretrained(work + "/" + family, trust_remote_code=True))
+            out[family] = model(input_ids=ids, attention_mask=mask).logits
     out["gpt2_generated"] = gen.sequences
     info["cache_layers"] = [[type(layer).__name__, bool(layer.recurrent), layer.state is not None]
                             for layer in gen.past_key_values.layers]
@@ -120,7 +140,7 @@ REMOTE = textwrap.dedent(
 def remote(tmp_path_factory):
     """Save the tiny converted models, load them in a process that cannot import hf_performer."""
     work = tmp_path_factory.mktemp("portable")
-    models = {"bert": tiny_bert(), "gpt2": tiny_gpt2()}
+    models = {"bert": tiny_bert(), "gpt2": tiny_gpt2(), "roberta": tiny_roberta(), "distilbert": tiny_distilbert()}
     for name, model in models.items():
         model.save_pretrained(work / name)
     torch.save((IDS, MASK), work / "inputs.pt")
@@ -164,6 +184,14 @@ def test_gpt2_generates_without_the_plugin_with_the_recurrent_cache(remote):
     assert torch.equal(out["gpt2_generated"], generated)
     assert len(set(generated[:, 5:].flatten().tolist())) > 1
     assert info["cache_layers"] == [["FavorCacheLayer", True, True]] * 2  # constant-size FAVOR+ state per layer
+
+
+@pytest.mark.parametrize("family", sorted(OTHER_FAMILIES))
+def test_roberta_and_distilbert_load_without_the_plugin_too(remote, family):
+    work, _, out, _ = remote
+    local = realigned(getattr(tf, OTHER_FAMILIES[family]).from_pretrained(work / family))
+    with torch.no_grad():
+        assert torch.equal(out[family], local(input_ids=IDS, attention_mask=MASK).logits)
 
 
 def test_without_trust_remote_code_loading_names_the_fix(remote):
