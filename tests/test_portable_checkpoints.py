@@ -277,3 +277,16 @@ def test_imports_that_cannot_be_flattened_are_refused(tmp_path, monkeypatch, cod
     monkeypatch.setitem(sys.modules, module.__name__, module)
     with pytest.raises(PortableCodeError, match=problem):
         flatten_module(module.__name__)
+
+
+@pytest.mark.parametrize("code, problem", [
+    ("import scipy\n", "scipy"),  # transformers would refuse it on a machine without scipy
+    ("from .hf_performer_missing import x\n", "not flat sibling files"),
+    ('"""Docs.\n\n    from .example import thing\n"""\n', "not flat sibling files"),  # transformers' regex sees it
+])
+def test_written_code_is_checked_with_transformers_own_import_scans(tmp_path, code, problem):
+    from hf_performer.integration.portable import _check_written
+
+    (tmp_path / "hf_performer_probe.py").write_text("import math\nimport torch\n" + code)
+    with pytest.raises(PortableCodeError, match=problem):
+        _check_written(tmp_path, {"hf_performer_probe.py"})

@@ -58,7 +58,7 @@ def _convert_parser(sub) -> argparse.ArgumentParser:
         description="Convert a checkpoint to Performer FAVOR+ attention and write a ready-to-load folder: weights, "
                     "config, tokenizer, a model card (README.md) and the modeling code, so that it also loads where "
                     "hf-performer is not installed, with AutoModel*.from_pretrained(OUT, trust_remote_code=True). "
-                    "Share it with `hf upload NAME OUT`.")
+                    "Share it with `hf upload NAME OUT .`.")
     p.add_argument("source", help="hub id (needs the Hub or its local cache) or local checkpoint folder")
     p.add_argument("output", help="output folder (written atomically; see --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

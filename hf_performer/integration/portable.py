@@ -41,6 +41,11 @@ HEADER = (
 )
 
 
+# what a machine that loads the remote code has anyway (transformers needs them); anything else would make
+# transformers refuse the checkpoint there ("requires the following packages that were not found")
+REMOTE_DEPENDENCIES = {"torch", "transformers", "huggingface_hub"}
+
+
 class PortableCodeError(RuntimeError):
     """The package source cannot be turned into flat remote code (an import form transformers cannot copy)."""
 
@@ -164,15 +169,19 @@ def portable_auto_map(config_cls: type) -> dict[str, str]:
 
 
 def _check_written(folder: Path, names: set[str]) -> None:
-    """Run transformers' own remote-code import scan on the written files: every relative import must be a written
-    sibling, and nothing may import this package."""
+    """Run transformers' own remote-code import scans on the written files: every relative import must be a written
+    sibling, and absolute imports may only be the standard library and REMOTE_DEPENDENCIES (not this package)."""
     stems = {n.removesuffix(".py") for n in names}
     for name in sorted(names):
         missing = set(get_relative_imports(folder / name)) - stems
         if missing:
             raise PortableCodeError(f"portable {name} imports {sorted(missing)}, which are not flat sibling files.")
-        if PACKAGE in get_imports(folder / name):
-            raise PortableCodeError(f"portable {name} still imports the {PACKAGE!r} package.")
+        foreign = set(get_imports(folder / name)) - REMOTE_DEPENDENCIES - set(sys.stdlib_module_names)
+        if foreign:
+            raise PortableCodeError(
+                f"portable {name} imports {sorted(foreign)}: the remote code may import only the standard library and "
+                f"{', '.join(sorted(REMOTE_DEPENDENCIES))} (what a transformers model needs anyway)."
+            )
 
 
 def write_portable_code(config, folder: str | os.PathLike) -> list[Path]:
