@@ -129,6 +129,14 @@ REMOTE = textwrap.dedent(
     info["classes"] = {k: [type(m).__name__, type(m).__module__] for k, m in (("bert", bert), ("gpt2", gpt))}
     bert.save_pretrained(work + "/bert_resaved")  # saved again from the remote code itself
     info["plugin_modules"] = sorted(m for m in sys.modules if m.split(".")[0] == "hf_performer")
+    # then the plugin arrives in the same process (its own cache layer class is registered): still generates
+    sys.meta_path.remove(next(f for f in sys.meta_path if isinstance(f, NoPlugin)))
+    sys.path.insert(0, sys.argv[2])
+    import hf_performer
+    with torch.no_grad():
+        out["gpt2_generated_after_import"] = gpt.generate(input_ids=ids[:, :5], max_new_tokens=6, min_new_tokens=6,
+                                                          do_sample=False, pad_token_id=0)
+    info["plugin_file"] = hf_performer.__file__
     torch.save(out, work + "/outputs.pt")
     with open(work + "/info.json", "w") as f:
         json.dump(info, f)
@@ -148,8 +156,8 @@ def remote(tmp_path_factory):
     repo = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(work / "modules"), OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, str(work / "remote.py"), str(work)], cwd=work, env=env, capture_output=True,
-                         text=True, timeout=300, stdin=subprocess.DEVNULL)
+    run = subprocess.run([sys.executable, str(work / "remote.py"), str(work), str(repo)], cwd=work, env=env,
+                         capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert run.returncode == 0, run.stderr[-3000:]
     assert not str(work).startswith(str(repo))
     return work, models, torch.load(work / "outputs.pt"), json.loads((work / "info.json").read_text())
@@ -184,6 +192,9 @@ def test_gpt2_generates_without_the_plugin_with_the_recurrent_cache(remote):
     assert torch.equal(out["gpt2_generated"], generated)
     assert len(set(generated[:, 5:].flatten().tolist())) > 1
     assert info["cache_layers"] == [["FavorCacheLayer", True, True]] * 2  # constant-size FAVOR+ state per layer
+    # the same remote-code model after `import hf_performer` in its process (the package's cache layers)
+    assert info["plugin_file"].startswith(str(Path(__file__).resolve().parents[1]))
+    assert torch.equal(out["gpt2_generated_after_import"], generated)
 
 
 @pytest.mark.parametrize("family", sorted(OTHER_FAMILIES))
