@@ -45,6 +45,7 @@ def test_card_metadata_parses_and_its_snippet_runs(tmp_path, capsys):
     assert data.base_model == "someone/tiny-bert" and data.library_name == "transformers"
     assert data.license == "mit" and data.language == "en" and data.pipeline_tag == "fill-mask"  # from the source card
     assert {"hf-performer", "performer", "custom_code"} <= set(data.tags) and "source-tag" not in data.tags
+    assert "# tiny-bert with Performer" in card.text and "(https://huggingface.co/someone/tiny-bert)" in card.text
     # the estimator the model really uses after the statistics step (test below), not just the kernel flag
     assert "no longer changes the estimator" in card.text and "importance-sampled" in card.text
     # the card's first snippet loads the folder (the placeholder replaced by the path)

@@ -152,9 +152,12 @@ def model_card(summary: dict) -> str:
     """README.md text (YAML header + markdown) from the ``convert`` summary (conversion.json)."""
     s = summary
     perf = s["performer"]
-    lines = ["---", _yaml(s).rstrip("\n"), "---", "", f"# {s['source_name']} with Performer FAVOR+ attention", ""]
+    base = s.get("base_model")
+    name = base.rpartition("/")[2] if base else s["source_name"]
+    origin = f"[`{base}`](https://huggingface.co/{base})" if base else f"`{s['source']}`"
+    lines = ["---", _yaml(s).rstrip("\n"), "---", "", f"# {name} with Performer FAVOR+ attention", ""]
     lines += [
-        f"`{s['model_class']}` converted from `{s['source']}` by "
+        f"`{s['model_class']}` converted from {origin} by "
         f"hf-performer {s['hf_performer_version']} on {s['date']}: every softmax attention "
         "layer runs FAVOR+ (softmax attention estimated with positive random features, linear in the sequence "
         "length). Every pretrained weight is kept; the FAVOR+ settings live in `config.json` (`performer`).",
