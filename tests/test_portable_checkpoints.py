@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
+from test_conversion_fixtures import minilm_path
 
 import hf_performer
 import hf_performer.integration as I
@@ -111,6 +112,13 @@ REMOTE = textwrap.dedent(
         except Exception as e:
             info[auto + " refused"] = f"{type(e).__name__}: {e}"
 
+    try:  # the tokenizer reads config.json (AutoConfig) too
+        tf.AutoTokenizer.from_pretrained(work + "/bert")
+        info["AutoTokenizer refused"] = None
+    except Exception as e:
+        info["AutoTokenizer refused"] = f"{type(e).__name__}: {e}"
+    tokenizer = tf.AutoTokenizer.from_pretrained(work + "/bert", trust_remote_code=True)
+    info["tokens"] = tokenizer("hello world")["input_ids"]
     bert = realigned(tf.AutoModelForSequenceClassification.from_pretrained(work + "/bert", trust_remote_code=True))
     base = realigned(tf.AutoModel.from_pretrained(work + "/bert", trust_remote_code=True))
     gpt = realigned(tf.AutoModelForCausalLM.from_pretrained(work + "/gpt2", trust_remote_code=True))
@@ -151,6 +159,7 @@ def remote(tmp_path_factory):
     models = {"bert": tiny_bert(), "gpt2": tiny_gpt2(), "roberta": tiny_roberta(), "distilbert": tiny_distilbert()}
     for name, model in models.items():
         model.save_pretrained(work / name)
+    tf.AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(work / "bert")
     torch.save((IDS, MASK), work / "inputs.pt")
     (work / "remote.py").write_text(REMOTE)
     repo = Path(__file__).resolve().parents[1]
@@ -210,6 +219,13 @@ def test_without_trust_remote_code_loading_names_the_fix(remote):
     for auto in ("AutoModelForSequenceClassification", "AutoConfig"):
         message = info[auto + " refused"]
         assert message is not None and "trust_remote_code=True" in message, message
+    # AutoTokenizer falls back to the base config class, which refuses the layer types (not the flag's message)
+    assert info["AutoTokenizer refused"] is not None and "favor_attention" in info["AutoTokenizer refused"]
+
+
+def test_the_tokenizer_loads_with_the_flag(remote):
+    work = remote[0]
+    assert remote[3]["tokens"] == tf.AutoTokenizer.from_pretrained(work / "bert")("hello world")["input_ids"]
 
 
 def test_a_model_loaded_from_remote_code_saves_a_portable_folder_again(remote):

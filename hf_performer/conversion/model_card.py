@@ -112,10 +112,12 @@ def _usage(summary: dict) -> list[str]:
         "```",
         "",
         "Without it, the folder carries its own modeling code (the `hf_performer_*.py` files, PyTorch and "
-        "transformers >= 5 only, generated from hf-performer's source when it was saved):",
+        "transformers >= 5 only, generated from hf-performer's source when it was saved); the tokenizer and "
+        "pipelines read the config, so they need the flag too:",
         "",
         "```python",
         f'model = {auto}.from_pretrained("path/or/hub-id", trust_remote_code=True)',
+        'tokenizer = AutoTokenizer.from_pretrained("path/or/hub-id", trust_remote_code=True)',
         "```",
     ]
 
