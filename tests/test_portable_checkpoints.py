@@ -317,3 +317,12 @@ def test_written_code_is_checked_with_transformers_own_import_scans(tmp_path, co
     (tmp_path / "hf_performer_probe.py").write_text("import math\nimport torch\n" + code)
     with pytest.raises(PortableCodeError, match=problem):
         _check_written(tmp_path, {"hf_performer_probe.py"})
+
+
+def test_a_save_that_cannot_be_made_portable_writes_nothing(tmp_path, monkeypatch):
+    import hf_performer.integration.portable as portable
+
+    monkeypatch.setattr(portable, "REMOTE_DEPENDENCIES", {"torch", "huggingface_hub"})  # as if transformers were foreign
+    with pytest.raises(PortableCodeError, match="transformers"):
+        tiny_gpt2().save_pretrained(tmp_path / "out")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == []  # no code, no staging folder, no config or weights

@@ -23,6 +23,7 @@ import ast
 import importlib
 import importlib.util
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -186,29 +187,27 @@ def _check_written(folder: Path, names: set[str]) -> None:
 
 def write_portable_code(config, folder: str | os.PathLike) -> list[Path]:
     """Write the remote code of ``config``'s family into ``folder`` and set ``config.auto_map`` (config.json is
-    written afterwards by ``save_pretrained``). Each file is written to a temporary name and renamed.
+    written afterwards by ``save_pretrained``).
 
-    Returns the written paths. Raises PortableCodeError (before writing anything) when the source cannot be made
+    The files are written to a temporary folder inside ``folder``, checked there, then renamed into place. Returns
+    the written paths. Raises PortableCodeError, before any file reaches ``folder``, when the source cannot be made
     portable."""
     files = portable_sources(type(config).__module__)
     auto_map = portable_auto_map(type(config))
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, text in sorted(files.items()):
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, folder / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        written.append(folder / name)
-    _check_written(folder, set(files))
+    staging = Path(tempfile.mkdtemp(prefix=".hf_performer_code-", dir=folder))
+    try:
+        for name, text in files.items():
+            (staging / name).write_text(text, encoding="utf-8")
+            os.chmod(staging / name, 0o644)
+        _check_written(staging, set(files))
+        for name in sorted(files):
+            os.replace(staging / name, folder / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     config.auto_map = auto_map
-    return written
+    return [folder / name for name in sorted(files)]
 
 
 def auto_class_name(model_cls: type) -> str | None:
