@@ -4,20 +4,19 @@
 transformers' Auto classes, so a saved Performer checkpoint loads with plain ``from_pretrained``.
 """
 
-__version__ = "0.1.0"
-
-from .attention import FavorAttention  # noqa: E402
-from .features import FeatureMap, draw_projection  # noqa: E402
-from .integration import (  # noqa: E402
+from .attention import FavorAttention
+from .features import FeatureMap, draw_projection
+from .integration import (
     FavorCache,
     convert_to_performer,
     maybe_redraw_features,
     redraw_features,
     supported_model_classes,
 )
-from .ops import FavorState  # noqa: E402
-from .settings import PerformerConfig  # noqa: E402
-from .statistics import calibrate_feature_statistics  # noqa: E402
+from .ops import FavorState
+from .settings import PerformerConfig
+from .statistics import calibrate_feature_statistics
+from .version import __version__
 
 _TRAINING = ("PerformerRedrawCallback", "PerformerTrainer", "feature_draw_counts")
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 import transformers as tf
+from huggingface_hub import ModelCard
 from test_conversion_fixtures import listing, text_file, tiny_bert, tiny_gpt2
 
 import hf_performer  # noqa: F401 - registers the Performer model types
@@ -32,6 +34,9 @@ def test_convert_bert_round_trip(tmp_path, capsys):
     assert all(bool(f.stats_calibrated) for f in model.favor_modules())
     card = (out / "README.md").read_text()
     assert "nb_features" in card and "hf-performer convert" in card and "AutoModelForMaskedLM" in card
+    auto_map = json.loads((out / "config.json").read_text())["auto_map"]  # portable: the modeling code is in the folder
+    assert auto_map["AutoModelForMaskedLM"] == "hf_performer_integration_bert.PerformerBertForMaskedLM"
+    assert {v.split(".")[0] + ".py" for v in auto_map.values()} <= set(listing(out))
     summary = json.loads((out / "conversion.json").read_text())
     assert summary["statistics"]["batches"] == 2 and summary["calibration"] is None
     ids = torch.randint(0, 100, (2, 9))
@@ -48,6 +53,13 @@ def test_convert_gpt2_round_trip_with_calibration(tmp_path, capsys):
     assert model.config.performer["local_window"] == 2 and "Local window" in (out / "README.md").read_text()
     log = json.loads((out / "calibration_log.json").read_text())
     assert log["steps_done"] == 2 and len(log["history"]) == 2 and log["output_kind"] == "logits"
+    card = ModelCard.load(out / "README.md")
+    assert card.data.pipeline_tag == "text-generation" and card.data.base_model is None  # a local source, no id
+    losses = card.text[card.text.index("Training losses"):card.text.index("calibration_log.json")]
+    first, last = log["history"][0]["layer_rel_mse"], log["history"][-1]["layer_rel_mse"]
+    assert f"`layer_rel_mse` {first:.4g} → {last:.4g}" in losses
+    assert not re.search(r"\blr\b|wall_s", losses)  # the summary lists losses only
+    assert "output_kl" not in losses  # off by default (output_weight 0): not presented as a loss
     assert not (tmp_path / ".out.calibration").exists()  # state removed after success
     ids = torch.randint(5, 100, (1, 4))
     gen = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
@@ -77,6 +89,7 @@ def test_refuses_overwrite(tmp_path, capsys):
         (["--calibrate", "--calibration-data", "{txt}", "--lr", "5"], "lr"),
         (["--resume"], "--calibrate"),
         (["--model-class", "GPT2Model"], "not supported"),
+        (["--base-model", "not a hub id"], "--base-model"),
     ],
 )
 def test_bad_flags_leave_nothing(tmp_path, capsys, flags, message):

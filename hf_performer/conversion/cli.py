@@ -53,12 +53,19 @@ def _add_performer_flags(parser: argparse.ArgumentParser) -> list[str]:
 
 
 def _convert_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("convert", help="convert a BERT/GPT-2/RoBERTa/DistilBERT checkpoint to FAVOR+ attention",
-                       description="Convert a checkpoint to Performer FAVOR+ attention and write a ready-to-load folder.")
+    p = sub.add_parser(
+        "convert", help="convert a BERT/GPT-2/RoBERTa/DistilBERT checkpoint to FAVOR+ attention",
+        description="Convert a checkpoint to Performer FAVOR+ attention and write a ready-to-load folder: weights, "
+                    "config, tokenizer, a model card (README.md) and the modeling code, so that it also loads where "
+                    "hf-performer is not installed, with AutoModel*.from_pretrained(OUT, trust_remote_code=True). "
+                    "Share it with `hf upload NAME OUT .`.")
     p.add_argument("source", help="hub id (needs the Hub or its local cache) or local checkpoint folder")
     p.add_argument("output", help="output folder (written atomically; see --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--model-class", help="stock class to load, e.g. BertForMaskedLM (default: config.architectures)")
+    p.add_argument("--base-model", metavar="HUB_ID",
+                   help="the source's Hub id, for the model card's base_model when SOURCE is a local folder "
+                        "(a Hub id SOURCE is used as it is)")
     p.add_argument("--max-position-embeddings", type=int, metavar="N",
                    help="grow learned absolute positions to N tokens by tiling the pretrained table")
     p.set_defaults(performer_fields=_add_performer_flags(p))
@@ -129,7 +136,7 @@ def _run_convert(args, argv) -> None:
         calibration_data=args.calibration_data, calibrate_model=args.calibrate, calibration=calibration,
         statistics_batches=args.statistics_batches, model_class=args.model_class, overwrite=args.overwrite,
         resume=args.resume, keep_calibration_state=args.keep_calibration_state, progress=not args.no_progress,
-        command="hf-performer " + shlex.join(argv),
+        command="hf-performer " + shlex.join(argv), base_model=args.base_model,
     )
     print(f"hf-performer: wrote {args.output} ({summary['model_class']}, nb_features={summary['performer']['nb_features']}, "
           f"{summary['positions']['to']} positions" + (

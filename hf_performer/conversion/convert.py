@@ -18,13 +18,17 @@ import shutil
 import time
 from pathlib import Path
 
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
 from hf_performer import PerformerConfig, __version__
+from hf_performer.attention import FavorAttention
 from hf_performer.integration import convert_to_performer
+from hf_performer.integration.portable import auto_class_name
 
 from .calibrate import CalibrationConfig, calibrate
 from .data import BatchSchedule, pad_id, read_texts, tokenize
 from .errors import ConversionError
-from .model_card import model_card
+from .model_card import model_card, source_card_metadata
 from .positions import check_extension, extend_positions, max_tokens
 from .source import inspect_source, load_model, load_tokenizer
 from .statistics import calibrate_model_statistics
@@ -85,6 +89,7 @@ def convert(
     keep_calibration_state: bool = False,
     progress: bool = True,
     command: str | None = None,
+    base_model: str | None = None,
 ) -> dict:
     """Convert ``source`` (hub id or local folder) into a Performer checkpoint at ``output``.
 
@@ -98,6 +103,8 @@ def convert(
         model_class: stock class to load (default: the config's ``architectures``).
         resume: continue an interrupted calibration: True = the default state folder next to ``output``
             (``.<name>.calibration``), or a folder path.
+        base_model: the source's Hub id, for the model card's ``base_model`` (default: ``source`` when it is a Hub
+            id; a local source has none unless given).
     Returns the summary written to ``output/conversion.json``.
     """
     t_start = time.perf_counter()
@@ -112,6 +119,11 @@ def convert(
         raise ConversionError("--calibrate needs --calibration-data (a .txt file, a folder of .txt files or a datasets name).")
     if resume and not calibrate_model:
         raise ConversionError("--resume continues a calibration: pass --calibrate as well.")
+    if base_model is not None:
+        try:
+            validate_repo_id(base_model)
+        except HFValidationError as e:
+            raise ConversionError(f"--base-model {base_model!r} is not a Hugging Face Hub id such as 'org/name' ({e})") from e
     target = check_target(output, overwrite)
     state_dir = Path(resume) if isinstance(resume, (str, os.PathLike)) and not isinstance(resume, bool) else default_state_dir(target)
     src = inspect_source(source, model_class)
@@ -133,6 +145,12 @@ def convert(
         "source_is_local": src.is_local, "model_class": type(model).__name__, "stock_class": src.model_class.__name__,
         "hf_performer_version": __version__, "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"),
         "performer": settings.to_dict(), "positions": positions,
+        "base_model": base_model or (None if src.is_local else src.location),
+        "source_card": source_card_metadata(src.location, src.is_local),
+        "same_task_as_source": src.model_class.__name__ in (getattr(src.config, "architectures", None) or []),
+        "auto_class": auto_class_name(type(model)), "model_module": type(model).__module__,
+        "causal": any(getattr(m, "is_causal", False) for m in model.modules()
+                      if isinstance(getattr(m, "favor", None), FavorAttention)),
         "calibration_data": str(calibration_data) if calibration_data is not None else None,
         "statistics": None, "calibration": None, "command": command,
     }

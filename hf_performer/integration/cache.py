@@ -158,7 +158,9 @@ def favor_cache_layer(cache: Cache, layer_idx: int) -> FavorCacheLayer:
     while len(cache.layers) <= layer_idx:
         cache.layers.append(FavorCacheLayer())
     layer = cache.layers[layer_idx]
-    if isinstance(layer, FavorCacheLayer):
+    # by layer type rather than class: the package's FavorCacheLayer and a checkpoint's portable copy (a model loaded
+    # with trust_remote_code in a process that imports hf_performer too) are interchangeable
+    if isinstance(layer, FavorCacheLayer) or getattr(type(layer), "_layer_type", None) == LAYER_TYPE:
         return layer
     if type(layer) is DynamicLayer and not layer.is_initialized:  # an untouched DynamicCache slot
         cache.layers[layer_idx] = layer = FavorCacheLayer()

@@ -9,6 +9,7 @@ Configs: ``PerformerXConfig(XConfig)`` adds ``performer`` (PerformerConfig.to_di
 ``hf_performer_version`` and ``layer_types = ["favor_attention"] * n_layers``. The latter makes
 ``DynamicCache(config=...)`` build FAVOR cache layers, and makes the stock config class refuse the
 checkpoint loudly (``layer_types`` entries are validated) instead of silently loading softmax attention.
+A config's ``save_pretrained`` also writes the portable modeling code and ``auto_map`` (``portable``).
 """
 
 from __future__ import annotations
@@ -23,14 +24,19 @@ from transformers.generation.configuration_utils import GenerationMode
 
 from ..attention import FavorAttention
 from ..settings import PerformerConfig
-from .attention_function import ATTN_IMPLEMENTATION
-from .cache import LAYER_TYPE
+from ..version import __version__
+from .attention_function import ATTN_IMPLEMENTATION, register_favor_attention
+from .cache import LAYER_TYPE, register_favor_layer_type
+from .portable import write_portable_code
+
+# The model classes need the "favor" attention and cache layer type: importing them registers both (idempotent), so
+# the portable copy of this code that checkpoints carry (``portable``) works on its own.
+register_favor_attention()
+register_favor_layer_type()
 
 
 def plugin_version() -> str:
-    import hf_performer
-
-    return hf_performer.__version__
+    return __version__
 
 
 # ---------------------------------------------------------------------------------------------- configs
@@ -61,6 +67,12 @@ class PerformerConfigMixin:
         d = super().to_dict()
         d["hf_performer_version"] = plugin_version()  # the plugin that writes the checkpoint
         return d
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """``PreTrainedConfig.save_pretrained``, plus the portable modeling code and ``auto_map`` (see ``portable``):
+        the folder then also loads with ``trust_remote_code=True`` where hf_performer is not installed."""
+        write_portable_code(self, save_directory)
+        return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- sites
