@@ -79,14 +79,18 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
     fk = None if fk_all is None else chunked(fk_all[:, :, w:])
     lq, fq = fmap(qx, query=True)
     lq, fq = chunked(lq), None if fq is None else chunked(fq)
-    keep = mk[:, None, :, :, None]  # [B, 1, n, C, 1]
+    # [B, 1, n, C, 1], or None when every key is real (no masking work at all)
+    keep = None if (mask is None and P == 0) else mk[:, None, :, :, None]
 
     with torch.no_grad():  # stabilisers: constants of the estimator (the exact output does not depend on them)
-        lk_masked = torch.where(keep, lk, big)
+        lk_masked = lk if keep is None else torch.where(keep, lk, big)
         c0 = torch.full_like(lk[:, :, 0, 0], big) if state is None else state.c.to(lk.dtype)  # [B, H, m']
         M = torch.cummax(torch.cat([c0[:, :, None], lk_masked.amax(3)], 2), dim=2).values  # [B, H, n + 1, m']
-        first = lk.gather(3, mk.to(torch.int8).argmax(-1)[:, None, :, None, None].expand(B, H, n, 1, lk.shape[-1]))
-        first = torch.where(mk.any(-1)[:, None, :, None], first[:, :, :, 0], big)  # first real key of each chunk
+        if keep is None:
+            first = lk[:, :, :, 0]
+        else:  # the first real key of each chunk
+            idx = mk.to(torch.int8).argmax(-1)[:, None, :, None, None].expand(B, H, n, 1, lk.shape[-1])
+            first = torch.where(mk.any(-1)[:, None, :, None], lk.gather(3, idx)[:, :, :, 0], big)
         ref = finite_reference(torch.maximum(M[:, :, :-1], first))  # [B, H, n, m']: c_i
         U = (lk_masked - ref[:, :, :, None]).amax(-1).clamp_min(0).cummax(-1).values  # [B, H, n, C]
         r = (lq + ref[:, :, :, None]).amax(-1, keepdim=True)  # [B, H, n, C, 1] query row maxima
