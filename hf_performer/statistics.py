@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .attention import FavorAttention
+from .integration.zero_shot import statistics_step
 
 _CACHE_KEYS = ("cache", "past_key_values")
 
@@ -132,7 +133,7 @@ def calibrate_feature_statistics(model: nn.Module, batch: Mapping[str, torch.Ten
     try:
         for m in layers:
             m.step = step_guard(m)  # instance attribute: shadows FavorAttention.step until removed
-        with _restored_on_error(layers), _no_cache(model):
+        with _restored_on_error(layers), _no_cache(model), statistics_step():
             model.eval()
             model(**batch)
             _check_all_reached(model, layers, seen)

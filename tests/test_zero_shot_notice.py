@@ -1,0 +1,73 @@
+"""A model converted without the statistics step says so once, at its first forward, with how to run the step
+(issue 12 item 4); calibrated models (also reloaded ones) and the statistics step itself stay silent."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import transformers as tf
+from test_integration_convert import SETTINGS, bert_cfg, gpt2_cfg, inputs_for
+
+from hf_performer import calibrate_feature_statistics
+from hf_performer.integration import convert_to_performer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+NOTICE = "no fitted statistics"
+MODELS = [  # the decoders' default forward (use_cache=True) takes the cached FAVOR+ step path
+    (tf.BertModel, bert_cfg),
+    (tf.BertLMHeadModel, lambda: bert_cfg(is_decoder=True)),
+    (tf.GPT2LMHeadModel, gpt2_cfg),
+    (tf.GPT2ForSequenceClassification, gpt2_cfg),
+]
+IDS = [m[0].__name__ for m in MODELS]
+
+
+def converted(stock_cls, make_cfg):
+    torch.manual_seed(0)
+    return convert_to_performer(stock_cls(make_cfg()).eval(), SETTINGS)
+
+
+def notices(fn) -> list[str]:
+    """Run fn with every warning recorded (no deduplication by Python's registry) -> the notices raised."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            fn()
+    return [str(w.message) for w in caught if NOTICE in str(w.message)]
+
+
+@pytest.mark.parametrize("stock_cls,make_cfg", MODELS, ids=IDS)
+def test_uncalibrated_model_says_once_how_to_calibrate(stock_cls, make_cfg):
+    model = converted(stock_cls, make_cfg)
+    batch = inputs_for(model)
+    with pytest.warns(UserWarning, match=NOTICE) as record:
+        with torch.no_grad():
+            model(**batch)
+    (message,) = [str(w.message) for w in record if NOTICE in str(w.message)]
+    assert "2 of the 2 FAVOR+ layers" in message
+    assert 'calibrate_feature_statistics(model, tokenizer(texts, padding=True, return_tensors="pt"))' in message
+    assert "hf-performer convert SOURCE OUT --calibration-data" in message and "0.89" in message
+    assert notices(lambda: model(**batch)) == []  # once per model
+    assert len(notices(lambda: converted(stock_cls, make_cfg)(**batch))) == 1  # every model says it once
+
+
+@pytest.mark.parametrize("stock_cls,make_cfg", MODELS, ids=IDS)
+def test_calibrated_and_reloaded_models_stay_silent(stock_cls, make_cfg, tmp_path):
+    model = converted(stock_cls, make_cfg)
+    batch = inputs_for(model)
+    assert notices(lambda: calibrate_feature_statistics(model, batch)) == []  # not during the step itself
+    assert notices(lambda: model(**batch)) == []
+    model.save_pretrained(tmp_path / "calibrated")
+    assert notices(lambda: type(model).from_pretrained(tmp_path / "calibrated")(**batch)) == []
+    plain = converted(stock_cls, make_cfg)
+    plain.save_pretrained(tmp_path / "plain")
+    assert len(notices(lambda: type(plain).from_pretrained(tmp_path / "plain")(**batch))) == 1
+
+
+def test_generation_of_an_uncalibrated_gpt2_says_it_once():
+    model = converted(tf.GPT2LMHeadModel, gpt2_cfg)
+    ids = torch.randint(3, 60, (1, 4))
+    assert len(notices(lambda: model.generate(ids, max_new_tokens=3, do_sample=False))) == 1
