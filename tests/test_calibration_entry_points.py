@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 import transformers as tf
-from test_integration_convert import HEADS, SETTINGS, gpt2_cfg, inputs_for
+from test_integration_convert import HEADS, SETTINGS, bert_cfg, distil_cfg, gpt2_cfg, inputs_for
 
 import hf_performer
 import hf_performer.statistics as statistics
@@ -101,3 +101,60 @@ def test_unreached_cross_attention_is_named_and_nothing_changes():
     encoder = torch.randn(batch["input_ids"].shape[0], 5, model.config.n_embd)
     assert calibrate_feature_statistics(model, {**batch, "encoder_hidden_states": encoder}) == 4
     assert all(calibrated_flags(model))
+
+
+# ------------------------------------------------------------------ the CLI and the examples' helper, real tokenizer
+def _tokenizer():
+    from test_conversion_fixtures import tokenizer
+
+    return tokenizer()
+
+
+def _sized(make_cfg):
+    cfg = make_cfg()
+    cfg.vocab_size = _tokenizer().vocab_size
+    if cfg.model_type == "gpt2":
+        cfg.pad_token_id = _tokenizer().pad_token_id
+    return cfg
+
+
+TEXT_CLASSES = [  # causal ones (cached decoding by default) and heads without a use_cache argument
+    (tf.BertLMHeadModel, lambda: bert_cfg(is_decoder=True)),
+    (tf.GPT2ForSequenceClassification, gpt2_cfg),
+    (tf.GPT2ForQuestionAnswering, gpt2_cfg),
+    (tf.DistilBertForSequenceClassification, distil_cfg),
+]
+
+
+@pytest.mark.parametrize("stock_cls,make_cfg", TEXT_CLASSES, ids=[c[0].__name__ for c in TEXT_CLASSES])
+def test_cli_and_examples_calibrate_every_layer(stock_cls, make_cfg, tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    from test_conversion_fixtures import text_file
+
+    from hf_performer.conversion.cli import main
+    from hf_performer.integration.registry import FAMILIES
+
+    torch.manual_seed(0)
+    stock = stock_cls(_sized(make_cfg)).eval()
+    stock.save_pretrained(tmp_path / "src")
+    _tokenizer().save_pretrained(tmp_path / "src")
+    txt = text_file(tmp_path / "t.txt", n=8)
+    rc = main(["convert", str(tmp_path / "src"), str(tmp_path / "out"), "--nb-features", "16",
+               "--calibration-data", str(txt), "--statistics-batches", "1", "--max-length", "24", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    performer_cls = FAMILIES[stock.config.model_type][1][stock_cls]
+    assert all(calibrated_flags(performer_cls.from_pretrained(tmp_path / "out")))
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    try:
+        import common
+    finally:
+        sys.path.pop(0)
+    model = convert_to_performer(stock, SETTINGS)
+    texts = txt.read_text().split("\n\n")
+    assert common.calibrate(model, None, _tokenizer(), texts, steps=0, max_length=24)["statistics"]
+    assert all(calibrated_flags(model))
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        common.load_model(type(model), str(tmp_path / "out"), common.PerformerArguments(), calibration_texts=texts)
