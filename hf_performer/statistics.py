@@ -76,6 +76,10 @@ def _check_batch(model: nn.Module, batch) -> dict:
                 f"calibrate_feature_statistics got a {key!r}: the statistics step runs full-sequence forwards "
                 f"from the first token. Pass the whole sequences without {key!r}."
             )
+    mask = batch.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and not bool(mask.any()):
+        raise ValueError("calibrate_feature_statistics got an attention_mask without any real token (all 0): the "
+                         "statistics are measured on real tokens; pass a batch of real text.")
     ref = next(model.parameters(), None)
     device = ref.device if ref is not None else None
     out = {k: v.to(device) if isinstance(v, torch.Tensor) and device is not None else v for k, v in batch.items()}
@@ -98,7 +102,8 @@ def calibrate_feature_statistics(model: nn.Module, batch: Mapping[str, torch.Ten
 
     Raises:
         ValueError: the model has no FAVOR layers; the batch carries a cache (``cache`` /
-            ``past_key_values``); or the forward did not reach every FAVOR layer (the error names them).
+            ``past_key_values``) or no real token; or the forward did not reach every FAVOR layer (the error
+            names them).
             On error no layer's statistics are changed.
         TypeError: ``batch`` is not a mapping.
     """

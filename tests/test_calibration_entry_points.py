@@ -78,13 +78,15 @@ def test_a_prefill_step_is_calibrated_like_a_causal_forward(stock_cls, make_cfg,
             torch.testing.assert_close(x, y, msg=name)
 
 
-def test_a_batch_with_a_cache_is_refused():
+def test_a_batch_with_a_cache_or_without_real_tokens_is_refused():
     model = converted(tf.GPT2LMHeadModel, gpt2_cfg)
     batch = inputs_for(model)
     with pytest.raises(ValueError, match="full-sequence forwards"):
         calibrate_feature_statistics(model, {**batch, "past_key_values": tf.DynamicCache(config=model.config)})
     with pytest.raises(TypeError, match="mapping"):
         calibrate_feature_statistics(model, batch["input_ids"])
+    with pytest.raises(ValueError, match="without any real token"):
+        calibrate_feature_statistics(model, {**batch, "attention_mask": torch.zeros_like(batch["attention_mask"])})
     assert not any(calibrated_flags(model))
 
 
