@@ -31,9 +31,9 @@ def converted(stock_cls, make_cfg):
 
 
 def notices(fn) -> list[str]:
-    """Run fn with every warning recorded (no deduplication by Python's registry) -> the notices raised."""
+    """Run fn under the default warning filter (one per location, which must not hide other models) -> notices."""
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+        warnings.simplefilter("default")
         with torch.no_grad():
             fn()
     return [str(w.message) for w in caught if NOTICE in str(w.message)]
@@ -46,7 +46,9 @@ def test_uncalibrated_model_says_once_how_to_calibrate(stock_cls, make_cfg):
     with pytest.warns(UserWarning, match=NOTICE) as record:
         with torch.no_grad():
             model(**batch)
-    (message,) = [str(w.message) for w in record if NOTICE in str(w.message)]
+    (warning,) = [w for w in record if NOTICE in str(w.message)]
+    message = str(warning.message)
+    assert warning.filename == __file__  # it points at the caller's line, not at library internals
     assert "2 of the 2 FAVOR+ layers" in message
     assert 'calibrate_feature_statistics(model, tokenizer(texts, padding=True, return_tensors="pt"))' in message
     assert "hf-performer convert SOURCE OUT --calibration-data" in message and "0.89" in message
