@@ -3,8 +3,9 @@ once, at its first forward, with what the step gains and how to run it.
 
 Every model gets one ``ZeroShotNotice`` shared by all its FavorAttention layers (``attach_favor`` creates it,
 on conversion and on loading). The attention paths call ``notice_uncalibrated(favor)`` before attending; the
-first call reads the layers' ``stats_calibrated`` buffers (one host sync per model, ever) and remembers that
-it looked, so later calls cost a Python attribute read. Nothing is said while ``calibrate_feature_statistics``
+first call reads the layers' ``FavorAttention.calibrated`` (their ``stats_calibrated`` buffers, kept as Python
+state: no host sync after the first read, which the layers' own forward needs anyway) and remembers that it
+looked, so later calls cost a Python attribute read. Nothing is said while ``calibrate_feature_statistics``
 runs (``statistics_step()``), nor for calibrated models (also those loaded from a calibrated checkpoint).
 """
 
@@ -46,8 +47,7 @@ class ZeroShotNotice:
         if self.considered or _IN_STATISTICS_STEP.get() or not self.layers:
             return
         self.considered = True
-        first = self.layers[0].stats_calibrated
-        flags = torch.stack([m.stats_calibrated.to(first.device) for m in self.layers]).tolist()  # one sync
+        flags = [m.calibrated for m in self.layers]  # Python state the layers keep anyway (read once per buffer)
         missing = flags.count(False)
         if missing:
             frame = _caller()  # the user's line that ran the model, not torch's or transformers' internals
