@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,3 +77,15 @@ def test_generation_of_an_uncalibrated_gpt2_says_it_once():
     model = converted(tf.GPT2LMHeadModel, gpt2_cfg)
     ids = torch.randint(3, 60, (1, 4))
     assert len(notices(lambda: model.generate(ids, max_new_tokens=3, do_sample=False))) == 1
+
+
+def test_notice_from_a_command_line_script():
+    """`python -c` (a __main__ without a source file) gets the notice on stderr and its forward runs."""
+    code = ("import torch, transformers as tf; from hf_performer import convert_to_performer as c\n"
+            "m = c(tf.BertModel(tf.BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,"
+            " intermediate_size=8)), dict(nb_features=4)).eval()\n"
+            "print(m(input_ids=torch.tensor([[3, 4, 5]])).last_hidden_state.shape)")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "torch.Size([1, 3, 8])" in run.stdout and run.stderr.count(NOTICE) == 1

@@ -53,7 +53,7 @@ class ZeroShotNotice:
             frame = _caller()  # the user's line that ran the model, not torch's or transformers' internals
             warnings.warn_explicit(  # no registry: Python's once-per-location filter would hide other models' notices
                 MESSAGE.format(n=missing, total=len(flags)), UserWarning, frame.f_code.co_filename, frame.f_lineno,
-                module=frame.f_globals.get("__name__"), registry=None, module_globals=frame.f_globals,
+                module=frame.f_globals.get("__name__"), registry=None,  # (module_globals breaks `python -c`)
             )
 
 
