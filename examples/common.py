@@ -81,8 +81,12 @@ def load_model(auto_cls, name_or_path: str, performer_args: PerformerArguments, 
     """``auto_cls.from_pretrained`` (offline paths work as usual), then extend positions and convert as asked.
 
     A softmax checkpoint converted here is calibrated on ``calibration_texts`` (statistics step, plus
-    ``--performer_calibration_steps`` of attention transfer from a copy of the softmax model). A softmax
-    model keeps transformers' default attention (sdpa)."""
+    ``--performer_calibration_steps`` of attention transfer from a copy of the softmax model); None skips both
+    (resuming: the checkpoint holds the calibrated model). Texts without a tokenizer, or an empty list, raise
+    ValueError. A softmax model keeps transformers' default attention (sdpa)."""
+    if calibration_texts is not None and (tokenizer is None or not calibration_texts):
+        raise ValueError("load_model: calibration_texts needs a tokenizer and at least one text (None: no statistics "
+                         "step); got " + ("no tokenizer." if tokenizer is None else "an empty list."))
     model = auto_cls.from_pretrained(name_or_path, **kwargs)
     if performer_args.max_position_embeddings and performer_args.max_position_embeddings > max_tokens(model.config):
         info = extend_positions(model, performer_args.max_position_embeddings, tokenizer)
@@ -91,7 +95,7 @@ def load_model(auto_cls, name_or_path: str, performer_args: PerformerArguments, 
         steps = performer_args.performer_calibration_steps
         teacher = copy.deepcopy(model).eval() if steps > 0 else None
         model = hfp.convert_to_performer(model, performer_args.settings())
-        if calibration_texts and tokenizer is not None:
+        if calibration_texts is not None:
             done = calibrate(model, teacher, tokenizer, calibration_texts, steps=steps, max_length=max_length, seed=seed)
             print(f"[examples] calibration: {done}")
         del teacher

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from transformers import Trainer
 
-from .integration import maybe_redraw_features
 from .integration.callback import PerformerRedrawCallback as _BaseRedrawCallback
 from .integration.convert import favor_modules
 
@@ -47,42 +46,43 @@ class PerformerRedrawCallback(_BaseRedrawCallback):
     """Redraw FAVOR+ random features every ``PerformerConfig.redraw_interval`` optimizer steps.
 
     Same schedule as ``hf_performer.integration.PerformerRedrawCallback`` (a subclass of it), plus: it
-    unwraps DDP / compiled models, refuses a model without FAVOR+ layers, and can report redraws.
+    unwraps DDP / compiled models and can report redraws.
 
-    A model without a redraw interval (0, the default) is left alone; a model without FAVOR+ layers
-    raises at the start of training (the callback was added to the wrong model).
+    At the start of training it raises ValueError for a model without FAVOR+ layers (the callback was added to
+    the wrong model) and for a model whose layers all have ``redraw_interval=0`` (it would never redraw: convert
+    with ``PerformerConfig(redraw_interval=N)``, or drop the callback; ``PerformerTrainer``, which adds it to
+    every model, trains such a model without redraws). A fresh run shorter than the interval warns.
 
     Args:
         verbose: print a line on the main process whenever features are redrawn.
     """
 
     def __init__(self, verbose: bool = False):
+        super().__init__()
         self.verbose = verbose
         self.redraws = 0  # redraw events seen by this callback (this process)
 
-    def _sync(self, args, state, model) -> None:
-        if model is None:
-            return
-        if maybe_redraw_features(_unwrap(model), state.global_step):
+    def _model(self, model):
+        return _unwrap(model)
+
+    def _redraw(self, state, model) -> bool:
+        redrew = super()._redraw(state, model)
+        if redrew:
             self.redraws += 1
             if self.verbose and state.is_world_process_zero:
                 counts = sorted(set(feature_draw_counts(model)))
                 print(f"[hf-performer] step {state.global_step}: redrew FAVOR+ features (draw {counts})")
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if model is not None:
-            favor_modules(_unwrap(model))  # clear error if the model has no FAVOR+ layers
-        self._sync(args, state, model)  # resumed from an older checkpoint: catch up (no-op otherwise)
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        self._sync(args, state, model)
+        return redrew
 
 
 class PerformerTrainer(Trainer):
     """``transformers.Trainer`` for Performer models: adds a ``PerformerRedrawCallback`` unless one (or the
-    integration's) is given. Everything else is ``Trainer``."""
+    integration's) is given; it redraws if the model has a ``redraw_interval`` and stays idle otherwise.
+    Everything else is ``Trainer``."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if not any(isinstance(cb, _BaseRedrawCallback) for cb in self.callback_handler.callbacks):
-            self.add_callback(PerformerRedrawCallback())
+            callback = PerformerRedrawCallback()
+            callback.automatic = True  # a model without a redraw interval trains without redraws
+            self.add_callback(callback)

@@ -23,7 +23,7 @@ def run(*argv) -> int:
 def test_convert_bert_round_trip(tmp_path, capsys):
     src, out, txt = tiny_bert(tmp_path / "src"), tmp_path / "out", text_file(tmp_path / "t.txt")
     rc = run("convert", src, out, "--nb-features", 16, "--seed", 3, "--chunk-size", 32, "--calibration-data", txt,
-             "--statistics-batches", 2, "--no-progress")
+             "--statistics-batches", 2, "--max-length", 32, "--no-progress")  # --max-length shapes the statistics batches
     assert rc == 0, capsys.readouterr().err
     assert {"model.safetensors", "config.json", "tokenizer.json", "README.md", "conversion.json"} <= set(listing(out))
     assert listing(tmp_path) == ["out", "src", "t.txt"]  # no temporary folders left
@@ -90,6 +90,12 @@ def test_refuses_overwrite(tmp_path, capsys):
         (["--resume"], "--calibrate"),
         (["--model-class", "GPT2Model"], "not supported"),
         (["--base-model", "not a hub id"], "--base-model"),
+        # a flag that the requested steps would never read is refused, not ignored
+        (["--calibration-steps", "5"], "--calibration-steps would do nothing without --calibration-data"),
+        (["--statistics-batches", "2"], "--statistics-batches would do nothing without --calibration-data"),
+        (["--calibration-data", "{txt}", "--lr", "0.01", "--max-time", "9"], "--lr, --max-time only apply to attention"),
+        (["--calibration-data", "{txt}", "--keep-calibration-state"], "--keep-calibration-state only apply"),
+        (["--calibration-data", "{txt}", "--calibrate", "--calibration-steps", "0"], "would train nothing"),
     ],
 )
 def test_bad_flags_leave_nothing(tmp_path, capsys, flags, message):

@@ -245,3 +245,15 @@ def test_favor_plus_plus_cross_attention_is_refused_and_changes_nothing():
         I.convert_to_performer(model, PerformerConfig(nb_features=16, kernel="favor++"))
     assert _unchanged(model, snap)
     I.convert_to_performer(tf.GPT2LMHeadModel(gpt2_cfg()), PerformerConfig(nb_features=16, kernel="favor++"))
+
+
+@pytest.mark.parametrize("stock_cls,make_cfg,layers", [(tf.GPT2Model, gpt2_cfg, "n_layer"),
+                                                       (tf.BertModel, bert_cfg, "num_hidden_layers")])
+def test_a_model_without_attention_is_refused_and_unchanged(stock_cls, make_cfg, layers):
+    cfg = make_cfg()
+    setattr(cfg, layers, 0)
+    model = stock_cls(cfg)
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match="no attention module to convert"):
+        I.convert_to_performer(model, SETTINGS)
+    assert _unchanged(model, snap)

@@ -161,8 +161,10 @@ def test_redraw_schedule_counts_optimizer_steps_and_is_idempotent():
     for _ in range(2):
         I.redraw_features(reference)
     assert all(torch.equal(x.projection, y.projection) for x, y in zip(favors(model), favors(reference)))
-    never = gpt2_lm()
-    assert not I.maybe_redraw_features(never, 100) and [int(f.draw_count) for f in favors(never)] == [0, 0]
+    never = gpt2_lm()  # redraw_interval=0: following its schedule would never redraw: refused, nothing changed
+    with pytest.raises(ValueError, match="redraw_interval=0"):
+        I.maybe_redraw_features(never, 100)
+    assert [int(f.draw_count) for f in favors(never)] == [0, 0]
     with pytest.raises(ValueError, match="no FavorAttention"):
         I.redraw_features(torch.nn.Linear(2, 2))
 

@@ -74,12 +74,28 @@ def test_redraw_counts_optimizer_steps(tmp_path, accumulation, checkpointing):
 
 
 def test_no_interval_never_redraws(tmp_path):
+    """PerformerTrainer adds the callback to every model: without an interval it trains and never redraws."""
     model = tiny_model(redraw_interval=0)
     before = [m.projection.clone() for m in model.favor_modules()]
-    train(model, args(tmp_path, max_steps=3))
+    train(model, args(tmp_path, max_steps=3), callbacks=[], trainer_cls=PerformerTrainer)
     assert feature_draw_counts(model) == [0] * len(before)
     for m, p in zip(model.favor_modules(), before):
         assert torch.equal(m.projection, p)
+
+
+@pytest.mark.parametrize("callback_cls", [PerformerRedrawCallback, I.PerformerRedrawCallback])
+def test_an_explicit_callback_that_could_never_redraw_is_refused(tmp_path, callback_cls):
+    model = tiny_model(redraw_interval=0)
+    with pytest.raises(ValueError, match=r"redraw_interval=0.*PerformerConfig\(redraw_interval=N\)"):
+        train(model, args(tmp_path, max_steps=1), callbacks=[callback_cls()])
+    assert feature_draw_counts(model) == [0] * len(model.favor_modules())
+
+
+def test_a_run_shorter_than_the_interval_warns(tmp_path):
+    model = tiny_model(redraw_interval=10)
+    with pytest.warns(UserWarning, match="max_steps=2, fewer than the model's redraw_interval=10"):
+        train(model, args(tmp_path, max_steps=2))
+    assert feature_draw_counts(model) == [0] * len(model.favor_modules())
 
 
 def test_callback_refuses_a_softmax_model(tmp_path):

@@ -73,23 +73,24 @@ def _convert_parser(sub) -> argparse.ArgumentParser:
     g = p.add_argument_group("statistics and calibration")
     g.add_argument("--calibration-data", metavar="TEXT",
                    help=".txt file (lines or blank-line paragraphs), folder of .txt files, or datasets NAME[:CONFIG][:SPLIT]")
-    g.add_argument("--statistics-batches", type=int, default=4, help="batches for the statistics step (default 4)")
+    g.add_argument("--statistics-batches", type=int, help="batches for the statistics step (default 4)")
     g.add_argument("--calibrate", action="store_true", help="attention-transfer calibration (needs --calibration-data)")
-    g.add_argument("--calibration-steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
-    g.add_argument("--train", choices=TRAIN_CHOICES, default=d.train, help=f"trainable parameters (default {d.train})")
-    g.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"sequences per step (default {d.batch_size})")
-    g.add_argument("--max-length", type=int, default=d.max_length, help=f"tokens per sequence (default {d.max_length})")
-    g.add_argument("--layer-weight", type=float, default=d.layer_weight, help="weight of per-layer attention matching")
-    g.add_argument("--output-weight", type=float, default=d.output_weight, help="weight of end-to-end matching")
-    g.add_argument("--teacher-forced", action=argparse.BooleanOptionalAction, default=d.teacher_forced,
+    # unset flags stay None: convert() refuses a flag that the requested steps would not read
+    g.add_argument("--calibration-steps", dest="steps", type=int, metavar="N", help=f"optimizer steps (default {d.steps})")
+    g.add_argument("--train", choices=TRAIN_CHOICES, help=f"trainable parameters (default {d.train})")
+    g.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr})")
+    g.add_argument("--batch-size", type=int, help=f"sequences per step (default {d.batch_size})")
+    g.add_argument("--max-length", type=int, help=f"tokens per sequence (default {d.max_length})")
+    g.add_argument("--layer-weight", type=float, help=f"weight of per-layer attention matching (default {d.layer_weight})")
+    g.add_argument("--output-weight", type=float, help=f"weight of end-to-end matching (default {d.output_weight})")
+    g.add_argument("--teacher-forced", action=argparse.BooleanOptionalAction, default=None,
                    help="per-layer loss with each converted layer on the original's inputs (LoLCATs-style; "
                         f"default {d.teacher_forced})")
-    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    g.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=d.mixed_precision)
-    g.add_argument("--calibration-seed", type=int, default=d.seed, help="data order seed")
-    g.add_argument("--save-every", type=int, default=d.save_every, help="save resumable state every N steps")
-    g.add_argument("--max-time", type=float, default=None, metavar="SECONDS", help="stop calibration after this long")
+    g.add_argument("--warmup-steps", type=int, help=f"(default {d.warmup_steps})")
+    g.add_argument("--mixed-precision", choices=MIXED_PRECISION, help=f"(default {d.mixed_precision})")
+    g.add_argument("--calibration-seed", dest="seed", type=int, metavar="N", help=f"data order seed (default {d.seed})")
+    g.add_argument("--save-every", type=int, help=f"save resumable state every N steps (default {d.save_every})")
+    g.add_argument("--max-time", dest="max_time_s", type=float, metavar="SECONDS", help="stop calibration after this long")
     g.add_argument("--resume", nargs="?", const=True, default=False, metavar="STATE_DIR",
                    help="continue an interrupted calibration (default state folder: .<output>.calibration next to it)")
     g.add_argument("--keep-calibration-state", action="store_true", help="keep the resumable state after success")
@@ -125,12 +126,8 @@ def _run_convert(args, argv) -> None:
     from .convert import convert
 
     performer = {n: getattr(args, n) for n in args.performer_fields if getattr(args, n) is not None}
-    calibration = CalibrationConfig(
-        steps=args.calibration_steps, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
-        train=args.train, layer_weight=args.layer_weight, output_weight=args.output_weight,
-        warmup_steps=args.warmup_steps, mixed_precision=args.mixed_precision, seed=args.calibration_seed,
-        save_every=args.save_every, max_time_s=args.max_time, teacher_forced=args.teacher_forced,
-    )
+    calibration = {f.name: getattr(args, f.name) for f in dataclasses.fields(CalibrationConfig)
+                   if getattr(args, f.name, None) is not None}  # the flags given
     summary = convert(
         args.source, args.output, performer, max_position_embeddings=args.max_position_embeddings,
         calibration_data=args.calibration_data, calibrate_model=args.calibrate, calibration=calibration,

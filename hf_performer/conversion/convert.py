@@ -73,6 +73,39 @@ def _summary_calibration(log: dict) -> dict:
     return keep
 
 
+STATISTICS_FIELDS = ("batch_size", "max_length", "seed")  # also shape the statistics step's batches
+_FLAGS = {"steps": "--calibration-steps", "seed": "--calibration-seed", "max_time_s": "--max-time"}
+
+
+def _given_calibration_fields(calibration) -> list[str]:
+    """The calibration fields the caller set: a dict's keys, or a CalibrationConfig's non-default fields."""
+    if calibration is None:
+        return []
+    if isinstance(calibration, dict):
+        return list(calibration)
+    default = CalibrationConfig()
+    return [f.name for f in dataclasses.fields(CalibrationConfig) if getattr(calibration, f.name) != getattr(default, f.name)]
+
+
+def _check_unused_settings(data, calibrate_model, given, statistics_batches, keep_state, cal_cfg) -> None:
+    """No setting may silently do nothing: refuse those that the requested steps would never read."""
+    flag = lambda f: _FLAGS.get(f, "--" + f.replace("_", "-"))  # noqa: E731
+    if data is None:
+        unused = [flag(f) for f in given] + (["--statistics-batches"] if statistics_batches is not None else [])
+        if unused:
+            raise ConversionError(f"{', '.join(unused)} would do nothing without --calibration-data (no statistics step "
+                                  "or calibration runs without text): pass --calibration-data or drop them.")
+    if not calibrate_model:
+        unused = [flag(f) for f in given if f not in STATISTICS_FIELDS] + (
+            ["--keep-calibration-state"] if keep_state else [])
+        if unused:
+            raise ConversionError(f"{', '.join(unused)} only apply to attention-transfer calibration: pass --calibrate "
+                                  "or drop them.")
+    elif cal_cfg.steps == 0:
+        raise ConversionError("--calibrate with --calibration-steps 0 would train nothing: give steps > 0, or drop "
+                              "--calibrate (the statistics step runs whenever --calibration-data is given).")
+
+
 def convert(
     source: str | os.PathLike,
     output: str | os.PathLike,
@@ -82,7 +115,7 @@ def convert(
     calibration_data: str | os.PathLike | None = None,
     calibrate_model: bool = False,
     calibration: CalibrationConfig | dict | None = None,
-    statistics_batches: int = 4,
+    statistics_batches: int | None = None,
     model_class: str | None = None,
     overwrite: bool = False,
     resume: bool | str | os.PathLike = False,
@@ -98,21 +131,30 @@ def convert(
         max_position_embeddings: grow learned absolute positions to this many tokens (tiling).
         calibration_data: text for the statistics step and calibration (.txt file, folder, datasets name).
         calibrate_model: run attention-transfer calibration (needs ``calibration_data``).
-        calibration: CalibrationConfig (or its dict): steps, lr, batch_size, max_length, train, ...
-        statistics_batches: batches of text for the statistics step.
+        calibration: CalibrationConfig (or its dict of the fields to change): steps, lr, batch_size, max_length,
+            train, ... (batch_size, max_length and seed also shape the statistics step's batches).
+        statistics_batches: batches of text for the statistics step (None: 4).
         model_class: stock class to load (default: the config's ``architectures``).
         resume: continue an interrupted calibration: True = the default state folder next to ``output``
             (``.<name>.calibration``), or a folder path.
         base_model: the source's Hub id, for the model card's ``base_model`` (default: ``source`` when it is a Hub
             id; a local source has none unless given).
     Returns the summary written to ``output/conversion.json``.
+
+    Raises ConversionError before anything is written for bad input, including a setting that would do nothing:
+    statistics or calibration settings without ``calibration_data``, attention-transfer settings (or
+    ``keep_calibration_state``) without ``calibrate_model``, or ``calibrate_model`` with 0 steps.
     """
     t_start = time.perf_counter()
     # ---------------------------------------------------------------- validate everything first
     settings = performer_settings(performer)
+    given = _given_calibration_fields(calibration)
     if isinstance(calibration, dict):
         calibration = CalibrationConfig(**calibration)
     cal_cfg = calibration or CalibrationConfig()
+    _check_unused_settings(calibration_data, calibrate_model, given, statistics_batches, keep_calibration_state,
+                           cal_cfg)
+    statistics_batches = 4 if statistics_batches is None else statistics_batches
     if not isinstance(statistics_batches, int) or statistics_batches < 1:
         raise ConversionError(f"statistics_batches={statistics_batches!r}: expected a positive integer.")
     if calibrate_model and calibration_data is None:

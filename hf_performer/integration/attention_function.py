@@ -20,6 +20,8 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import bidirectional_mask_function, causal_mask_function
 
+from .zero_shot import notice_uncalibrated
+
 ATTN_IMPLEMENTATION = "favor"
 
 _DROPOUT_WARNED = False
@@ -126,6 +128,7 @@ def favor_attention_forward(
         )
     reject_attention_weights(kwargs.get("output_attentions"))
     warn_ignored_dropout(dropout if module.training else 0.0)
+    notice_uncalibrated(favor)
     causal = getattr(module, "is_causal", False) if is_causal is None else bool(is_causal)
     if causal and query.shape[2] != key.shape[2]:
         raise NotImplementedError(

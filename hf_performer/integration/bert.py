@@ -32,6 +32,7 @@ from .modeling import (
     PerformerGenerationMixin,
     PerformerModelMixin,
 )
+from .zero_shot import notice_uncalibrated
 
 
 @strict
@@ -52,6 +53,7 @@ class CachedSelfAttentionMixin:
             return super().forward(hidden_states, attention_mask=attention_mask, cache=None, **kwargs)
         reject_attention_weights(kwargs.get("output_attentions"))
         warn_ignored_dropout(self.dropout.p if self.training else 0.0)
+        notice_uncalibrated(self.favor)
         if not self.is_causal:
             raise ValueError("a bidirectional (encoder) self-attention cannot decode incrementally with a cache")
         B, T, _ = hidden_states.shape

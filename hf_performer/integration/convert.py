@@ -36,6 +36,11 @@ def convert_to_performer(model: nn.Module, config: PerformerConfig | dict | None
         model: a transformers BertModel/BertFor*, GPT2Model/GPT2LMHeadModel/GPT2For*/GPT2DoubleHeadsModel,
             RobertaModel/RobertaFor*, or DistilBertModel/DistilBertFor* instance.
         config: the FAVOR+ settings (PerformerConfig or its dict); defaults to PerformerConfig().
+
+    Raises (before anything is modified):
+        ValueError: unsupported or already converted model, ``output_attentions=True``, or a model without any
+            attention module; NotImplementedError: favor++ with cross-attention.
+        TypeError: ``config`` is not a PerformerConfig or dict.
     """
     if config is None:
         settings = PerformerConfig()
@@ -56,6 +61,12 @@ def convert_to_performer(model: nn.Module, config: PerformerConfig | dict | None
     # build and validate everything before touching the model
     performer_cls = classes[type(model)]
     plan = plan_favor(performer_cls._favor_sites(model), settings)
+    if not plan:
+        raise ValueError(
+            f"{type(model).__name__} has no attention module to convert (num_hidden_layers="
+            f"{getattr(old, 'num_hidden_layers', '?')}): converting it would change nothing. Build or load a model "
+            "with attention layers."
+        )
     fields = {k: v for k, v in old.to_dict().items() if k not in ("model_type", "transformers_version", "layer_types")}
     new = config_cls.from_dict({**fields, "performer": settings.to_dict()})
     new._attn_implementation = ATTN_IMPLEMENTATION
@@ -85,17 +96,30 @@ def redraw_features(model: nn.Module) -> int:
     return len(modules)
 
 
+def redraw_schedule(model: nn.Module) -> list[FavorAttention]:
+    """The FAVOR+ layers of ``model`` that follow a redraw schedule (``redraw_interval`` > 0). Raises ValueError,
+    naming the fix, when there is none: a redraw schedule on such a model would never redraw anything."""
+    modules = [m for m in favor_modules(model) if m.config.redraw_interval > 0]
+    if not modules:
+        raise ValueError(
+            f"every FAVOR+ layer of {type(model).__name__} has redraw_interval=0 (never redraw), so following its "
+            "redraw schedule would never redraw anything. Convert with PerformerConfig(redraw_interval=N) "
+            "(hf-performer convert --redraw-interval N; the examples' --performer_redraw_interval N), call "
+            "hf_performer.redraw_features(model) to redraw now, or drop the redraw callback."
+        )
+    return modules
+
+
 def maybe_redraw_features(model: nn.Module, optimizer_step: int) -> bool:
     """Follow ``PerformerConfig.redraw_interval`` (in optimizer steps): after ``optimizer_step`` steps every
     layer holds draw number ``optimizer_step // redraw_interval``. Call it after each optimizer step; calling
     it again for the same step (gradient accumulation, resumed runs) changes nothing. Returns True if it redrew.
+
+    Raises ValueError if the model has no FAVOR+ layer, or no layer with a redraw interval (it would never redraw).
     """
     redrew = False
-    for m in favor_modules(model):
-        interval = m.config.redraw_interval
-        if interval <= 0:
-            continue
-        target = int(optimizer_step) // interval
+    for m in redraw_schedule(model):
+        target = int(optimizer_step) // m.config.redraw_interval
         while int(m.draw_count) < target:
             m.redraw_features()
             redrew = True

@@ -28,6 +28,7 @@ from ..version import __version__
 from .attention_function import ATTN_IMPLEMENTATION, register_favor_attention
 from .cache import LAYER_TYPE, register_favor_layer_type
 from .portable import write_portable_code
+from .zero_shot import share_notice
 
 # The model classes need the "favor" attention and cache layer type: importing them registers both (idempotent), so
 # the portable copy of this code that checkpoints carry (``portable``) works on its own.
@@ -112,7 +113,8 @@ def plan_favor(sites: Iterator[AttentionSite], settings: PerformerConfig) -> lis
 
 
 def attach_favor(plan: list[tuple[AttentionSite, PerformerConfig]]) -> None:
-    """Give every planned site a FavorAttention child ``favor`` (and its Performer forward). Idempotent."""
+    """Give every planned site a FavorAttention child ``favor`` (and its Performer forward), and the model's
+    layers their shared zero-shot notice (``zero_shot.py``). Idempotent. ``plan`` covers every site of one model."""
     for site, settings in plan:
         module = site.module
         if site.performer_class is not None and not isinstance(module, site.performer_class):
@@ -121,6 +123,7 @@ def attach_favor(plan: list[tuple[AttentionSite, PerformerConfig]]) -> None:
             ref = next(module.parameters(), None)
             favor = FavorAttention(site.head_dim, settings, num_heads=site.num_heads, layer_id=site.layer_id)
             module.favor = favor.to(ref.device) if ref is not None else favor
+    share_notice([site.module.favor for site, _ in plan])
 
 
 DERIVED_BUFFERS = ("projection", "aligned_projection", "aligned_bias")  # functions of seed, layer, draw, centers
