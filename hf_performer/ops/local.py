@@ -37,6 +37,8 @@ def shifted(x: torch.Tensor, offset: int, dim: int = 2) -> torch.Tensor:
     L = x.shape[dim]
     if offset == 0:
         return x
+    if abs(offset) >= L:  # every position's partner is out of range (sequences shorter than the window)
+        return torch.zeros_like(x)
     cut = x.narrow(dim, max(offset, 0), L - abs(offset))
     pad = [0, 0] * (x.dim() - 1 - dim) + ([0, offset] if offset > 0 else [-offset, 0])
     return F.pad(cut, pad)
