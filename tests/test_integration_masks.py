@@ -99,7 +99,7 @@ def test_padding_changes_nothing_but_is_not_ignored():
 
 def test_mask_function_returns_2d_padding_mask_or_none():
     full = torch.ones(2, 6, dtype=torch.bool)
-    assert af.favor_mask(2, 6, 6, attention_mask=full) is None
+    assert torch.equal(af.favor_mask(2, 6, 6, attention_mask=full), full)  # passed on: no host sync to check it
     assert af.favor_mask(2, 6, 6, attention_mask=None) is None
     padded = full.clone()
     padded[0, :2] = False

@@ -88,9 +88,11 @@ def favor_mask(
     attention_mask: torch.Tensor | None = None,
     **kwargs,
 ) -> torch.Tensor | None:
-    """Mask function: the 2D padding mask [B, kv_length] (bool, True = real) or None when nothing is padded.
+    """Mask function: the 2D padding mask [B, kv_length] (bool, True = real), or None without an attention_mask.
 
-    Causality is not encoded in the mask: the attention function takes it from the module."""
+    Causality is not encoded in the mask: the attention function takes it from the module. A mask without any
+    padding is passed on as it is: asking whether it has padding would read a device tensor (a host
+    synchronisation per forward and per generated token)."""
     if mask_function is not causal_mask_function and mask_function is not bidirectional_mask_function:
         raise NotImplementedError(
             "Performer FAVOR+ attention supports plain causal or bidirectional attention with a 2D padding mask. "
@@ -104,8 +106,7 @@ def favor_mask(
             f"attention_mask has {attention_mask.shape[-1]} columns but the keys span {kv_length} positions "
             "(cached and new tokens); pass a mask over the whole sequence."
         )
-    mask = attention_mask[:, -kv_length:].bool()  # [B, kv_length]
-    return None if bool(mask.all()) else mask
+    return attention_mask[:, -kv_length:].bool()  # [B, kv_length]
 
 
 def favor_attention_forward(

@@ -61,18 +61,19 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
     chunked = lambda x: x.unflatten(2, (n, C))  # [B, H, nC, ·] -> [B, H, n, C, ·]
 
     # the w keys before the sequence: the decoding state's window, else missing (masked)
-    if w and state is not None and state.wk is not None:
-        have = state.wk.shape[2]
-        hk, hv = _pad_len(state.wk, w - have, 0), _pad_len(state.wv, w - have, 0)
-        hm = _pad_len(state.wm > 0, w - have, 0, value=False)
-    else:
-        hk, hv = k.new_zeros(B, H, w, k.shape[-1]), v.new_zeros(B, H, w, v.shape[-1])
-        hm = torch.zeros(B, w, dtype=torch.bool, device=q.device)
     real = torch.ones(B, T, dtype=torch.bool, device=q.device) if mask is None else mask
-    kx = torch.cat([hk, _pad_len(k, 0, P)], 2)  # [B, H, w + nC, d]: key position p at index w + p
-    vx = torch.cat([hv, _pad_len(v, 0, P)], 2)
-    mx = torch.cat([hm, _pad_len(real, 0, P, value=False)], 1)  # [B, w + nC]
-    qx = _pad_len(q, 0, P)
+    kx, vx, mx, qx = (_pad_len(x, 0, P, value=False if x.dtype == torch.bool else 0.0) if P else x
+                      for x in (k, v, real, q))
+    if w:
+        if state is not None and state.wk is not None:
+            have = state.wk.shape[2]
+            hk, hv = _pad_len(state.wk, w - have, 0), _pad_len(state.wv, w - have, 0)
+            hm = _pad_len(state.wm > 0, w - have, 0, value=False)
+        else:
+            hk, hv = k.new_zeros(B, H, w, k.shape[-1]), v.new_zeros(B, H, w, v.shape[-1])
+            hm = torch.zeros(B, w, dtype=torch.bool, device=q.device)
+        kx, vx, mx = torch.cat([hk, kx], 2), torch.cat([hv, vx], 2), torch.cat([hm, mx], 1)
+    # kx [B, H, w + nC, d], vx [B, H, w + nC, dv], mx [B, w + nC]: key position p at index w + p
 
     lk_all, fk_all = fmap(kx)  # [B, H, w + nC, m'], F [.., m] or None
     lk, mk = chunked(lk_all[:, :, w:]), mx[:, w:].unflatten(1, (n, C))  # [B, H, n, C, m'], [B, n, C]
@@ -92,32 +93,32 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
             idx = mk.to(torch.int8).argmax(-1)[:, None, :, None, None].expand(B, H, n, 1, lk.shape[-1])
             first = torch.where(mk.any(-1)[:, None, :, None], lk.gather(3, idx)[:, :, :, 0], big)
         ref = finite_reference(torch.maximum(M[:, :, :-1], first))  # [B, H, n, m']: c_i
-        U = (lk_masked - ref[:, :, :, None]).amax(-1).clamp_min(0).cummax(-1).values  # [B, H, n, C]
-        r = (lq + ref[:, :, :, None]).amax(-1, keepdim=True)  # [B, H, n, C, 1] query row maxima
+        ref_c = ref[:, :, :, None]  # [B, H, n, 1, m']
+        U = (lk_masked - ref_c).amax(-1).clamp_min(0).cummax(-1).values  # [B, H, n, C]
+        r = (lq + ref_c).amax(-1, keepdim=True)  # [B, H, n, C, 1] query row maxima
         tril = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
         decay = torch.where(tril, torch.exp((U[..., None, :] - U[..., :, None]).clamp_max(0)), 0.0)  # [t, s]
         e_u = torch.exp(-U)[..., None]  # [B, H, n, C, 1]
 
-    phi_k = times(masked_exp(lk - ref[:, :, :, None] - U[..., None], keep), fk)  # [B, H, n, C, m]
-    phi_q = times(torch.exp(lq + ref[:, :, :, None] - r), fq)  # [B, H, n, C, m]
+    phi_k = times(masked_exp(lk - (ref_c + U[..., None]), keep), fk)  # [B, H, n, C, m]
+    phi_q = times(torch.exp(lq + (ref_c - r)), fq)  # [B, H, n, C, m]
     v1 = with_ones(chunked(vx[:, :, w:]))  # [B, H, n, C, dv + 1]
 
-    # chunk summaries relative to the running maximum, then the state entering each chunk (and the final one)
+    # chunk summaries relative to the running maximum, then the state entering each chunk
     K = times(masked_exp(lk - M[:, :, 1:, None], keep), fk).transpose(-1, -2) @ v1  # [B, H, n, m, dv + 1]
-    S0 = state_sums(state, K)  # the decoding state as a summary ahead of chunk 0 (zeros when there is none)
-    items = torch.cat([S0[:, :, None], K, torch.zeros_like(K[:, :, :1])], 2)  # + an empty summary at the end
-    item_refs = torch.cat([M, torch.full_like(M[:, :, :1], big)], 2)  # [B, H, n + 2, m']
-    targets = torch.cat([c0[:, :, None], ref, M[:, :, -1:]], 2)  # state entering chunk i, then the final state
-    prefix = exclusive_prefix(items, item_refs, targets)[:, :, 1:]  # [B, H, n + 1, m, dv + 1]
+    prefix = exclusive_prefix(K, M[:, :, 1:], ref, group=C)  # [B, H, n, m, dv + 1]
+    if state is not None:  # the decoding state is the summary ahead of chunk 0 (reference c0 <= every c_i)
+        S0 = torch.cat([state.S, state.z[..., None]], -1)
+        prefix = prefix + S0[:, :, None] * torch.exp(c0[:, :, None] - ref)[..., None]
 
     A = (phi_q @ phi_k.transpose(-1, -2)) * decay  # [B, H, n, C, C]
-    total = (phi_q @ prefix[:, :, :n]) * e_u + A @ v1  # [B, H, n, C, dv + 1]
+    total = (phi_q @ prefix) * e_u + A @ v1  # [B, H, n, C, dv + 1]
     num, den = total[..., :-1].flatten(2, 3), total[..., -1].flatten(2, 3)  # [B, H, nC, ·]
     if w:
         halo = lambda x: x[:, :, : n * C].unflatten(2, (n, C))[:, :, :, :w]  # the w keys before each chunk
         fh = None if fk_all is None else halo(fk_all)
         keep_h = mx[:, : n * C].unflatten(1, (n, C))[:, None, :, :w, None]
-        phi_h = times(masked_exp(halo(lk_all) - ref[:, :, :, None], keep_h), fh)  # <= 1: before the chunk
+        phi_h = times(masked_exp(halo(lk_all) - ref_c, keep_h), fh)  # <= 1: before the chunk
         A_ext = torch.cat([(phi_q @ phi_h.transpose(-1, -2)) * e_u, A], -1)  # [B, H, n, C, w + C]
         fav = band(A_ext, w + 1).flatten(2, 3)  # [B, H, nC, w + 1]: the pair (t, t - w + j) at column j
         log_scale = (r[..., 0] + U).flatten(2, 3)
@@ -127,18 +128,13 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
         out = combine_window(num, den, fav, logits, valid, [vx[:, :, j : j + n * C] for j in range(w + 1)])
     else:
         out = num / safe_den(den)[..., None]
-    final = prefix[:, :, n]
+    # the state after the last chunk, relative to the running maximum M_n (K_{n-1} already is); c_{n-1} <= M_n
+    # except where no real key was seen at all (c = 0 > M = -big, and the sums are 0)
+    final = prefix[:, :, -1] * torch.exp((ref[:, :, -1] - M[:, :, -1]).clamp_max(0))[..., None] + K[:, :, -1]
     new = FavorState(S=final[..., :-1], z=final[..., -1], c=M[:, :, -1])
     if w:
         new.wk, new.wv, new.wm = kx[:, :, T : T + w], vx[:, :, T : T + w], mx[:, T : T + w].to(q.dtype)
     return out[:, :, :T], new
-
-
-def state_sums(state: FavorState | None, like: torch.Tensor) -> torch.Tensor:
-    """[S, z] of a decoding state as one [B, H, m, dv + 1] summary (zeros without a state); like: [B,H,n,m,dv+1]."""
-    if state is None:
-        return torch.zeros_like(like[:, :, 0])
-    return torch.cat([state.S, state.z[..., None]], -1).to(like.dtype)
 
 
 def causal_attention(q, k, v, fmap: FeatureMap, key_padding_mask=None, chunk_size: int = 64, local_window: int = 0,

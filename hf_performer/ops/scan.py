@@ -9,10 +9,10 @@ which is associative (the stabiliser of arXiv:2009.14794, sec. 2.3, made exact; 
 entering chunk i, relative to a target reference t_i >= c_j (j < i), is P_i = sum_{j<i} K_j e^{c_j - t_i}.
 
 It is computed in two levels (the chunked layout of flash-linear-attention, without its kernels):
-* inside groups of up to GROUP consecutive chunks, as one batched matmul per feature with the weights
+* inside groups of up to G consecutive chunks (the causal op uses G = its chunk size), as one batched matmul per feature with the weights
   e^{c_j - t_i} <= 1 (a [G, G] lower-triangular matrix per group and feature);
-* across groups, from the group totals by a Hillis-Steele scan with (+): ceil(log2(n / GROUP)) steps of a fixed
-  number of ops on [n / GROUP, m, dv + 1] tensors (none at all up to GROUP chunks).
+* across groups, from the group totals by a Hillis-Steele scan with (+): ceil(log2(n / G)) steps of a fixed
+  number of ops on [n / G, m, dv + 1] tensors (none at all up to G chunks).
 Everything is linear in K with constant weights (the stabilisers cancel in the attention output), so the
 backward is autograd's transpose of the same ops. No Python loop over chunks or tokens.
 """
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .common import neg_big
 
-GROUP = 64  # chunks per group of the in-group matrix form: [GROUP, GROUP] weights per feature
+GROUP = 64  # default chunks per group of the in-group matrix form: [G, G] weights per feature
 
 
 def _scan(K: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,15 +40,17 @@ def _scan(K: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return K, c
 
 
-def exclusive_prefix(K: torch.Tensor, c: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def exclusive_prefix(K: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, group: int = GROUP) -> torch.Tensor:
     """The state entering each chunk: P_i = sum_{j<i} K_j e^{c_j - t_i}.
 
     K [..., n, m, e] chunk summaries (float32/float64), c [..., n, m'] their references, targets [..., n, m'] with
     t_i >= c_j for all j < i (then every weight is <= 1; m' = m, or 1 for kernels with one log-scale per
-    position). Differentiable in K; c and targets are constants. Returns [..., n, m, e]."""
+    position). ``group`` G: chunks per group of the matrix form (its weights are [n, G, m'] per batch row and head:
+    with G = the chunk size, as large as one [L, m] feature tensor). Differentiable in K; c and targets are
+    constants. Returns [..., n, m, e]."""
     c, targets = c.detach(), targets.detach()
     n, m, e = K.shape[-3:]
-    G = min(n, GROUP)
+    G = min(n, group)
     ng = -(-n // G)
     pad = ng * G - n
     if pad:  # empty summaries; their outputs are cut off (targets +big: weights 0, never inf)

@@ -1,0 +1,135 @@
+"""GPU shape of the FAVOR ops (structural properties, no timing): a bounded number of dispatched ops at any
+length, no host synchronisation in forward, backward or decoding, and torch.compile without graph breaks."""
+
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from hf_performer import FavorAttention, PerformerConfig, convert_to_performer
+
+SYNC = torch.ops.aten._local_scalar_dense.default  # what .item(), bool(t), int(t) of a tensor dispatch
+
+
+class Dispatched(TorchDispatchMode):
+    """Counts every aten op dispatched inside the block (each is at least one kernel launch on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+
+def ops_per_training_call(L: int, causal: bool, window: int) -> int:
+    """aten ops of one forward + backward at batch 1, 8 heads, d = 64, m = 256, default settings (meta tensors:
+    shapes and dispatch only, no arithmetic)."""
+    att = FavorAttention(64, PerformerConfig(nb_features=256, local_window=window), num_heads=8).to("meta")
+    q, k, v = (torch.randn(1, 8, L, 64, device="meta", requires_grad=True) for _ in range(3))
+    with Dispatched() as d:
+        att(q, k, v, causal=causal).sum().backward()
+    return d.total
+
+
+@pytest.mark.parametrize("window", [0, 4])
+@pytest.mark.parametrize("causal", [False, True])
+def test_op_count_is_bounded_whatever_the_length(causal, window):
+    short, long = ops_per_training_call(2048, causal, window), ops_per_training_call(16384, causal, window)
+    assert long <= 1500, (short, long)
+    assert long <= 2 * short, (short, long)  # only the log-depth cross-group scan and recomputation may grow
+
+
+def _qkv(L=23, H=2, d=8, dv=6, dtype=torch.float32, grad=False):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(2, H, L, x, generator=g, dtype=dtype).requires_grad_(grad) for x in (d, d, dv)]
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+@pytest.mark.parametrize("window", [0, 2])
+@pytest.mark.parametrize("causal", [False, True])
+def test_no_host_sync_in_forward_backward_or_step(causal, window, calibrated):
+    att = FavorAttention(8, PerformerConfig(nb_features=16, chunk_size=4, local_window=window), num_heads=2)
+    q, k, v = _qkv(grad=True)
+    mask = torch.ones(2, 23, dtype=torch.bool)
+    mask[0, :5] = False
+    if calibrated:
+        att.calibrate_statistics(q.detach(), k.detach(), mask, causal=causal)
+    with Dispatched() as fwd:
+        out = att(q, k, v, causal=causal, key_padding_mask=mask)
+    with Dispatched() as bwd:
+        out.sum().backward()
+    assert fwd.ops[SYNC] == 0 and bwd.ops[SYNC] == 0
+    assert fwd.total > 0 and bwd.total > 0  # the counter saw the work
+    state = None
+    with torch.no_grad(), Dispatched() as steps:
+        for a, b in [(0, 1), (1, 9), (9, 10)]:
+            _, state = att.step(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], state, key_padding_mask=mask[:, a:b])
+    assert steps.ops[SYNC] == 0 and steps.total > 0
+
+
+def test_a_read_of_the_calibrated_flag_is_a_host_sync_only_after_the_buffer_changes():
+    att = FavorAttention(8, PerformerConfig(nb_features=16), num_heads=2)
+    with Dispatched() as d:
+        assert att.calibrated is False
+    assert d.ops[SYNC] == 0
+    att.load_state_dict({**att.state_dict(), "stats_calibrated": torch.ones((), dtype=torch.bool)})
+    with Dispatched() as d:
+        assert att.calibrated is True and att.calibrated is True
+    assert d.ops[SYNC] == 1  # re-read once after the in-place load, then Python state again
+
+
+def _tiny_models():
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                vocab_size=100))
+    gpt = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, bos_token_id=0,
+                                     eos_token_id=0))
+    return {
+        "bert": convert_to_performer(bert, PerformerConfig(nb_features=16, local_window=1)).eval(),
+        "gpt2": convert_to_performer(gpt, PerformerConfig(nb_features=16, chunk_size=4)).eval(),
+    }
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_converted_models_forward_without_host_sync_or_graph_break():
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, :3] = 0
+    for name, model in _tiny_models().items():
+        model(input_ids=ids, attention_mask=mask)  # first call: the one-time zero-shot notice reads the flags
+        with Dispatched() as d:
+            model(input_ids=ids, attention_mask=mask)
+        assert d.ops[SYNC] == 0, name
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(model)(input_ids=ids, attention_mask=mask)
+        assert explained.graph_break_count == 0, (name, [b.reason for b in explained.break_reasons])
+
+
+@pytest.mark.parametrize(
+    ("causal", "window", "backend"),
+    [(False, 0, "aot_eager"), (True, 0, "aot_eager"), (False, 2, "aot_eager"), (True, 2, "inductor")],
+)
+def test_torch_compile_fullgraph_matches_eager(causal, window, backend):
+    torch._dynamo.reset()
+    att = FavorAttention(8, PerformerConfig(nb_features=16, chunk_size=4, local_window=window), num_heads=2)
+    q, k, v = _qkv(grad=True)
+    mask = torch.ones(2, 23, dtype=torch.bool)
+    mask[1, 17:] = False
+    g = torch.randn(2, 2, 23, 6, generator=torch.Generator().manual_seed(2)) * mask[:, None, :, None]
+    compiled = torch.compile(att, fullgraph=True, backend=backend)
+    out = compiled(q, k, v, causal=causal, key_padding_mask=mask)
+    ref = att(q, k, v, causal=causal, key_padding_mask=mask)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad((out * g).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * g).sum(), (q, k, v))
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
