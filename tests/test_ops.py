@@ -136,14 +136,14 @@ def test_backward_matches_autograd_through_the_naive_reference(causal):
         assert rel_err(a, b) < 1e-9
 
 
-@pytest.mark.parametrize(("n", "group"), [(5, 64), (37, 4), (130, 16)])  # one group, several, a log-depth scan
+@pytest.mark.parametrize(("n", "group"), [(5, 64), (37, 4), (70, 8)])  # one group, several, a log-depth scan
 def test_exclusive_prefix_of_chunk_summaries_matches_the_explicit_sum(n, group):
     from hf_performer.ops.scan import exclusive_prefix
 
     g = torch.Generator().manual_seed(n)
-    K = torch.randn(2, n, 6, 3, generator=g, dtype=D64, requires_grad=True)
-    c = torch.cummax(3 * torch.randn(2, n, 6, generator=g, dtype=D64), 1).values  # running maxima
-    t = c + torch.rand(2, n, 6, generator=g, dtype=D64)  # t_i >= c_i >= c_j for j < i
+    K = torch.randn(1, n, 3, 2, generator=g, dtype=D64, requires_grad=True)
+    c = torch.cummax(3 * torch.randn(1, n, 3, generator=g, dtype=D64), 1).values  # running maxima
+    t = c + torch.rand(1, n, 3, generator=g, dtype=D64)  # t_i >= c_i >= c_j for j < i
     out = exclusive_prefix(K, c, t, group=group)
     for i in range(n):
         ref = sum((K[:, j] * torch.exp(c[:, j] - t[:, i])[..., None] for j in range(i)), torch.zeros_like(K[:, 0]))
