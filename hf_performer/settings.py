@@ -35,9 +35,10 @@ class PerformerConfig:
             marginally N(0, I), so the estimator stays unbiased); ``"sqrt_d"`` uses the fixed norm sqrt(d).
         redraw_interval: redraw the features every this many optimizer steps (0 = never).
         seed: base seed; every draw derives from (seed, layer id, draw count).
-        chunk_size: keys/queries processed per chunk; bounds peak memory to O(chunk * (m + d)).
-        eps: guard of the normalizer, and the additive floor of ``relu`` features only. Never added
-            to softmax features.
+        chunk_size: C, positions per chunk of the causal op's chunk-parallel form (and of decoding steps): its
+            intra-chunk matrices are [C, C], its states one per C positions. Bidirectional attention is one pass.
+        eps: the additive floor of ``relu`` features only (keeps their normaliser positive). Never added
+            to softmax or favor++ features.
         center_keys: subtract a shared vector c = E[q] + E[k] from the keys before the feature map. Exact
             for softmax attention (it adds a per-query constant to every logit) and it shrinks |q+k|,
             which cuts the estimator's variance (it grows like exp(|q+k|^2)).
