@@ -15,7 +15,7 @@ from hf_performer.ops import (
     favor_causal,
     naive_linear_attention,
 )
-from hf_performer.ops.local import band, shifted
+from hf_performer.ops.local import band, key_spans, query_blocks, unband
 
 D64 = torch.float64
 
@@ -44,16 +44,23 @@ def max_err(a, b, valid=None):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def test_band_and_shifted_views():
+def test_band_unband_and_key_spans():
     m = torch.arange(5 * 9, dtype=D64).reshape(5, 9)  # C = 5 queries, span C + 2w with w = 2
     b = band(m, 5)
     assert all(b[i, j] == m[i, i + j] for i in range(5) for j in range(5))
-    x = torch.arange(2 * 7, dtype=D64).reshape(1, 1, 7, 2)
-    for o in (-3, -1, 0, 2, 6):
-        y = shifted(x, o)
-        for i in range(7):
-            expected = x[0, 0, i + o] if 0 <= i + o < 7 else torch.zeros(2, dtype=D64)
-            assert torch.equal(y[0, 0, i], expected)
+    expected = torch.zeros(5, 9, dtype=D64)
+    for i in range(5):
+        expected[i, i : i + 5] = m[i, i : i + 5]
+    assert torch.equal(unband(b, 9), expected)
+    x = torch.arange(7 * 2, dtype=D64).reshape(1, 1, 7, 2)  # L = 7 in blocks of 3 with w = 2
+    spans, blocks = key_spans(x, 3, 2), query_blocks(x, 3)
+    assert spans.shape == (1, 1, 3, 7, 2) and blocks.shape == (1, 1, 3, 3, 2)
+    for b_ in range(3):
+        for j in range(7):
+            p = 3 * b_ - 2 + j
+            assert torch.equal(spans[0, 0, b_, j], x[0, 0, p] if 0 <= p < 7 else torch.zeros(2, dtype=D64))
+    mask_spans = key_spans(torch.ones(1, 7, dtype=torch.bool), 3, 2)
+    assert mask_spans.tolist() == [[[0 <= 3 * b_ - 2 + j < 7 for j in range(7)] for b_ in range(3)]]
 
 
 @pytest.mark.parametrize("kernel", ["softmax", "favor++"])

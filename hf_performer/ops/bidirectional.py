@@ -6,7 +6,8 @@ Keys: phi~(k) = F exp(Lg(k) - c), c the per-feature maximum over the real keys (
 every query sees, so the estimator is unchanged); queries: phi~(q) = F exp(Lg(q) + c - r), r the row maximum
 (cancels in the ratio). Both are <= 1. Padded keys are masked before the exponential: they contribute to
 neither sum, in value or gradient. With a local window each offset -w..w is one product of phi~(Q) with a
-shifted phi~(K) (FAVOR's estimate of those pairs, replaced by exact terms in ``local.combine_window``).
+shifted phi~(K) (computed by blocks of 32 queries against the keys they can reach (FAVOR's estimate of those
+pairs), replaced by exact terms in ``local.combine_window``.
 The backward is autograd's; above ``common.RECOMPUTE_ABOVE`` the op keeps only q, k, v and recomputes its
 features in the backward. Memory: a few [B, H, L, m] feature tensors and S [B, H, m, dv + 1], nothing L×L.
 """
@@ -27,7 +28,7 @@ from .common import (
     times,
     with_ones,
 )
-from .local import combine_window, exact_logits, shifted
+from .local import BLOCK, band, combine_window, exact_base, key_spans, query_blocks, unband
 
 
 def _bidirectional(q, k, v, fmap: FeatureMap, mask, window: int):
@@ -46,12 +47,21 @@ def _bidirectional(q, k, v, fmap: FeatureMap, mask, window: int):
     num, den = total[..., :-1], total[..., -1]
     if not window:
         return num / safe_den(den)[..., None]
-    offsets = range(-window, window + 1)
-    fav = torch.stack([torch.linalg.vecdot(phi_q, shifted(phi_k, o)) for o in offsets], -1)  # [B, H, L, 2w + 1]
+    # the window, by blocks of queries against the keys they can reach: [nb, Bq, Bq + 2w] products, banded
+    L, width, Bq = q.shape[2], 2 * window + 1, min(BLOCK, q.shape[2])
+    near = lambda a, b: band(query_blocks(a, Bq) @ key_spans(b, Bq, window).transpose(-1, -2), width)
+    unblock = lambda x: x.flatten(2, 3)[:, :, :L]  # [B, H, nb, Bq, ·] -> [B, H, L, ·]
+    fav = unblock(near(phi_q, phi_k))  # [B, H, L, 2w + 1]: the pair (i, i - w + j) at column j
+    qt, kt = fmap.transform(q, True), fmap.transform(k, False)
+    logits = unblock(near(qt, kt)) + exact_base(fmap, qt, r[..., 0])[..., None]
     real = torch.ones_like(k[:, 0, :, 0], dtype=torch.bool) if mask is None else mask
-    valid = torch.stack([shifted(real, o, dim=1) for o in offsets], -1)[:, None]  # [B, 1, L, 2w + 1]
-    logits = exact_logits(fmap, q, [shifted(k, o) for o in offsets], r[..., 0])
-    return combine_window(num, den, fav, logits, valid, [shifted(v, o) for o in offsets])
+    valid = key_spans(real, Bq, window).unfold(-1, width, 1)[:, None, :, :Bq].flatten(2, 3)[:, :, :L]
+    v_spans = key_spans(v, Bq, window)  # [B, H, nb, Bq + 2w, dv]
+
+    def apply_coef(coef):  # [B, H, L, 2w + 1] -> sum over the window of coef * v
+        return unblock(unband(query_blocks(coef, Bq), Bq + 2 * window) @ v_spans)
+
+    return combine_window(num, den, fav, logits, valid, apply_coef)
 
 
 def favor_bidirectional(

@@ -40,7 +40,7 @@ from .common import (
     times,
     with_ones,
 )
-from .local import band, combine_window, exact_logits
+from .local import band, combine_window, exact_base
 from .scan import exclusive_prefix
 
 
@@ -122,10 +122,15 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
         A_ext = torch.cat([(phi_q @ phi_h.transpose(-1, -2)) * e_u, A], -1)  # [B, H, n, C, w + C]
         fav = band(A_ext, w + 1).flatten(2, 3)  # [B, H, nC, w + 1]: the pair (t, t - w + j) at column j
         log_scale = (r[..., 0] + U).flatten(2, 3)
-        keys = [kx[:, :, j : j + n * C] for j in range(w + 1)]
+        qt, kt = fmap.transform(qx, True), fmap.transform(kx, False)
+        dots = torch.stack([torch.linalg.vecdot(qt, kt[:, :, j : j + n * C]) for j in range(w + 1)], -1)
+        logits = dots + exact_base(fmap, qt, log_scale)[..., None]  # [B, H, nC, w + 1]
         valid = torch.stack([mx[:, j : j + n * C] for j in range(w + 1)], -1)[:, None]
-        logits = exact_logits(fmap, qx, keys, log_scale)
-        out = combine_window(num, den, fav, logits, valid, [vx[:, :, j : j + n * C] for j in range(w + 1)])
+
+        def apply_coef(coef):  # [B, H, nC, w + 1] -> sum over the window of coef * v
+            return sum(coef[..., j, None] * vx[:, :, j : j + n * C] for j in range(w + 1))
+
+        out = combine_window(num, den, fav, logits, valid, apply_coef)
     else:
         out = num / safe_den(den)[..., None]
     # the state after the last chunk, relative to the running maximum M_n (K_{n-1} already is); c_{n-1} <= M_n

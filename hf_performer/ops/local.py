@@ -32,44 +32,50 @@ def band(m: torch.Tensor, width: int) -> torch.Tensor:
     return F.pad(m.flatten(-2), (0, C)).unflatten(-1, (C, S + 1))[..., :width]
 
 
-def shifted(x: torch.Tensor, offset: int, dim: int = 2) -> torch.Tensor:
-    """y[..., i, ...] = x[..., i + offset, ...] along ``dim``, zero (False) where i + offset is out of range."""
-    L = x.shape[dim]
-    if offset == 0:
-        return x
-    if abs(offset) >= L:  # every position's partner is out of range (sequences shorter than the window)
-        return torch.zeros_like(x)
-    cut = x.narrow(dim, max(offset, 0), L - abs(offset))
-    pad = [0, 0] * (x.dim() - 1 - dim) + ([0, offset] if offset > 0 else [-offset, 0])
-    return F.pad(cut, pad)
+def unband(b: torch.Tensor, span: int) -> torch.Tensor:
+    """Inverse of ``band``: [..., C, width] -> [..., C, span] with b[i, j] at column i + j, zeros elsewhere."""
+    C, width = b.shape[-2:]
+    return F.pad(b, (0, span + 1 - width)).flatten(-2)[..., : C * span].unflatten(-1, (C, span))
 
 
-def exact_logits(fmap: FeatureMap, q: torch.Tensor, keys: list[torch.Tensor], log_scale: torch.Tensor) -> torch.Tensor:
-    """Log of each window pair's exact term exp(q'.k') in the op's scale: [B, H, T, W].
-
-    q [B,H,T,d] queries, keys: W tensors [B,H,T,d] (the key of each query's pair at one offset), log_scale [B,H,T].
-    The query features drop their row terms and carry 1/m less than the exact kernel (arXiv:2009.14794, eq. 5:
-    phi(x) has a 1/sqrt(m) factor on each side), hence the base term."""
-    qt = fmap.transform(q, True)
-    base = -fmap.query_row_terms(qt) - log_scale + math.log(fmap.nb_features)  # [B, H, T]
-    dots = torch.stack([torch.linalg.vecdot(qt, fmap.transform(kj, False)) for kj in keys], -1)
-    return dots + base[..., None]
+BLOCK = 32  # queries per block of the bidirectional window: its [BLOCK, BLOCK + 2w] products stay near the band
 
 
-def combine_window(num, den, fav, logits, valid, values) -> torch.Tensor:
+def query_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """[B, H, L, ·] -> [B, H, nb, block, ·] (zero padded to nb · block positions)."""
+    pad = -x.shape[2] % block
+    return F.pad(x, (0, 0, 0, pad)).unflatten(2, (-1, block))
+
+
+def key_spans(x: torch.Tensor, block: int, window: int) -> torch.Tensor:
+    """[B, H, L, ·] (or a [B, L] mask) -> the keys of each query block, positions [b·block - w, (b + 1)·block + w):
+    [B, H, nb, block + 2w, ·] (mask: [B, nb, block + 2w]), zero (False) outside the sequence. Overlapping views."""
+    L, span = x.shape[-1 if x.dim() == 2 else 2], block + 2 * window
+    pad = (window, -L % block + window)
+    if x.dim() == 2:
+        return F.pad(x, pad, value=False).unfold(1, span, block)
+    return F.pad(x, (0, 0, *pad)).unfold(2, span, block).transpose(-1, -2)
+
+
+def exact_base(fmap: FeatureMap, qt: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """What turns q'.k' into the log of the exact term in the op's scale: [B, H, T] for transformed queries qt
+    [B,H,T,d] and the op's log_scale [B,H,T]. The query features drop their row terms and carry 1/m less than
+    the exact kernel (arXiv:2009.14794, eq. 5: phi(x) has a 1/sqrt(m) factor on each side)."""
+    return -fmap.query_row_terms(qt) - log_scale + math.log(fmap.nb_features)
+
+
+def combine_window(num, den, fav, logits, valid, apply_coef) -> torch.Tensor:
     """Replace FAVOR's estimate of each window pair by its exact term.
 
     num [B,H,T,dv], den [B,H,T]: FAVOR's numerator and normaliser over all keys, in the op's scale; fav [B,H,T,W]:
     FAVOR's estimate of each window pair in that scale (0 for padded or missing keys); logits [B,H,T,W]: log of
-    the exact terms in that scale (``exact_logits``); valid [B or 1,1 or H,T,W] bool: the pair's key exists and is
-    real; values: W tensors [B,H,T,dv], the value of each pair's key. Returns out [B,H,T,dv]."""
+    the exact terms in that scale; valid [B or 1,1 or H,T,W] bool: the pair's key exists and is real;
+    apply_coef(coef [B,H,T,W]) -> [B,H,T,dv]: sum_j coef[..., j] * (value of the pair's key at column j).
+    Returns out [B,H,T,dv]."""
     exact = torch.where(valid, logits, neg_big(logits.dtype))  # masked before the exponential
     s = exact.detach().amax(-1).clamp_min(0)  # [B, H, T]: a per-row constant, cancels in the ratio
     e = torch.exp(exact - s[..., None])
     g = torch.exp(-s)
-    coef = e - g[..., None] * fav  # [B, H, T, W]
-    num = g[..., None] * num
-    for j, vj in enumerate(values):
-        num = num + coef[..., j, None] * vj
+    num = g[..., None] * num + apply_coef(e - g[..., None] * fav)
     total = g * (den - fav.sum(-1)).clamp_min(0) + e.sum(-1)
     return num / safe_den(total)[..., None]
