@@ -137,7 +137,9 @@ def _run_convert(args, argv) -> None:
     )
     print(f"hf-performer: wrote {args.output} ({summary['model_class']}, nb_features={summary['performer']['nb_features']}, "
           f"{summary['positions']['to']} positions" + (
-              f", calibrated {summary['calibration']['steps_done']} steps" if summary["calibration"] else "") + ")")
+              f", calibrated {summary['calibration']['steps_done']} steps" if summary["calibration"] else "") + (
+              ", sentence-transformers modules " + " -> ".join(summary["sentence_transformers"]["modules"])
+              if summary.get("sentence_transformers") else "") + ")")
 
 
 def _run_report(args) -> None:

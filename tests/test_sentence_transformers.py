@@ -1,0 +1,99 @@
+"""sentence-transformers: converting the real all-MiniLM-L6-v2 (a sentence-transformers folder) keeps its
+Pooling and Normalize modules, so ``SentenceTransformer(out).encode`` equals the converted transformer +
+mean pooling + L2 normalisation computed here by hand, also beyond the old limits after position extension."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+from test_conversion_fixtures import listing, minilm_path, tiny_bert
+
+import hf_performer  # noqa: F401 - registers the Performer model types (needed before SentenceTransformer(out))
+from hf_performer.conversion import ConversionError, convert
+from hf_performer.conversion.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+st = pytest.importorskip("sentence_transformers")
+
+TEXTS = ["Assert statements are a convenient way to insert debugging assertions.", "Hello world",
+         " ".join(["the module provides functions"] * 150)]  # 600+ tokens: past 256 (ST's limit) and 512
+
+
+def pooled_by_hand(folder, texts) -> torch.Tensor:
+    """Mean of the converted transformer's token embeddings over real tokens, L2-normalised: [N, 384]."""
+    tok, model = tf.AutoTokenizer.from_pretrained(folder), tf.AutoModel.from_pretrained(folder).eval()
+    rows = []
+    for text in texts:  # one text at a time, nothing truncated: an independent reference for ST's batching
+        enc = tok(text, return_tensors="pt")
+        with torch.no_grad():
+            h = model(**enc).last_hidden_state[0]  # [L, 384]
+        rows.append(torch.nn.functional.normalize(h.mean(0), dim=-1))
+    return torch.stack(rows)
+
+
+def test_minilm_sentence_transformer_round_trip(tmp_path, capsys):
+    src, out = minilm_path(), tmp_path / "st"
+    rc = main(["convert", src, str(out), "--nb-features", "32", "--seed", "1", "--max-position-embeddings", "1024",
+               "--no-progress"])
+    assert rc == 0 and "sentence-transformers modules Transformer -> Pooling -> Normalize" in capsys.readouterr().out
+    summary = json.loads((out / "conversion.json").read_text())
+    assert {"modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+            "1_Pooling"} <= set(listing(out))
+    source = Path(src)
+    assert json.loads((out / "modules.json").read_text()) == json.loads((source / "modules.json").read_text())
+    assert (out / "1_Pooling" / "config.json").read_bytes() == (source / "1_Pooling" / "config.json").read_bytes()
+    assert json.loads((out / "sentence_bert_config.json").read_text())["max_seq_length"] == 1024
+    assert summary["sentence_transformers"] == {"modules": ["Transformer", "Pooling", "Normalize"],
+                                                "max_seq_length": {"from": 256, "to": 1024}}
+
+    model = st.SentenceTransformer(str(out), device="cpu")
+    assert type(model[0].auto_model).__name__ == "PerformerBertModel"
+    assert [type(m).__name__ for m in model] == ["Transformer", "Pooling", "Normalize"]
+    assert model.max_seq_length == 1024
+    got = model.encode(TEXTS, convert_to_tensor=True, batch_size=8)  # one padded batch
+    assert model.tokenize(TEXTS[2:])["input_ids"].shape[1] > 600  # the long text is not cut at 256
+    torch.testing.assert_close(got, pooled_by_hand(out, TEXTS), rtol=0, atol=2e-5)
+    torch.testing.assert_close(got.norm(dim=-1), torch.ones(len(TEXTS)))
+
+
+def test_plain_source_writes_no_sentence_modules(tmp_path):
+    summary = convert(tiny_bert(tmp_path / "src"), tmp_path / "out", {"nb_features": 8}, progress=False)
+    assert summary["sentence_transformers"] is None
+    assert not any(name.startswith(("modules", "sentence_", "config_sentence")) for name in listing(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("modules, message", [
+    ([{"idx": 0, "name": "0", "path": "0_Transformer", "type": "sentence_transformers.models.Transformer"}],
+     "subfolder '0_Transformer'"),
+    ([{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+      {"idx": 1, "name": "1", "path": "../up", "type": "sentence_transformers.models.Pooling"}], "not a relative path"),
+    ({"not": "a list"}, "expected a list of modules"),
+])
+def test_unsupported_sentence_layouts_refused_before_writing(tmp_path, modules, message):
+    src = tiny_bert(tmp_path / "src")
+    (src / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(ConversionError, match=message):
+        convert(src, tmp_path / "out", {"nb_features": 8}, progress=False)
+    assert listing(tmp_path) == ["src"]
+
+
+@pytest.mark.slow
+def test_sentence_transformer_without_the_plugin_fails_loudly(tmp_path):
+    """SentenceTransformer(out) needs ``import hf_performer`` first (it registers performer_bert with AutoConfig /
+    AutoModel, which sentence-transformers' Transformer module calls); without it loading fails, never silently
+    falling back to softmax attention."""
+    out = tmp_path / "st"
+    convert(minilm_path(), out, {"nb_features": 8}, progress=False)
+    code = ("import sys; from sentence_transformers import SentenceTransformer\n"
+            f"SentenceTransformer({str(out)!r}, device='cpu')\n"
+            "assert 'hf_performer' not in sys.modules")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "performer_bert" in done.stderr, done.stderr[-2000:]
