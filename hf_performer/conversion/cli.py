@@ -21,6 +21,7 @@ from hf_performer.settings import FEATURE_NORMS, KERNELS, PerformerConfig
 
 from .calibrate import MIXED_PRECISION, CalibrationConfig
 from .errors import ConversionError
+from .lora import DEFAULT_RANK
 from .params import TRAIN_CHOICES
 
 _CHOICES = {"kernel": KERNELS, "feature_norm": FEATURE_NORMS}
@@ -77,7 +78,13 @@ def _convert_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--calibrate", action="store_true", help="attention-transfer calibration (needs --calibration-data)")
     # unset flags stay None: convert() refuses a flag that the requested steps would not read
     g.add_argument("--calibration-steps", dest="steps", type=int, metavar="N", help=f"optimizer steps (default {d.steps})")
-    g.add_argument("--train", choices=TRAIN_CHOICES, help=f"trainable parameters (default {d.train})")
+    g.add_argument("--train", choices=TRAIN_CHOICES,
+                   help="what calibration trains: qk = query/key projections, attention = query/key/value/output "
+                        "projections, all = every parameter, lora = LoRA adapters on the attention projections, "
+                        f"merged before saving (LoLCATs; for models too big to train in full; needs peft) (default {d.train})")
+    g.add_argument("--lora-rank", type=int, metavar="R", help=f"--train lora: adapter rank (default {DEFAULT_RANK})")
+    g.add_argument("--lora-alpha", type=float, metavar="ALPHA",
+                   help="--train lora: LoRA alpha, the update is scaled by alpha / rank (default 2 x rank)")
     g.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr})")
     g.add_argument("--batch-size", type=int, help=f"sequences per step (default {d.batch_size})")
     g.add_argument("--max-length", type=int, help=f"tokens per sequence (default {d.max_length})")
