@@ -63,6 +63,35 @@ def test_minilm_sentence_transformer_round_trip(tmp_path, capsys):
     torch.testing.assert_close(got.norm(dim=-1), torch.ones(len(TEXTS)))
 
 
+def test_layout_saved_by_sentence_transformers_with_dense_weights(tmp_path):
+    """A folder written by today's sentence-transformers (Transformer -> Pooling -> Dense -> Normalize, module
+    weights in 2_Dense/, the length limit in the tokenizer): the Dense weights travel, encodings match."""
+    from sentence_transformers.base.modules import Dense, Normalize, Transformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    hf = tiny_bert(tmp_path / "hf", cls=tf.BertModel)  # 64 positions
+    dense = Dense(32, 8)
+    source = st.SentenceTransformer(modules=[Transformer(str(hf), max_seq_length=48), Pooling(32, "mean"), dense,
+                                             Normalize()], device="cpu")
+    source.save(str(tmp_path / "src"))
+    summary = convert(tmp_path / "src", tmp_path / "out", {"nb_features": 16}, max_position_embeddings=128,
+                      progress=False)
+    assert summary["sentence_transformers"] == {"modules": ["Transformer", "Pooling", "Dense", "Normalize"],
+                                                "max_seq_length": None}
+    model = st.SentenceTransformer(str(tmp_path / "out"), device="cpu")
+    assert [type(m).__name__ for m in model] == ["Transformer", "Pooling", "Dense", "Normalize"]
+    assert model.max_seq_length == 128  # the tokenizer's limit follows the extension
+    texts = ["Hello world", " ".join(["many words"] * 50)]  # ~100 tokens: past 64 positions and the old 48
+    got = model.encode(texts, convert_to_tensor=True)
+    tok, performer = tf.AutoTokenizer.from_pretrained(tmp_path / "out"), tf.AutoModel.from_pretrained(tmp_path / "out")
+    rows = []
+    for text in texts:
+        with torch.no_grad():
+            pooled = performer(**tok(text, return_tensors="pt")).last_hidden_state[0].mean(0)
+            rows.append(torch.nn.functional.normalize(torch.tanh(dense.linear(pooled)), dim=-1))  # Dense: tanh
+    torch.testing.assert_close(got, torch.stack(rows), rtol=0, atol=2e-5)
+
+
 def test_plain_source_writes_no_sentence_modules(tmp_path):
     summary = convert(tiny_bert(tmp_path / "src"), tmp_path / "out", {"nb_features": 8}, progress=False)
     assert summary["sentence_transformers"] is None

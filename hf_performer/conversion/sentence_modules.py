@@ -133,7 +133,9 @@ def write_sentence_modules(modules: SentenceModules, out: str | Path, max_seq_le
 
     ``max_seq_length``: the new token limit when positions were extended (written into the Transformer
     module's config), or None to keep the source's. Returns a summary for ``conversion.json``:
-    {"modules": [type names], "max_seq_length": {"from", "to"} or None}."""
+    {"modules": [type names], "max_seq_length": {"from", "to"}, or None when the config sets none (newer
+    sentence-transformers keep the limit in the tokenizer's ``model_max_length``, which ``extend_positions``
+    updates)}."""
     out = Path(out)
     (out / MODULES_FILE).write_text(json.dumps(modules.modules, indent=2))
     for rel in modules.files:
@@ -142,9 +144,10 @@ def write_sentence_modules(modules: SentenceModules, out: str | Path, max_seq_le
     lengths = None
     if modules.transformer_config is not None:
         config = json.loads((modules.root / modules.transformer_config).read_text())
-        old = config.get("max_seq_length")
-        if max_seq_length is not None and old is not None and max_seq_length > old:
-            config["max_seq_length"] = max_seq_length
-        lengths = {"from": old, "to": config.get("max_seq_length")}
+        old = config.get("max_seq_length")  # absent in newer folders: the tokenizer's model_max_length rules
+        if old is not None:
+            if max_seq_length is not None and max_seq_length > old:
+                config["max_seq_length"] = max_seq_length
+            lengths = {"from": old, "to": config["max_seq_length"]}
         (out / modules.transformer_config).write_text(json.dumps(config, indent=2))
     return {"modules": modules.types, "max_seq_length": lengths}
