@@ -95,6 +95,19 @@ def test_lora_adapter_saved_alone_reloads_onto_a_converted_base(tmp_path):
     torch.testing.assert_close(outputs(again, ids), outputs(lora, ids), rtol=0, atol=0)
 
 
+def test_peft_wrapped_gpt2_generates_through_the_favor_cache():
+    lora = peft.get_peft_model(gpt2_lm().eval(), peft.LoraConfig(task_type="CAUSAL_LM", r=4, init_lora_weights=False))
+    ids = torch.randint(3, V, (2, 5), generator=torch.Generator().manual_seed(1))
+    got = lora.eval().generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                               pad_token_id=0)
+    want = ids
+    for _ in range(5):  # greedy by full forwards, no cache: the recurrent state is not involved
+        with torch.no_grad():
+            logits = lora(input_ids=want, use_cache=False).logits[:, -1]
+        want = torch.cat([want, logits.argmax(-1, keepdim=True)], dim=1)
+    assert got.tolist() == want.tolist()
+
+
 def test_peft_defaults_are_copies_of_the_stock_entries():
     from peft.utils import constants
 
