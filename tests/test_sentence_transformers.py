@@ -125,4 +125,6 @@ def test_sentence_transformer_without_the_plugin_fails_loudly(tmp_path):
             "assert 'hf_performer' not in sys.modules")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0 and "performer_bert" in done.stderr, done.stderr[-2000:]
+    # transformers names the unknown model type, or (a checkpoint carrying its modeling code) asks for trust_remote_code
+    assert done.returncode != 0, "loaded without the plugin"
+    assert "performer_bert" in done.stderr or "trust_remote_code" in done.stderr, done.stderr[-2000:]
