@@ -95,7 +95,7 @@ def _convert_parser(sub) -> argparse.ArgumentParser:
                         f"default {d.teacher_forced})")
     g.add_argument("--warmup-steps", type=int, help=f"(default {d.warmup_steps})")
     g.add_argument("--mixed-precision", choices=MIXED_PRECISION, help=f"(default {d.mixed_precision})")
-    g.add_argument("--calibration-seed", dest="seed", type=int, metavar="N", help=f"data order seed (default {d.seed})")
+    g.add_argument("--calibration-seed", dest="calibration_seed", type=int, metavar="N", help=f"data order seed (default {d.seed})")
     g.add_argument("--save-every", type=int, help=f"save resumable state every N steps (default {d.save_every})")
     g.add_argument("--max-time", dest="max_time_s", type=float, metavar="SECONDS", help="stop calibration after this long")
     g.add_argument("--resume", nargs="?", const=True, default=False, metavar="STATE_DIR",
@@ -129,12 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_CALIBRATION_DESTS = {"seed": "calibration_seed"}  # CalibrationConfig fields whose flag dest differs (clash)
+
+
 def _run_convert(args, argv) -> None:
     from .convert import convert
 
     performer = {n: getattr(args, n) for n in args.performer_fields if getattr(args, n) is not None}
-    calibration = {f.name: getattr(args, f.name) for f in dataclasses.fields(CalibrationConfig)
-                   if getattr(args, f.name, None) is not None}  # the flags given
+    # the flags given; CalibrationConfig.seed comes from --calibration-seed (--seed is the FAVOR+ seed)
+    dest = lambda name: _CALIBRATION_DESTS.get(name, name)  # noqa: E731
+    calibration = {f.name: getattr(args, dest(f.name)) for f in dataclasses.fields(CalibrationConfig)
+                   if getattr(args, dest(f.name), None) is not None}
     summary = convert(
         args.source, args.output, performer, max_position_embeddings=args.max_position_embeddings,
         calibration_data=args.calibration_data, calibrate_model=args.calibrate, calibration=calibration,
