@@ -113,18 +113,44 @@ def test_unsupported_sentence_layouts_refused_before_writing(tmp_path, modules, 
     assert listing(tmp_path) == ["src"]
 
 
+REMOTE = """
+import importlib.abc, sys, torch
+
+class NoPlugin(importlib.abc.MetaPathFinder):  # hf_performer is not installed here
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "hf_performer":
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked)")
+
+sys.meta_path.insert(0, NoPlugin())
+torch.set_num_threads(1)
+from sentence_transformers import SentenceTransformer
+out, texts = sys.argv[1], sys.argv[2:]
+try:
+    SentenceTransformer(out, device="cpu")
+    print("REFUSED: no")
+except Exception as e:
+    print("REFUSED:", repr(f"{type(e).__name__}: {e}"))
+model = SentenceTransformer(out, device="cpu", trust_remote_code=True)
+torch.save(model.encode(texts, convert_to_tensor=True), out + "/remote.pt")
+print("CLASS:", type(model[0].auto_model).__name__, sorted(m for m in sys.modules if m.startswith("hf_performer")))
+"""
+
+
 @pytest.mark.slow
-def test_sentence_transformer_without_the_plugin_fails_loudly(tmp_path):
-    """SentenceTransformer(out) needs ``import hf_performer`` first (it registers performer_bert with AutoConfig /
-    AutoModel, which sentence-transformers' Transformer module calls); without it loading fails, never silently
-    falling back to softmax attention."""
+def test_sentence_transformer_without_the_plugin(tmp_path):
+    """Where hf_performer is not installed, SentenceTransformer(out) refuses and names trust_remote_code (never a
+    silent softmax model); with trust_remote_code=True the modeling code saved in the folder runs, same encodings."""
     out = tmp_path / "st"
-    convert(minilm_path(), out, {"nb_features": 8}, progress=False)
-    code = ("import sys; from sentence_transformers import SentenceTransformer\n"
-            f"SentenceTransformer({str(out)!r}, device='cpu')\n"
-            "assert 'hf_performer' not in sys.modules")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    # transformers names the unknown model type, or (a checkpoint carrying its modeling code) asks for trust_remote_code
-    assert done.returncode != 0, "loaded without the plugin"
-    assert "performer_bert" in done.stderr or "trust_remote_code" in done.stderr, done.stderr[-2000:]
+    convert(minilm_path(), out, {"nb_features": 16}, progress=False)
+    texts = TEXTS[:2]
+    want = st.SentenceTransformer(str(out), device="cpu").encode(texts, convert_to_tensor=True)
+    (tmp_path / "remote.py").write_text(REMOTE)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(tmp_path / "remote.py"), str(out), *texts], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-3000:]
+    refused = next(line for line in done.stdout.splitlines() if line.startswith("REFUSED:"))
+    assert refused != "REFUSED: no" and "trust_remote_code" in refused, refused
+    assert "CLASS: PerformerBertModel []" in done.stdout, done.stdout
+    torch.testing.assert_close(torch.load(out / "remote.pt"), want, rtol=0, atol=1e-6)
