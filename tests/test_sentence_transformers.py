@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
+from huggingface_hub import ModelCard
 from test_conversion_fixtures import listing, minilm_path, tiny_bert
 
 import hf_performer  # noqa: F401 - registers the Performer model types (needed before SentenceTransformer(out))
@@ -52,6 +53,10 @@ def test_minilm_sentence_transformer_round_trip(tmp_path, capsys):
     assert json.loads((out / "sentence_bert_config.json").read_text())["max_seq_length"] == 1024
     assert summary["sentence_transformers"] == {"modules": ["Transformer", "Pooling", "Normalize"],
                                                 "max_seq_length": {"from": 256, "to": 1024}}
+
+    card = ModelCard.load(out / "README.md")  # the Hub's convention for sentence-transformers folders
+    assert card.data.library_name == "sentence-transformers" and "sentence-transformers" in card.data.tags
+    assert "SentenceTransformer(" in card.text and "`max_seq_length` raised from 256 to 1024" in card.text
 
     model = st.SentenceTransformer(str(out), device="cpu")
     assert type(model[0].auto_model).__name__ == "PerformerBertModel"
@@ -95,6 +100,8 @@ def test_layout_saved_by_sentence_transformers_with_dense_weights(tmp_path):
 def test_plain_source_writes_no_sentence_modules(tmp_path):
     summary = convert(tiny_bert(tmp_path / "src"), tmp_path / "out", {"nb_features": 8}, progress=False)
     assert summary["sentence_transformers"] is None
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data.library_name == "transformers" and "SentenceTransformer" not in card.text
     assert not any(name.startswith(("modules", "sentence_", "config_sentence")) for name in listing(tmp_path / "out"))
 
 
