@@ -131,3 +131,16 @@ def test_missing_unsupported_and_offline_sources(tmp_path, capsys, monkeypatch):
         assert run("convert", source, tmp_path / "out", "--no-progress") == 2
         assert message in capsys.readouterr().err
     assert listing(tmp_path) == before
+
+
+def test_favor_seed_and_calibration_seed_are_separate_flags(tmp_path, capsys):
+    """--seed is PerformerConfig.seed, --calibration-seed CalibrationConfig.seed (both fields are named seed)."""
+    src, txt = tiny_bert(tmp_path / "src"), text_file(tmp_path / "t.txt", n=8)
+    assert run("convert", src, tmp_path / "a", "--nb-features", 8, "--seed", 1, "--no-progress") == 0, \
+        capsys.readouterr().err  # no calibration flag given: nothing refused
+    assert json.loads((tmp_path / "a" / "conversion.json").read_text())["performer"]["seed"] == 1
+    rc = run("convert", src, tmp_path / "b", "--nb-features", 8, "--seed", 3, "--calibration-data", txt, "--calibrate",
+             "--calibration-steps", 1, "--calibration-seed", 5, "--batch-size", 4, "--max-length", 16, "--no-progress")
+    assert rc == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "b" / "conversion.json").read_text())
+    assert summary["performer"]["seed"] == 3 and summary["calibration"]["config"]["seed"] == 5

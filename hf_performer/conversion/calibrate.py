@@ -16,6 +16,9 @@ free-running layers + output cosine: 0.931 / 0.907; teacher-forced *block* outpu
 trained: 0.939 / 0.932; lr 5e-3: 0.895 / 0.903. (An earlier 300-step comparison: teacher-forced layers +
 output cosine 0.927 / 0.944, free-running + output at lr 1e-3 0.939 / 0.951.)
 
+``train`` picks what is trained (``params.py``); ``train="lora"`` trains LoRA adapters on the attention
+projections instead and merges them at the end (``lora.py``): the model comes back as a plain Performer model.
+
 Runs through accelerate's ``Accelerator`` (CPU, one GPU, or mixed precision with ``mixed_precision``).
 Resumable: every ``save_every`` steps (and when interrupted) the trainable parameters, optimizer,
 step and loss log go to ``state_dir/state.pt``; ``resume=True`` continues from there, batch ``i`` of the
@@ -48,6 +51,7 @@ from .capture import (
 )
 from .data import BatchSchedule
 from .errors import ConversionError
+from .lora import DEFAULT_RANK, add_lora, merge_lora, require_peft
 from .losses import cosine_distance, relative_mse, token_kl
 from .params import TRAIN_CHOICES, select_trainable
 
@@ -73,6 +77,8 @@ class CalibrationConfig:
     save_every: int = 50
     max_time_s: float | None = None  # stop early after this many seconds of training (None: no limit)
     teacher_forced: bool = True  # per-layer loss with each student layer on the teacher's inputs
+    lora_rank: int | None = None  # train="lora" only: adapter rank (None: 8)
+    lora_alpha: float | None = None  # train="lora" only: LoRA alpha, scale alpha/rank (None: 2 x rank)
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, accepted: str) -> None:
@@ -98,6 +104,18 @@ class CalibrationConfig:
         need(isinstance(self.teacher_forced, bool), "teacher_forced", "expected True or False")
         need(self.max_time_s is None or (isinstance(self.max_time_s, (int, float)) and self.max_time_s > 0),
              "max_time_s", "expected seconds > 0 or None")
+        if self.train != "lora":
+            for name in ("lora_rank", "lora_alpha"):
+                need(getattr(self, name) is None, name, "it applies to train='lora' only (--train lora)")
+        else:
+            require_peft()
+            if self.lora_rank is None:
+                self.lora_rank = DEFAULT_RANK
+            need(is_int(self.lora_rank) and self.lora_rank >= 1, "lora_rank", "expected a positive integer")
+            if self.lora_alpha is None:
+                self.lora_alpha = 2.0 * self.lora_rank
+            need(isinstance(self.lora_alpha, (int, float)) and not isinstance(self.lora_alpha, bool)
+                 and self.lora_alpha > 0, "lora_alpha", "expected a float > 0")
 
     def fingerprint(self, extra: dict) -> str:
         """What must match for a resume (everything but steps/save_every/max_time_s)."""
@@ -209,9 +227,14 @@ def calibrate(
     fp = cfg.fingerprint(fingerprint_extra or {})
     names = attention_names(student)
     kind = output_kind(student)
-    trainable, hooks = select_trainable(student, cfg.train)
+    torch.manual_seed(cfg.seed)  # (also the LoRA adapters' initialisation)
+    if cfg.train == "lora":  # adapters on the attention projections; everything else frozen
+        lora, hooks = add_lora(student, cfg.lora_rank, cfg.lora_alpha), []
+        trainable = [n for n, p in student.named_parameters() if p.requires_grad]
+    else:
+        lora = None
+        trainable, hooks = select_trainable(student, cfg.train)
     params = [p for p in student.parameters() if p.requires_grad]
-    torch.manual_seed(cfg.seed)
 
     accelerator = _make_accelerator(cfg.mixed_precision)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -305,6 +328,9 @@ def calibrate(
     save(step)
     for h in hooks:
         h.remove()
+    if lora is not None:  # W += (alpha / r) B A, adapters removed: a plain Performer model again
+        merge_lora(lora)
+        log["lora"] = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "merged": True}
     for p in raw.parameters():
         p.requires_grad_(True)
     accelerator.free_memory()

@@ -21,6 +21,7 @@ from hf_performer.settings import FEATURE_NORMS, KERNELS, PerformerConfig
 
 from .calibrate import MIXED_PRECISION, CalibrationConfig
 from .errors import ConversionError
+from .lora import DEFAULT_RANK
 from .params import TRAIN_CHOICES
 
 _CHOICES = {"kernel": KERNELS, "feature_norm": FEATURE_NORMS}
@@ -77,7 +78,13 @@ def _convert_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--calibrate", action="store_true", help="attention-transfer calibration (needs --calibration-data)")
     # unset flags stay None: convert() refuses a flag that the requested steps would not read
     g.add_argument("--calibration-steps", dest="steps", type=int, metavar="N", help=f"optimizer steps (default {d.steps})")
-    g.add_argument("--train", choices=TRAIN_CHOICES, help=f"trainable parameters (default {d.train})")
+    g.add_argument("--train", choices=TRAIN_CHOICES,
+                   help="what calibration trains: qk = query/key projections, attention = query/key/value/output "
+                        "projections, all = every parameter, lora = LoRA adapters on the attention projections, "
+                        f"merged before saving (LoLCATs; for models too big to train in full; needs peft) (default {d.train})")
+    g.add_argument("--lora-rank", type=int, metavar="R", help=f"--train lora: adapter rank (default {DEFAULT_RANK})")
+    g.add_argument("--lora-alpha", type=float, metavar="ALPHA",
+                   help="--train lora: LoRA alpha, the update is scaled by alpha / rank (default 2 x rank)")
     g.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr})")
     g.add_argument("--batch-size", type=int, help=f"sequences per step (default {d.batch_size})")
     g.add_argument("--max-length", type=int, help=f"tokens per sequence (default {d.max_length})")
@@ -88,7 +95,7 @@ def _convert_parser(sub) -> argparse.ArgumentParser:
                         f"default {d.teacher_forced})")
     g.add_argument("--warmup-steps", type=int, help=f"(default {d.warmup_steps})")
     g.add_argument("--mixed-precision", choices=MIXED_PRECISION, help=f"(default {d.mixed_precision})")
-    g.add_argument("--calibration-seed", dest="seed", type=int, metavar="N", help=f"data order seed (default {d.seed})")
+    g.add_argument("--calibration-seed", dest="calibration_seed", type=int, metavar="N", help=f"data order seed (default {d.seed})")
     g.add_argument("--save-every", type=int, help=f"save resumable state every N steps (default {d.save_every})")
     g.add_argument("--max-time", dest="max_time_s", type=float, metavar="SECONDS", help="stop calibration after this long")
     g.add_argument("--resume", nargs="?", const=True, default=False, metavar="STATE_DIR",
@@ -122,12 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_CALIBRATION_DESTS = {"seed": "calibration_seed"}  # CalibrationConfig fields whose flag dest differs (clash)
+
+
 def _run_convert(args, argv) -> None:
     from .convert import convert
 
     performer = {n: getattr(args, n) for n in args.performer_fields if getattr(args, n) is not None}
-    calibration = {f.name: getattr(args, f.name) for f in dataclasses.fields(CalibrationConfig)
-                   if getattr(args, f.name, None) is not None}  # the flags given
+    # the flags given; CalibrationConfig.seed comes from --calibration-seed (--seed is the FAVOR+ seed)
+    dest = lambda name: _CALIBRATION_DESTS.get(name, name)  # noqa: E731
+    calibration = {f.name: getattr(args, dest(f.name)) for f in dataclasses.fields(CalibrationConfig)
+                   if getattr(args, dest(f.name), None) is not None}
     summary = convert(
         args.source, args.output, performer, max_position_embeddings=args.max_position_embeddings,
         calibration_data=args.calibration_data, calibrate_model=args.calibrate, calibration=calibration,
@@ -137,7 +149,9 @@ def _run_convert(args, argv) -> None:
     )
     print(f"hf-performer: wrote {args.output} ({summary['model_class']}, nb_features={summary['performer']['nb_features']}, "
           f"{summary['positions']['to']} positions" + (
-              f", calibrated {summary['calibration']['steps_done']} steps" if summary["calibration"] else "") + ")")
+              f", calibrated {summary['calibration']['steps_done']} steps" if summary["calibration"] else "") + (
+              ", sentence-transformers modules " + " -> ".join(summary["sentence_transformers"]["modules"])
+              if summary.get("sentence_transformers") else "") + ")")
 
 
 def _run_report(args) -> None:

@@ -2,8 +2,9 @@
 
 Order: validate every argument and the source's config (no weights read, nothing written) -> read the text ->
 load tokenizer and weights -> convert_to_performer -> extend positions -> statistics step (whenever text is
-given) -> calibration (``calibrate=True``) -> write safetensors, config, tokenizer, README.md,
-conversion.json (and calibration_log.json) into a temporary folder next to the target, then rename it.
+given) -> calibration (``calibrate=True``) -> write safetensors, config, tokenizer, the sentence-transformers
+modules of a sentence-transformers source (``sentence_modules``), README.md, conversion.json (and
+calibration_log.json) into a temporary folder next to the target, then rename it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from .data import BatchSchedule, pad_id, read_texts, tokenize
 from .errors import ConversionError
 from .model_card import model_card, source_card_metadata
 from .positions import check_extension, extend_positions, max_tokens
+from .sentence_modules import read_sentence_modules, write_sentence_modules
 from .source import inspect_source, load_model, load_tokenizer
 from .statistics import calibrate_model_statistics
 from .writer import atomic_directory, check_target
@@ -170,6 +172,7 @@ def convert(
     state_dir = Path(resume) if isinstance(resume, (str, os.PathLike)) and not isinstance(resume, bool) else default_state_dir(target)
     src = inspect_source(source, model_class)
     check_extension(src.config, max_position_embeddings)
+    sentence_modules = read_sentence_modules(src.location, src.is_local, src.spec)
     texts = read_texts(calibration_data) if calibration_data is not None else None
 
     # ---------------------------------------------------------------- load and convert
@@ -194,7 +197,7 @@ def convert(
         "causal": any(getattr(m, "is_causal", False) for m in model.modules()
                       if isinstance(getattr(m, "favor", None), FavorAttention)),
         "calibration_data": str(calibration_data) if calibration_data is not None else None,
-        "statistics": None, "calibration": None, "command": command,
+        "statistics": None, "calibration": None, "command": command, "sentence_transformers": None,
     }
 
     # ---------------------------------------------------------------- statistics and calibration
@@ -228,6 +231,9 @@ def convert(
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if sentence_modules is not None:
+            extended = positions["to"] if positions["to"] > positions["from"] else None
+            summary["sentence_transformers"] = write_sentence_modules(sentence_modules, tmp, extended)
         (tmp / "conversion.json").write_text(json.dumps(summary, indent=1))
         if log is not None:
             (tmp / "calibration_log.json").write_text(json.dumps(log, indent=1))

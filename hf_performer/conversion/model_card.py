@@ -77,17 +77,37 @@ def _yaml(summary: dict) -> str:
     source = summary.get("source_card") or {}
     auto = summary.get("auto_class")
     pipeline = source.get("pipeline_tag") if summary.get("same_task_as_source") else None
+    sentence = bool(summary.get("sentence_transformers"))  # the Hub's convention for sentence-transformers folders
     data = ModelCardData(
         base_model=summary.get("base_model"),
-        library_name="transformers",
+        library_name="sentence-transformers" if sentence else "transformers",
         license=source.get("license"),
         license_name=source.get("license_name"),
         license_link=source.get("license_link"),
         language=source.get("language"),
         pipeline_tag=pipeline or PIPELINES.get(auto),
-        tags=list(TAGS),
+        tags=list(TAGS) + (["sentence-transformers"] if sentence else []),
     )
     return data.to_yaml()
+
+
+def _sentence_usage(summary: dict) -> list[str]:
+    """The SentenceTransformer snippet of a converted sentence-transformers folder (empty for other folders)."""
+    modules = (summary.get("sentence_transformers") or {}).get("modules")
+    if not modules:
+        return []
+    return [
+        f"A sentence-transformers model ({' -> '.join(modules)}, kept from the source):",
+        "",
+        "```python",
+        "import hf_performer  # without hf-performer: SentenceTransformer(..., trust_remote_code=True)",
+        "from sentence_transformers import SentenceTransformer",
+        "",
+        'model = SentenceTransformer("path/or/hub-id")',
+        'embeddings = model.encode(["a sentence", "another one"])',
+        "```",
+        "",
+    ]
 
 
 def _usage(summary: dict) -> list[str]:
@@ -166,6 +186,7 @@ def model_card(summary: dict) -> str:
         "",
         "## Use",
         "",
+        *_sentence_usage(s),
         *_usage(s),
         "",
         "Attention weights (`output_attentions=True`) are not available: FAVOR+ never forms the attention matrix.",
@@ -189,6 +210,11 @@ def model_card(summary: dict) -> str:
     if pos and pos["to"] != pos["from"]:
         lines.append(f"- Position embeddings extended from {pos['from']} to {pos['to']} tokens by tiling the pretrained "
                      "table (Longformer recipe); the first positions are unchanged.")
+    sentence = s.get("sentence_transformers")
+    if sentence and sentence.get("max_seq_length") and sentence["max_seq_length"]["to"] != sentence["max_seq_length"]["from"]:
+        lengths = sentence["max_seq_length"]
+        lines.append(f"- sentence-transformers `max_seq_length` raised from {lengths['from']} to {lengths['to']} tokens "
+                     "with the positions.")
     stats = s.get("statistics")
     if stats:
         lines.append(f"- Per-head FAVOR+ statistics (key shift, balance, the proposal of the data-aligned features; causal "

@@ -3,7 +3,9 @@
 * ``qk``: the query and key projections (GPT-2's fused ``c_attn``: only its query/key columns receive
   gradient; a hook zeroes the value columns' gradient);
 * ``attention``: query, key, value and the attention output projection (the default);
-* ``all``: every parameter.
+* ``all``: every parameter;
+* ``lora``: LoRA adapters on the ``attention`` projections, merged after training (``lora.py``; the
+  calibration loop adds them, ``select_trainable`` handles the other three).
 
 The random features are buffers, never trained; calibration never redraws them.
 """
@@ -14,7 +16,8 @@ import re
 
 from torch import nn
 
-TRAIN_CHOICES = ("qk", "attention", "all")
+TRAIN_CHOICES = ("qk", "attention", "all", "lora")
+PLAIN_CHOICES = ("qk", "attention", "all")  # the choices select_trainable handles
 
 # model_type (without "performer_") -> {choice: regex on parameter names}
 _PATTERNS = {
@@ -42,8 +45,8 @@ def _zero_value_columns(param, hidden: int):
 def select_trainable(model: nn.Module, choice: str) -> tuple[list[str], list]:
     """Set requires_grad for ``choice`` (everything else frozen). Returns the trainable parameter names and
     the gradient-hook handles to ``remove()`` after training (GPT-2 ``qk`` only)."""
-    if choice not in TRAIN_CHOICES:
-        raise ValueError(f"train={choice!r}: expected one of {', '.join(TRAIN_CHOICES)}.")
+    if choice not in PLAIN_CHOICES:
+        raise ValueError(f"train={choice!r}: expected one of {', '.join(PLAIN_CHOICES)} (lora: see lora.add_lora).")
     family = model.config.model_type.removeprefix("performer_")
     names, handles = [], []
     for name, p in model.named_parameters():

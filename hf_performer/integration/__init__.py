@@ -1,7 +1,8 @@
 """Transformers integration: Performer model types, the "favor" attention, FavorCache, conversion.
 
 Importing this package registers everything with transformers (AttentionInterface,
-AttentionMaskInterface, AutoConfig, AutoModelFor*).
+AttentionMaskInterface, AutoConfig, AutoModelFor*), and PEFT's default target modules for the Performer
+model types (``peft_support``; when peft is imported).
 """
 
 from .attention_function import ATTN_IMPLEMENTATION
@@ -11,10 +12,12 @@ from .callback import PerformerRedrawCallback
 from .convert import convert_to_performer, maybe_redraw_features, redraw_features, supported_model_classes
 from .distilbert import PerformerDistilBertConfig
 from .gpt2 import PerformerGPT2Config
+from .peft_support import register_peft_hook
 from .registry import register_performer_models
 from .roberta import PerformerRobertaConfig
 
 register_performer_models()
+register_peft_hook()
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
