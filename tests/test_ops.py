@@ -123,8 +123,12 @@ def test_gradcheck(kernel, causal):
         assert torch.autograd.gradcheck(lambda q, k, v, m=m: op(q, k, v, fmap, m, 4), (q, k, v))
 
 
+@pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
-def test_backward_matches_autograd_through_the_naive_reference(causal):
+def test_backward_matches_autograd_through_the_naive_reference(causal, recompute, monkeypatch):
+    from hf_performer.ops import common
+
+    monkeypatch.setattr(common, "RECOMPUTE_ABOVE", 0 if recompute else 1 << 40)  # graph recomputed or kept
     q, k, v = (x.requires_grad_(True) for x in qkv(L=30))
     # right padding only: a left-padded causal row has queries that see no key (0/0 in the reference)
     fmap, mask = fmap_for("softmax"), padding_mask(2, 30, left=0)

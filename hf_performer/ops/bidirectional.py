@@ -8,8 +8,8 @@ every query sees, so the estimator is unchanged); queries: phi~(q) = F exp(Lg(q)
 neither sum, in value or gradient. With a local window each offset -w..w is one product of phi~(Q) with a
 shifted phi~(K) (computed by blocks of 32 queries against the keys they can reach (FAVOR's estimate of those
 pairs), replaced by exact terms in ``local.combine_window``.
-The backward is autograd's; above ``common.RECOMPUTE_ABOVE`` the op keeps only q, k, v and recomputes its
-features in the backward. Memory: a few [B, H, L, m] feature tensors and S [B, H, m, dv + 1], nothing L×L.
+The backward is autograd's; above ``common.RECOMPUTE_ABOVE`` the op keeps only q, k, v (and S) and recomputes
+its features in the backward, one side at a time without a window. Memory: a few [B, H, L, m] feature tensors and S [B, H, m, dv + 1], nothing L×L.
 """
 
 from __future__ import annotations
@@ -31,22 +31,42 @@ from .common import (
 from .local import BLOCK, band, combine_window, exact_base, key_spans, query_blocks, unband
 
 
-def _bidirectional(q, k, v, fmap: FeatureMap, mask, window: int):
-    """q [B,H,Lq,d], k [B,H,Lk,d], v [B,H,Lk,dv] in the compute dtype, mask [B,Lk] bool or None -> [B,H,Lq,dv]."""
+def _key_side(k, v, fmap: FeatureMap, mask):
+    """(phi~(K) [B,H,Lk,m], S = phi~(K)^T [V, 1] [B,H,m,dv+1], c [B,H,1,m']) for k [B,H,Lk,d], v [B,H,Lk,dv]."""
     keep = None if mask is None else mask[:, None, :, None]
     lk, fk = fmap(k)  # [B, H, Lk, m']
     with torch.no_grad():  # the stabilisers are constants of the estimator
         masked = lk if keep is None else torch.where(keep, lk, neg_big(lk.dtype))
         c = finite_reference(masked.amax(2, keepdim=True))  # [B, H, 1, m']
     phi_k = times(masked_exp(lk - c, keep), fk)  # [B, H, Lk, m]
+    return phi_k, phi_k.transpose(-1, -2) @ with_ones(v), c
+
+
+def _query_side(q, S, c, fmap: FeatureMap):
+    """(phi~(Q) [B,H,Lq,m], its row maxima r [B,H,Lq,1], phi~(Q) S [B,H,Lq,dv+1]) for q [B,H,Lq,d]."""
     lq, fq = fmap(q, query=True)
     with torch.no_grad():
         r = (lq + c).amax(-1, keepdim=True)  # [B, H, Lq, 1]
     phi_q = times(torch.exp(lq + c - r), fq)
-    total = phi_q @ (phi_k.transpose(-1, -2) @ with_ones(v))  # [B, H, Lq, dv + 1]
-    num, den = total[..., :-1], total[..., -1]
+    return phi_q, r, phi_q @ S
+
+
+def _attention(q, S, c, fmap: FeatureMap):
+    total = _query_side(q, S, c, fmap)[2]
+    return total[..., :-1] / safe_den(total[..., -1])[..., None]
+
+
+def _bidirectional(q, k, v, fmap: FeatureMap, mask, window: int, size: int):
+    """q [B,H,Lq,d], k [B,H,Lk,d], v [B,H,Lk,dv] in the compute dtype, mask [B,Lk] bool or None -> [B,H,Lq,dv].
+
+    Without a window the key side (-> S) and the query side are recomputed separately in the backward above
+    ``RECOMPUTE_ABOVE``, so the backward holds the features of one side at a time."""
     if not window:
-        return num / safe_den(den)[..., None]
+        S, c = maybe_checkpoint(lambda k, v: _key_side(k, v, fmap, mask)[1:], k, v, size=size)
+        return maybe_checkpoint(lambda q, S: _attention(q, S, c, fmap), q, S, size=size)
+    phi_k, S, c = _key_side(k, v, fmap, mask)
+    phi_q, r, total = _query_side(q, S, c, fmap)
+    num, den = total[..., :-1], total[..., -1]
     # the window, by blocks of queries against the keys they can reach: [nb, Bq, Bq + 2w] products, banded
     L, width, Bq = q.shape[2], 2 * window + 1, min(BLOCK, q.shape[2])
     near = lambda a, b: band(query_blocks(a, Bq) @ key_spans(b, Bq, window).transpose(-1, -2), width)
@@ -82,7 +102,12 @@ def favor_bidirectional(
         raise ValueError("local_window attention needs as many queries as keys (self-attention).")
     ct = compute_dtype(q.dtype)
     B, H, L, _ = q.shape
+    size = B * H * max(L, k.shape[2]) * fmap.nb_features
     with no_autocast(q.device):
-        fn = lambda q, k, v: _bidirectional(q, k, v, fmap, key_padding_mask, local_window)
-        out = maybe_checkpoint(fn, q.to(ct), k.to(ct), v.to(ct), size=B * H * max(L, k.shape[2]) * fmap.nb_features)
+        args = (q.to(ct), k.to(ct), v.to(ct))
+        if not local_window:
+            out = _bidirectional(*args, fmap, key_padding_mask, 0, size)
+        else:
+            fn = lambda q, k, v: _bidirectional(q, k, v, fmap, key_padding_mask, local_window, size)
+            out = maybe_checkpoint(fn, *args, size=size)
     return out.to(v.dtype)
