@@ -156,8 +156,32 @@ def test_attention_dropout_is_ignored_with_one_warning(build, monkeypatch):
         warnings.simplefilter("always")
         model(input_ids=ids)
         model(input_ids=ids)
-    messages = [str(w.message) for w in caught if "attention-probability dropout" in str(w.message)]
+    messages = [w for w in caught if "attention-probability dropout" in str(w.message)]
     assert len(messages) == 1
+    assert messages[0].filename == __file__  # the caller's line, not transformers' attention module
+
+
+def test_caller_stacklevel_skips_every_library_frame(tmp_path, monkeypatch):
+    """However many library frames lie between (here two functions in a 'library' folder), the warning is
+    attributed to the first frame outside it."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "fake_library.py").write_text(
+        "import warnings\n"
+        "from hf_performer.integration.attention_function import caller_stacklevel\n"
+        "def inner(prefixes):\n"
+        "    warnings.warn('from the library', UserWarning, stacklevel=caller_stacklevel(prefixes))\n"
+        "def outer(prefixes):\n"
+        "    return inner(prefixes)\n")
+    monkeypatch.syspath_prepend(str(lib))
+    import fake_library
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fake_library.outer((str(lib) + "/",))
+        fake_library.outer(("/nowhere/",))
+    assert caught[0].filename == __file__
+    assert caught[1].filename == fake_library.__file__  # nothing skipped: the warning's own line
 
 
 def test_cross_attention_honours_encoder_padding():
