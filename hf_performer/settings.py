@@ -14,6 +14,8 @@ from typing import Any
 
 KERNELS = ("softmax", "favor++", "relu", "trig")
 FEATURE_NORMS = ("chi", "sqrt_d")
+ALIGNED_KERNELS = ("softmax", "favor++")  # kernels whose features the statistics step can replace
+ALIGNED_ESTIMATOR = "aligned-softmax"  # what ``PerformerConfig.estimator`` calls importance-sampled features
 
 
 def _fail(name: str, value: Any, accepted: str) -> None:
@@ -30,6 +32,9 @@ class PerformerConfig:
             optimal positive random features (Likhosherstov et al. 2022; unbiased, bounded, lower
             variance for large |q+k|), ``"relu"`` (the paper's generalized Performer-ReLU, a different
             kernel) or ``"trig"`` (sin/cos features, the paper's baseline; kept for comparison).
+            Note: with ``aligned_features`` (the default), a layer whose statistics are calibrated uses
+            importance-sampled softmax features instead of the softmax or favor++ features, so after the
+            statistics step both kernels give the same model; ``estimator()`` names what actually runs.
         orthogonal: draw the rows of the projection in orthogonal blocks (lower variance) or iid.
         feature_norm: ``"chi"`` rescales orthogonal rows to chi-distributed norms (keeps every row
             marginally N(0, I), so the estimator stays unbiased); ``"sqrt_d"`` uses the fixed norm sqrt(d).
@@ -101,6 +106,17 @@ class PerformerConfig:
         if not isinstance(self.extra, dict):
             _fail("extra", self.extra, "expected a dict")
         self.eps = float(self.eps)
+
+    def estimator(self, statistics_calibrated: bool) -> str:
+        """The feature map that layers with these settings actually use (read-only; derived, not stored).
+
+        ``"aligned-softmax"`` (importance-sampled positive softmax features, see ``aligned_features``) when
+        ``statistics_calibrated`` (the statistics step ran: ``calibrate_feature_statistics`` or
+        ``hf-performer convert --calibration-data``), ``aligned_features`` is on and the kernel is softmax or
+        favor++: the kernel's own features are then replaced. Otherwise ``kernel`` itself."""
+        if statistics_calibrated and self.aligned_features and self.kernel in ALIGNED_KERNELS:
+            return ALIGNED_ESTIMATOR
+        return self.kernel
 
     # ------------------------------------------------------------------ serialization
     def to_dict(self) -> dict:

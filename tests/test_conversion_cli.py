@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import re
+import stat
 
 import pytest
 import torch
 import transformers as tf
 from huggingface_hub import ModelCard
-from test_conversion_fixtures import listing, text_file, tiny_bert, tiny_gpt2
+from test_conversion_fixtures import listing, minilm_path, text_file, tiny_bert, tiny_gpt2, tokenizer
 
 import hf_performer  # noqa: F401 - registers the Performer model types
 import hf_performer.integration  # noqa: F401
@@ -144,3 +147,133 @@ def test_favor_seed_and_calibration_seed_are_separate_flags(tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     summary = json.loads((tmp_path / "b" / "conversion.json").read_text())
     assert summary["performer"]["seed"] == 3 and summary["calibration"]["config"]["seed"] == 5
+
+
+def _no_tokenizer_source(path):
+    """A BERT folder with weights and config only (no tokenizer files)."""
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(vocab_size=tokenizer().vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    tf.BertForMaskedLM(cfg).save_pretrained(path)
+    return path
+
+
+TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"}
+
+
+def test_source_without_tokenizer_writes_none_and_says_so(tmp_path, capsys):
+    src, out = _no_tokenizer_source(tmp_path / "src"), tmp_path / "out"
+    capsys.readouterr()
+    assert run("convert", src, out, "--nb-features", 8, "--no-progress") == 0
+    err = capsys.readouterr().err
+    assert "hf-performer: warning:" in err and "no tokenizer" in err and "--tokenizer" in err
+    assert not TOKENIZER_FILES & set(listing(out))  # never an empty tokenizer
+    assert json.loads((out / "conversion.json").read_text())["tokenizer"] is None
+
+
+def test_calibration_data_without_tokenizer_names_the_fix(tmp_path, capsys):
+    src, txt = _no_tokenizer_source(tmp_path / "src"), text_file(tmp_path / "t.txt")
+    before = listing(tmp_path)
+    capsys.readouterr()
+    assert run("convert", src, tmp_path / "out", "--calibration-data", txt, "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hf-performer: error:") and "no usable tokenizer" in err and "--tokenizer" in err
+    assert "empty" not in err  # the text is not blamed
+    assert listing(tmp_path) == before
+
+
+def test_tokenizer_option_reads_the_text_and_is_written(tmp_path, capsys):
+    src, out, txt = _no_tokenizer_source(tmp_path / "src"), tmp_path / "out", text_file(tmp_path / "t.txt")
+    rc = run("convert", src, out, "--nb-features", 8, "--calibration-data", txt, "--statistics-batches", 1,
+             "--tokenizer", minilm_path(), "--no-progress")
+    assert rc == 0, capsys.readouterr().err
+    written = tf.AutoTokenizer.from_pretrained(out)
+    assert written("hello world")["input_ids"] == tokenizer()("hello world")["input_ids"]
+    summary = json.loads((out / "conversion.json").read_text())
+    assert summary["tokenizer"] == minilm_path() and summary["statistics"]["tokens"] > 0
+    # the report finds the written tokenizer; a folder without any needs --tokenizer
+    bare = tmp_path / "bare"
+    tf.AutoModelForMaskedLM.from_pretrained(out).save_pretrained(bare)
+    capsys.readouterr()
+    assert main(["report", str(src), str(bare), "--data", str(txt), "--lengths", "", "--no-progress"]) == 2
+    assert "--tokenizer" in capsys.readouterr().err
+    assert main(["report", str(src), str(bare), "--data", str(txt), "--lengths", "", "--max-texts", "4",
+                 "--tokenizer", minilm_path(), "--no-progress"]) == 0
+
+
+@pytest.mark.parametrize("which, message", [("empty", "not a usable tokenizer"), ("too_big", "embedding table")])
+def test_unusable_tokenizer_option_is_refused(tmp_path, capsys, which, message):
+    src = _no_tokenizer_source(tmp_path / "src")
+    if which == "too_big":  # the tokenizer has more tokens than the model's embedding rows
+        cfg = json.loads((src / "config.json").read_text())
+        cfg["vocab_size"] = 1000
+        (src / "config.json").write_text(json.dumps(cfg))
+        spec = minilm_path()
+    else:
+        spec = _no_tokenizer_source(tmp_path / "other")
+    capsys.readouterr()
+    assert run("convert", src, tmp_path / "out", "--tokenizer", spec, "--no-progress") == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_output_folder_has_save_pretrained_permissions(tmp_path, capsys, umask):
+    src = tiny_bert(tmp_path / "src")
+    old = os.umask(umask)
+    try:
+        assert run("convert", src, tmp_path / "out", "--nb-features", 8, "--no-progress") == 0
+        tf.BertModel(tf.BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
+                                   vocab_size=10)).save_pretrained(tmp_path / "reference")
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / "out").stat().st_mode)
+    assert mode == 0o777 & ~umask
+    assert mode == stat.S_IMODE((tmp_path / "reference").stat().st_mode)
+
+
+@pytest.mark.parametrize("kernel", ["softmax", "favor++"])
+def test_effective_estimator_is_recorded(tmp_path, capsys, kernel):
+    """After the statistics step, aligned features replace both positive kernels: the two conversions are the
+    same model, and conversion.json / the CLI say so; the kernel is what runs without aligned features."""
+    src, txt = tiny_bert(tmp_path / "src"), text_file(tmp_path / "t.txt")
+    flags = ["--nb-features", 8, "--calibration-data", txt, "--statistics-batches", 1, "--no-progress"]
+    for name, extra in (("aligned", []), ("plain", ["--no-aligned-features"])):
+        capsys.readouterr()
+        assert run("convert", src, tmp_path / f"{kernel}-{name}", "--kernel", kernel, *flags, *extra) == 0
+        out = capsys.readouterr().out
+        est = json.loads((tmp_path / f"{kernel}-{name}" / "conversion.json").read_text())["estimator"]
+        model = tf.AutoModelForMaskedLM.from_pretrained(tmp_path / f"{kernel}-{name}")
+        assert est["kernel"] == kernel
+        if name == "aligned":
+            assert est["effective"] == "aligned-softmax" and "replaced" in est["note"] and "note:" in out
+            assert all(f.aligned for f in model.favor_modules())  # what the attention modules actually do
+        else:
+            assert est["effective"] == kernel and est["note"] is None
+            assert not any(f.aligned for f in model.favor_modules())
+        assert f"estimator {est['effective']}" in out
+
+
+def test_softmax_and_favorpp_are_one_model_after_the_statistics_step(tmp_path, capsys):
+    src, txt = tiny_bert(tmp_path / "src"), text_file(tmp_path / "t.txt")
+    outs = []
+    for kernel in ("softmax", "favor++"):
+        assert run("convert", src, tmp_path / kernel, "--kernel", kernel, "--nb-features", 8, "--calibration-data", txt,
+                   "--statistics-batches", 1, "--no-progress") == 0
+        model = tf.AutoModelForMaskedLM.from_pretrained(tmp_path / kernel)
+        with torch.no_grad():
+            outs.append(model(input_ids=torch.arange(5, 20)[None]).logits)
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
+def test_every_cli_option_has_help():
+    from hf_performer.conversion.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            text = (action.help or "").strip()
+            assert text and not text.startswith("(default"), f"{name} {action.option_strings or action.dest}: {text!r}"

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
+import pytest
 from test_conversion_fixtures import text_file, tiny_bert, tiny_gpt2
 
 from hf_performer.conversion.cli import main
-from hf_performer.conversion.report import report
+from hf_performer.conversion.report import default_lengths, report
 
 
 def _convert(src, out, txt):
@@ -16,10 +18,16 @@ def _convert(src, out, txt):
                  "--statistics-batches", "1", "--no-progress"]) == 0
 
 
-def test_report_encoder_via_cli(tmp_path, capsys):
+def test_report_encoder_via_cli(tmp_path, capsys, monkeypatch):
     src, out = tiny_bert(tmp_path / "src"), tmp_path / "out"
     _convert(src, out, text_file(tmp_path / "train.txt"))
     held_out = text_file(tmp_path / "eval.txt", n=12, split="eval")
+    import matplotlib.axes
+
+    titles = []
+    set_title = matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title",
+                        lambda ax, text, *a, **k: (titles.append(text), set_title(ax, text, *a, **k))[1])
     rc = main(["report", str(src), str(out), "--data", str(held_out), "--max-length", "32", "--lengths", "16", "64",
                "--repeats", "1", "--no-progress"])
     assert rc == 0, capsys.readouterr().err
@@ -40,6 +48,13 @@ def test_report_encoder_via_cli(tmp_path, capsys):
     assert "embedding_cosine_mean" in md and "layer_errors.png" in md
     png = (folder / "layer_errors.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 1000
+    [title] = titles  # the plot names the model and its settings
+    assert "PerformerBertForMaskedLM" in title and "out vs src" in title and "m=16" in title
+    assert "aligned-softmax" in title and "not calibrated" in title
+    # how to read it: what is good, and what to try that this conversion does not use yet
+    assert "## How to read this and what to do" in md
+    assert "--local-window 4" in md and "--calibrate" in md and "--nb-features 1024" in md
+    assert "--max-position-embeddings" in md
 
 
 def test_report_causal_lm(tmp_path):
@@ -52,3 +67,44 @@ def test_report_causal_lm(tmp_path):
     assert end["perplexity_teacher"] > 1 and end["perplexity_student"] > 1 and end["kl_to_teacher"] >= 0
     assert math.isclose(end["perplexity_ratio"], end["perplexity_student"] / end["perplexity_teacher"], rel_tol=1e-6)
     assert {p.name for p in (tmp_path / "rep").iterdir()} == {"report.json", "report.md", "layer_errors.png"}
+
+
+def test_report_without_matplotlib_skips_the_plot_with_a_note(tmp_path, capsys, monkeypatch):
+    src, out = tiny_bert(tmp_path / "src"), tmp_path / "out"
+    _convert(src, out, text_file(tmp_path / "train.txt"))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    capsys.readouterr()
+    rc = main(["report", str(src), str(out), "--data", str(text_file(tmp_path / "eval.txt", n=6, split="eval")),
+               "--out", str(tmp_path / "rep"), "--max-length", "32", "--repeats", "1", "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    warnings = [line for line in captured.err.splitlines() if "matplotlib" in line]
+    assert warnings == ["hf-performer: warning: matplotlib is not installed: layer_errors.png skipped "
+                        "(pip install matplotlib to get it)."]
+    assert {p.name for p in (tmp_path / "rep").iterdir()} == {"report.json", "report.md"}  # no temporary files
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "layer_errors.png)" not in md and "matplotlib is not installed" in md
+    r = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert r["plot"] is None
+    # default lengths come from the position limit: the tiny models take 64 tokens, so both are timed at 64
+    assert [row["length"] for row in r["timing"]] == [64]
+    assert r["timing"][0]["original"]["time_ms"] > 0 and r["timing"][0]["converted"]["time_ms"] > 0
+
+
+def test_report_lengths_empty_string_means_none(tmp_path, capsys):
+    src, out = tiny_gpt2(tmp_path / "src"), tmp_path / "out"
+    _convert(src, out, text_file(tmp_path / "train.txt"))
+    rc = main(["report", str(src), str(out), "--data", str(text_file(tmp_path / "eval.txt", n=6, split="eval")),
+               "--max-length", "32", "--lengths", "", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    r = json.loads((out / "fidelity_report" / "report.json").read_text())
+    assert r["timing"] == [] and "Forward time" not in (out / "fidelity_report" / "report.md").read_text()
+    with pytest.raises(SystemExit):
+        main(["report", str(src), str(out), "--data", "x.txt", "--lengths", "0"])
+
+
+def test_default_lengths_stop_at_the_position_limit():
+    assert default_lengths(512) == (128, 512)
+    assert default_lengths(4096) == (128, 512, 2048, 4096)
+    assert default_lengths(1024) == (128, 512, 1024)
+    assert default_lengths(64) == (64,)

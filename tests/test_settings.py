@@ -41,3 +41,14 @@ def test_trig_needs_even_features():
 def test_unknown_field_lists_accepted_ones():
     with pytest.raises(ValueError, match="unknown field.*nb_featurez"):
         PerformerConfig.from_dict({"nb_featurez": 3})
+
+
+@pytest.mark.parametrize("kernel", ["softmax", "favor++", "relu", "trig"])
+def test_estimator_names_what_runs(kernel):
+    """Aligned features replace only positive kernels, and only once the statistics are calibrated."""
+    cfg = PerformerConfig(kernel=kernel)
+    aligned = kernel in ("softmax", "favor++")
+    assert cfg.estimator(statistics_calibrated=True) == ("aligned-softmax" if aligned else kernel)
+    assert cfg.estimator(statistics_calibrated=False) == kernel
+    assert PerformerConfig(kernel=kernel, aligned_features=False).estimator(statistics_calibrated=True) == kernel
+    assert "estimator" not in cfg.to_dict()  # derived, never stored: config.json round trips as before

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import shlex
 import sys
 
@@ -26,10 +27,37 @@ from .params import TRAIN_CHOICES
 
 _CHOICES = {"kernel": KERNELS, "feature_norm": FEATURE_NORMS}
 _HELP = {
-    "nb_features": "random features per head",
+    "nb_features": "random features per head (more: lower estimator variance, more compute)",
+    "kernel": "feature map: softmax (FAVOR+), favor++ (lower variance), relu, trig. With --aligned-features (the "
+              "default) the statistics step (--calibration-data) replaces softmax and favor++ features by "
+              "importance-sampled softmax features, so both then give the same model (conversion.json "
+              "'estimator' records what runs)",
+    "orthogonal": "draw the random projection in orthogonal blocks (lower variance) instead of iid",
+    "feature_norm": "row norms of orthogonal projections: chi (unbiased) or sqrt_d (fixed)",
+    "redraw_interval": "redraw the random features every N optimizer steps during fine-tuning (0 = never)",
+    "seed": "seed of the random features (each layer and draw derives its own)",
+    "chunk_size": "tokens per chunk of the linear-attention ops (bounds peak memory)",
+    "eps": "guard of the normaliser (never added to softmax features)",
+    "center_keys": "shift keys by E[q] + E[k] before the feature map (exact; lowers variance)",
+    "balance_qk": "rescale q by a and k by 1/a to balance their norms (exact; lowers variance)",
+    "aligned_features": "after the statistics step, draw features by importance sampling where the layer's "
+                        "q + k fall (softmax/favor++ kernels; unbiased, far lower variance)",
     "local_window": "take the w nearest keys on each side (causal: the w previous) exactly, FAVOR+ for the rest; "
                     "0 = pure FAVOR+; 4 brings converted models much closer to the original",
 }
+
+
+def _length(text: str) -> int | None:
+    """A --lengths item: a positive integer, or '' (no timing at all)."""
+    if not text.strip():
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid length {text!r}: expected a positive integer or ''") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid length {text!r}: expected a positive integer or ''")
+    return value
 
 
 def _add_performer_flags(parser: argparse.ArgumentParser) -> list[str]:
@@ -41,12 +69,12 @@ def _add_performer_flags(parser: argparse.ArgumentParser) -> list[str]:
         flag = "--" + f.name.replace("_", "-")
         if isinstance(value, bool):
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                               help=f"(default {value})")
+                               help=f"{_HELP[f.name]} (default {value})")
         elif isinstance(value, (int, float, str)):
             kind = type(value)
             group.add_argument(flag, dest=f.name, type=kind, default=None, choices=_CHOICES.get(f.name),
                                metavar=None if f.name in _CHOICES else kind.__name__.upper(),
-                               help=f"{_HELP[f.name] + ' ' if f.name in _HELP else ''}(default {value})")
+                               help=f"{_HELP[f.name]} (default {value})")
         else:
             continue  # dict fields (extra) are Python-only
         names.append(f.name)
@@ -67,6 +95,9 @@ def _convert_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--base-model", metavar="HUB_ID",
                    help="the source's Hub id, for the model card's base_model when SOURCE is a local folder "
                         "(a Hub id SOURCE is used as it is)")
+    p.add_argument("--tokenizer", metavar="NAME_OR_FOLDER",
+                   help="tokenizer to read --calibration-data with and to write to the output (default: the "
+                        "source's; a source without one gets none written)")
     p.add_argument("--max-position-embeddings", type=int, metavar="N",
                    help="grow learned absolute positions to N tokens by tiling the pretrained table")
     p.set_defaults(performer_fields=_add_performer_flags(p))
@@ -93,8 +124,9 @@ def _convert_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--teacher-forced", action=argparse.BooleanOptionalAction, default=None,
                    help="per-layer loss with each converted layer on the original's inputs (LoLCATs-style; "
                         f"default {d.teacher_forced})")
-    g.add_argument("--warmup-steps", type=int, help=f"(default {d.warmup_steps})")
-    g.add_argument("--mixed-precision", choices=MIXED_PRECISION, help=f"(default {d.mixed_precision})")
+    g.add_argument("--warmup-steps", type=int, help=f"linear learning-rate warm-up steps (default {d.warmup_steps})")
+    g.add_argument("--mixed-precision", choices=MIXED_PRECISION,
+                   help=f"autocast dtype of the calibration (default {d.mixed_precision})")
     g.add_argument("--calibration-seed", dest="calibration_seed", type=int, metavar="N", help=f"data order seed (default {d.seed})")
     g.add_argument("--save-every", type=int, help=f"save resumable state every N steps (default {d.save_every})")
     g.add_argument("--max-time", dest="max_time_s", type=float, metavar="SECONDS", help="stop calibration after this long")
@@ -114,10 +146,14 @@ def _report_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default <converted>/fidelity_report)")
     p.add_argument("--max-texts", type=int, help="use at most this many texts")
     p.add_argument("--max-length", type=int, default=128, help="tokens per sequence (default 128)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lengths", type=int, nargs="*", default=[128, 512, 2048], help="lengths for time/memory ('' = none)")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default 8)")
+    p.add_argument("--tokenizer", metavar="NAME_OR_FOLDER",
+                   help="tokenizer for --data (default: the converted folder's, else the source's)")
+    p.add_argument("--lengths", type=_length, nargs="*", default=None, metavar="N",
+                   help="sequence lengths for forward time and memory (default: 128, 512, 2048, ... up to the "
+                        "converted model's position limit; '' = none)")
+    p.add_argument("--repeats", type=int, default=3, help="timed forward passes per length, median (default 3)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
@@ -143,30 +179,50 @@ def _run_convert(args, argv) -> None:
     summary = convert(
         args.source, args.output, performer, max_position_embeddings=args.max_position_embeddings,
         calibration_data=args.calibration_data, calibrate_model=args.calibrate, calibration=calibration,
-        statistics_batches=args.statistics_batches, model_class=args.model_class, overwrite=args.overwrite,
+        statistics_batches=args.statistics_batches, model_class=args.model_class, tokenizer=args.tokenizer,
+        overwrite=args.overwrite,
         resume=args.resume, keep_calibration_state=args.keep_calibration_state, progress=not args.no_progress,
         command="hf-performer " + shlex.join(argv), base_model=args.base_model,
     )
+    est = summary["estimator"]
     print(f"hf-performer: wrote {args.output} ({summary['model_class']}, nb_features={summary['performer']['nb_features']}, "
-          f"{summary['positions']['to']} positions" + (
+          f"estimator {est['effective']}, {summary['positions']['to']} positions" + (
               f", calibrated {summary['calibration']['steps_done']} steps" if summary["calibration"] else "") + (
               ", sentence-transformers modules " + " -> ".join(summary["sentence_transformers"]["modules"])
               if summary.get("sentence_transformers") else "") + ")")
+    if est["note"]:
+        print(f"hf-performer: note: {est['note']}")
 
 
 def _run_report(args) -> None:
     from .report import report
 
+    lengths = None if args.lengths is None else tuple(n for n in args.lengths if n is not None)
     r = report(args.source, args.converted, args.data, args.out, max_texts=args.max_texts, max_length=args.max_length,
-               batch_size=args.batch_size, lengths=tuple(args.lengths), repeats=args.repeats,
+               batch_size=args.batch_size, lengths=lengths, repeats=args.repeats, tokenizer=args.tokenizer,
                progress=not args.no_progress)
     end = ", ".join(f"{k} {v:.4f}" for k, v in r["end_to_end"].items() if isinstance(v, float))
     print(f"hf-performer: report in {r['out_dir']}: {end}")
 
 
+class _StderrHandler(logging.Handler):
+    """``hf-performer: warning: ...`` on the current sys.stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"hf-performer: {record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
+
+
+def _log_warnings_to_stderr() -> None:
+    """hf_performer's logged warnings (and errors) print as one ``hf-performer: warning: ...`` line each."""
+    log = logging.getLogger("hf_performer")
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        log.addHandler(_StderrHandler(logging.WARNING))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    _log_warnings_to_stderr()
     if args.no_progress:
         from transformers.utils import logging as hf_logging
 

@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import datetime as _dt
 import json
+import logging
 import os
 import random
 import shutil
@@ -25,6 +26,7 @@ from hf_performer import PerformerConfig, __version__
 from hf_performer.attention import FavorAttention
 from hf_performer.integration import convert_to_performer
 from hf_performer.integration.portable import auto_class_name
+from hf_performer.settings import ALIGNED_ESTIMATOR, ALIGNED_KERNELS
 
 from .calibrate import CalibrationConfig, calibrate
 from .data import BatchSchedule, pad_id, read_texts, tokenize
@@ -35,6 +37,8 @@ from .sentence_modules import read_sentence_modules, write_sentence_modules
 from .source import inspect_source, load_model, load_tokenizer
 from .statistics import calibrate_model_statistics
 from .writer import atomic_directory, check_target
+
+logger = logging.getLogger(__name__)
 
 
 def performer_settings(settings: PerformerConfig | dict | None) -> PerformerConfig:
@@ -66,6 +70,19 @@ def _fix_output_capture(model) -> None:
     except ImportError:  # pragma: no cover - other transformers layouts
         return
     _CAN_RECORD_REGISTRY[model] = getattr(model, "_can_record_outputs", None)
+
+
+def effective_estimator(model, kernel: str) -> dict:
+    """What the converted model's attention layers actually compute with (``PerformerConfig.estimator`` of each
+    layer, from its own settings and whether its statistics were calibrated), against the ``kernel`` asked for."""
+    per_layer = [f.config.estimator(bool(f.stats_calibrated)) for f in model.favor_modules()]
+    effective = sorted(set(per_layer))
+    note = None
+    if ALIGNED_ESTIMATOR in effective and kernel in ALIGNED_KERNELS:
+        note = (f"the statistics step replaced the {kernel} kernel's random features by importance-sampled softmax "
+                "features (aligned_features): softmax and favor++ give the same model here; the kernel matters "
+                "without a statistics step or with aligned_features off")
+    return {"kernel": kernel, "effective": effective[0] if len(effective) == 1 else effective, "note": note}
 
 
 def _summary_calibration(log: dict) -> dict:
@@ -119,6 +136,7 @@ def convert(
     calibration: CalibrationConfig | dict | None = None,
     statistics_batches: int | None = None,
     model_class: str | None = None,
+    tokenizer: str | os.PathLike | None = None,
     overwrite: bool = False,
     resume: bool | str | os.PathLike = False,
     keep_calibration_state: bool = False,
@@ -137,6 +155,9 @@ def convert(
             train, ... (batch_size, max_length and seed also shape the statistics step's batches).
         statistics_batches: batches of text for the statistics step (None: 4).
         model_class: stock class to load (default: the config's ``architectures``).
+        tokenizer: hub id or folder of the tokenizer to read the text with and to write into ``output``
+            (default: the source's own). A source without a usable tokenizer gets none written (a warning
+            says so), and then ``calibration_data`` needs ``tokenizer``: never an empty tokenizer.
         resume: continue an interrupted calibration: True = the default state folder next to ``output``
             (``.<name>.calibration``), or a folder path.
         base_model: the source's Hub id, for the model card's ``base_model`` (default: ``source`` when it is a Hub
@@ -176,7 +197,11 @@ def convert(
     texts = read_texts(calibration_data) if calibration_data is not None else None
 
     # ---------------------------------------------------------------- load and convert
-    tokenizer = load_tokenizer(src, required=texts is not None)
+    tokenizer_spec = tokenizer
+    tokenizer = load_tokenizer(src, required=texts is not None, tokenizer=tokenizer_spec)
+    if tokenizer is None:
+        logger.warning("source %r has no tokenizer files: no tokenizer is written to %s (pass --tokenizer "
+                       "NAME_OR_FOLDER to include one).", src.spec, str(output))
     model = load_model(src)
     teacher = copy.deepcopy(model) if calibrate_model else None
     try:
@@ -197,6 +222,7 @@ def convert(
         "causal": any(getattr(m, "is_causal", False) for m in model.modules()
                       if isinstance(getattr(m, "favor", None), FavorAttention)),
         "calibration_data": str(calibration_data) if calibration_data is not None else None,
+        "tokenizer": None if tokenizer is None else (str(tokenizer_spec) if tokenizer_spec is not None else src.spec),
         "statistics": None, "calibration": None, "command": command, "sentence_transformers": None,
     }
 
@@ -224,6 +250,7 @@ def convert(
                             validation=validation)
             summary["calibration"] = _summary_calibration(log)
             del teacher
+    summary["estimator"] = effective_estimator(model, settings.kernel)
     summary["convert_wall_s"] = round(time.perf_counter() - t_start, 2)
 
     # ---------------------------------------------------------------- write atomically

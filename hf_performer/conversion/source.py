@@ -109,16 +109,48 @@ def load_model(source: Source, dtype: torch.dtype = torch.float32):
     return model.eval()
 
 
-def load_tokenizer(source: Source, required: bool):
-    """The source's tokenizer, or None when it has none and ``required`` is False."""
+def is_empty_tokenizer(tokenizer) -> bool:
+    """True when ``tokenizer`` knows no token beyond its special tokens: what transformers 5 builds from a folder
+    that has no tokenizer files (every word then encodes to [UNK] or to nothing)."""
+    special = set(tokenizer.all_special_tokens)
+    return not any(token not in special for token in tokenizer.get_vocab())
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def load_tokenizer(source: Source, required: bool, tokenizer: str | os.PathLike | None = None):
+    """The tokenizer to convert with: from ``tokenizer`` (a hub id or folder) when given, else the source's own.
+
+    Returns None when the source has no usable tokenizer (none at all, or one with an empty vocabulary) and
+    ``required`` is False. Raises ``ConversionError`` when the ``tokenizer`` given is unusable, when one is
+    ``required`` (text to read) and the source has none (the message names ``--tokenizer``), and when the
+    tokenizer has more tokens than the model's embedding table."""
     from transformers import AutoTokenizer
 
+    location = str(os.path.expanduser(str(tokenizer))) if tokenizer is not None else source.location
+    problem, tok = None, None
     try:
-        return AutoTokenizer.from_pretrained(source.location)
+        tok = AutoTokenizer.from_pretrained(location)
     except (OSError, ValueError, TypeError) as e:
+        problem = _first_line(e)
+    if tok is not None and is_empty_tokenizer(tok):
+        problem = "no tokenizer files: its vocabulary would hold only special tokens"
+    if problem is not None:
+        if tokenizer is not None:
+            raise ConversionError(f"--tokenizer {str(tokenizer)!r} is not a usable tokenizer ({problem}).")
         if required:
             raise ConversionError(
-                f"source {source.spec!r} has no usable tokenizer ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); "
-                "the statistics/calibration steps need one to read text."
-            ) from e
+                f"source {source.spec!r} has no usable tokenizer ({problem}); the statistics and calibration steps "
+                "need one to read --calibration-data. Pass --tokenizer NAME_OR_FOLDER (the tokenizer the model was "
+                "trained with)."
+            )
         return None
+    vocab = getattr(source.config, "vocab_size", None)
+    if isinstance(vocab, int) and len(tok) > vocab:
+        raise ConversionError(
+            f"the tokenizer of {str(tokenizer or source.spec)!r} has {len(tok)} tokens but the model's embedding table "
+            f"has {vocab} rows; pass the tokenizer the model was trained with (--tokenizer)."
+        )
+    return tok

@@ -1,7 +1,9 @@
 """Atomic output folders: everything is written to a temporary folder next to the target, then renamed.
 
 A failure (or Ctrl-C) removes the temporary folder, so the target is either the complete new checkpoint or
-untouched. An existing target is replaced only with ``overwrite=True`` (and only if it is a folder).
+untouched. An existing target is replaced only with ``overwrite=True`` (and only if it is a folder). The folder
+gets the permissions ``mkdir`` would give it (0777 minus the umask, like ``save_pretrained``), not
+``tempfile.mkdtemp``'s private 0700.
 """
 
 from __future__ import annotations
@@ -30,6 +32,13 @@ def check_target(target: str | os.PathLike, overwrite: bool) -> Path:
     return path
 
 
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary folder; on success it becomes ``target`` (replacing it if ``overwrite``)."""
@@ -38,6 +47,7 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool) -> Iterator[Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700; the output is an ordinary folder
         yield tmp
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
