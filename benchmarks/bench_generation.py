@@ -51,7 +51,7 @@ def measure(model, context: int, new_tokens: int, vocab: int, device) -> dict:
     g = torch.Generator().manual_seed(context)
     ids = torch.randint(vocab, (1, context), generator=g).to(device)
     out = model(input_ids=ids, use_cache=True)
-    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    cache, token = out.cache, out.logits[:, -1:].argmax(-1)
     size = cache_bytes(cache)
     times = []
 
@@ -59,11 +59,11 @@ def measure(model, context: int, new_tokens: int, vocab: int, device) -> dict:
         nonlocal cache, token
         for _ in range(new_tokens):
             start = time.perf_counter()
-            step = model(input_ids=token, past_key_values=cache, use_cache=True)
+            step = model(input_ids=token, cache=cache, use_cache=True)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - start)
-            cache, token = step.past_key_values, step.logits[:, -1:].argmax(-1)
+            cache, token = step.cache, step.logits[:, -1:].argmax(-1)
 
     peak, method = peak_memory(decode, device)
     return {"context": context, "ms_per_token": 1e3 * statistics.median(times), "cache_bytes": size,

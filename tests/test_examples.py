@@ -196,6 +196,14 @@ def test_demo_quick(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert 0 <= results["softmax"]["accuracy"] <= 1 and 0 <= results["performer"]["accuracy"] <= 1
-    assert all(r[m]["status"] == "ok" for r in results["speed"] for m in ("softmax", "performer"))
+    steps = results["long_step"]["results"]
+    assert set(steps) == {"stock (sdpa)", "stock (sdpa, no attention dropout)", "performer"}
+    assert all(r["status"] == "ok" and r["time_s"] > 0 for r in steps.values())
+    gen = results["generation"]
+    assert sorted((r["model"], r["context"]) for r in gen) == [("favor", 64), ("favor", 128), ("stock", 64), ("stock", 128)]
+    # the FAVOR+ state has one size whatever the context; the stock KV cache grows with it
+    sizes = {(r["model"], r["context"]): r["cache_bytes"] for r in gen}
+    assert sizes["favor", 64] == sizes["favor", 128] and sizes["stock", 128] == 2 * sizes["stock", 64]
+    assert results["estimator"] == "aligned-softmax"
     assert (tmp_path / "demo.png").stat().st_size > 1000
-    assert "| model | test accuracy" in proc.stdout
+    assert "| model | test accuracy" in proc.stdout and "one training step" in proc.stdout.lower()
