@@ -49,6 +49,7 @@ from hf_performer import PerformerConfig  # noqa: E402
 from hf_performer.conversion.convert import effective_estimator  # noqa: E402
 from hf_performer.training import PerformerTrainer  # noqa: E402
 
+tf.utils.logging.set_verbosity_error()  # at import: the measuring processes (spawn) import this file too
 LABELS = ["lexical analysis", "data model", "execution model", "expressions", "simple statements",
           "compound statements", "library reference"]
 
@@ -258,7 +259,6 @@ def plot(results: dict, path: Path) -> bool:
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    tf.utils.logging.set_verbosity_error()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -247,6 +247,7 @@ def test_effective_estimator_is_recorded(tmp_path, capsys, kernel):
         assert est["kernel"] == kernel
         if name == "aligned":
             assert est["effective"] == "aligned-softmax" and "replaced" in est["note"] and "note:" in out
+            assert "Estimator actually used: `aligned-softmax`" in (tmp_path / f"{kernel}-{name}" / "README.md").read_text()
             assert all(f.aligned for f in model.favor_modules())  # what the attention modules actually do
         else:
             assert est["effective"] == kernel and est["note"] is None

@@ -200,7 +200,7 @@ def convert(
     tokenizer_spec = tokenizer
     tokenizer = load_tokenizer(src, required=texts is not None, tokenizer=tokenizer_spec)
     if tokenizer is None:
-        logger.warning("source %r has no tokenizer files: no tokenizer is written to %s (pass --tokenizer "
+        logger.warning("source %r has no usable tokenizer (no tokenizer files): none is written to %s (pass --tokenizer "
                        "NAME_OR_FOLDER to include one).", src.spec, str(output))
     model = load_model(src)
     teacher = copy.deepcopy(model) if calibrate_model else None
