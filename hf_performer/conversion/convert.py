@@ -75,7 +75,7 @@ def _fix_output_capture(model) -> None:
 def effective_estimator(model, kernel: str) -> dict:
     """What the converted model's attention layers actually compute with (``PerformerConfig.estimator`` of each
     layer, from its own settings and whether its statistics were calibrated), against the ``kernel`` asked for."""
-    per_layer = [f.config.estimator(bool(f.stats_calibrated)) for f in model.favor_modules()]
+    per_layer = [f.config.estimator(f.calibrated) for f in model.favor_modules()]
     effective = sorted(set(per_layer))
     note = None
     if ALIGNED_ESTIMATOR in effective and kernel in ALIGNED_KERNELS:

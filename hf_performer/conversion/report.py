@@ -321,7 +321,7 @@ def report(
         "sequences": len(schedule.sequences), "tokens": schedule.num_tokens, "max_length": length,
         "model_class": type(student).__name__, "output_kind": kind, "performer": student.config.performer,
         "estimator": effective_estimator(student, student.config.performer["kernel"]),
-        "statistics_calibrated": all(bool(f.stats_calibrated) for f in student.favor_modules()),
+        "statistics_calibrated": all(f.calibrated for f in student.favor_modules()),
         "calibration_steps": _calibration_steps(converted),
         "source_max_tokens": max_tokens(src.config), "converted_max_tokens": max_tokens(student.config),
         "end_to_end": end, "layer_errors": errors, "timing": timing,
