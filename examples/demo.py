@@ -46,7 +46,7 @@ import run_long_classification as long_cls  # noqa: E402
 
 import hf_performer.integration as hfp  # noqa: E402
 from hf_performer import PerformerConfig  # noqa: E402
-from hf_performer.conversion.convert import effective_estimator  # noqa: E402
+from hf_performer.conversion.convert import estimator_record  # noqa: E402
 from hf_performer.training import PerformerTrainer  # noqa: E402
 
 tf.utils.logging.set_verbosity_error()  # at import: the measuring processes (spawn) import this file too
@@ -281,7 +281,7 @@ def main(argv=None) -> int:
     desc = f"statistics + {steps} calibration steps" if calibration["statistics"] else "uncalibrated"
     print(f"[demo] calibration: {desc} ({calibration_s:.0f} s)")
 
-    estimator = effective_estimator(performer, args.kernel)["effective"]
+    estimator = estimator_record(performer, args.kernel)["effective"]
     results = {"env": common.env_summary(), "nb_features": args.nb_features, "kernel": args.kernel, "estimator": estimator,
                "max_length": args.max_length, "n_train": len(train), "n_test": len(test), "quick": args.quick,
                "majority": float(np.bincount(test["labels"]).max() / len(test)), "calibration": desc,

@@ -107,15 +107,19 @@ class PerformerConfig:
             _fail("extra", self.extra, "expected a dict")
         self.eps = float(self.eps)
 
-    def estimator(self, statistics_calibrated: bool) -> str:
-        """The feature map that layers with these settings actually use (read-only; derived, not stored).
+    def estimator(self, statistics_calibrated: bool, causal: bool = False) -> str:
+        """The feature map that a layer with these settings actually uses (read-only; derived, not stored).
 
         ``"aligned-softmax"`` (importance-sampled positive softmax features, see ``aligned_features``) when
         ``statistics_calibrated`` (the statistics step ran: ``calibrate_feature_statistics`` or
         ``hf-performer convert --calibration-data``), ``aligned_features`` is on and the kernel is softmax or
-        favor++: the kernel's own features are then replaced. Otherwise ``kernel`` itself."""
+        favor++: the kernel's own features are then replaced. ``"softmax"`` for favor++ in ``causal`` attention
+        without statistics (its parameter is measured only by the statistics step; 0 reduces it to softmax
+        features). Otherwise ``kernel`` itself."""
         if statistics_calibrated and self.aligned_features and self.kernel in ALIGNED_KERNELS:
             return ALIGNED_ESTIMATOR
+        if self.kernel == "favor++" and causal and not statistics_calibrated:
+            return "softmax"
         return self.kernel
 
     # ------------------------------------------------------------------ serialization

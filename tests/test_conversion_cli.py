@@ -247,7 +247,6 @@ def test_effective_estimator_is_recorded(tmp_path, capsys, kernel):
         assert est["kernel"] == kernel
         if name == "aligned":
             assert est["effective"] == "aligned-softmax" and "replaced" in est["note"] and "note:" in out
-            assert "Estimator actually used: `aligned-softmax`" in (tmp_path / f"{kernel}-{name}" / "README.md").read_text()
             assert all(f.aligned for f in model.favor_modules())  # what the attention modules actually do
         else:
             assert est["effective"] == kernel and est["note"] is None
@@ -265,6 +264,20 @@ def test_softmax_and_favorpp_are_one_model_after_the_statistics_step(tmp_path, c
         with torch.no_grad():
             outs.append(model(input_ids=torch.arange(5, 20)[None]).logits)
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
+def test_causal_favorpp_without_statistics_is_recorded_as_softmax(tmp_path, capsys):
+    """Without the statistics step, causal favor++ has no measured parameter and runs softmax features: the
+    record says so, and the outputs equal the softmax kernel's."""
+    src = tiny_gpt2(tmp_path / "src")
+    logits = {}
+    for kernel in ("softmax", "favor++"):
+        assert run("convert", src, tmp_path / kernel, "--kernel", kernel, "--nb-features", 8, "--no-progress") == 0
+        est = json.loads((tmp_path / kernel / "conversion.json").read_text())["estimator"]
+        assert est == {"kernel": kernel, "effective": "softmax", "note": None}
+        with torch.no_grad():
+            logits[kernel] = tf.AutoModelForCausalLM.from_pretrained(tmp_path / kernel)(torch.arange(5, 17)[None]).logits
+    torch.testing.assert_close(logits["softmax"], logits["favor++"], rtol=0, atol=0)
 
 
 def test_every_cli_option_has_help():

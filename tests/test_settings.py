@@ -50,5 +50,6 @@ def test_estimator_names_what_runs(kernel):
     aligned = kernel in ("softmax", "favor++")
     assert cfg.estimator(statistics_calibrated=True) == ("aligned-softmax" if aligned else kernel)
     assert cfg.estimator(statistics_calibrated=False) == kernel
+    assert cfg.estimator(statistics_calibrated=False, causal=True) == ("softmax" if kernel == "favor++" else kernel)
     assert PerformerConfig(kernel=kernel, aligned_features=False).estimator(statistics_calibrated=True) == kernel
     assert "estimator" not in cfg.to_dict()  # derived, never stored: config.json round trips as before

@@ -72,10 +72,12 @@ def _fix_output_capture(model) -> None:
     _CAN_RECORD_REGISTRY[model] = getattr(model, "_can_record_outputs", None)
 
 
-def effective_estimator(model, kernel: str) -> dict:
+def estimator_record(model, kernel: str) -> dict:
     """What the converted model's attention layers actually compute with (``PerformerConfig.estimator`` of each
-    layer, from its own settings and whether its statistics were calibrated), against the ``kernel`` asked for."""
-    per_layer = [f.config.estimator(f.calibrated) for f in model.favor_modules()]
+    layer, from its own settings, its causality and whether its statistics were calibrated), against the
+    ``kernel`` asked for: {"kernel", "effective" (one name, or the sorted names when layers differ), "note"}."""
+    per_layer = [m.favor.config.estimator(m.favor.calibrated, causal=bool(getattr(m, "is_causal", False)))
+                 for m in model.modules() if isinstance(getattr(m, "favor", None), FavorAttention)]
     effective = sorted(set(per_layer))
     note = None
     if ALIGNED_ESTIMATOR in effective and kernel in ALIGNED_KERNELS:
@@ -250,7 +252,7 @@ def convert(
                             validation=validation)
             summary["calibration"] = _summary_calibration(log)
             del teacher
-    summary["estimator"] = effective_estimator(model, settings.kernel)
+    summary["estimator"] = estimator_record(model, settings.kernel)
     summary["convert_wall_s"] = round(time.perf_counter() - t_start, 2)
 
     # ---------------------------------------------------------------- write atomically

@@ -199,9 +199,6 @@ def model_card(summary: dict) -> str:
         "| --- | --- |",
     ]
     lines += [f"| `{k}` | `{json.dumps(v)}` |" for k, v in perf.items()]
-    est = s.get("estimator") or {}
-    if est.get("note"):
-        lines += ["", f"Estimator actually used: `{est['effective']}`: {est['note']}."]
     if perf.get("local_window"):
         lines += ["", f"Local window: each query attends to its {perf['local_window']} nearest keys on each side "
                   "(causal: the previous ones) exactly, with softmax terms, and to all other keys through FAVOR+, in one "

@@ -27,7 +27,7 @@ from hf_performer.integration.registry import FAMILIES
 
 from .calibrate import output_kind
 from .capture import forward_kwargs
-from .convert import effective_estimator
+from .convert import estimator_record
 from .data import BatchSchedule, pad_id, read_texts, tokenize
 from .errors import ConversionError
 from .memory import peak_memory
@@ -320,7 +320,7 @@ def report(
         "source": str(source), "converted": str(converted), "data": str(data), "texts": len(texts),
         "sequences": len(schedule.sequences), "tokens": schedule.num_tokens, "max_length": length,
         "model_class": type(student).__name__, "output_kind": kind, "performer": student.config.performer,
-        "estimator": effective_estimator(student, student.config.performer["kernel"]),
+        "estimator": estimator_record(student, student.config.performer["kernel"]),
         "statistics_calibrated": all(f.calibrated for f in student.favor_modules()),
         "calibration_steps": _calibration_steps(converted),
         "source_max_tokens": max_tokens(src.config), "converted_max_tokens": max_tokens(student.config),
