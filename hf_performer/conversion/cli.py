@@ -139,7 +139,8 @@ def _convert_parser(sub) -> argparse.ArgumentParser:
 
 def _report_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="fidelity of a converted checkpoint against its source",
-                       description="Per-layer and end-to-end fidelity, time and memory: JSON + markdown + PNG.")
+                       description="Per-layer and end-to-end fidelity, time and memory, and how to read them: JSON, "
+                                   "markdown and (with matplotlib) a PNG.")
     p.add_argument("source", help="the original checkpoint (hub id or folder)")
     p.add_argument("converted", help="the converted checkpoint folder")
     p.add_argument("--data", required=True, help="held-out text (.txt file, folder, or datasets name)")
