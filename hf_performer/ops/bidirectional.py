@@ -20,7 +20,7 @@ from ..features import FeatureMap
 from .common import (
     compute_dtype,
     finite_reference,
-    masked_exp,
+    masked_exp_,
     maybe_checkpoint,
     neg_big,
     no_autocast,
@@ -38,16 +38,17 @@ def _key_side(k, v, fmap: FeatureMap, mask):
     with torch.no_grad():  # the stabilisers are constants of the estimator
         masked = lk if keep is None else torch.where(keep, lk, neg_big(lk.dtype))
         c = finite_reference(masked.amax(2, keepdim=True))  # [B, H, 1, m']
-    phi_k = times(masked_exp(lk - c, keep), fk)  # [B, H, Lk, m]
+    phi_k = times(masked_exp_(lk - c, keep), fk)  # [B, H, Lk, m]
     return phi_k, phi_k.transpose(-1, -2) @ with_ones(v), c
 
 
 def _query_side(q, S, c, fmap: FeatureMap):
     """(phi~(Q) [B,H,Lq,m], its row maxima r [B,H,Lq,1], phi~(Q) S [B,H,Lq,dv+1]) for q [B,H,Lq,d]."""
     lq, fq = fmap(q, query=True)
+    x_q = lq + c
     with torch.no_grad():
-        r = (lq + c).amax(-1, keepdim=True)  # [B, H, Lq, 1]
-    phi_q = times(torch.exp(lq + c - r), fq)
+        r = x_q.detach().amax(-1, keepdim=True)  # [B, H, Lq, 1]
+    phi_q = times(x_q.sub_(r).exp_(), fq)
     return phi_q, r, phi_q @ S
 
 

@@ -32,7 +32,7 @@ from .common import (
     FavorState,
     compute_dtype,
     finite_reference,
-    masked_exp,
+    masked_exp_,
     maybe_checkpoint,
     neg_big,
     no_autocast,
@@ -94,18 +94,22 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
             first = torch.where(mk.any(-1)[:, None, :, None], lk.gather(3, idx)[:, :, :, 0], big)
         ref = finite_reference(torch.maximum(M[:, :, :-1], first))  # [B, H, n, m']: c_i
         ref_c = ref[:, :, :, None]  # [B, H, n, 1, m']
-        U = (lk_masked - ref_c).amax(-1).clamp_min(0).cummax(-1).values  # [B, H, n, C]
-        r = (lq + ref_c).amax(-1, keepdim=True)  # [B, H, n, C, 1] query row maxima
+    x_k = lk - ref_c  # [B, H, n, C, m'] (differentiable; shifted further in place below)
+    x_q = lq + ref_c
+    with torch.no_grad():
+        U = x_k.detach().amax(-1)  # [B, H, n, C]
+        U = (U if keep is None else torch.where(mk[:, None], U, 0.0)).clamp_min(0).cummax(-1).values
+        r = x_q.detach().amax(-1, keepdim=True)  # [B, H, n, C, 1] query row maxima
         tril = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
         decay = torch.where(tril, torch.exp((U[..., None, :] - U[..., :, None]).clamp_max(0)), 0.0)  # [t, s]
         e_u = torch.exp(-U)[..., None]  # [B, H, n, C, 1]
 
-    phi_k = times(masked_exp(lk - (ref_c + U[..., None]), keep), fk)  # [B, H, n, C, m]
-    phi_q = times(torch.exp(lq + (ref_c - r)), fq)  # [B, H, n, C, m]
+    phi_k = times(masked_exp_(x_k.sub_(U[..., None]), keep), fk)  # [B, H, n, C, m]
+    phi_q = times(x_q.sub_(r).exp_(), fq)  # [B, H, n, C, m]
     v1 = with_ones(chunked(vx[:, :, w:]))  # [B, H, n, C, dv + 1]
 
     # chunk summaries relative to the running maximum, then the state entering each chunk
-    K = times(masked_exp(lk - M[:, :, 1:, None], keep), fk).transpose(-1, -2) @ v1  # [B, H, n, m, dv + 1]
+    K = times(masked_exp_(lk - M[:, :, 1:, None], keep), fk).transpose(-1, -2) @ v1  # [B, H, n, m, dv + 1]
     prefix = exclusive_prefix(K, M[:, :, 1:], ref, group=C)  # [B, H, n, m, dv + 1]
     if state is not None:  # the decoding state is the summary ahead of chunk 0 (reference c0 <= every c_i)
         S0 = torch.cat([state.S, state.z[..., None]], -1)
@@ -118,7 +122,7 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
         halo = lambda x: x[:, :, : n * C].unflatten(2, (n, C))[:, :, :, :w]  # the w keys before each chunk
         fh = None if fk_all is None else halo(fk_all)
         keep_h = mx[:, : n * C].unflatten(1, (n, C))[:, None, :, :w, None]
-        phi_h = times(masked_exp(halo(lk_all) - ref_c, keep_h), fh)  # <= 1: before the chunk
+        phi_h = times(masked_exp_(halo(lk_all) - ref_c, keep_h), fh)  # <= 1: before the chunk
         A_ext = torch.cat([(phi_q @ phi_h.transpose(-1, -2)) * e_u, A], -1)  # [B, H, n, C, w + C]
         fav = band(A_ext, w + 1).flatten(2, 3)  # [B, H, nC, w + 1]: the pair (t, t - w + j) at column j
         log_scale = (r[..., 0] + U).flatten(2, 3)

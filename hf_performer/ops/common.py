@@ -90,6 +90,14 @@ def masked_exp(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     return torch.exp(torch.where(keep, x, neg_big(x.dtype)))
 
 
+def masked_exp_(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """``masked_exp`` for a freshly computed x that nothing else holds: exponentiated in place (one [.., m]
+    tensor instead of two; autograd keeps the result, which is all exp's backward needs)."""
+    if keep is not None:
+        x = torch.where(keep, x, neg_big(x.dtype))
+    return x.exp_()
+
+
 def times(phi: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
     """phi * factor (the bounded factor F of trig/relu features), or phi when F is None."""
     return phi if factor is None else phi * factor
