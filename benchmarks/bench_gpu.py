@@ -646,7 +646,7 @@ def machine_info(device) -> dict:
 
     info = {"platform": platform.platform(), "python": platform.python_version(), "logical_cpus": os.cpu_count(),
             "cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "float32_matmul_precision": torch.get_float32_matmul_precision()}
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), info["cpu"])
     try:
