@@ -4,6 +4,9 @@
 #                                            a multi-GB CUDA build; override with TORCH_SPEC=...)
 #   3. pip install -e ".[test]"
 # A stamp file skips steps 2-3 on later runs until setup.cfg changes.
+# `make bench-gpu` uses its own venv (.venv-gpu, created with --system-site-packages) and never installs the
+# pinned CPU torch: it keeps a CUDA torch it can import (system-wide or already in the venv), and only when
+# there is none installs GPU_TORCH_SPEC (plain `torch` from PyPI: the CUDA build on Linux x86_64).
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -17,6 +20,11 @@ BENCH_STAMP := $(VENV)/.hf-performer-bench-installed
 BENCH_PEERS ?= performer-pytorch==1.1.4 einops==0.8.2 local-attention==1.11.2 \
 	axial-positional-embedding==0.3.12 hyper-connections==0.4.11
 BENCH_ARGS ?=
+GPU_VENV ?= .venv-gpu
+GPU_PY := $(GPU_VENV)/bin/python
+GPU_STAMP := $(GPU_VENV)/.hf-performer-gpu-installed
+GPU_TORCH_SPEC ?= torch
+BENCH_GPU_ARGS ?=
 
 # Everything here runs offline: never wait on the Hugging Face hub.
 export HF_HUB_OFFLINE := 1
@@ -24,13 +32,15 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: help venv test lint pytest demo bench bench-quick clean-venv
+.PHONY: help venv test lint pytest demo bench bench-quick bench-gpu bench-gpu-quick clean-venv
 
 help:
 	@echo "make demo         offline demo (sets up $(VENV) first)"
 	@echo "make test         ruff check + pytest -q, all tests including slow ones (sets up $(VENV) first)"
 	@echo "make bench        full attention benchmark -> benchmarks/results/attention.{json,md} (long)"
 	@echo "make bench-quick  tiny smoke run of the benchmark"
+	@echo "make bench-gpu    GPU benchmark on CUDA (<= 8 min) -> benchmarks/results/gpu.{json,md} (own venv $(GPU_VENV))"
+	@echo "make bench-gpu-quick  CPU smoke run of the GPU benchmark -> benchmarks/results/gpu-quick.*"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -67,5 +77,25 @@ bench: $(BENCH_STAMP)
 bench-quick: $(BENCH_STAMP)
 	$(PY) benchmarks/bench_attention.py --quick $(BENCH_ARGS)
 
+# bench-gpu: a venv that sees the system's packages; a CUDA torch it can import is kept as it is.
+$(GPU_PY):
+	$(PYTHON) -m venv --system-site-packages $(GPU_VENV)
+
+$(GPU_STAMP): setup.cfg | $(GPU_PY)
+	@if $(GPU_PY) -c "import sys, torch; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then \
+		echo "make bench-gpu: keeping the installed CUDA torch $$($(GPU_PY) -c 'import torch; print(torch.__version__)')"; \
+	else \
+		echo "make bench-gpu: no CUDA torch importable; installing $(GPU_TORCH_SPEC)"; \
+		$(GPU_PY) -m pip install $(GPU_TORCH_SPEC); \
+	fi
+	$(GPU_PY) -m pip install -e ".[test]"
+	touch $@
+
+bench-gpu: $(GPU_STAMP)
+	$(GPU_PY) benchmarks/bench_gpu.py --device cuda $(BENCH_GPU_ARGS)
+
+bench-gpu-quick: $(STAMP)
+	$(PY) benchmarks/bench_gpu.py --device cpu --quick $(BENCH_GPU_ARGS)
+
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(GPU_VENV)
