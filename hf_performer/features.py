@@ -176,18 +176,21 @@ class FeatureMap:
     def _logits(self, x: torch.Tensor, drop_row_terms: bool):
         query = drop_row_terms
         w = self.projection.to(x.dtype)
-        proj = x @ w.transpose(-1, -2)  # [..., L, rows]
+        proj = x @ w.transpose(-1, -2)  # [..., L, rows]; fresh, so the positive kernels finish it in place
         half_sq = None if query else 0.5 * (x * x).sum(-1, keepdim=True)  # [..., L, 1]
+        terms = [t for t in (half_sq, self.bias, self.a) if t is not None]
+        if torch.broadcast_shapes(proj.shape, *(t.shape for t in terms)) != proj.shape:
+            proj = proj.expand(torch.broadcast_shapes(proj.shape, *(t.shape for t in terms))).clone()
         if self.kernel == "softmax":
-            logits = proj if query else proj - half_sq
-            return (logits if self.bias is None else logits + self.bias.to(x.dtype)), None
+            logits = proj if query else proj.sub_(half_sq)
+            return (logits if self.bias is None else logits.add_(self.bias.to(x.dtype))), None
         if self.kernel == "favor++":
             a = torch.zeros((), dtype=x.dtype, device=x.device) if self.a is None else self.a.to(x.dtype)
             one_m4a = 1 - 4 * a
-            logits = torch.sqrt(one_m4a) * proj + a * self.sq_norms.to(x.dtype)
+            logits = proj.mul_(torch.sqrt(one_m4a)).add_(a * self.sq_norms.to(x.dtype))
             if query:
                 return logits, None
-            return logits - half_sq + 0.25 * x.shape[-1] * torch.log(one_m4a), None
+            return logits.sub_(half_sq).add_(0.25 * x.shape[-1] * torch.log(one_m4a)), None
         if self.kernel == "trig":
             logits = torch.zeros_like(proj[..., :1]) if query else half_sq
             return logits, torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1)
