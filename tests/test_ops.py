@@ -153,3 +153,31 @@ def test_exclusive_prefix_of_chunk_summaries_matches_the_explicit_sum(n, group):
         ref = sum((K[:, j] * torch.exp(c[:, j] - t[:, i])[..., None] for j in range(i)), torch.zeros_like(K[:, 0]))
         assert rel_err(out[:, i], ref) < 1e-12 if i else torch.equal(out[:, 0], ref)
     assert torch.autograd.gradcheck(lambda K: exclusive_prefix(K, c, t, group=group), (K,))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [0, 2])
+def test_cpu_segments_equal_one_pass_in_value_and_gradient(causal, window, monkeypatch):
+    """On a CPU, long inputs run segment by segment (common.cpu_segment); the result must not depend on it."""
+    from hf_performer.ops import common
+
+    q, k, v = (x.requires_grad_(True) for x in qkv(L=45))
+    fmap, mask = fmap_for("favor++"), padding_mask(2, 45, left=11, right=9)  # a padding-only segment too
+    g = torch.randn(2, 3, 45, 5, dtype=D64) * mask[:, None, :, None]
+
+    def run():
+        if causal:
+            out = favor_causal(q, k, v, fmap, mask, 4, local_window=window)
+        else:
+            out = favor_bidirectional(q, k, v, fmap, mask, local_window=window)
+        return out, torch.autograd.grad((out * g).sum(), (q, k, v))
+
+    monkeypatch.setattr(common, "CPU_SEGMENT_BYTES", 1 << 40)  # one pass
+    whole, whole_grads = run()
+    monkeypatch.setattr(common, "CPU_SEGMENT_BYTES", 2 * 3 * 16 * 8 * 8)  # 8 positions per segment
+    assert common.cpu_segment(q, 45, 16, 4) == 8
+    parts, part_grads = run()
+    valid = mask[:, None, :, None].expand_as(whole)
+    assert rel_err(parts, whole, valid) < 1e-12
+    for a, b in zip(part_grads, whole_grads):
+        assert rel_err(a, b) < 1e-10

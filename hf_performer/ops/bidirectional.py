@@ -19,6 +19,7 @@ import torch
 from ..features import FeatureMap
 from .common import (
     compute_dtype,
+    cpu_segment,
     finite_reference,
     masked_exp_,
     maybe_checkpoint,
@@ -32,14 +33,16 @@ from .local import BLOCK, band, combine_window, exact_base, key_spans, query_blo
 
 
 def _key_side(k, v, fmap: FeatureMap, mask):
-    """(phi~(K) [B,H,Lk,m], S = phi~(K)^T [V, 1] [B,H,m,dv+1], c [B,H,1,m']) for k [B,H,Lk,d], v [B,H,Lk,dv]."""
+    """(phi~(K) [B,H,Lk,m], S = phi~(K)^T [V, 1] [B,H,m,dv+1], c [B,H,1,m'], the real keys' maximum logit
+    [B,H,1,m'] (-big without a real key; c is that or 0)) for k [B,H,Lk,d], v [B,H,Lk,dv]."""
     keep = None if mask is None else mask[:, None, :, None]
     lk, fk = fmap(k)  # [B, H, Lk, m']
     with torch.no_grad():  # the stabilisers are constants of the estimator
         masked = lk if keep is None else torch.where(keep, lk, neg_big(lk.dtype))
-        c = finite_reference(masked.amax(2, keepdim=True))  # [B, H, 1, m']
+        top = masked.amax(2, keepdim=True)
+        c = finite_reference(top)  # [B, H, 1, m']
     phi_k = times(masked_exp_(lk - c, keep), fk)  # [B, H, Lk, m]
-    return phi_k, phi_k.transpose(-1, -2) @ with_ones(v), c
+    return phi_k, phi_k.transpose(-1, -2) @ with_ones(v), c, top
 
 
 def _query_side(q, S, c, fmap: FeatureMap):
@@ -57,15 +60,39 @@ def _attention(q, S, c, fmap: FeatureMap):
     return total[..., :-1] / safe_den(total[..., -1])[..., None]
 
 
+def _segmented(q, k, v, fmap: FeatureMap, mask, seg: int):
+    """_bidirectional without a window, over key and query segments of ``seg`` positions: each key segment's sums
+    S_j relative to its own stabiliser c_j are combined with (S_1, c_1) (+) (S_2, c_2) = (S_1 e^{c_1 - c} +
+    S_2 e^{c_2 - c}, c = max) (exact); each segment is recomputed in the backward on its own."""
+    B, H, Lk, _ = k.shape
+    size = B * H * seg * fmap.nb_features
+    sums, refs = [], []
+    for a in range(0, Lk, seg):
+        m = None if mask is None else mask[:, a : a + seg]
+        S, c_j, top = maybe_checkpoint(lambda k, v, m=m: _key_side(k, v, fmap, m)[1:], k[:, :, a : a + seg],
+                                       v[:, :, a : a + seg], size=size)
+        sums.append(S)
+        refs.append((c_j, top))
+    with torch.no_grad():
+        c_seg = torch.stack([c_j for c_j, _ in refs])  # [segments, B, H, 1, m']
+        c = finite_reference(torch.stack([top for _, top in refs]).amax(0))  # the maximum over all real keys
+        # <= 1; a segment without a real key (c_j = 0, S_j = 0) gets 1 instead of a possible overflow
+        factors = torch.exp((c_seg - c).clamp_max(0)).transpose(-1, -2)  # [segments, B, H, m', 1]
+    S = sum(S_j * f for S_j, f in zip(sums, factors))
+    outs = [maybe_checkpoint(lambda q, S: _attention(q, S, c, fmap), q[:, :, a : a + seg], S, size=size)
+            for a in range(0, q.shape[2], seg)]
+    return torch.cat(outs, 2)
+
+
 def _bidirectional(q, k, v, fmap: FeatureMap, mask, window: int, size: int):
     """q [B,H,Lq,d], k [B,H,Lk,d], v [B,H,Lk,dv] in the compute dtype, mask [B,Lk] bool or None -> [B,H,Lq,dv].
 
     Without a window the key side (-> S) and the query side are recomputed separately in the backward above
     ``RECOMPUTE_ABOVE``, so the backward holds the features of one side at a time."""
     if not window:
-        S, c = maybe_checkpoint(lambda k, v: _key_side(k, v, fmap, mask)[1:], k, v, size=size)
+        S, c = maybe_checkpoint(lambda k, v: _key_side(k, v, fmap, mask)[1:3], k, v, size=size)
         return maybe_checkpoint(lambda q, S: _attention(q, S, c, fmap), q, S, size=size)
-    phi_k, S, c = _key_side(k, v, fmap, mask)
+    phi_k, S, c, _ = _key_side(k, v, fmap, mask)
     phi_q, r, total = _query_side(q, S, c, fmap)
     num, den = total[..., :-1], total[..., -1]
     # the window, by blocks of queries against the keys they can reach: [nb, Bq, Bq + 2w] products, banded
@@ -106,7 +133,10 @@ def favor_bidirectional(
     size = B * H * max(L, k.shape[2]) * fmap.nb_features
     with no_autocast(q.device):
         args = (q.to(ct), k.to(ct), v.to(ct))
-        if not local_window:
+        seg = cpu_segment(q, max(L, k.shape[2]), fmap.nb_features)
+        if not local_window and seg:  # a CPU and a long input: segment by segment (see common.cpu_segment)
+            out = _segmented(*args, fmap, key_padding_mask, seg)
+        elif not local_window:
             out = _bidirectional(*args, fmap, key_padding_mask, 0, size)
         else:
             fn = lambda q, k, v: _bidirectional(q, k, v, fmap, key_padding_mask, local_window, size)

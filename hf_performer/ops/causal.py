@@ -31,6 +31,7 @@ from ..features import FeatureMap
 from .common import (
     FavorState,
     compute_dtype,
+    cpu_segment,
     finite_reference,
     masked_exp_,
     maybe_checkpoint,
@@ -159,10 +160,18 @@ def causal_attention(q, k, v, fmap: FeatureMap, key_padding_mask=None, chunk_siz
     with no_autocast(q.device):
         if state is not None:
             state = state.to(dtype=ct, device=q.device)
-        args = (q.to(ct), k.to(ct), v.to(ct))
-        fn = lambda q, k, v: _causal(q, k, v, fmap, key_padding_mask, chunk_size, local_window, state)
-        out, new = maybe_checkpoint(fn, *args, size=B * H * T * fmap.nb_features)
-    return out.to(v.dtype), new
+        q, k, v = q.to(ct), k.to(ct), v.to(ct)
+        # one pass; on a CPU, long inputs go segment by segment, each starting from the state of the ones before
+        seg = cpu_segment(q, T, fmap.nb_features, multiple=max(chunk_size, local_window)) or T
+        outs = []
+        for a in range(0, T, seg):
+            cut = lambda x, a=a: x[:, :, a : a + seg]
+            m = None if key_padding_mask is None else key_padding_mask[:, a : a + seg]
+            fn = lambda q, k, v, m=m, state=state: _causal(q, k, v, fmap, m, chunk_size, local_window, state)
+            out, state = maybe_checkpoint(fn, cut(q), cut(k), cut(v), size=B * H * min(seg, T) * fmap.nb_features)
+            outs.append(out)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
+    return out.to(v.dtype), state
 
 
 def favor_causal(q, k, v, fmap: FeatureMap, key_padding_mask=None, chunk_size: int = 64, local_window: int = 0):

@@ -114,6 +114,23 @@ def finite_reference(c: torch.Tensor) -> torch.Tensor:
     return torch.where(c > neg_big(c.dtype) / 2, c, torch.zeros_like(c))
 
 
+CPU_SEGMENT_BYTES = 16 << 20  # largest [B, H, S, m] feature tensor per segment of a long input on a CPU
+
+
+def cpu_segment(x: torch.Tensor, length: int, nb_features: int, multiple: int = 1) -> int | None:
+    """Positions per segment when a CPU op should run over segments of a long input, else None.
+
+    On a CPU, glibc serves every allocation above its mmap threshold (at most 32 MiB) with fresh pages, so each
+    full-length [B, H, L, m] feature tensor costs page faults on every call: at 8k tokens and 8 heads the one-pass
+    ops ran 2x slower than over segments. Segments keep each tensor within CPU_SEGMENT_BYTES (a multiple of
+    ``multiple`` positions). Other devices (GPUs) always run the whole length in one pass. x: [B, H, L, ·]."""
+    if x.device.type != "cpu":
+        return None
+    per_position = x.shape[0] * x.shape[1] * nb_features * torch.finfo(compute_dtype(x.dtype)).bits // 8
+    seg = max(multiple, CPU_SEGMENT_BYTES // per_position // multiple * multiple)
+    return seg if seg < length else None
+
+
 RECOMPUTE_ABOVE = 1 << 22  # B·H·L·m above which an op's graph is recomputed in the backward instead of kept
 
 
