@@ -155,7 +155,7 @@ def causal_attention(q, k, v, fmap: FeatureMap, key_padding_mask=None, chunk_siz
     key_padding_mask [B,T] bool (True = real) or None; chunk_size C of the chunk-parallel form (the intra-chunk
     matrices are [C, C]); local_window w >= 0 (softmax/favor++ kernels only). Returns (out [B,H,T,dv] in v's
     dtype, the FavorState after the T keys). Position t attends to s <= t (and to every key in ``state``)."""
-    ct = compute_dtype(q.dtype)
+    ct, out_dtype = compute_dtype(q.dtype), v.dtype
     B, H, T, _ = q.shape
     with no_autocast(q.device):
         if state is not None:
@@ -171,7 +171,7 @@ def causal_attention(q, k, v, fmap: FeatureMap, key_padding_mask=None, chunk_siz
             out, state = maybe_checkpoint(fn, cut(q), cut(k), cut(v), size=B * H * min(seg, T) * fmap.nb_features)
             outs.append(out)
         out = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
-    return out.to(v.dtype), state
+    return out.to(out_dtype), state
 
 
 def favor_causal(q, k, v, fmap: FeatureMap, key_padding_mask=None, chunk_size: int = 64, local_window: int = 0):
