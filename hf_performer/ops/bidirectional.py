@@ -65,7 +65,7 @@ def _segmented(q, k, v, fmap: FeatureMap, mask, seg: int):
     S_j relative to its own stabiliser c_j are combined with (S_1, c_1) (+) (S_2, c_2) = (S_1 e^{c_1 - c} +
     S_2 e^{c_2 - c}, c = max) (exact); each segment is recomputed in the backward on its own."""
     B, H, Lk, _ = k.shape
-    size = B * H * seg * fmap.nb_features
+    size = B * H * max(q.shape[2], Lk) * fmap.nb_features  # the whole op decides whether to recompute
     sums, refs = [], []
     for a in range(0, Lk, seg):
         m = None if mask is None else mask[:, a : a + seg]

@@ -168,7 +168,7 @@ def causal_attention(q, k, v, fmap: FeatureMap, key_padding_mask=None, chunk_siz
             cut = lambda x, a=a: x[:, :, a : a + seg]
             m = None if key_padding_mask is None else key_padding_mask[:, a : a + seg]
             fn = lambda q, k, v, m=m, state=state: _causal(q, k, v, fmap, m, chunk_size, local_window, state)
-            out, state = maybe_checkpoint(fn, cut(q), cut(k), cut(v), size=B * H * min(seg, T) * fmap.nb_features)
+            out, state = maybe_checkpoint(fn, cut(q), cut(k), cut(v), size=B * H * T * fmap.nb_features)
             outs.append(out)
         out = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
     return out.to(out_dtype), state
