@@ -81,18 +81,12 @@ class FavorState:
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def masked_exp(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+def masked_exp_(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """exp(x) where ``keep``, exactly 0 elsewhere, with the mask applied *before* the exponential: a dropped
     entry never reaches exp(), so neither its value nor its gradient (0 * inf = NaN) can leak, whatever
-    placeholder stabiliser it was paired with. x [..., m], keep broadcastable bool or None."""
-    if keep is None:
-        return torch.exp(x)
-    return torch.exp(torch.where(keep, x, neg_big(x.dtype)))
-
-
-def masked_exp_(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """``masked_exp`` for a freshly computed x that nothing else holds: exponentiated in place (one [.., m]
-    tensor instead of two; autograd keeps the result, which is all exp's backward needs)."""
+    placeholder stabiliser it was paired with. x [..., m]: freshly computed and held by nothing else (it is
+    exponentiated in place: one tensor instead of two; autograd keeps the result, all exp's backward needs);
+    keep: broadcastable bool or None."""
     if keep is not None:
         x = torch.where(keep, x, neg_big(x.dtype))
     return x.exp_()
