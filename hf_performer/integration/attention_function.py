@@ -14,44 +14,18 @@ uses this function must carry a ``FavorAttention`` child named ``favor`` (see ``
 
 from __future__ import annotations
 
-import os
-import sys
 import warnings
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import bidirectional_mask_function, causal_mask_function
 
+from .caller import caller_stacklevel
 from .zero_shot import notice_uncalibrated
 
 ATTN_IMPLEMENTATION = "favor"
 
 _DROPOUT_WARNED = False
-
-
-def _library_prefixes() -> tuple[str, ...]:
-    """Folders of the packages between a user's call and the attention function (hf_performer, transformers,
-    torch, accelerate): a warning is attributed to the first frame outside them."""
-    import torch as _torch
-    import transformers as _transformers
-
-    prefixes = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]  # hf_performer/
-    prefixes += [os.path.dirname(os.path.abspath(m.__file__)) for m in (_torch, _transformers)]
-    accelerate = sys.modules.get("accelerate")
-    if accelerate is not None and getattr(accelerate, "__file__", None):
-        prefixes.append(os.path.dirname(os.path.abspath(accelerate.__file__)))
-    return tuple(p + os.sep for p in prefixes)
-
-
-def caller_stacklevel(prefixes: tuple[str, ...] | None = None) -> int:
-    """``stacklevel`` for a ``warnings.warn`` made by the function that calls this one, pointing at the first
-    frame outside ``prefixes`` (default: hf_performer, transformers, torch, accelerate): the user's line
-    that called the model, ``Trainer.train`` or ``generate``. The last frame when every frame is inside."""
-    prefixes = _library_prefixes() if prefixes is None else prefixes
-    frame, level = sys._getframe(1), 1  # the caller's frame is stacklevel 1 of its own warnings.warn
-    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(prefixes):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def warn_ignored_dropout(p: float) -> None:

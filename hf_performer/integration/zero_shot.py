@@ -13,15 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import os
-import sys
 import warnings
 from collections.abc import Iterator
 
-import torch
-import transformers
-
 from ..attention import FavorAttention
+from .caller import user_frame
 
 _IN_STATISTICS_STEP = contextvars.ContextVar("hf_performer_statistics_step", default=False)
 
@@ -50,22 +46,11 @@ class ZeroShotNotice:
         flags = [m.calibrated for m in self.layers]  # Python state the layers keep anyway (read once per buffer)
         missing = flags.count(False)
         if missing:
-            frame = _caller()  # the user's line that ran the model, not torch's or transformers' internals
+            frame = user_frame()[0]  # the user's line that ran the model, not torch's or transformers' internals
             warnings.warn_explicit(  # no registry: Python's once-per-location filter would hide other models' notices
                 MESSAGE.format(n=missing, total=len(flags)), UserWarning, frame.f_code.co_filename, frame.f_lineno,
                 module=frame.f_globals.get("__name__"), registry=None,  # (module_globals breaks `python -c`)
             )
-
-
-_LIBRARIES = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, transformers)) + (
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,)  # torch, transformers, hf_performer
-
-
-def _caller():
-    frame = sys._getframe(1)
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(_LIBRARIES):
-        frame = frame.f_back
-    return frame
 
 
 def share_notice(layers: list[FavorAttention]) -> None:

@@ -18,8 +18,8 @@ bit. Padded keys are masked before every exponential (value and gradient exactly
 passes the running state (S, z, c) as a summary ahead of chunk 0. With a local window the w keys before each
 chunk (the previous chunk's last keys, or the decoding state's) join the intra matrix as a halo, so the window's
 FAVOR estimates are a band of it (``local.combine_window``). The backward is autograd's through these batched
-ops (the scan's is a reverse scan); above ``common.RECOMPUTE_ABOVE`` the op keeps only q, k, v and recomputes
-its features in the backward. Memory: O(L (m + C) + (L / C) m dv) per head, nothing L×L.
+ops (the scan's weights are constants, so its backward is the transposed matmul); above
+``common.RECOMPUTE_ABOVE`` the op keeps only q, k, v and recomputes itself in the backward. Memory: O(L (m + C) + (L / C) m dv) per head, nothing L×L.
 """
 
 from __future__ import annotations
