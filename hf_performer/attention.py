@@ -31,7 +31,7 @@ from .features import (
 )
 from .ops import FavorState, favor_bidirectional, favor_causal, favor_step
 from .ops.common import compute_dtype
-from .settings import PerformerConfig
+from .settings import ALIGNED_ESTIMATOR, PerformerConfig
 
 _FP32_BUFFERS = (
     "projection", "key_shift", "log_qk_scale", "oprf_rho", "proposal_centers", "aligned_projection", "aligned_bias",
@@ -97,8 +97,7 @@ class FavorAttention(nn.Module):
     @property
     def aligned(self) -> bool:
         """True when this layer uses importance-sampled features (calibrated, positive kernel)."""
-        c = self.config
-        return c.aligned_features and c.kernel in ("softmax", "favor++") and self.calibrated
+        return self.config.estimator(self.calibrated) == ALIGNED_ESTIMATOR
 
     @torch.no_grad()
     def _draw_aligned(self) -> None:
