@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -69,11 +69,6 @@ class FavorState:
 
     def to(self, *args, **kwargs) -> FavorState:
         return self._map(lambda t: t.to(*args, **kwargs))
-
-    def rescaled(self, c_new: torch.Tensor) -> FavorState:
-        """The same sums expressed relative to a larger stabiliser c_new >= c."""
-        factor = torch.exp(self.c - c_new)  # [B, H, m'] <= 1
-        return replace(self, S=self.S * factor[..., None], z=self.z * factor, c=c_new)
 
     @property
     def nbytes(self) -> int:
