@@ -303,6 +303,11 @@ def run_attention(args, device, budget: Budget, compiled: bool, out: list) -> No
     calib = [0.5 * torch.randn(1, HEADS, 1024, HEAD_DIM, generator=torch.Generator().manual_seed(1)) for _ in "qk"]
     modules = {"favor": make_attention(0, device, calib), "favor-window": make_attention(WINDOW, device, calib)}
     if compiled:
+        # every (mode, pass, length) cell is a new guard set (causal flag, grad mode, shapes): dynamo's default limit
+        # of 8 recompiles would silently fall back to eager after the 8th cell (seen on the first H200 run)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        if hasattr(torch._dynamo.config, "accumulated_recompile_limit"):
+            torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 256)
         modules = {"favor-compiled": torch.compile(modules["favor"])}
     failed = set()  # (impl, dtype, mode, pass) that ran out of memory: longer lengths are not tried
     broken = False  # a compiled cell failed (not for memory): the others would only spend time recompiling

@@ -173,6 +173,35 @@ class FeatureMap:
             return half_sq + (0.25 * x.shape[-1] * torch.log(1 - 4 * a)).squeeze(-1)
         raise ValueError(f"kernel {self.kernel!r} has no exponential form (local-window attention needs softmax/favor++).")
 
+    @property
+    def exponential(self) -> bool:
+        """True for the positive kernels (softmax, favor++): their features are exp(logits), one logit per feature,
+        and ``logits_vjp`` gives the gradient of ``__call__``'s logits by hand."""
+        return self.kernel in ("softmax", "favor++")
+
+    def logits_vjp(self, x: torch.Tensor, grad: torch.Tensor, query: bool = False) -> torch.Tensor:
+        """The gradient reaching x [..., L, d] (before the input transform) from ``grad`` [..., L, m], the gradient
+        of ``__call__(x, query)``'s logits; positive kernels only. The projection, bias, A and the transforms are
+        constants (buffers, never trained), so for the logits s (x' W^T) + const - [keys] |x'|^2 / 2 with
+        s = sqrt(1 - 4A) (1 for softmax; arXiv:2205.15317, eq. 8) the gradient is
+        s (grad W) - [keys] (sum_f grad) x', times the transform's scale. Returns [..., L, d] in x's dtype."""
+        if not self.exponential:
+            raise ValueError(f"logits_vjp: kernel {self.kernel!r} has no single-exponential form.")
+        xt = self.transform(x, query)
+        w = self.projection.to(grad.dtype)
+        if self.kernel == "favor++" and self.a is not None:
+            grad_w = (grad * torch.sqrt(1 - 4 * self.a.to(grad.dtype))) @ w  # [..., L, d]
+        else:
+            grad_w = grad @ w
+        if not query:
+            grad_w = grad_w - grad.sum(-1, keepdim=True) * xt
+        scale = self.q_scale if query else self.k_scale
+        if scale is not None:
+            grad_w = grad_w * scale.to(grad.dtype)
+        if grad_w.shape != x.shape:  # broadcast leading dims (a batched A or projection) summed back
+            grad_w = grad_w.sum_to_size(x.shape)
+        return grad_w.to(x.dtype)
+
     def _logits(self, x: torch.Tensor, drop_row_terms: bool):
         query = drop_row_terms
         w = self.projection.to(x.dtype)

@@ -181,3 +181,49 @@ def test_cpu_segments_equal_one_pass_in_value_and_gradient(causal, window, monke
     assert rel_err(parts, whole, valid) < 1e-12
     for a, b in zip(part_grads, whole_grads):
         assert rel_err(a, b) < 1e-10
+
+
+def transformed_fmap(kernel, H=3, d=8, m=16, batched=False):
+    """A feature map with every exact input transform (per-head scales and key shift), per-head A (favor++), and
+    optionally a per-head projection with importance-sampling biases (the aligned features of calibrated layers)."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(H, m, d, generator=g, dtype=D64) if batched else draw_projection(m, d, seed=1).to(D64)
+    bias = 0.1 * torch.randn(H, m, generator=g, dtype=D64) if batched else None
+    a = oprf_a(torch.rand(1, H, 1, 1, generator=g, dtype=D64)) if kernel == "favor++" else None
+    scale = lambda: 0.5 + torch.rand(1, H, 1, 1, generator=g, dtype=D64)
+    shift = 0.2 * torch.randn(1, H, 1, d, generator=g, dtype=D64)
+    return FeatureMap(kernel, w, a=a, bias=bias, q_scale=scale(), k_scale=scale(), k_shift=shift)
+
+
+@pytest.mark.parametrize(("kernel", "batched"), [("softmax", False), ("softmax", True), ("favor++", False)])
+@pytest.mark.parametrize("query", [False, True])
+def test_hand_written_feature_logits_vjp_matches_autograd(kernel, batched, query):
+    fmap = transformed_fmap(kernel, batched=batched)
+    x = qkv()[0].requires_grad_(True)  # [2, 3, 37, 8]
+    logits, _ = fmap(x, query=query)
+    grad = torch.randn_like(logits)
+    (ref,) = torch.autograd.grad(logits, x, grad)
+    assert rel_err(fmap.logits_vjp(x.detach(), grad, query=query), ref) < 1e-12
+
+
+@pytest.mark.parametrize("kernel", ["softmax", "favor++"])
+@pytest.mark.parametrize("segmented", [False, True])
+def test_bidirectional_hand_written_backward_matches_autograd(kernel, segmented, monkeypatch):
+    """The positive kernels' bidirectional op has its own backward: against autograd through the naive reference
+    (transforms, padding, one pass and CPU segments), and gradcheck."""
+    from hf_performer.ops import common
+
+    monkeypatch.setattr(common, "CPU_SEGMENT_BYTES", 2 * 3 * 16 * 8 * 8 if segmented else 1 << 40)
+    fmap = transformed_fmap(kernel)
+    q, k, v = (x.requires_grad_(True) for x in qkv(L=30))
+    mask = padding_mask(2, 30, left=3, right=12)
+    g = torch.randn(2, 3, 30, 5, dtype=D64)
+    fast = torch.autograd.grad((favor_bidirectional(q, k, v, fmap, mask) * g).sum(), (q, k, v))
+    slow = torch.autograd.grad((naive_linear_attention(q, k, v, fmap, False, mask) * g).sum(), (q, k, v))
+    for a, b in zip(fast, slow):
+        assert rel_err(a, b) < 1e-9
+    assert torch.equal(fast[1][0, :, :3], torch.zeros_like(fast[1][0, :, :3]))  # padded keys: exactly 0
+    assert torch.equal(fast[2][1, :, -12:], torch.zeros_like(fast[2][1, :, -12:]))
+    small = [x.detach()[:1, :1, :12].requires_grad_(True) for x in (q, k, v)]
+    fm1 = transformed_fmap(kernel, H=1)
+    assert torch.autograd.gradcheck(lambda q, k, v: favor_bidirectional(q, k, v, fm1, mask[:1, :12]), small)

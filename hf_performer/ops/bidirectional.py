@@ -8,8 +8,11 @@ every query sees, so the estimator is unchanged); queries: phi~(q) = F exp(Lg(q)
 neither sum, in value or gradient. With a local window each offset -w..w is one product of phi~(Q) with a
 shifted phi~(K) (computed by blocks of 32 queries against the keys they can reach (FAVOR's estimate of those
 pairs), replaced by exact terms in ``local.combine_window``.
-The backward is autograd's; above ``common.RECOMPUTE_ABOVE`` the op keeps only q, k, v (and S) and recomputes
-its features in the backward, one side at a time without a window. Memory: a few [B, H, L, m] feature tensors and S [B, H, m, dv + 1], nothing L×L.
+Backward: for the positive kernels without a window, ``_PositiveBidirectional``'s hand-written one, which keeps
+q, k, v, the output, its normaliser, the row maxima and S, and recomputes the features one side at a time (no
+second pass through the sums); otherwise autograd's, and above ``common.RECOMPUTE_ABOVE`` the op keeps only q, k, v
+and recomputes itself in the backward. Memory: a few [B, H, L, m] feature tensors and S [B, H, m, dv + 1], nothing
+L×L.
 """
 
 from __future__ import annotations
@@ -84,6 +87,74 @@ def _segmented(q, k, v, fmap: FeatureMap, mask, seg: int):
     return torch.cat(outs, 2)
 
 
+def _spans(length: int, seg: int | None) -> list[tuple[int, int]]:
+    """[(start, stop)] covering ``length`` positions by ``seg`` (one span when seg is None: GPUs)."""
+    seg = seg or length
+    return [(a, min(a + seg, length)) for a in range(0, length, seg)]
+
+
+class _PositiveBidirectional(torch.autograd.Function):
+    """Bidirectional FAVOR attention of a positive kernel (softmax, favor++) without a window, with a hand-written
+    backward that keeps only q, k, v, the output, its normaliser, the row maxima and S [B,H,m,dv+1], and recomputes
+    the features one side at a time (no second pass through the sums).
+
+    Forward (per batch row and head): S = phi~(K)^T [V, 1]; [num, den] = phi~(Q) S; out = num / den.
+    Backward, with G = [g / den, -(g . out) / den] [Lq, dv + 1]:
+        dphi~(Q) = G S^T,   dS = phi~(Q)^T G,   dphi~(K) = [V, 1] dS^T,   d[V, 1] = phi~(K) dS,
+    and d logits = dphi~ * phi~ (the features are exponentials of their logits, the stabilisers constants),
+    which ``FeatureMap.logits_vjp`` takes back to q and k. Padded keys have phi~ = 0 exactly, so their
+    gradients are exactly 0. ``seg``: positions per segment (CPU, see ``common.cpu_segment``) or None."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, fmap: FeatureMap, mask, seg):
+        sums, refs = [], []
+        for a, b in _spans(k.shape[2], seg):
+            m = None if mask is None else mask[:, a:b]
+            _, S_j, c_j, top = _key_side(k[:, :, a:b], v[:, :, a:b], fmap, m)
+            sums.append(S_j)
+            refs.append((c_j, top))
+        if len(sums) == 1:
+            S, c = sums[0], refs[0][0]
+        else:  # (S_1, c_1) (+) (S_2, c_2) = (S_1 e^{c_1 - c} + S_2 e^{c_2 - c}, c = max): exact
+            c = finite_reference(torch.stack([top for _, top in refs]).amax(0))  # [B, H, 1, m]
+            S = sum(S_j * torch.exp((c_j - c).clamp_max(0)).transpose(-1, -2) for S_j, (c_j, _) in zip(sums, refs))
+        outs, dens, rows = [], [], []
+        for a, b in _spans(q.shape[2], seg):
+            _, r, total = _query_side(q[:, :, a:b], S, c, fmap)
+            den = safe_den(total[..., -1])
+            outs.append(total[..., :-1] / den[..., None])
+            dens.append(den)
+            rows.append(r)
+        cat = lambda xs: xs[0] if len(xs) == 1 else torch.cat(xs, 2)
+        out, den, r = cat(outs), cat(dens), cat(rows)
+        ctx.save_for_backward(q, k, v, mask, S, c, out, den, r)
+        ctx.fmap, ctx.seg = fmap, seg
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, mask, S, c, out, den, r = ctx.saved_tensors
+        fmap, seg = ctx.fmap, ctx.seg
+        g_num = grad_out.to(out.dtype) / den[..., None]  # [B, H, Lq, dv]
+        G = torch.cat([g_num, -(g_num * out).sum(-1, keepdim=True)], -1)  # [B, H, Lq, dv + 1]
+        dS, dq = torch.zeros_like(S), []
+        for a, b in _spans(q.shape[2], seg):  # queries: dq, and the gradient reaching S
+            lq, _ = fmap(q[:, :, a:b], query=True)
+            phi_q = lq.add_(c).sub_(r[:, :, a:b]).exp_()  # [B, H, s, m]
+            dS += phi_q.transpose(-1, -2) @ G[:, :, a:b]
+            dq.append(fmap.logits_vjp(q[:, :, a:b], (G[:, :, a:b] @ S.transpose(-1, -2)).mul_(phi_q), query=True))
+        dk, dv = [], []
+        for a, b in _spans(k.shape[2], seg):  # keys and values
+            keep = None if mask is None else mask[:, None, a:b, None]
+            lk, _ = fmap(k[:, :, a:b])
+            phi_k = masked_exp_(lk.sub_(c), keep)  # [B, H, s, m]
+            dv.append(phi_k @ dS[..., :-1])
+            d_phi = v[:, :, a:b] @ dS[..., :-1].transpose(-1, -2) + dS[..., -1][:, :, None, :]
+            dk.append(fmap.logits_vjp(k[:, :, a:b], d_phi.mul_(phi_k)))
+        cat = lambda xs: xs[0] if len(xs) == 1 else torch.cat(xs, 2)
+        return cat(dq), cat(dk), cat(dv), None, None, None
+
+
 def _bidirectional(q, k, v, fmap: FeatureMap, mask, window: int, size: int):
     """q [B,H,Lq,d], k [B,H,Lk,d], v [B,H,Lk,dv] in the compute dtype, mask [B,Lk] bool or None -> [B,H,Lq,dv].
 
@@ -134,7 +205,9 @@ def favor_bidirectional(
     with no_autocast(q.device):
         args = (q.to(ct), k.to(ct), v.to(ct))
         seg = cpu_segment(q, max(L, k.shape[2]), fmap.nb_features)
-        if not local_window and seg:  # a CPU and a long input: segment by segment (see common.cpu_segment)
+        if not local_window and fmap.exponential:  # hand-written backward
+            out = _PositiveBidirectional.apply(*args, fmap, key_padding_mask, seg)
+        elif not local_window and seg:  # a CPU and a long input: segment by segment (see common.cpu_segment)
             out = _segmented(*args, fmap, key_padding_mask, seg)
         elif not local_window:
             out = _bidirectional(*args, fmap, key_padding_mask, 0, size)
