@@ -41,17 +41,17 @@ def _key_side(k, v, fmap: FeatureMap, mask):
     keep = None if mask is None else mask[:, None, :, None]
     lk, fk = fmap(k)  # [B, H, Lk, m']
     with torch.no_grad():  # the stabilisers are constants of the estimator
-        masked = lk if keep is None else torch.where(keep, lk, neg_big(lk.dtype))
-        top = masked.amax(2, keepdim=True)
+        top = (lk if keep is None else torch.where(keep, lk, neg_big(lk.dtype))).amax(2, keepdim=True)
         c = finite_reference(top)  # [B, H, 1, m']
-    phi_k = times(masked_exp_(lk - c, keep), fk)  # [B, H, Lk, m]
+    # without autograd (inference, the hand-written backward's forward) lk itself becomes the features
+    phi_k = times(masked_exp_(lk - c if torch.is_grad_enabled() else lk.sub_(c), keep), fk)  # [B, H, Lk, m]
     return phi_k, phi_k.transpose(-1, -2) @ with_ones(v), c, top
 
 
 def _query_side(q, S, c, fmap: FeatureMap):
     """(phi~(Q) [B,H,Lq,m], its row maxima r [B,H,Lq,1], phi~(Q) S [B,H,Lq,dv+1]) for q [B,H,Lq,d]."""
     lq, fq = fmap(q, query=True)
-    x_q = lq + c
+    x_q = lq + c if torch.is_grad_enabled() else lq.add_(c)
     with torch.no_grad():
         r = x_q.detach().amax(-1, keepdim=True)  # [B, H, Lq, 1]
     phi_q = times(x_q.sub_(r).exp_(), fq)

@@ -52,8 +52,10 @@ def _pad_len(x: torch.Tensor, before: int, after: int, value=0.0) -> torch.Tenso
     return F.pad(x, (0, 0, before, after), value=value)
 
 
-def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: FavorState | None):
-    """q, k [B,H,T,d], v [B,H,T,dv] in the compute dtype, mask [B,T] bool -> (out [B,H,T,dv], new FavorState)."""
+def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: FavorState | None,
+            internals: dict | None = None):
+    """q, k [B,H,T,d], v [B,H,T,dv] in the compute dtype, mask [B,T] bool -> (out [B,H,T,dv], new FavorState).
+    ``internals``: a dict that receives what the hand-written backward needs (``causal_backward``)."""
     B, H, T, _ = q.shape
     w, big = window, neg_big(q.dtype)
     C = max(min(chunk, T), w, 1)
@@ -85,9 +87,9 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
     keep = None if (mask is None and P == 0) else mk[:, None, :, :, None]
 
     with torch.no_grad():  # stabilisers: constants of the estimator (the exact output does not depend on them)
-        lk_masked = lk if keep is None else torch.where(keep, lk, big)
+        chunk_max = (lk if keep is None else torch.where(keep, lk, big)).amax(3)  # [B, H, n, m']
         c0 = torch.full_like(lk[:, :, 0, 0], big) if state is None else state.c.to(lk.dtype)  # [B, H, m']
-        M = torch.cummax(torch.cat([c0[:, :, None], lk_masked.amax(3)], 2), dim=2).values  # [B, H, n + 1, m']
+        M = torch.cummax(torch.cat([c0[:, :, None], chunk_max], 2), dim=2).values  # [B, H, n + 1, m']
         if keep is None:
             first = lk[:, :, :, 0]
         else:  # the first real key of each chunk
@@ -95,8 +97,13 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
             first = torch.where(mk.any(-1)[:, None, :, None], lk.gather(3, idx)[:, :, :, 0], big)
         ref = finite_reference(torch.maximum(M[:, :, :-1], first))  # [B, H, n, m']: c_i
         ref_c = ref[:, :, :, None]  # [B, H, n, 1, m']
-    x_k = lk - ref_c  # [B, H, n, C, m'] (differentiable; shifted further in place below)
-    x_q = lq + ref_c
+    v1 = with_ones(chunked(vx[:, :, w:]))  # [B, H, n, C, dv + 1]
+    # chunk summaries relative to the running maximum (before lk may be reused in place below)
+    K = times(masked_exp_(lk - M[:, :, 1:, None], keep), fk).transpose(-1, -2) @ v1  # [B, H, n, m, dv + 1]
+    # without autograd and without a window (whose halo reads lk_all), lk and lq become the features in place
+    inplace = not torch.is_grad_enabled() and not w
+    x_k = lk.sub_(ref_c) if inplace else lk - ref_c  # [B, H, n, C, m'] (shifted further in place below)
+    x_q = lq.add_(ref_c) if inplace else lq + ref_c
     with torch.no_grad():
         U = x_k.detach().amax(-1)  # [B, H, n, C]
         U = (U if keep is None else torch.where(mk[:, None], U, 0.0)).clamp_min(0).cummax(-1).values
@@ -107,10 +114,8 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
 
     phi_k = times(masked_exp_(x_k.sub_(U[..., None]), keep), fk)  # [B, H, n, C, m]
     phi_q = times(x_q.sub_(r).exp_(), fq)  # [B, H, n, C, m]
-    v1 = with_ones(chunked(vx[:, :, w:]))  # [B, H, n, C, dv + 1]
 
-    # chunk summaries relative to the running maximum, then the state entering each chunk
-    K = times(masked_exp_(lk - M[:, :, 1:, None], keep), fk).transpose(-1, -2) @ v1  # [B, H, n, m, dv + 1]
+    # the state entering each chunk
     prefix = exclusive_prefix(K, M[:, :, 1:], ref, group=C)  # [B, H, n, m, dv + 1]
     if state is not None:  # the decoding state is the summary ahead of chunk 0 (reference c0 <= every c_i)
         S0 = torch.cat([state.S, state.z[..., None]], -1)
@@ -138,6 +143,8 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
         out = combine_window(num, den, fav, logits, valid, apply_coef)
     else:
         out = num / safe_den(den)[..., None]
+    if internals is not None:  # constants of the estimator and the sums the backward reads (no feature tensor)
+        internals.update(ref=ref, M=M, U=U, r=r, prefix=prefix, den=safe_den(den)[:, :, :T], C=C)
     # the state after the last chunk, relative to the running maximum M_n (K_{n-1} already is); c_{n-1} <= M_n
     # except where no real key was seen at all (c = 0 > M = -big, and the sums are 0)
     final = prefix[:, :, -1] * torch.exp((ref[:, :, -1] - M[:, :, -1]).clamp_max(0))[..., None] + K[:, :, -1]
@@ -167,8 +174,15 @@ def causal_attention(q, k, v, fmap: FeatureMap, key_padding_mask=None, chunk_siz
         for a in range(0, T, seg):
             cut = lambda x, a=a: x[:, :, a : a + seg]
             m = None if key_padding_mask is None else key_padding_mask[:, a : a + seg]
-            fn = lambda q, k, v, m=m, state=state: _causal(q, k, v, fmap, m, chunk_size, local_window, state)
-            out, state = maybe_checkpoint(fn, cut(q), cut(k), cut(v), size=B * H * T * fmap.nb_features)
+            if fmap.exponential and not local_window and torch.is_grad_enabled():  # hand-written backward
+                from .causal_backward import PositiveCausal
+
+                S0, z0, c0 = (None, None, None) if state is None else (state.S, state.z, state.c)
+                out, S, z, c = PositiveCausal.apply(cut(q), cut(k), cut(v), S0, z0, c0, fmap, m, chunk_size)
+                state = FavorState(S=S, z=z, c=c)
+            else:
+                fn = lambda q, k, v, m=m, state=state: _causal(q, k, v, fmap, m, chunk_size, local_window, state)
+                out, state = maybe_checkpoint(fn, cut(q), cut(k), cut(v), size=B * H * T * fmap.nb_features)
             outs.append(out)
         out = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
     return out.to(out_dtype), state

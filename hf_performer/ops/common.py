@@ -82,8 +82,8 @@ def masked_exp_(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     placeholder stabiliser it was paired with. x [..., m]: freshly computed and held by nothing else (it is
     exponentiated in place: one tensor instead of two; autograd keeps the result, all exp's backward needs);
     keep: broadcastable bool or None."""
-    if keep is not None:
-        x = torch.where(keep, x, neg_big(x.dtype))
+    if keep is not None:  # in place too (autograd-safe: neither op's backward reads x); keep broadcasts to x
+        x = x.masked_fill_(~keep, neg_big(x.dtype))
     return x.exp_()
 
 

@@ -1,0 +1,125 @@
+"""Hand-written backward of causal FAVOR attention (positive kernels, no local window), in the chunk-parallel shape
+of ``causal._causal``: the forward keeps q, k, v, the output, its normaliser, the stabilisers (ref, M, U, r) and
+the inter-chunk states P [B, H, n, m, dv + 1]; the backward recomputes the features once and runs a fixed number of
+batched ops, with no second pass through the forward.
+
+Per chunk i (notation of ``causal``; G = [g / den, -(g . out) / den] [C, dv + 1], e_u = e^{-U}):
+
+    total = e_u (phi~(Q) P_i) + A [V, 1],   A = (phi~(Q) phi~(K)^T) ⊙ D
+    dphi~(Q) = (e_u G) P_i^T + (D ⊙ G [V, 1]^T) phi~(K)      dP_i = phi~(Q)^T (e_u G)
+    dphi~(K) = (D ⊙ G [V, 1]^T)^T phi~(Q)                    d[V, 1] = A^T G + kf dK
+    P_i = sum_{j<i} K_j e^{M_{j+1} - ref_i} + S_0 e^{c_0 - ref_i},   K_j = kf_j^T [V_j, 1],  kf = exp(Lg_k - M_{j+1})
+    dK_j = sum_{i>j} dP_i e^{M_{j+1} - ref_i} + dS_n e^{M_{j+1} - M_n}     (a reverse scan: ``_reverse_prefix``)
+
+and d logits = dphi~ ⊙ phi~ (+ dkf ⊙ kf for keys), which ``FeatureMap.logits_vjp`` takes to q and k. The state
+entering the call (decoding, or the previous CPU segment) and the state it returns are differentiable too.
+Padded keys have phi~ = kf = 0 exactly, so their gradients are exactly 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..features import FeatureMap
+from .common import FavorState, masked_exp_, neg_big, with_ones
+from .scan import exclusive_prefix
+
+
+def _reverse_prefix(dP, d_final, ref, M, group: int):
+    """(dK [B,H,n,m,e], dS_0 [B,H,m,e]): the transpose of the forward's inter-chunk states.
+
+    dP [B,H,n,m,e] the gradients of P_i, d_final [B,H,m,e] (or None) that of the returned state; ref [B,H,n,m']
+    the chunk references, M [B,H,n+1,m'] the running maxima (M_0 = c_0, the incoming state's). With Y = [dP, d_final]
+    and a = [ref, M_n], dK_ext[e] = sum_{i >= e} Y_i e^{M_e - a_i} for e = 0..n (dK_ext[0] = dS_0): an inclusive
+    suffix sum, i.e. ``scan.exclusive_prefix`` on the flipped sequence with negated references (weights <= 1)."""
+    B, H, n, m, e = dP.shape
+    zero = dP.new_zeros(B, H, 1, m, e)
+    Y = torch.cat([dP, zero if d_final is None else d_final[:, :, None]], 2)  # [B, H, n + 1, m, e]
+    a = torch.cat([ref, M[:, :, -1:]], 2)  # [B, H, n + 1, m']
+    a = torch.where(a > neg_big(a.dtype) / 2, a, torch.zeros_like(a))  # no real key at all: everything is 0
+    big = -neg_big(a.dtype)
+    flip = lambda x: x.flip(2)
+    summaries = torch.cat([flip(Y), zero], 2)  # [B, H, n + 2, m, e]
+    refs = torch.cat([-flip(a), torch.full_like(a[:, :, :1], -big)], 2)
+    targets = torch.cat([torch.full_like(a[:, :, :1], big), -flip(M)], 2)
+    dK_ext = flip(exclusive_prefix(summaries, refs, targets, group=group)[:, :, 1:])  # [B, H, n + 1, m, e]
+    return dK_ext[:, :, 1:], dK_ext[:, :, 0]
+
+
+class PositiveCausal(torch.autograd.Function):
+    """Causal FAVOR attention of a positive kernel without a window, with the hand-written backward above.
+
+    forward(q, k, v [B,H,T,·] in the compute dtype, S0 [B,H,m,dv], z0 [B,H,m], c0 [B,H,m] (the incoming state, or
+    three Nones), fmap, mask [B,T] bool or None, chunk) -> (out [B,H,T,dv], S [B,H,m,dv], z [B,H,m], c [B,H,m]);
+    c is not differentiable."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, S0, z0, c0, fmap: FeatureMap, mask, chunk: int):
+        from .causal import _causal
+
+        state = None if S0 is None else FavorState(S=S0, z=z0, c=c0)
+        internals = {}
+        out, new = _causal(q, k, v, fmap, mask, chunk, 0, state, internals)
+        i = internals
+        ctx.save_for_backward(q, k, v, mask, out, i["den"], i["prefix"], i["ref"], i["M"], i["U"], i["r"])
+        ctx.fmap, ctx.C, ctx.has_state = fmap, i["C"], state is not None
+        ctx.mark_non_differentiable(new.c)
+        ctx.set_materialize_grads(False)
+        return out, new.S, new.z, new.c
+
+    @staticmethod
+    def backward(ctx, g_out, g_S, g_z, _g_c):
+        from .causal import _pad_len
+
+        q, k, v, mask, out, den, prefix, ref, M, U, r = ctx.saved_tensors
+        fmap, C = ctx.fmap, ctx.C
+        B, H, T, dv = v.shape
+        n = -(-T // C)
+        P = n * C - T
+        pad = (lambda x: _pad_len(x, 0, P)) if P else (lambda x: x)
+        chunked = lambda x: pad(x).unflatten(2, (n, C))  # [B, H, T, ·] -> [B, H, n, C, ·]
+        if mask is None and P == 0:
+            keep = None
+        else:
+            real = torch.ones(B, T, dtype=torch.bool, device=q.device) if mask is None else mask
+            keep = _pad_len(real, 0, P, value=False).unflatten(1, (n, C))[:, None, :, :, None]
+        ref_c = ref[:, :, :, None]  # [B, H, n, 1, m']
+
+        # features, recomputed once: phi~(K), kf (keys relative to the running maximum), phi~(Q)
+        lk = chunked(fmap(k)[0])
+        kf = masked_exp_(lk - M[:, :, 1:, None], keep)  # [B, H, n, C, m]
+        phi_k = masked_exp_(lk.sub_(ref_c).sub_(U[..., None]), keep)
+        phi_q = chunked(fmap(q, query=True)[0]).add_(ref_c).sub_(r).exp_()
+        tril = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+        decay = torch.where(tril, torch.exp((U[..., None, :] - U[..., :, None]).clamp_max(0)), 0.0)  # [t, s]
+        e_u = torch.exp(-U)[..., None]  # [B, H, n, C, 1]
+        v1 = with_ones(chunked(v))  # [B, H, n, C, dv + 1]
+
+        if g_out is None:
+            G = torch.zeros_like(v1)
+        else:
+            g_num = g_out.to(out.dtype) / den[..., None]  # [B, H, T, dv]
+            G = chunked(torch.cat([g_num, -(g_num * out).sum(-1, keepdim=True)], -1))  # [B, H, n, C, dv + 1]
+        Gp = G * e_u
+        dphi_q = Gp @ prefix.transpose(-1, -2)  # [B, H, n, C, m]
+        dP = phi_q.transpose(-1, -2) @ Gp  # [B, H, n, m, dv + 1]
+        dB = (G @ v1.transpose(-1, -2)).mul_(decay)  # [B, H, n, C, C]
+        dphi_q += dB @ phi_k
+        dphi_k = dB.transpose(-1, -2) @ phi_q
+        dV1 = ((phi_q @ phi_k.transpose(-1, -2)).mul_(decay)).transpose(-1, -2) @ G  # A^T G
+
+        d_final = None
+        if g_S is not None or g_z is not None:
+            zS = torch.zeros_like(prefix[:, :, 0, :, :-1]) if g_S is None else g_S.to(prefix.dtype)
+            zz = torch.zeros_like(prefix[:, :, 0, :, -1]) if g_z is None else g_z.to(prefix.dtype)
+            d_final = torch.cat([zS, zz[..., None]], -1)  # [B, H, m, dv + 1]
+        dK, dS0 = _reverse_prefix(dP, d_final, ref, M, group=C)
+        dV1 += kf @ dK
+        dlk = dphi_k.mul_(phi_k).add_((v1 @ dK.transpose(-1, -2)).mul_(kf))
+        cut = lambda x: x.flatten(2, 3)[:, :, :T]
+        dq = fmap.logits_vjp(q, cut(dphi_q.mul_(phi_q)), query=True)
+        dk = fmap.logits_vjp(k, cut(dlk))
+        dv_ = cut(dV1[..., :-1])
+        if ctx.has_state:
+            return dq, dk, dv_, dS0[..., :-1], dS0[..., -1], None, None, None, None
+        return dq, dk, dv_, None, None, None, None, None, None
