@@ -191,3 +191,13 @@ def test_half_precision_inputs_stay_finite_and_close(causal):
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
     assert all(torch.isfinite(t.grad.float()).all() for t in x)
     assert max_err(out.double(), ref) < 0.05  # bf16 rounding of q, k, v and of the output
+
+
+@pytest.mark.parametrize(("L", "block", "window"), [(64, 32, 4), (37, 8, 3), (20, 4, 4), (20, 4, 6)])
+def test_near_products_equal_the_products_with_the_key_spans(L, block, window):
+    from hf_performer.ops.local import near_products
+
+    g = torch.Generator().manual_seed(L)
+    a, b = torch.randn(2, 3, L, 5, generator=g), torch.randn(2, 3, L, 5, generator=g)
+    ref = query_blocks(a, block) @ key_spans(b, block, window).transpose(-1, -2)
+    assert torch.allclose(near_products(a, b, block, window), ref, atol=1e-6)

@@ -32,7 +32,7 @@ from .common import (
     times,
     with_ones,
 )
-from .local import BLOCK, band, combine_window, exact_base, key_spans, query_blocks, unband
+from .local import BLOCK, band, combine_window, exact_base, key_spans, near_products, query_blocks, unband
 
 
 def _key_side(k, v, fmap: FeatureMap, mask):
@@ -168,7 +168,7 @@ def _bidirectional(q, k, v, fmap: FeatureMap, mask, window: int, size: int):
     num, den = total[..., :-1], total[..., -1]
     # the window, by blocks of queries against the keys they can reach: [nb, Bq, Bq + 2w] products, banded
     L, width, Bq = q.shape[2], 2 * window + 1, min(BLOCK, q.shape[2])
-    near = lambda a, b: band(query_blocks(a, Bq) @ key_spans(b, Bq, window).transpose(-1, -2), width)
+    near = lambda a, b: band(near_products(a, b, Bq, window), width)
     unblock = lambda x: x.flatten(2, 3)[:, :, :L]  # [B, H, nb, Bq, ·] -> [B, H, L, ·]
     fav = unblock(near(phi_q, phi_k))  # [B, H, L, 2w + 1]: the pair (i, i - w + j) at column j
     qt, kt = fmap.transform(q, True), fmap.transform(k, False)

@@ -17,9 +17,11 @@ Every quantity at t uses keys s <= t only, so a future key cannot move an earlie
 bit. Padded keys are masked before every exponential (value and gradient exactly 0, no 0 * inf). Decoding
 passes the running state (S, z, c) as a summary ahead of chunk 0. With a local window the w keys before each
 chunk (the previous chunk's last keys, or the decoding state's) join the intra matrix as a halo, so the window's
-FAVOR estimates are a band of it (``local.combine_window``). The backward is autograd's through these batched
-ops (the scan's weights are constants, so its backward is the transposed matmul); above
-``common.RECOMPUTE_ABOVE`` the op keeps only q, k, v and recomputes itself in the backward. Memory: O(L (m + C) + (L / C) m dv) per head, nothing L×L.
+FAVOR estimates are a band of it (``local.combine_window``). Backward: for the positive kernels without a window,
+the hand-written one of ``causal_backward`` (keeps q, k, v, the output and the inter-chunk states, recomputes the
+features once); otherwise autograd's through these batched ops (the scan's weights are constants, so its backward
+is the transposed matmul), and above ``common.RECOMPUTE_ABOVE`` the op keeps only q, k, v and recomputes itself in
+the backward. Memory: O(L (m + C) + (L / C) m dv) per head, nothing L×L.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ BLOCK = 32  # queries per block of the bidirectional window: its [BLOCK, BLOCK +
 def query_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     """[B, H, L, ·] -> [B, H, nb, block, ·] (zero padded to nb · block positions)."""
     pad = -x.shape[2] % block
-    return F.pad(x, (0, 0, 0, pad)).unflatten(2, (-1, block))
+    return (F.pad(x, (0, 0, 0, pad)) if pad else x).unflatten(2, (-1, block))
 
 
 def key_spans(x: torch.Tensor, block: int, window: int) -> torch.Tensor:
@@ -79,3 +79,18 @@ def combine_window(num, den, fav, logits, valid, apply_coef) -> torch.Tensor:
     num = g[..., None] * num + apply_coef(e - g[..., None] * fav)
     total = g * (den - fav.sum(-1)).clamp_min(0) + e.sum(-1)
     return num / safe_den(total)[..., None]
+
+
+def near_products(a: torch.Tensor, b: torch.Tensor, block: int, window: int) -> torch.Tensor:
+    """query_blocks(a) @ key_spans(b)^T without materialising the overlapping key spans: [B, H, nb, block,
+    block + 2w], column j of block t the product with key t·block - w + j (0 outside the sequence).
+
+    a, b [B, H, L, ·] (the same L: self-attention). Three products per block: with the w keys before it, its own
+    block and the w keys after it (views of b in blocks; only the two [nb, w, ·] slices are copied)."""
+    if window > block:  # the neighbours span several blocks: the explicit spans
+        return query_blocks(a, block) @ key_spans(b, block, window).transpose(-1, -2)
+    qa, kb = query_blocks(a, block), query_blocks(b, block)  # [B, H, nb, block, ·]
+    before = F.pad(kb[:, :, :-1, block - window :], (0, 0, 0, 0, 1, 0))  # [B, H, nb, w, ·]
+    after = F.pad(kb[:, :, 1:, :window], (0, 0, 0, 0, 0, 1))
+    parts = (qa @ before.transpose(-1, -2), qa @ kb.transpose(-1, -2), qa @ after.transpose(-1, -2))
+    return torch.cat(parts, -1)
