@@ -50,6 +50,8 @@ def exclusive_prefix(K: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, gr
     constants. Returns [..., n, m, e]."""
     c, targets = c.detach(), targets.detach()
     n, m, e = K.shape[-3:]
+    if n == 1:  # one chunk (short inputs, a decoding step): nothing comes before it
+        return torch.zeros_like(K)
     G = min(n, group)
     ng = -(-n // G)
     pad = ng * G - n
