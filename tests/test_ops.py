@@ -140,19 +140,23 @@ def test_backward_matches_autograd_through_the_naive_reference(causal, recompute
         assert rel_err(a, b) < 1e-9
 
 
+@pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize(("n", "group"), [(5, 64), (37, 4), (70, 8)])  # one group, several, a log-depth scan
-def test_exclusive_prefix_of_chunk_summaries_matches_the_explicit_sum(n, group):
+def test_exclusive_prefix_of_chunk_summaries_matches_the_explicit_sum(n, group, reverse):
     from hf_performer.ops.scan import exclusive_prefix
 
     g = torch.Generator().manual_seed(n)
     K = torch.randn(1, n, 3, 2, generator=g, dtype=D64, requires_grad=True)
     c = torch.cummax(3 * torch.randn(1, n, 3, generator=g, dtype=D64), 1).values  # running maxima
     t = c + torch.rand(1, n, 3, generator=g, dtype=D64)  # t_i >= c_i >= c_j for j < i
-    out = exclusive_prefix(K, c, t, group=group)
+    if reverse:  # the mirror image: references that grow towards the start
+        c, t = c.flip(1), t.flip(1)
+    out = exclusive_prefix(K, c, t, group=group, reverse=reverse)
     for i in range(n):
-        ref = sum((K[:, j] * torch.exp(c[:, j] - t[:, i])[..., None] for j in range(i)), torch.zeros_like(K[:, 0]))
-        assert rel_err(out[:, i], ref) < 1e-12 if i else torch.equal(out[:, 0], ref)
-    assert torch.autograd.gradcheck(lambda K: exclusive_prefix(K, c, t, group=group), (K,))
+        reach = range(i + 1, n) if reverse else range(i)
+        ref = sum((K[:, j] * torch.exp(c[:, j] - t[:, i])[..., None] for j in reach), torch.zeros_like(K[:, 0]))
+        assert rel_err(out[:, i], ref) < 1e-12 if len(reach) else torch.equal(out[:, i], ref)
+    assert torch.autograd.gradcheck(lambda K: exclusive_prefix(K, c, t, group=group, reverse=reverse), (K,))
 
 
 @pytest.mark.parametrize("causal", [False, True])

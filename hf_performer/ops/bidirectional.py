@@ -110,7 +110,7 @@ class _PositiveBidirectional(torch.autograd.Function):
         sums, refs = [], []
         for a, b in _spans(k.shape[2], seg):
             m = None if mask is None else mask[:, a:b]
-            _, S_j, c_j, top = _key_side(k[:, :, a:b], v[:, :, a:b], fmap, m)
+            S_j, c_j, top = _key_side(k[:, :, a:b], v[:, :, a:b], fmap, m)[1:]  # phi~(K) freed at once
             sums.append(S_j)
             refs.append((c_j, top))
         if len(sums) == 1:
@@ -120,7 +120,7 @@ class _PositiveBidirectional(torch.autograd.Function):
             S = sum(S_j * torch.exp((c_j - c).clamp_max(0)).transpose(-1, -2) for S_j, (c_j, _) in zip(sums, refs))
         outs, dens, rows = [], [], []
         for a, b in _spans(q.shape[2], seg):
-            _, r, total = _query_side(q[:, :, a:b], S, c, fmap)
+            r, total = _query_side(q[:, :, a:b], S, c, fmap)[1:]
             den = safe_den(total[..., -1])
             outs.append(total[..., :-1] / den[..., None])
             dens.append(den)
@@ -143,14 +143,17 @@ class _PositiveBidirectional(torch.autograd.Function):
             phi_q = lq.add_(c).sub_(r[:, :, a:b]).exp_()  # [B, H, s, m]
             dS += phi_q.transpose(-1, -2) @ G[:, :, a:b]
             dq.append(fmap.logits_vjp(q[:, :, a:b], (G[:, :, a:b] @ S.transpose(-1, -2)).mul_(phi_q), query=True))
+            del lq, phi_q
         dk, dv = [], []
         for a, b in _spans(k.shape[2], seg):  # keys and values
             keep = None if mask is None else mask[:, None, a:b, None]
             lk, _ = fmap(k[:, :, a:b])
             phi_k = masked_exp_(lk.sub_(c), keep)  # [B, H, s, m]
             dv.append(phi_k @ dS[..., :-1])
-            d_phi = v[:, :, a:b] @ dS[..., :-1].transpose(-1, -2) + dS[..., -1][:, :, None, :]
+            d_phi = v[:, :, a:b] @ dS[..., :-1].transpose(-1, -2)
+            d_phi += dS[..., -1][:, :, None, :]
             dk.append(fmap.logits_vjp(k[:, :, a:b], d_phi.mul_(phi_k)))
+            del lk, phi_k, d_phi
         cat = lambda xs: xs[0] if len(xs) == 1 else torch.cat(xs, 2)
         return cat(dq), cat(dk), cat(dv), None, None, None
 

@@ -118,7 +118,7 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
     phi_q = times(x_q.sub_(r).exp_(), fq)  # [B, H, n, C, m]
 
     # the state entering each chunk
-    prefix = exclusive_prefix(K, M[:, :, 1:], ref, group=C)  # [B, H, n, m, dv + 1]
+    prefix = exclusive_prefix(K, M[:, :, 1:], ref)  # [B, H, n, m, dv + 1]
     if state is not None:  # the decoding state is the summary ahead of chunk 0 (reference c0 <= every c_i)
         S0 = torch.cat([state.S, state.z[..., None]], -1)
         prefix = prefix + S0[:, :, None] * torch.exp(c0[:, :, None] - ref)[..., None]

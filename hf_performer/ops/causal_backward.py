@@ -21,29 +21,26 @@ from __future__ import annotations
 import torch
 
 from ..features import FeatureMap
-from .common import FavorState, masked_exp_, neg_big, with_ones
+from .common import FavorState, masked_exp_, with_ones
 from .scan import exclusive_prefix
 
 
-def _reverse_prefix(dP, d_final, ref, M, group: int):
+def _reverse_prefix(dP, d_final, ref, M):
     """(dK [B,H,n,m,e], dS_0 [B,H,m,e]): the transpose of the forward's inter-chunk states.
 
     dP [B,H,n,m,e] the gradients of P_i, d_final [B,H,m,e] (or None) that of the returned state; ref [B,H,n,m']
-    the chunk references, M [B,H,n+1,m'] the running maxima (M_0 = c_0, the incoming state's). With Y = [dP, d_final]
-    and a = [ref, M_n], dK_ext[e] = sum_{i >= e} Y_i e^{M_e - a_i} for e = 0..n (dK_ext[0] = dS_0): an inclusive
-    suffix sum, i.e. ``scan.exclusive_prefix`` on the flipped sequence with negated references (weights <= 1)."""
-    B, H, n, m, e = dP.shape
-    zero = dP.new_zeros(B, H, 1, m, e)
-    Y = torch.cat([dP, zero if d_final is None else d_final[:, :, None]], 2)  # [B, H, n + 1, m, e]
-    a = torch.cat([ref, M[:, :, -1:]], 2)  # [B, H, n + 1, m']
-    a = torch.where(a > neg_big(a.dtype) / 2, a, torch.zeros_like(a))  # no real key at all: everything is 0
-    big = -neg_big(a.dtype)
-    flip = lambda x: x.flip(2)
-    summaries = torch.cat([flip(Y), zero], 2)  # [B, H, n + 2, m, e]
-    refs = torch.cat([-flip(a), torch.full_like(a[:, :, :1], -big)], 2)
-    targets = torch.cat([torch.full_like(a[:, :, :1], big), -flip(M)], 2)
-    dK_ext = flip(exclusive_prefix(summaries, refs, targets, group=group)[:, :, 1:])  # [B, H, n + 1, m, e]
-    return dK_ext[:, :, 1:], dK_ext[:, :, 0]
+    the chunk references, M [B,H,n+1,m'] the running maxima (M_0 = c_0, the incoming state's).
+        dK_j = sum_{i>j} dP_i e^{M_{j+1} - ref_i} + d_final e^{M_{j+1} - M_n}
+        dS_0 = sum_i dP_i e^{c_0 - ref_i} + d_final e^{c_0 - M_n}
+    The first sum is ``scan.exclusive_prefix(reverse=True)`` with references -ref_i and targets -M_{j+1}
+    (weights <= 1, since ref_i >= M_{j+1} for i > j)."""
+    c0, Mn = M[:, :, :1], M[:, :, -1:]  # [B, H, 1, m']
+    dK = exclusive_prefix(dP, -ref, -M[:, :, 1:], reverse=True)
+    dS0 = (dP * torch.exp((c0 - ref).clamp_max(0))[..., None]).sum(2)
+    if d_final is not None:
+        dK += d_final[:, :, None] * torch.exp((M[:, :, 1:] - Mn).clamp_max(0))[..., None]
+        dS0 += d_final * torch.exp((c0 - Mn).clamp_max(0))[:, :, 0, :, None]
+    return dK, dS0
 
 
 class PositiveCausal(torch.autograd.Function):
@@ -84,40 +81,40 @@ class PositiveCausal(torch.autograd.Function):
             real = torch.ones(B, T, dtype=torch.bool, device=q.device) if mask is None else mask
             keep = _pad_len(real, 0, P, value=False).unflatten(1, (n, C))[:, None, :, :, None]
         ref_c = ref[:, :, :, None]  # [B, H, n, 1, m']
-
-        # features, recomputed once: phi~(K), kf (keys relative to the running maximum), phi~(Q)
-        lk = chunked(fmap(k)[0])
-        kf = masked_exp_(lk - M[:, :, 1:, None], keep)  # [B, H, n, C, m]
-        phi_k = masked_exp_(lk.sub_(ref_c).sub_(U[..., None]), keep)
+        cut = lambda x: x.flatten(2, 3)[:, :, :T]  # [B, H, n, C, ·] -> [B, H, T, ·]
+        # the order keeps at most ~6 [B, H, L, m] tensors alive: queries first, then keys, then the scan's transpose
+        phi_k = masked_exp_(chunked(fmap(k)[0]).sub_(ref_c).sub_(U[..., None]), keep)  # [B, H, n, C, m]
         phi_q = chunked(fmap(q, query=True)[0]).add_(ref_c).sub_(r).exp_()
         tril = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
         decay = torch.where(tril, torch.exp((U[..., None, :] - U[..., :, None]).clamp_max(0)), 0.0)  # [t, s]
-        e_u = torch.exp(-U)[..., None]  # [B, H, n, C, 1]
         v1 = with_ones(chunked(v))  # [B, H, n, C, dv + 1]
-
         if g_out is None:
             G = torch.zeros_like(v1)
         else:
             g_num = g_out.to(out.dtype) / den[..., None]  # [B, H, T, dv]
             G = chunked(torch.cat([g_num, -(g_num * out).sum(-1, keepdim=True)], -1))  # [B, H, n, C, dv + 1]
-        Gp = G * e_u
-        dphi_q = Gp @ prefix.transpose(-1, -2)  # [B, H, n, C, m]
-        dP = phi_q.transpose(-1, -2) @ Gp  # [B, H, n, m, dv + 1]
+        Gp = G * torch.exp(-U)[..., None]
         dB = (G @ v1.transpose(-1, -2)).mul_(decay)  # [B, H, n, C, C]
-        dphi_q += dB @ phi_k
-        dphi_k = dB.transpose(-1, -2) @ phi_q
         dV1 = ((phi_q @ phi_k.transpose(-1, -2)).mul_(decay)).transpose(-1, -2) @ G  # A^T G
+        dphi_q = dB @ phi_k  # [B, H, n, C, m], plus (e_u G) P_i^T in place:
+        dphi_q.flatten(0, 2).baddbmm_(Gp.flatten(0, 2), prefix.transpose(-1, -2).flatten(0, 2))
+        dq = fmap.logits_vjp(q, cut(dphi_q.mul_(phi_q)), query=True)
+        del dphi_q
+        dP = phi_q.transpose(-1, -2) @ Gp  # [B, H, n, m, dv + 1]
+        dlk = (dB.transpose(-1, -2) @ phi_q).mul_(phi_k)  # dphi~(K) * phi~(K): [B, H, n, C, m]
+        del dB, Gp, phi_q, phi_k
 
         d_final = None
         if g_S is not None or g_z is not None:
             zS = torch.zeros_like(prefix[:, :, 0, :, :-1]) if g_S is None else g_S.to(prefix.dtype)
             zz = torch.zeros_like(prefix[:, :, 0, :, -1]) if g_z is None else g_z.to(prefix.dtype)
             d_final = torch.cat([zS, zz[..., None]], -1)  # [B, H, m, dv + 1]
-        dK, dS0 = _reverse_prefix(dP, d_final, ref, M, group=C)
+        dK, dS0 = _reverse_prefix(dP, d_final, ref, M)
+        del dP
+        kf = masked_exp_(chunked(fmap(k)[0]).sub_(M[:, :, 1:, None]), keep)  # keys relative to the running max
         dV1 += kf @ dK
-        dlk = dphi_k.mul_(phi_k).add_((v1 @ dK.transpose(-1, -2)).mul_(kf))
-        cut = lambda x: x.flatten(2, 3)[:, :, :T]
-        dq = fmap.logits_vjp(q, cut(dphi_q.mul_(phi_q)), query=True)
+        dlk += (v1 @ dK.transpose(-1, -2)).mul_(kf)
+        del kf, dK
         dk = fmap.logits_vjp(k, cut(dlk))
         dv_ = cut(dV1[..., :-1])
         if ctx.has_state:

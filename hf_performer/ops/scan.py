@@ -6,11 +6,13 @@ per-feature reference c (c >= every logit it holds, so every term is <= 1). Two 
     (K1, c1) (+) (K2, c2) = (K1 e^{c1 - c} + K2 e^{c2 - c}, c = max(c1, c2))
 
 which is associative (the stabiliser of arXiv:2009.14794, sec. 2.3, made exact; see docs/DESIGN.md). The state
-entering chunk i, relative to a target reference t_i >= c_j (j < i), is P_i = sum_{j<i} K_j e^{c_j - t_i}.
+entering chunk i, relative to a target reference t_i >= c_j (j < i), is P_i = sum_{j<i} K_j e^{c_j - t_i}; the
+backward needs the mirror image, sum_{j>i} (``reverse=True``).
 
 It is computed in two levels (the chunked layout of flash-linear-attention, without its kernels):
-* inside groups of up to G consecutive chunks (the causal op uses G = its chunk size), as one batched matmul per feature with the weights
-  e^{c_j - t_i} <= 1 (a [G, G] lower-triangular matrix per group and feature);
+* inside groups of up to G consecutive chunks, as one batched matmul per feature with the weights
+  e^{c_j - t_i} <= 1 (a [G, G] triangular matrix per group and feature: n·G·m' weights in all, a G/C fraction of
+  one [L, m] feature tensor);
 * across groups, from the group totals by a Hillis-Steele scan with (+): ceil(log2(n / G)) steps of a fixed
   number of ops on [n / G, m, dv + 1] tensors (none at all up to G chunks).
 Everything is linear in K with constant weights (the stabilisers cancel in the attention output), so the
@@ -24,30 +26,39 @@ import torch.nn.functional as F
 
 from .common import neg_big
 
-GROUP = 64  # default chunks per group of the in-group matrix form: [G, G] weights per feature
+GROUP = 16  # chunks per group of the in-group matrix form: [G, G] weights per feature and group
 
 
-def _scan(K: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inclusive (+)-scan along dim -3 of K [..., n, m, e] with references c [..., n, m'] (m' = m or 1)."""
+def _shift(x: torch.Tensor, step: int, dim: int, reverse: bool, value=0.0) -> torch.Tensor:
+    """x moved ``step`` places along ``dim`` (towards later positions, or earlier ones when ``reverse``), the
+    vacated places filled with ``value``: entry i holds x[i - step] (reverse: x[i + step])."""
+    n = x.shape[dim]
+    pad = [0, 0] * (x.dim() - 1 - dim % x.dim()) + ([0, step] if reverse else [step, 0])
+    return F.pad(x, pad, value=value).narrow(dim, step if reverse else 0, n)
+
+
+def _scan(K: torch.Tensor, c: torch.Tensor, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inclusive (+)-scan along dim -3 of K [..., n, m, e] with references c [..., n, m'] (m' = m or 1); from the
+    end when ``reverse``."""
     n, step = K.shape[-3], 1
     while step < n:
-        # the summary `step` positions back (the identity (0, -big) before the start)
-        K_prev = F.pad(K, (0, 0, 0, 0, step, 0))[..., :n, :, :]
-        c_prev = F.pad(c, (0, 0, step, 0), value=neg_big(c.dtype))[..., :n, :]
+        # the summary `step` positions back (ahead when reverse); the identity (0, -big) past the end
+        K_prev = _shift(K, step, -3, reverse)
+        c_prev = _shift(c, step, -2, reverse, value=neg_big(c.dtype))
         c_new = torch.maximum(c, c_prev)
         K = K * torch.exp(c - c_new)[..., None] + K_prev * torch.exp(c_prev - c_new)[..., None]
         c, step = c_new, 2 * step
     return K, c
 
 
-def exclusive_prefix(K: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, group: int = GROUP) -> torch.Tensor:
-    """The state entering each chunk: P_i = sum_{j<i} K_j e^{c_j - t_i}.
+def exclusive_prefix(K: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, group: int = GROUP,
+                     reverse: bool = False) -> torch.Tensor:
+    """The state entering each chunk: P_i = sum_{j<i} K_j e^{c_j - t_i} (``reverse``: sum_{j>i}).
 
     K [..., n, m, e] chunk summaries (float32/float64), c [..., n, m'] their references, targets [..., n, m'] with
-    t_i >= c_j for all j < i (then every weight is <= 1; m' = m, or 1 for kernels with one log-scale per
-    position). ``group`` G: chunks per group of the matrix form (its weights are [n, G, m'] per batch row and head:
-    with G = the chunk size, as large as one [L, m] feature tensor). Differentiable in K; c and targets are
-    constants. Returns [..., n, m, e]."""
+    t_i >= c_j for every j that reaches i (then every weight is <= 1; m' = m, or 1 for kernels with one log-scale
+    per position). ``group`` G: chunks per group of the matrix form (its weights are [n, G, m'] per batch row and
+    head). Differentiable in K; c and targets are constants. Returns [..., n, m, e]."""
     c, targets = c.detach(), targets.detach()
     n, m, e = K.shape[-3:]
     if n == 1:  # one chunk (short inputs, a decoding step): nothing comes before it
@@ -61,21 +72,22 @@ def exclusive_prefix(K: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, gr
         targets = F.pad(targets, (0, 0, 0, pad), value=-neg_big(c.dtype))
     lead = K.shape[:-3]
     Kg = K.unflatten(-3, (ng, G)).movedim(-2, -3)  # [..., ng, m, G, e]
-    cg, tg = c.unflatten(-2, (ng, G)), targets.unflatten(-2, (ng, G))  # [..., ng, G, m']
-    with torch.no_grad():
-        before = torch.ones(G, G, dtype=torch.bool, device=K.device).tril(-1)  # j < i
-        w = torch.exp((cg[..., None, :, :] - tg[..., :, None, :]).clamp_max(0))  # [..., ng, G(i), G(j), m']
-        w = torch.where(before[..., None], w, 0.0).movedim(-1, -3)  # [..., ng, m', G, G]
-    local = w @ Kg  # [..., ng, m, G, e]: the earlier chunks of the same group
+    cg, tg = c.unflatten(-2, (ng, G)).transpose(-1, -2), targets.unflatten(-2, (ng, G)).transpose(-1, -2)
+    with torch.no_grad():  # cg, tg: [..., ng, m', G]
+        ones = torch.ones(G, G, dtype=torch.bool, device=K.device)
+        reach = ones.triu(1) if reverse else ones.tril(-1)  # [i, j]: j after i (reverse) / before i
+        w = torch.exp((cg[..., None, :] - tg[..., :, None]).clamp_max(0))  # [..., ng, m', G(i), G(j)]
+        w = w.masked_fill_(~reach, 0.0)
+    local = w @ Kg  # [..., ng, m, G, e]: the chunks of the same group that reach each one
     if ng > 1:
         with torch.no_grad():
-            ref = cg.amax(-2)  # [..., ng, m'] each group's reference (its largest)
-            to_ref = torch.exp(cg - ref[..., None, :]).movedim(-1, -2)[..., None, :]  # [..., ng, m', 1, G]
+            ref = cg.amax(-1)  # [..., ng, m'] each group's reference (its largest)
+            to_ref = torch.exp(cg - ref[..., None])[..., None, :]  # [..., ng, m', 1, G]
         totals = (to_ref @ Kg).squeeze(-2)  # [..., ng, m, e] each group's sum relative to its reference
-        inclusive, inc_ref = _scan(totals, ref)
-        into = F.pad(inclusive, (0, 0, 0, 0, 1, 0))[..., :ng, :, :]  # groups before g
-        into_ref = F.pad(inc_ref, (0, 0, 1, 0), value=neg_big(c.dtype))[..., :ng, :]
+        inclusive, inc_ref = _scan(totals, ref, reverse)
+        into = _shift(inclusive, 1, -3, reverse)  # the groups before g (after g when reverse)
+        into_ref = _shift(inc_ref, 1, -2, reverse, value=neg_big(c.dtype))
         with torch.no_grad():
-            scale = torch.exp(into_ref[..., None, :] - tg).movedim(-1, -2)[..., None]  # [..., ng, m', G, 1]
+            scale = torch.exp(into_ref[..., None] - tg)[..., None]  # [..., ng, m', G, 1]
         local = local + into[..., None, :] * scale
     return local.movedim(-3, -2).reshape(*lead, ng * G, m, e)[..., :n, :, :]
