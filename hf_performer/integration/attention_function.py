@@ -21,6 +21,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import bidirectional_mask_function, causal_mask_function
 
 from .caller import caller_stacklevel
+from .grouped import fold_groups, query_groups, unfold_groups
 from .zero_shot import notice_uncalibrated
 
 ATTN_IMPLEMENTATION = "favor"
@@ -80,6 +81,29 @@ def key_padding_mask(attention_mask: torch.Tensor | None, key_length: int) -> to
     return attention_mask[:, -key_length:].bool()
 
 
+# keyword arguments of the attention interface that change the attention FAVOR+ computes: refused when set
+_UNSUPPORTED_KWARGS = {
+    "sliding_window": "a sliding attention window (FAVOR+ layers attend to the whole context; convert with "
+                      "hf_performer.convert_to_performer, which makes every layer global)",
+    "softcap": "attention-logit soft-capping (tanh of the logits has no random-feature estimate)",
+    "s_aux": "attention sinks (a learned extra logit per head in the softmax normaliser)",
+    "sinks": "attention sinks (a learned extra logit per head in the softmax normaliser)",
+}
+
+# the kwarg through which ``RecurrentDecodingMixin`` hands the layer's FavorCacheLayer to the attention function
+STEP_KWARG = "favor_cache_layer"
+
+
+def reject_unsupported_kwargs(module, kwargs) -> None:
+    """Raise NotImplementedError when the module asks for an attention variant FAVOR+ does not compute."""
+    for name, what in _UNSUPPORTED_KWARGS.items():
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(
+                f"{type(module).__name__} asked the attention function for {what} ({name}={kwargs[name]!r}); "
+                "Performer FAVOR+ attention cannot honour it."
+            )
+
+
 def favor_mask(
     batch_size: int,
     q_length: int,
@@ -132,7 +156,13 @@ def favor_attention_forward(
     reject_attention_weights(kwargs.get("output_attentions"))
     warn_ignored_dropout(dropout if module.training else 0.0)
     notice_uncalibrated(favor)
+    reject_unsupported_kwargs(module, kwargs)
     causal = getattr(module, "is_causal", False) if is_causal is None else bool(is_causal)
+    step_layer = kwargs.get(STEP_KWARG)
+    if step_layer is not None:  # recurrent decoding (``RecurrentDecodingMixin``): k, v are the new tokens only
+        mask = key_padding_mask(attention_mask, key.shape[2])
+        out = step_layer.step(favor, query, key, value, mask, scaling)  # [B, H, T, dv]
+        return out.to(value.dtype).transpose(1, 2), None
     if causal and query.shape[2] != key.shape[2]:
         raise NotImplementedError(
             f"{type(module).__name__} got {query.shape[2]} queries for {key.shape[2]} cached keys: incremental "
@@ -142,8 +172,10 @@ def favor_attention_forward(
     out_dtype = value.dtype
     if getattr(module, "reorder_and_upcast_attn", False):  # GPT-2: attention math in float32
         query, key, value = query.float(), key.float(), value.float()
-    out = favor(query, key, value, causal=causal, key_padding_mask=mask, scale=scaling)  # [B, H, Lq, dv]
-    return out.to(out_dtype).transpose(1, 2), None
+    groups = query_groups(query, key)  # grouped-query attention: G query heads per key/value head (``grouped``)
+    query, key, value, mask = fold_groups(query, key, value, mask, groups)
+    out = favor(query, key, value, causal=causal, key_padding_mask=mask, scale=scaling)  # [B·G, Hkv, Lq, dv]
+    return unfold_groups(out, groups).to(out_dtype).transpose(1, 2), None
 
 
 def register_favor_attention() -> None:
