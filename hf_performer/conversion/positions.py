@@ -29,8 +29,8 @@ SUPPORTED = ("bert", "roberta", "distilbert", "gpt2")
 
 
 def is_rotary(config) -> bool:
-    """True for the families of the generic table (rotary position embeddings, no learned position table)."""
-    return _family(config) in GENERIC_FAMILIES
+    """True for rotary position embeddings (no learned position table)."""
+    return _family(config) == "rotary"
 
 
 def position_offset(config) -> int:
@@ -39,7 +39,11 @@ def position_offset(config) -> int:
 
 
 def _family(config) -> str:
-    return config.model_type.removeprefix("performer_")
+    """The position layout: "bert", "roberta", "distilbert", "gpt2", or "rotary" (rows of the generic table say
+    which of these they use)."""
+    family = config.model_type.removeprefix("performer_")
+    row = GENERIC_FAMILIES.get(family)
+    return row.row.positions if row is not None else family
 
 
 def max_tokens(config) -> int:
@@ -58,7 +62,7 @@ def check_extension(config, new_max: int | None) -> None:
         raise ConversionError(f"--max-position-embeddings {new_max!r}: expected a positive integer.")
     if family not in SUPPORTED and not is_rotary(config):
         raise ConversionError(
-            f"position extension supports {', '.join(SUPPORTED)} and the rotary families "
+            f"position extension supports {', '.join(SUPPORTED)} and the families of the generic table "
             f"({', '.join(GENERIC_FAMILIES)}); got model_type {config.model_type!r}."
         )
     if family == "distilbert" and getattr(config, "sinusoidal_pos_embds", False):

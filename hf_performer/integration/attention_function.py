@@ -160,6 +160,8 @@ def favor_attention_forward(
     causal = getattr(module, "is_causal", False) if is_causal is None else bool(is_causal)
     step_layer = kwargs.get(STEP_KWARG)
     if step_layer is not None:  # recurrent decoding (``RecurrentDecodingMixin``): k, v are the new tokens only
+        if not causal:
+            raise ValueError("a bidirectional (encoder) self-attention cannot decode incrementally with a cache")
         mask = key_padding_mask(attention_mask, key.shape[2])
         out = step_layer.step(favor, query, key, value, mask, scaling)  # [B, H, T, dv]
         return out.to(value.dtype).transpose(1, 2), None

@@ -53,26 +53,46 @@ class Row:
     attention: the stock attention module class (in that module). It must call ``cache.update(k, v, layer_idx)``
         and then ``ALL_ATTENTION_FUNCTIONS``; q/k/v reach the function as [B, H|Hkv, L, head_dim].
     kv_heads: the config field with the number of key/value heads (None: as many as query heads).
-    causal: True for decoders (the attention module's ``is_causal`` decides each call; this says whether the
-        model decodes, for full-sequence statistics/calibration forwards).
+    head_dim: the attention module's attribute with the head size.
+    cross_attention: the stock cross-attention module class (BERT-style decoders with ``add_cross_attention``), or
+        None. Cross-attention is bidirectional FAVOR+ over the encoder keys (``modeling.site_settings``).
+    causal: True for decoders, False for encoders, None when ``config.is_decoder`` decides (BERT-style). The
+        attention module's ``is_causal`` decides each call; this says whether the model decodes, for the
+        full-sequence statistics/calibration forwards.
     cleared: config fields the conversion sets (e.g. ``sliding_window: None``: every layer becomes global).
     masks_by_layer_type: the model code indexes its masks by ``config.layer_types`` (keep "full_attention" there in
         memory; config.json still says "favor_attention").
     qk / projections / lora: regexes on parameter names (calibration ``--train qk`` / ``attention``) and module
         names (``--train lora``).
     default_class: what a checkpoint without ``architectures`` is loaded as.
+    positions: how ``hf-performer convert --max-position-embeddings`` grows the position limit (``conversion.positions``).
     """
 
     model_type: str
     attention: str
     kv_heads: str | None = "num_key_value_heads"
-    causal: bool = True
+    head_dim: str = "head_dim"
+    cross_attention: str | None = None
+    causal: bool | None = True
     cleared: dict = field(default_factory=dict)
     masks_by_layer_type: bool = False
     qk: str = LLAMA_QK
     projections: str = LLAMA_ATTENTION
     lora: str = LLAMA_LORA
     default_class: str = ""
+    positions: str = "rotary"  # "rotary" (computed), or a learned table indexed like "bert" or "roberta"
+
+
+BERT_QK = r"attention\.self\.(query|key)\."
+BERT_ATTENTION = r"attention\.(self\.(query|key|value)|output\.dense)\."
+BERT_LORA = r".*attention\.(self\.(query|key|value)|output\.dense)"
+
+
+def bert_style(model_type: str, prefix: str, default_class: str, positions: str = "bert") -> Row:
+    """A row for an encoder built like BERT (``<X>SelfAttention`` / ``<X>CrossAttention``, query/key/value Linear)."""
+    return Row(model_type, f"{prefix}SelfAttention", kv_heads=None, head_dim="attention_head_size",
+               cross_attention=f"{prefix}CrossAttention", causal=None, qk=BERT_QK, projections=BERT_ATTENTION,
+               lora=BERT_LORA, default_class=default_class, positions=positions)
 
 
 _NO_SLIDING = {"sliding_window": None}
@@ -93,15 +113,20 @@ ROWS = [
     Row("olmo2", "Olmo2Attention", default_class="Olmo2ForCausalLM"),
     Row("smollm3", "SmolLM3Attention", cleared=_NO_SLIDING_SWITCH, masks_by_layer_type=True,
         default_class="SmolLM3ForCausalLM"),
+    bert_style("xlm-roberta", "XLMRoberta", "XLMRobertaModel", positions="roberta"),
+    bert_style("electra", "Electra", "ElectraModel"),
+    bert_style("camembert", "Camembert", "CamembertModel", positions="roberta"),
+    bert_style("ernie", "Ernie", "ErnieModel"),
 ]
 
 
 def _camel(name: str) -> str:
-    return name.removesuffix("Attention")
+    return name.removesuffix("Attention").removesuffix("Self")
 
 
 def _modeling(row: Row):
-    return importlib.import_module(f"transformers.models.{row.model_type}.modeling_{row.model_type}")
+    name = row.model_type.replace("-", "_")
+    return importlib.import_module(f"transformers.models.{name}.modeling_{name}")
 
 
 def _stock_model_classes(row: Row, config_cls: type) -> list[type]:
@@ -112,15 +137,17 @@ def _stock_model_classes(row: Row, config_cls: type) -> list[type]:
             and getattr(c, "config_class", None) is config_cls and not c.__name__.endswith("PreTrainedModel")]
 
 
-def _sites(row: Row, attention_cls: type, performer_attention: type):
+def _sites(row: Row, attention_cls: type, performer_attention: type, cross_cls: type | None):
     def favor_sites(model):
         config = model.config
-        heads = config.num_attention_heads
+        heads, n = config.num_attention_heads, config.num_hidden_layers
         kv = getattr(config, row.kv_heads, None) if row.kv_heads else None
         for m in model.modules():
             if isinstance(m, attention_cls):
                 # statistics and decoding state per key/value head (grouped-query attention, ``grouped``)
-                yield AttentionSite(m, m.head_dim, kv or heads, m.layer_idx, performer_attention)
+                yield AttentionSite(m, getattr(m, row.head_dim), kv or heads, m.layer_idx, performer_attention)
+            elif cross_cls is not None and isinstance(m, cross_cls):
+                yield AttentionSite(m, getattr(m, row.head_dim), heads, n + m.layer_idx, cross_attention=True)
 
     return favor_sites
 
@@ -168,7 +195,8 @@ def build_family(row: Row) -> Family:
     if base_name not in g:
         g[base_name] = type(base_name, (PerformerModelMixin,), {
             "__module__": __name__, "__qualname__": base_name, "config_class": config_cls,
-            "_favor_sites": _sites(row, attention_cls, performer_attention),
+            "_favor_sites": _sites(row, attention_cls, performer_attention,
+                                   getattr(_modeling(row), row.cross_attention) if row.cross_attention else None),
         })
     base = g[base_name]
 
