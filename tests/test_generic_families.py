@@ -201,15 +201,22 @@ def test_sliding_window_configs_become_global_and_a_window_kwarg_is_refused():
         favor_attention_forward(attn, q, k, k, None, scaling=1.0, softcap=30.0)
 
 
-def test_every_task_head_converts(tmp_path):
-    for model_type in ("llama", "qwen3"):
-        for stock_cls in GENERIC_FAMILIES[model_type].classes:
-            torch.manual_seed(0)
-            model = stock_cls(stock_config(model_type, num_labels=3)).eval()
-            ids, mask = left_padded()
-            with torch.no_grad():
-                out = I.convert_to_performer(model, SETTINGS)(input_ids=ids, attention_mask=mask, use_cache=False)
-            assert torch.isfinite(out[0] if not hasattr(out, "start_logits") else out.start_logits).all()
+@pytest.mark.parametrize("model_type", TYPES)
+def test_every_task_head_converts_and_calibrates(model_type):
+    ids, mask = left_padded()
+    for stock_cls in GENERIC_FAMILIES[model_type].classes:
+        torch.manual_seed(0)
+        model = I.convert_to_performer(stock_cls(stock_config(model_type, num_labels=2)).eval(), SETTINGS)
+        assert hf_performer.calibrate_feature_statistics(model, {"input_ids": ids, "attention_mask": mask}) == 2
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, use_cache=False)
+        assert torch.isfinite(out[0] if not hasattr(out, "start_logits") else out.start_logits).all()
+
+
+def test_every_generic_class_is_exercised():
+    heads = {c for t in TYPES for c in GENERIC_FAMILIES[t].classes} | \
+        {c for t in ENCODERS for c in GENERIC_FAMILIES[t].classes}
+    assert heads == {c for f in GENERIC_FAMILIES.values() for c in f.classes}
 
 
 def _snapshot(model):

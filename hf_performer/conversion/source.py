@@ -80,8 +80,8 @@ def inspect_source(spec: str | os.PathLike, model_class: str | None = None) -> S
     reason = unconvertible_reason(model_type)
     if reason is not None:
         raise ConversionError(
-            f"source {spec!r} (model_type {model_type!r}) cannot be converted honestly: its attention uses {reason}, "
-            "which FAVOR+ cannot compute."
+            f"source {spec!r} has an unsupported architecture: model_type {model_type!r} cannot be converted "
+            f"honestly, its attention uses {reason}, which FAVOR+ cannot compute."
         )
     if model_type not in FAMILIES:
         raise ConversionError(
