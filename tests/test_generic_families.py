@@ -214,8 +214,8 @@ def test_every_task_head_converts_and_calibrates(model_type):
 
 
 def test_every_generic_class_is_exercised():
-    heads = {c for t in TYPES for c in GENERIC_FAMILIES[t].classes} | \
-        {c for t in ENCODERS for c in GENERIC_FAMILIES[t].classes}
+    tested = [*TYPES, *ENCODERS, "modernbert"]  # the ModernBERT tests below take every class too
+    heads = {c for t in tested for c in GENERIC_FAMILIES[t].classes}
     assert heads == {c for f in GENERIC_FAMILIES.values() for c in f.classes}
 
 
@@ -313,3 +313,83 @@ def test_bert_style_decoder_generation_cached_equals_uncached():
             outs.append(model.eval().generate(input_ids=ids, max_new_tokens=5, min_new_tokens=5, do_sample=False,
                                               pad_token_id=1, use_cache=use_cache))
     assert torch.equal(outs[0], outs[1])
+
+
+# ---------------------------------------------------------------------------------------------- ModernBERT
+def modernbert_config(vocab_size=V, **kw):
+    return tf.ModernBertConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                               num_attention_heads=4, max_position_embeddings=600, global_attn_every_n_layers=3,
+                               local_attention=8, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1,
+                               sep_token_id=2, num_labels=2, initializer_range=0.3, **kw)
+
+
+def test_modernbert_converts_global_layers_only_and_reloads_every_head_bit_identically(tmp_path):
+    ids = torch.randint(3, V, (2, 20), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 14:] = 0
+    for stock_cls in GENERIC_FAMILIES["modernbert"].classes:
+        torch.manual_seed(0)
+        model = stock_cls(modernbert_config()).eval()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        model = I.convert_to_performer(model, SETTINGS)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items()), stock_cls.__name__
+        converted_layers = [n for n, m in model.named_modules() if hasattr(m, "favor") and n.endswith(".attn")]
+        assert [n.split(".")[-2] for n in converted_layers] == ["0"]  # layer 0 global; layers 1, 2 local (exact)
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if stock_cls.__name__.endswith("MultipleChoice"):
+            batch = {k: v[:, None].repeat(1, 2, 1) for k, v in batch.items()}
+        hf_performer.calibrate_feature_statistics(model, batch)
+        model.save_pretrained(tmp_path / stock_cls.__name__)
+        saved = json.loads((tmp_path / stock_cls.__name__ / "config.json").read_text())
+        assert saved["layer_types"] == ["favor_attention"] * 3
+        auto = hf_performer.integration.portable.auto_class_name(type(model))
+        again = realigned(getattr(tf, auto).from_pretrained(tmp_path / stock_cls.__name__)).eval()
+        assert type(again) is type(model)
+        assert again.config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
+        realigned(model)
+        with torch.no_grad():
+            assert torch.equal(model(**batch)[0], again(**batch)[0]), stock_cls.__name__
+
+
+def test_modernbert_local_layers_stay_exact_and_padding_changes_nothing():
+    from hf_performer.conversion.capture import attention_inputs, attention_outputs, replaced_attention_inputs
+
+    torch.manual_seed(0)
+    stock_model = tf.ModernBertModel(modernbert_config(attn_implementation="sdpa")).eval()
+    model = I.convert_to_performer(copy.deepcopy(stock_model), SETTINGS).eval()
+    ids = torch.randint(3, V, (2, 30), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 21:] = 0
+    names = [f"layers.{i}.attn" for i in range(3)]
+    with torch.no_grad(), attention_inputs(stock_model, names) as inputs, attention_outputs(stock_model, names) as ref:
+        stock_model(input_ids=ids, attention_mask=mask)
+    inputs, ref = dict(inputs), dict(ref)
+    with torch.no_grad(), replaced_attention_inputs(model, inputs), attention_outputs(model, names) as out:
+        model(input_ids=ids, attention_mask=mask)
+    for name in names[1:]:  # the local layers: the stock SDPA result, on real tokens
+        torch.testing.assert_close(out[name][0], ref[name][0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[name][1, :21], ref[name][1, :21], rtol=1e-5, atol=1e-5)
+    assert (out[names[0]] - ref[names[0]]).abs().max() > 1e-4  # the global layer is FAVOR+ (an estimate)
+    padded = torch.cat([ids[:1, :21], torch.zeros(1, 5, dtype=torch.long)], 1)
+    pmask = torch.cat([torch.ones(1, 21, dtype=torch.long), torch.zeros(1, 5, dtype=torch.long)], 1)
+    with torch.no_grad():
+        alone = model(input_ids=ids[:1, :21]).last_hidden_state
+        with_pad = model(input_ids=padded, attention_mask=pmask).last_hidden_state[:, :21]
+    torch.testing.assert_close(with_pad, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_modernbert_training_step_allocates_no_attention_sized_tensor():
+    from test_integration_linear_memory import L, ShapeRecorder
+
+    torch.manual_seed(0)
+    model = I.convert_to_performer(tf.ModernBertForMaskedLM(modernbert_config(vocab_size=64)), SETTINGS).train()
+    ids = torch.randint(3, 64, (2, L), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, L - 100:] = 0
+    with ShapeRecorder() as rec:
+        model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    assert len(rec.shapes) > 100 and rec.quadratic() == []
+    stock_model = tf.ModernBertForMaskedLM(modernbert_config(vocab_size=64, attn_implementation="sdpa")).train()
+    with ShapeRecorder() as rec:  # stock: the local layers' band is an L×L mask
+        stock_model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    assert rec.quadratic()

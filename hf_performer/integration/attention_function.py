@@ -22,6 +22,7 @@ from transformers.masking_utils import bidirectional_mask_function, causal_mask_
 
 from .caller import caller_stacklevel
 from .grouped import fold_groups, query_groups, unfold_groups
+from .local_exact import sliding_window_attention
 from .zero_shot import notice_uncalibrated
 
 ATTN_IMPLEMENTATION = "favor"
@@ -104,6 +105,21 @@ def reject_unsupported_kwargs(module, kwargs) -> None:
             )
 
 
+def _is_bidirectional_band(mask_function, kwargs) -> bool:
+    """True for transformers' plain bidirectional sliding-window mask (``create_bidirectional_sliding_window_mask``,
+    |i − j| ≤ local_size; ModernBERT's local layers). Such layers keep exact attention in linear memory
+    (``local_exact``), which takes the window from its ``sliding_window`` argument: the mask is the padding mask."""
+    w = kwargs.get("local_size")
+    if not isinstance(w, int) or kwargs.get("use_vmap"):
+        return False
+    t = lambda i: torch.tensor(i)  # noqa: E731
+    try:
+        probe = [bool(mask_function(t(0), t(0), t(q), t(kv))) for q, kv in ((w, 0), (0, w), (w + 1, 0), (0, w + 1))]
+    except Exception:
+        return False
+    return probe == [True, True, False, False]
+
+
 def favor_mask(
     batch_size: int,
     q_length: int,
@@ -119,7 +135,8 @@ def favor_mask(
     Causality is not encoded in the mask: the attention function takes it from the module. A mask without any
     padding is passed on as it is: asking whether it has padding would read a device tensor (a host
     synchronisation per forward and per generated token)."""
-    if mask_function is not causal_mask_function and mask_function is not bidirectional_mask_function:
+    plain = mask_function is causal_mask_function or mask_function is bidirectional_mask_function
+    if not plain and not _is_bidirectional_band(mask_function, kwargs):
         raise NotImplementedError(
             "Performer FAVOR+ attention supports plain causal or bidirectional attention with a 2D padding mask. "
             "This forward asked for another mask pattern (packed sequences detected from position_ids without an "
@@ -148,6 +165,13 @@ def favor_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """q [B,H,Lq,d], k [B,H,Lk,d], v [B,H,Lk,dv] -> (out [B,Lq,H,dv], None)."""
     favor = getattr(module, "favor", None)
+    window = kwargs.get("sliding_window")
+    if favor is None and window is not None and not getattr(module, "is_causal", False) and is_causal is not True:
+        # a layer the conversion kept exact (ModernBERT's local layers): already linear in memory (``local_exact``)
+        reject_attention_weights(kwargs.get("output_attentions"))
+        mask = key_padding_mask(attention_mask, key.shape[2])
+        out = sliding_window_attention(query, key, value, int(window) - 1, mask, scaling, dropout, module.training)
+        return out.transpose(1, 2), None  # sliding_window s (flash-attention convention): |i − j| <= s − 1
     if favor is None:
         raise RuntimeError(
             f"attn_implementation='{ATTN_IMPLEMENTATION}' needs a FavorAttention on {type(module).__name__}; "

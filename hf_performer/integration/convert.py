@@ -94,6 +94,13 @@ def convert_to_performer(model: nn.Module, config: PerformerConfig | dict | None
     # e.g. sliding_window: None (every layer becomes global FAVOR+ attention; generic.py says why)
     fields.update(family_traits(old.model_type).cleared)
     new = config_cls.from_dict({**fields, "performer": settings.to_dict()})
+    if config_cls.runtime_layer_type is None and list(new.layer_types) != list(old.layer_types):
+        # the saved config.json cannot keep them (it says favor_attention), so a reload would derive others
+        raise ValueError(
+            f"{type(model).__name__}'s layer_types {old.layer_types} are not the ones its config derives from its other "
+            f"fields ({new.layer_types}); a converted checkpoint could not reproduce them. Set the fields that define "
+            "the layer pattern (e.g. global_attn_every_n_layers) instead of layer_types."
+        )
     new._attn_implementation = ATTN_IMPLEMENTATION
     new.name_or_path = old.name_or_path
 

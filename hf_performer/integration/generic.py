@@ -66,6 +66,9 @@ class Row:
         names (``--train lora``).
     default_class: what a checkpoint without ``architectures`` is loaded as.
     positions: how ``hf-performer convert --max-position-embeddings`` grows the position limit (``conversion.positions``).
+    exact_if: which layers are NOT converted: modules whose attribute ``exact_if`` is not None keep their exact
+        attention (ModernBERT: ``sliding_window``, its local layers, run exactly in linear memory by ``local_exact``).
+        The config's ``layer_types`` then stay the stock ones in memory (``runtime_layer_type = None``).
     """
 
     model_type: str
@@ -81,6 +84,7 @@ class Row:
     lora: str = LLAMA_LORA
     default_class: str = ""
     positions: str = "rotary"  # "rotary" (computed), or a learned table indexed like "bert" or "roberta"
+    exact_if: str | None = None  # attention modules whose attribute of this name is set keep exact attention
 
 
 BERT_QK = r"attention\.self\.(query|key)\."
@@ -117,6 +121,11 @@ ROWS = [
     bert_style("electra", "Electra", "ElectraModel"),
     bert_style("camembert", "Camembert", "CamembertModel", positions="roberta"),
     bert_style("ernie", "Ernie", "ErnieModel"),
+    # global layers FAVOR+, local (sliding-window) layers exact in linear memory; layer_types derived by the stock
+    # config from global_attn_every_n_layers (config.json says favor_attention for every layer)
+    Row("modernbert", "ModernBertAttention", kv_heads=None, causal=False, exact_if="sliding_window",
+        qk=r"\.attn\.Wqkv\.", projections=r"\.attn\.(Wqkv|Wo)\.", lora=r".*\.attn\.(Wqkv|Wo)",
+        default_class="ModernBertModel"),
 ]
 
 
@@ -143,6 +152,8 @@ def _sites(row: Row, attention_cls: type, performer_attention: type, cross_cls: 
         heads, n = config.num_attention_heads, config.num_hidden_layers
         kv = getattr(config, row.kv_heads, None) if row.kv_heads else None
         for m in model.modules():
+            if isinstance(m, attention_cls) and row.exact_if and getattr(m, row.exact_if, None) is not None:
+                continue  # kept exact (already linear in memory)
             if isinstance(m, attention_cls):
                 # statistics and decoding state per key/value head (grouped-query attention, ``grouped``)
                 yield AttentionSite(m, getattr(m, row.head_dim), kv or heads, m.layer_idx, performer_attention)
@@ -176,7 +187,8 @@ def build_family(row: Row) -> Family:
             "__annotations__": {"performer": dict | None, "hf_performer_version": str | None,
                                 "layer_types": list[str] | None},
             "model_type": f"performer_{row.model_type}",
-            "runtime_layer_type": "full_attention" if row.masks_by_layer_type else LAYER_TYPE,
+            "runtime_layer_type": (None if row.exact_if else "full_attention" if row.masks_by_layer_type
+                                   else LAYER_TYPE),
             "performer": None,
             "hf_performer_version": None,
             "layer_types": None,

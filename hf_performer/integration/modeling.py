@@ -49,15 +49,19 @@ class PerformerConfigMixin:
     # the layer type the model code sees in memory. Families whose model code picks each layer's mask by
     # ``config.layer_types`` (Qwen2, ...) keep "full_attention" there (every layer is global FAVOR+ attention); the
     # saved config.json always says "favor_attention", which the stock config classes refuse.
+    # None: the stock config derives them (ModernBERT: which layers are local, kept exact; ``generic.Row.exact_if``).
     runtime_layer_type = LAYER_TYPE
 
     def __post_init__(self, **kwargs):
         """Validate/normalise the Performer fields, then the stock checks."""
         self.performer = PerformerConfig.from_dict(self.performer or {}).to_dict()
         n = self.num_hidden_layers
-        if self.layer_types is None or list(self.layer_types) == [LAYER_TYPE] * n:
+        if self.runtime_layer_type is None:
+            if self.layer_types is not None and list(self.layer_types) == [LAYER_TYPE] * n:
+                self.layer_types = None  # the stock __post_init__ derives them
+        elif self.layer_types is None or list(self.layer_types) == [LAYER_TYPE] * n:
             self.layer_types = [self.runtime_layer_type] * n
-        if list(self.layer_types) != [self.runtime_layer_type] * n:
+        if self.runtime_layer_type is not None and list(self.layer_types) != [self.runtime_layer_type] * n:
             raise ValueError(
                 f"{type(self).__name__}.layer_types must be {n} x '{LAYER_TYPE}' (every layer is FAVOR+), "
                 f"got {self.layer_types}."
