@@ -21,6 +21,7 @@ from .registry import FAMILIES, family_traits
 
 
 def supported_model_classes() -> list[str]:
+    """The name of every stock model class ``convert_to_performer`` converts."""
     return [stock.__name__ for _, classes in FAMILIES.values() for stock in classes]
 
 
