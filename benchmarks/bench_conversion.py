@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from tiny_gpt2 import train_tiny_gpt2  # noqa: E402
+from tiny_llama import train_tiny_llama  # noqa: E402
 
 from hf_performer.conversion import CalibrationConfig, convert, report  # noqa: E402
 from hf_performer.conversion.corpus import pydoc_paragraphs  # noqa: E402
@@ -115,11 +116,15 @@ def render(doc: dict) -> str:
                   f"| calibrated ({cal['steps_done']} steps, {cal['wall_s']:.0f} s, train={cal['config']['train']}) | "
                   f"{_f(c['embedding_cosine_mean'])} | {_f(c['embedding_cosine_min'])} | {_f(c['pairwise_spearman'])} |", ""]
         lines += layer_table(m)
-    g = doc.get("gpt2")
-    if g:
+    for key, title in (("gpt2", "Small GPT-2 trained offline (benchmarks/tiny_gpt2.py)"),
+                       ("llama", "Small Llama (RoPE, 4 query heads on 2 key/value heads) trained offline "
+                                 "(benchmarks/tiny_llama.py)")):
+        g = doc.get(key)
+        if not g:
+            continue
         z, c = g["zero_shot"]["end_to_end"], g["calibrated"]["end_to_end"]
         cal = g["calibration"]
-        lines += [f"## Small GPT-2 trained offline (benchmarks/tiny_gpt2.py), FAVOR+ nb_features={g['performer']['nb_features']}", "",
+        lines += [f"## {title}, FAVOR+ nb_features={g['performer']['nb_features']}", "",
                   f"Trained {g['training']['steps']} steps on {g['training']['train_tokens']} tokens of the train topics "
                   f"({g['training']['parameters']} parameters, {g['training']['wall_s']:.0f} s). "
                   f"{g['eval_sequences']} held-out sequences.", "",
@@ -147,7 +152,8 @@ def layer_table(r: dict) -> list[str]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run: few steps and texts")
-    p.add_argument("--only", choices=("minilm", "gpt2"), help="run one model only")
+    p.add_argument("--only", choices=("minilm", "gpt2", "llama"),
+                   help="run one model only (llama: only this way; write it with --output-name conversion-llama)")
     p.add_argument("--nb-features", type=int, default=256)
     p.add_argument("--local-window", type=int, default=0, help="exact attention to the w nearest keys (0: pure FAVOR)")
     p.add_argument("--seed", type=int, default=0)
@@ -161,7 +167,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=CalibrationConfig.batch_size)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--statistics-batches", type=int, default=4)
-    p.add_argument("--gpt2-steps", type=int, default=1000, help="training steps of the small GPT-2")
+    p.add_argument("--gpt2-steps", type=int, default=1000, help="training steps of the small GPT-2 (and Llama)")
     p.add_argument("--gpt2-calibration-steps", type=int, default=300)
     p.add_argument("--max-eval", type=int, default=None, help="held-out paragraphs (default all)")
     p.add_argument("--work-dir", help="keep the converted checkpoints here (default: a temporary folder)")
@@ -181,10 +187,10 @@ def main(argv=None) -> int:
     doc = {"machine": machine(), "args": vars(args)}
     previous = RESULTS / f"{name}.json"
     if args.only and previous.is_file():  # keep the other model's measurement (its own args stay with it)
-        other = "gpt2" if args.only == "minilm" else "minilm"
         old = json.loads(previous.read_text())
-        if other in old:
-            doc[other] = {"args": old.get("args"), **old[other]} if "args" not in old[other] else old[other]
+        for other in {"minilm", "gpt2", "llama"} - {args.only}:
+            if other in old:
+                doc[other] = {"args": old.get("args"), **old[other]} if "args" not in old[other] else old[other]
     with tempfile.TemporaryDirectory(prefix="bench-conversion-") as tmp:
         work = Path(args.work_dir or tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -202,6 +208,16 @@ def main(argv=None) -> int:
             doc["gpt2"]["training"] = training
             doc["gpt2"]["args"] = vars(args)
             doc["gpt2"]["training"]["total_s"] = round(time.perf_counter() - t, 1)
+            save(doc, name)
+        if args.only == "llama":
+            t = time.perf_counter()
+            training = train_tiny_llama(work / "tiny-llama", steps=args.gpt2_steps, seed=args.seed,
+                                        progress=not args.no_progress)
+            doc["llama"] = run_pair("llama", str(work / "tiny-llama"), work, train, held_out, args, lengths=(128, 256),
+                                    steps=args.gpt2_calibration_steps)
+            doc["llama"]["training"] = training
+            doc["llama"]["args"] = vars(args)
+            doc["llama"]["training"]["total_s"] = round(time.perf_counter() - t, 1)
             save(doc, name)
     print(render(doc))
     return 0

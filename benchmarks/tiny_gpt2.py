@@ -73,13 +73,23 @@ def packed_windows(docs: list[str], tokenizer, length: int) -> torch.Tensor:
 
 def train_tiny_gpt2(out_dir: str | Path, steps: int = 1000, batch_size: int = 8, length: int = 128, lr: float = 3e-3,
                     n_layer: int = 4, n_embd: int = 128, n_head: int = 4, seed: int = 0, progress: bool = True) -> dict:
-    torch.manual_seed(seed)
     tok = compact_tokenizer()
     windows = packed_windows(train_documents(), tok, length)
     config = tf.GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
                            bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id,
                            resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
-    model = tf.GPT2LMHeadModel(config)
+    info = train_lm(tf.GPT2LMHeadModel, config, tok, windows, out_dir, steps=steps, batch_size=batch_size, lr=lr,
+                    seed=seed, progress=progress, desc="train tiny GPT-2")
+    info["config"] = {"n_layer": n_layer, "n_embd": n_embd, "n_head": n_head, "n_positions": 256, "lr": lr,
+                      "batch_size": batch_size, "length": length}
+    return info
+
+
+def train_lm(model_cls, config, tok, windows: torch.Tensor, out_dir: str | Path, steps: int, batch_size: int, lr: float,
+             seed: int, progress: bool, desc: str) -> dict:
+    """Train ``model_cls(config)`` on random packed windows (AdamW, warm-up + cosine), save it with ``tok``."""
+    torch.manual_seed(seed)
+    model = model_cls(config)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
     warmup = max(1, steps // 20)
@@ -89,7 +99,7 @@ def train_tiny_gpt2(out_dir: str | Path, steps: int = 1000, batch_size: int = 8,
     order: list[int] = []
     losses = []
     t0 = time.perf_counter()
-    for _ in tqdm(range(steps), desc="train tiny GPT-2", disable=not progress):
+    for _ in tqdm(range(steps), desc=desc, disable=not progress):
         if len(order) < batch_size:
             order += rng.sample(range(len(windows)), len(windows))
         idx, order = order[:batch_size], order[batch_size:]
@@ -106,9 +116,7 @@ def train_tiny_gpt2(out_dir: str | Path, steps: int = 1000, batch_size: int = 8,
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return {"steps": steps, "train_tokens": int(windows.numel()), "final_train_loss": sum(losses[-20:]) / min(20, len(losses)),
-            "wall_s": time.perf_counter() - t0, "parameters": sum(p.numel() for p in model.parameters()),
-            "config": {"n_layer": n_layer, "n_embd": n_embd, "n_head": n_head, "n_positions": 256, "lr": lr,
-                       "batch_size": batch_size, "length": length}}
+            "wall_s": time.perf_counter() - t0, "parameters": sum(p.numel() for p in model.parameters())}
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ from .integration import (
     maybe_redraw_features,
     redraw_features,
     supported_model_classes,
+    supported_model_types,
 )
 from .ops import FavorState
 from .settings import PerformerConfig
@@ -45,4 +46,5 @@ __all__ = [
     "maybe_redraw_features",
     "redraw_features",
     "supported_model_classes",
+    "supported_model_types",
 ]

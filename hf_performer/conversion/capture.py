@@ -22,13 +22,16 @@ import torch
 from torch import nn
 
 from hf_performer.attention import FavorAttention
+from hf_performer.integration.registry import family_traits
 
 _FAVOR_SIGNATURE = inspect.signature(FavorAttention.forward)
 
 
 def is_causal_model(model: nn.Module) -> bool:
+    """True for decoders (GPT-2, the causal rows of ``integration.generic``, BERT-style models with ``is_decoder``)."""
     config = model.config
-    return config.model_type.removeprefix("performer_") == "gpt2" or bool(getattr(config, "is_decoder", False))
+    causal = family_traits(config.model_type).causal
+    return bool(getattr(config, "is_decoder", False)) if causal is None else causal
 
 
 def forward_kwargs(model: nn.Module) -> dict:

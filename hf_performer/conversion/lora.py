@@ -16,6 +16,8 @@ import importlib.util
 
 from torch import nn
 
+from hf_performer.integration.registry import family_traits
+
 from .errors import ConversionError
 
 ADAPTER = "calibration"
@@ -47,9 +49,13 @@ def add_lora(model: nn.Module, rank: int, alpha: float):
     from peft import LoraConfig, LoraModel
 
     family = model.config.model_type.removeprefix("performer_")
-    if family not in TARGETS:
+    try:
+        targets = TARGETS.get(family) or family_traits(family).lora  # a row of the generic family table
+    except KeyError:
+        targets = None
+    if targets is None:
         raise ConversionError(f"train='lora' does not know the attention projections of model_type {family!r}.")
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=TARGETS[family],
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets,
                         fan_in_fan_out=family == "gpt2", bias="none")  # GPT-2's Conv1D stores W transposed
     return LoraModel(model, config, ADAPTER)
 

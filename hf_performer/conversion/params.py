@@ -1,7 +1,7 @@
 """Which parameters calibration trains (``--train``):
 
 * ``qk``: the query and key projections (GPT-2's fused ``c_attn``: only its query/key columns receive
-  gradient; a hook zeroes the value columns' gradient);
+  gradient; a hook zeroes the value columns' gradient; Phi-3's fused ``qkv_proj`` is trained whole);
 * ``attention``: query, key, value and the attention output projection (the default);
 * ``all``: every parameter;
 * ``lora``: LoRA adapters on the ``attention`` projections, merged after training (``lora.py``; the
@@ -15,6 +15,8 @@ from __future__ import annotations
 import re
 
 from torch import nn
+
+from hf_performer.integration.registry import family_traits
 
 TRAIN_CHOICES = ("qk", "attention", "all", "lora")
 PLAIN_CHOICES = ("qk", "attention", "all")  # the choices select_trainable handles
@@ -48,12 +50,16 @@ def select_trainable(model: nn.Module, choice: str) -> tuple[list[str], list]:
     if choice not in PLAIN_CHOICES:
         raise ValueError(f"train={choice!r}: expected one of {', '.join(PLAIN_CHOICES)} (lora: see lora.add_lora).")
     family = model.config.model_type.removeprefix("performer_")
+    patterns = _PATTERNS.get(family)
+    if patterns is None:  # a row of the generic family table
+        traits = family_traits(family)
+        patterns = {"qk": traits.qk, "attention": traits.projections}
     names, handles = [], []
     for name, p in model.named_parameters():
         if choice == "all":
             keep = True
         else:
-            keep = re.search(_PATTERNS[family][choice], "." + name) is not None
+            keep = re.search(patterns[choice], "." + name) is not None
         p.requires_grad_(keep)
         if keep:
             names.append(name)

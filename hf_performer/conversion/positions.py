@@ -9,6 +9,9 @@ tokens gives exactly the outputs it gave before — and later positions start fr
 * RoBERTa: positions start at ``padding_idx + 1`` (2): rows 0..padding_idx are kept, the rest is tiled; a
   model for N tokens needs ``max_position_embeddings = N + padding_idx + 1``.
 * GPT-2 (1024): ``wpe`` and ``n_positions``.
+* Rotary families (``integration.generic``: Llama, Qwen2, ...): no table; only ``max_position_embeddings`` (and the
+  tokenizer's ``model_max_length``) grow. Rotary positions are computed for any index, but a model trained on n
+  tokens has never seen larger rotations: quality beyond n is what the checkpoint gives (FAVOR+ changes nothing there).
 
 ``max_position_embeddings`` below always counts *tokens* (what the tokenizer's ``model_max_length`` says).
 """
@@ -18,9 +21,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hf_performer.integration.generic import GENERIC_FAMILIES
+
 from .errors import ConversionError
 
 SUPPORTED = ("bert", "roberta", "distilbert", "gpt2")
+
+
+def is_rotary(config) -> bool:
+    """True for rotary position embeddings (no learned position table)."""
+    return _family(config) == "rotary"
 
 
 def position_offset(config) -> int:
@@ -29,7 +39,11 @@ def position_offset(config) -> int:
 
 
 def _family(config) -> str:
-    return config.model_type.removeprefix("performer_")
+    """The position layout: "bert", "roberta", "distilbert", "gpt2", or "rotary" (rows of the generic table say
+    which of these they use)."""
+    family = config.model_type.removeprefix("performer_")
+    row = GENERIC_FAMILIES.get(family)
+    return row.row.positions if row is not None else family
 
 
 def max_tokens(config) -> int:
@@ -46,8 +60,11 @@ def check_extension(config, new_max: int | None) -> None:
     family = _family(config)
     if isinstance(new_max, bool) or not isinstance(new_max, int) or new_max < 1:
         raise ConversionError(f"--max-position-embeddings {new_max!r}: expected a positive integer.")
-    if family not in SUPPORTED:
-        raise ConversionError(f"position extension supports {', '.join(SUPPORTED)}; got model_type {config.model_type!r}.")
+    if family not in SUPPORTED and not is_rotary(config):
+        raise ConversionError(
+            f"position extension supports {', '.join(SUPPORTED)} and the families of the generic table "
+            f"({', '.join(GENERIC_FAMILIES)}); got model_type {config.model_type!r}."
+        )
     if family == "distilbert" and getattr(config, "sinusoidal_pos_embds", False):
         raise ConversionError("this DistilBERT uses fixed sinusoidal position embeddings; tiling applies to learned ones.")
     current = max_tokens(config)
@@ -89,7 +106,9 @@ def extend_positions(model: nn.Module, new_max: int, tokenizer=None) -> dict:
         return {"from": old, "to": new_max}
     family, offset = _family(config), position_offset(config)
     base = model.base_model
-    if family == "gpt2":
+    if is_rotary(config):  # nothing to tile: rotary positions are computed for any index
+        config.max_position_embeddings = new_max
+    elif family == "gpt2":
         _grow_embedding(base.wpe, new_max, 0)
         config.n_positions = new_max
     else:

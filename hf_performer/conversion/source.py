@@ -14,12 +14,10 @@ from pathlib import Path
 
 import torch
 
-from hf_performer.integration.registry import FAMILIES
+from hf_performer.integration.refusals import unconvertible_reason
+from hf_performer.integration.registry import FAMILIES, family_traits
 
 from .errors import ConversionError
-
-# what a checkpoint without ``architectures`` is loaded as
-DEFAULT_CLASS = {"bert": "BertModel", "roberta": "RobertaModel", "distilbert": "DistilBertModel", "gpt2": "GPT2LMHeadModel"}
 
 
 @dataclass
@@ -79,6 +77,12 @@ def inspect_source(spec: str | os.PathLike, model_class: str | None = None) -> S
     model_type = getattr(config, "model_type", None)
     if isinstance(model_type, str) and model_type.startswith("performer_"):
         raise ConversionError(f"source {spec!r} is already a Performer checkpoint ({model_type}); convert the original.")
+    reason = unconvertible_reason(model_type)
+    if reason is not None:
+        raise ConversionError(
+            f"source {spec!r} has an unsupported architecture: model_type {model_type!r} cannot be converted "
+            f"honestly, its attention uses {reason}, which FAVOR+ cannot compute."
+        )
     if model_type not in FAMILIES:
         raise ConversionError(
             f"source {spec!r} has an unsupported architecture: model_type {model_type!r} "
@@ -94,7 +98,7 @@ def inspect_source(spec: str | os.PathLike, model_class: str | None = None) -> S
                 f"source {spec!r} is a {archs[0]}, which has no Performer class. Supported: {', '.join(classes)} "
                 "(choose one with --model-class)."
             )
-        model_class = model_class or DEFAULT_CLASS[model_type]
+        model_class = model_class or family_traits(model_type).default_class
     if model_class not in classes:
         raise ConversionError(f"--model-class {model_class!r} is not supported for {model_type}; choose from {', '.join(classes)}.")
     return Source(spec, location, is_local, config, classes[model_class])

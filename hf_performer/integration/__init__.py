@@ -9,7 +9,13 @@ from .attention_function import ATTN_IMPLEMENTATION
 from .bert import PerformerBertConfig
 from .cache import FavorCache, FavorCacheLayer
 from .callback import PerformerRedrawCallback
-from .convert import convert_to_performer, maybe_redraw_features, redraw_features, supported_model_classes
+from .convert import (
+    convert_to_performer,
+    maybe_redraw_features,
+    redraw_features,
+    supported_model_classes,
+    supported_model_types,
+)
 from .distilbert import PerformerDistilBertConfig
 from .gpt2 import PerformerGPT2Config
 from .peft_support import register_peft_hook
@@ -33,4 +39,5 @@ __all__ = [
     "redraw_features",
     "register_performer_models",
     "supported_model_classes",
+    "supported_model_types",
 ]

@@ -21,6 +21,8 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import bidirectional_mask_function, causal_mask_function
 
 from .caller import caller_stacklevel
+from .grouped import fold_groups, query_groups, unfold_groups
+from .local_exact import sliding_window_attention
 from .zero_shot import notice_uncalibrated
 
 ATTN_IMPLEMENTATION = "favor"
@@ -80,6 +82,44 @@ def key_padding_mask(attention_mask: torch.Tensor | None, key_length: int) -> to
     return attention_mask[:, -key_length:].bool()
 
 
+# keyword arguments of the attention interface that change the attention FAVOR+ computes: refused when set
+_UNSUPPORTED_KWARGS = {
+    "sliding_window": "a sliding attention window (FAVOR+ layers attend to the whole context; convert with "
+                      "hf_performer.convert_to_performer, which makes every layer global)",
+    "softcap": "attention-logit soft-capping (tanh of the logits has no random-feature estimate)",
+    "s_aux": "attention sinks (a learned extra logit per head in the softmax normaliser)",
+    "sinks": "attention sinks (a learned extra logit per head in the softmax normaliser)",
+}
+
+# the kwarg through which ``RecurrentDecodingMixin`` hands the layer's FavorCacheLayer to the attention function
+STEP_KWARG = "favor_cache_layer"
+
+
+def reject_unsupported_kwargs(module, kwargs) -> None:
+    """Raise NotImplementedError when the module asks for an attention variant FAVOR+ does not compute."""
+    for name, what in _UNSUPPORTED_KWARGS.items():
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(
+                f"{type(module).__name__} asked the attention function for {what} ({name}={kwargs[name]!r}); "
+                "Performer FAVOR+ attention cannot honour it."
+            )
+
+
+def _is_bidirectional_band(mask_function, kwargs) -> bool:
+    """True for transformers' plain bidirectional sliding-window mask (``create_bidirectional_sliding_window_mask``,
+    |i − j| ≤ local_size; ModernBERT's local layers). Such layers keep exact attention in linear memory
+    (``local_exact``), which takes the window from its ``sliding_window`` argument: the mask is the padding mask."""
+    w = kwargs.get("local_size")
+    if not isinstance(w, int) or kwargs.get("use_vmap"):
+        return False
+    t = lambda i: torch.tensor(i)  # noqa: E731
+    try:
+        probe = [bool(mask_function(t(0), t(0), t(q), t(kv))) for q, kv in ((w, 0), (0, w), (w + 1, 0), (0, w + 1))]
+    except Exception:
+        return False
+    return probe == [True, True, False, False]
+
+
 def favor_mask(
     batch_size: int,
     q_length: int,
@@ -95,7 +135,8 @@ def favor_mask(
     Causality is not encoded in the mask: the attention function takes it from the module. A mask without any
     padding is passed on as it is: asking whether it has padding would read a device tensor (a host
     synchronisation per forward and per generated token)."""
-    if mask_function is not causal_mask_function and mask_function is not bidirectional_mask_function:
+    plain = mask_function is causal_mask_function or mask_function is bidirectional_mask_function
+    if not plain and not _is_bidirectional_band(mask_function, kwargs):
         raise NotImplementedError(
             "Performer FAVOR+ attention supports plain causal or bidirectional attention with a 2D padding mask. "
             "This forward asked for another mask pattern (packed sequences detected from position_ids without an "
@@ -124,6 +165,13 @@ def favor_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """q [B,H,Lq,d], k [B,H,Lk,d], v [B,H,Lk,dv] -> (out [B,Lq,H,dv], None)."""
     favor = getattr(module, "favor", None)
+    window = kwargs.get("sliding_window")
+    if favor is None and window is not None and not getattr(module, "is_causal", False) and is_causal is not True:
+        # a layer the conversion kept exact (ModernBERT's local layers): already linear in memory (``local_exact``)
+        reject_attention_weights(kwargs.get("output_attentions"))
+        mask = key_padding_mask(attention_mask, key.shape[2])
+        out = sliding_window_attention(query, key, value, int(window) - 1, mask, scaling, dropout, module.training)
+        return out.transpose(1, 2), None  # sliding_window s (flash-attention convention): |i − j| <= s − 1
     if favor is None:
         raise RuntimeError(
             f"attn_implementation='{ATTN_IMPLEMENTATION}' needs a FavorAttention on {type(module).__name__}; "
@@ -132,7 +180,15 @@ def favor_attention_forward(
     reject_attention_weights(kwargs.get("output_attentions"))
     warn_ignored_dropout(dropout if module.training else 0.0)
     notice_uncalibrated(favor)
+    reject_unsupported_kwargs(module, kwargs)
     causal = getattr(module, "is_causal", False) if is_causal is None else bool(is_causal)
+    step_layer = kwargs.get(STEP_KWARG)
+    if step_layer is not None:  # recurrent decoding (``RecurrentDecodingMixin``): k, v are the new tokens only
+        if not causal:
+            raise ValueError("a bidirectional (encoder) self-attention cannot decode incrementally with a cache")
+        mask = key_padding_mask(attention_mask, key.shape[2])
+        out = step_layer.step(favor, query, key, value, mask, scaling)  # [B, H, T, dv]
+        return out.to(value.dtype).transpose(1, 2), None
     if causal and query.shape[2] != key.shape[2]:
         raise NotImplementedError(
             f"{type(module).__name__} got {query.shape[2]} queries for {key.shape[2]} cached keys: incremental "
@@ -142,8 +198,10 @@ def favor_attention_forward(
     out_dtype = value.dtype
     if getattr(module, "reorder_and_upcast_attn", False):  # GPT-2: attention math in float32
         query, key, value = query.float(), key.float(), value.float()
-    out = favor(query, key, value, causal=causal, key_padding_mask=mask, scale=scaling)  # [B, H, Lq, dv]
-    return out.to(out_dtype).transpose(1, 2), None
+    groups = query_groups(query, key)  # grouped-query attention: G query heads per key/value head (``grouped``)
+    query, key, value, mask = fold_groups(query, key, value, mask, groups)
+    out = favor(query, key, value, causal=causal, key_padding_mask=mask, scale=scaling)  # [B·G, Hkv, Lq, dv]
+    return unfold_groups(out, groups).to(out_dtype).transpose(1, 2), None
 
 
 def register_favor_attention() -> None:

@@ -18,6 +18,7 @@ from transformers import configuration_utils
 from transformers.cache_utils import STATIC_LAYER_TYPE_MAPPING, Cache, DynamicLayer, EncoderDecoderCache
 
 from ..ops import FavorState
+from .grouped import fold_groups, query_groups, unfold_groups
 
 LAYER_TYPE = "favor_attention"
 
@@ -37,22 +38,30 @@ class FavorCacheLayer(DynamicLayer):
 
     # ------------------------------------------------------------------ recurrent FAVOR+ state
     def step(self, favor, q, k, v, key_padding_mask=None, scale=None) -> torch.Tensor:
-        """Attend q [B,H,T,d] causally over the past state and the T new keys k, v; absorb them.
+        """Attend q [B,H,T,d] causally over the past state and the T new keys k, v [B,Hkv,T,·]; absorb them.
 
-        Returns out [B,H,T,dv]. key_padding_mask [B,T] marks the new tokens (True = real)."""
+        Returns out [B,H,T,dv]. key_padding_mask [B,T] marks the new tokens (True = real). With grouped-query
+        attention (H = G·Hkv, ``grouped``) the stored state has one running sum per key/value head: [B, Hkv, m, dv]."""
         if self.keys is not None and self.keys.numel() > 0:
             raise RuntimeError("this cache layer holds keys/values (cross-attention); it cannot also hold a FAVOR state")
         self.recurrent, self.is_initialized, self.device = True, True, q.device
-        if self.state is None and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        groups = query_groups(q, k)
+        B = q.shape[0]
+        q, k, v, key_padding_mask = fold_groups(q, k, v, key_padding_mask, groups)
+        state = self.state if self.state is None or groups == 1 else self.state.repeat_interleave(groups)
+        if state is None and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             # prefill under autograd: the fused causal op (hand-written, memory-light backward) for the
             # outputs, then the state without grad (the scan is the same, so the state matches).
             out = favor(q, k, v, causal=True, key_padding_mask=key_padding_mask, scale=scale)
             with torch.no_grad():
-                _, self.state = favor.step(q, k, v, None, key_padding_mask=key_padding_mask, scale=scale)
+                _, state = favor.step(q, k, v, None, key_padding_mask=key_padding_mask, scale=scale)
         else:
-            out, self.state = favor.step(q, k, v, self.state, key_padding_mask=key_padding_mask, scale=scale)
+            out, state = favor.step(q, k, v, state, key_padding_mask=key_padding_mask, scale=scale)
+        if groups > 1:  # every row of a group absorbed the same keys: keep one state per key/value head
+            state = state.index_select(torch.arange(0, B * groups, groups, device=out.device))
+        self.state = state
         self.seen_tokens += q.shape[2]
-        return out
+        return unfold_groups(out, groups)
 
     # ------------------------------------------------------------------ key/value mode (cross-attention)
     def update(self, key_states, value_states, *args, **kwargs):

@@ -1,4 +1,5 @@
-"""convert_to_performer: turn a stock BERT / GPT-2 / RoBERTa / DistilBERT model into its Performer class.
+"""convert_to_performer: turn a stock model of a supported family (BERT, RoBERTa, DistilBERT, GPT-2, and the
+rows of ``generic.ROWS``: Llama, Mistral, Qwen2, Qwen3, ...) into its Performer class.
 
 The conversion is in place and keeps every weight: the model's class becomes the Performer subclass
 of its class, its config the Performer config (same fields + FAVOR+ settings), and each attention
@@ -15,17 +16,36 @@ from ..attention import FavorAttention
 from ..settings import PerformerConfig
 from .attention_function import ATTN_IMPLEMENTATION
 from .modeling import PerformerModelMixin, attach_favor, plan_favor
-from .registry import FAMILIES
+from .refusals import unconvertible_reason
+from .registry import FAMILIES, family_traits
 
 
 def supported_model_classes() -> list[str]:
+    """The name of every stock model class ``convert_to_performer`` converts."""
     return [stock.__name__ for _, classes in FAMILIES.values() for stock in classes]
 
 
+def supported_model_types() -> list[str]:
+    """The stock ``model_type`` of every family ``convert_to_performer`` converts."""
+    return list(FAMILIES)
+
+
 def _unsupported(model) -> ValueError:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    reason = unconvertible_reason(model_type)
+    if reason is not None:
+        return ValueError(
+            f"convert_to_performer refuses {type(model).__name__} (model_type {model_type!r}): its attention uses "
+            f"{reason}. FAVOR+ cannot compute that honestly, so the converted model would silently differ."
+        )
+    if model_type in FAMILIES:
+        return ValueError(
+            f"convert_to_performer does not support {type(model).__name__}. Supported {model_type} classes: "
+            f"{', '.join(c.__name__ for c in FAMILIES[model_type][1])}."
+        )
     return ValueError(
-        f"convert_to_performer does not support {type(model).__name__}. Supported model classes: "
-        f"{', '.join(supported_model_classes())}."
+        f"convert_to_performer does not support {type(model).__name__} (model_type {model_type!r}). Supported model "
+        f"types: {', '.join(supported_model_types())}."
     )
 
 
@@ -34,11 +54,15 @@ def convert_to_performer(model: nn.Module, config: PerformerConfig | dict | None
 
     Args:
         model: a transformers BertModel/BertFor*, GPT2Model/GPT2LMHeadModel/GPT2For*/GPT2DoubleHeadsModel,
-            RobertaModel/RobertaFor*, or DistilBertModel/DistilBertFor* instance.
+            RobertaModel/RobertaFor*, DistilBertModel/DistilBertFor*, or a model class of a ``generic.ROWS`` family
+            (LlamaModel/LlamaFor*, MistralFor*, Qwen2For*, Qwen3For*, ...). Configs with sliding-window layers
+            become all global FAVOR+ layers (``sliding_window: None``).
         config: the FAVOR+ settings (PerformerConfig or its dict); defaults to PerformerConfig().
 
     Raises (before anything is modified):
-        ValueError: unsupported or already converted model, ``output_attentions=True``, or a model without any
+        ValueError: unsupported model (the message lists the supported model types), a model whose attention
+            cannot be estimated by FAVOR+ (``refusals``: relative-position biases, ALiBi, attention sinks,
+            soft-capping; the message names the reason), an already converted model, ``output_attentions=True``, or a model without any
             attention module; NotImplementedError: favor++ with cross-attention.
         TypeError: ``config`` is not a PerformerConfig or dict.
     """
@@ -68,7 +92,16 @@ def convert_to_performer(model: nn.Module, config: PerformerConfig | dict | None
             "with attention layers."
         )
     fields = {k: v for k, v in old.to_dict().items() if k not in ("model_type", "transformers_version", "layer_types")}
+    # e.g. sliding_window: None (every layer becomes global FAVOR+ attention; generic.py says why)
+    fields.update(family_traits(old.model_type).cleared)
     new = config_cls.from_dict({**fields, "performer": settings.to_dict()})
+    if config_cls.runtime_layer_type is None and list(new.layer_types) != list(old.layer_types):
+        # the saved config.json cannot keep them (it says favor_attention), so a reload would derive others
+        raise ValueError(
+            f"{type(model).__name__}'s layer_types {old.layer_types} are not the ones its config derives from its other "
+            f"fields ({new.layer_types}); a converted checkpoint could not reproduce them. Set the fields that define "
+            "the layer pattern (e.g. global_attn_every_n_layers) instead of layer_types."
+        )
     new._attn_implementation = ATTN_IMPLEMENTATION
     new.name_or_path = old.name_or_path
 

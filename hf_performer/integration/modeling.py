@@ -25,8 +25,8 @@ from transformers.generation.configuration_utils import GenerationMode
 from ..attention import FavorAttention
 from ..settings import PerformerConfig
 from ..version import __version__
-from .attention_function import ATTN_IMPLEMENTATION, register_favor_attention
-from .cache import LAYER_TYPE, register_favor_layer_type
+from .attention_function import ATTN_IMPLEMENTATION, STEP_KWARG, register_favor_attention
+from .cache import LAYER_TYPE, favor_cache_layer, register_favor_layer_type
 from .portable import write_portable_code
 from .zero_shot import share_notice
 
@@ -46,13 +46,22 @@ class PerformerConfigMixin:
     themselves (``performer``, ``hf_performer_version``, ``layer_types``) are declared on each config class,
     where the strict dataclass machinery sees them."""
 
+    # the layer type the model code sees in memory. Families whose model code picks each layer's mask by
+    # ``config.layer_types`` (Qwen2, ...) keep "full_attention" there (every layer is global FAVOR+ attention); the
+    # saved config.json always says "favor_attention", which the stock config classes refuse.
+    # None: the stock config derives them (ModernBERT: which layers are local, kept exact; ``generic.Row.exact_if``).
+    runtime_layer_type = LAYER_TYPE
+
     def __post_init__(self, **kwargs):
         """Validate/normalise the Performer fields, then the stock checks."""
         self.performer = PerformerConfig.from_dict(self.performer or {}).to_dict()
         n = self.num_hidden_layers
-        if self.layer_types is None:
-            self.layer_types = [LAYER_TYPE] * n
-        if list(self.layer_types) != [LAYER_TYPE] * n:
+        if self.runtime_layer_type is None:
+            if self.layer_types is not None and list(self.layer_types) == [LAYER_TYPE] * n:
+                self.layer_types = None  # the stock __post_init__ derives them
+        elif self.layer_types is None or list(self.layer_types) == [LAYER_TYPE] * n:
+            self.layer_types = [self.runtime_layer_type] * n
+        if self.runtime_layer_type is not None and list(self.layer_types) != [self.runtime_layer_type] * n:
             raise ValueError(
                 f"{type(self).__name__}.layer_types must be {n} x '{LAYER_TYPE}' (every layer is FAVOR+), "
                 f"got {self.layer_types}."
@@ -67,6 +76,8 @@ class PerformerConfigMixin:
     def to_dict(self):
         d = super().to_dict()
         d["hf_performer_version"] = plugin_version()  # the plugin that writes the checkpoint
+        if d.get("layer_types") is not None:
+            d["layer_types"] = [LAYER_TYPE] * len(d["layer_types"])
         return d
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
@@ -195,3 +206,35 @@ class PerformerGenerationMixin:
                 "beam search."
             )
         return super()._validate_generation_mode(generation_mode, generation_config, generation_mode_kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+class _StepCache:
+    """The cache a stock attention module sees while its layer decodes through the FAVOR+ state: ``update`` hands
+    the new keys/values straight back (nothing is stored), everything else is the real cache's."""
+
+    def __init__(self, cache):
+        self._cache = cache
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return key_states, value_states
+
+    def __getattr__(self, name):
+        return getattr(self._cache, name)
+
+
+class RecurrentDecodingMixin:
+    """Mixed in front of a stock attention module that calls ``cache.update(k, v, layer_idx)`` and then the attention
+    interface (Llama and its relatives). With a cache, the module runs unchanged (projections, rotary embeddings)
+    but stores nothing in it; the attention function receives the layer's ``FavorCacheLayer`` and advances its
+    constant-size FAVOR+ state (``FavorCacheLayer.step``) instead of attending over stored keys."""
+
+    def forward(self, *args, **kwargs):
+        if "past_key_values" in kwargs and kwargs.get("cache") is None:  # the deprecated name
+            kwargs["cache"] = kwargs.pop("past_key_values")
+        cache = kwargs.get("cache")
+        if cache is None:
+            return super().forward(*args, **kwargs)
+        kwargs["cache"] = _StepCache(cache)
+        kwargs[STEP_KWARG] = favor_cache_layer(cache, self.layer_idx)
+        return super().forward(*args, **kwargs)

@@ -10,6 +10,8 @@ Each Performer class is registered wherever transformers registers its stock cla
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from transformers import AutoConfig
 
 from .attention_function import register_favor_attention
@@ -17,16 +19,48 @@ from .auto_classes import auto_class_targets
 from .bert import BERT_CLASSES, PerformerBertConfig
 from .cache import register_favor_layer_type
 from .distilbert import DISTILBERT_CLASSES, PerformerDistilBertConfig
+from .generic import GENERIC_FAMILIES
 from .gpt2 import GPT2_CLASSES, PerformerGPT2Config
 from .roberta import ROBERTA_CLASSES, PerformerRobertaConfig
 
-# stock model_type -> (Performer config class, {stock model class: Performer model class})
+# stock model_type -> (Performer config class, {stock model class: Performer model class}): the four hand-written
+# families, then every row of the generic table (``generic.ROWS``)
 FAMILIES = {
     "bert": (PerformerBertConfig, BERT_CLASSES),
     "gpt2": (PerformerGPT2Config, GPT2_CLASSES),
     "roberta": (PerformerRobertaConfig, ROBERTA_CLASSES),
     "distilbert": (PerformerDistilBertConfig, DISTILBERT_CLASSES),
+    **{t: (f.config_class, f.classes) for t, f in GENERIC_FAMILIES.items()},
 }
+
+
+@dataclass(frozen=True)
+class Traits:
+    """What the conversion tools need to know about a family (``family_traits``)."""
+
+    causal: bool | None  # True: decoder; False: encoder; None: decided by config.is_decoder
+    default_class: str  # a checkpoint without ``architectures`` is loaded as this class
+    cleared: dict  # config fields the conversion sets
+    qk: str | None = None  # regexes for calibration's --train qk / attention, and --train lora (None: built-in)
+    projections: str | None = None
+    lora: str | None = None
+
+
+_HAND_WRITTEN = {
+    "bert": Traits(None, "BertModel", {}),
+    "roberta": Traits(None, "RobertaModel", {}),
+    "distilbert": Traits(False, "DistilBertModel", {}),
+    "gpt2": Traits(True, "GPT2LMHeadModel", {}),
+}
+
+
+def family_traits(model_type: str) -> Traits:
+    """The traits of a supported stock (or ``performer_``) model type. Raises KeyError for others."""
+    model_type = model_type.removeprefix("performer_")
+    if model_type in GENERIC_FAMILIES:
+        r = GENERIC_FAMILIES[model_type].row
+        return Traits(r.causal, r.default_class, dict(r.cleared), r.qk, r.projections, r.lora)
+    return _HAND_WRITTEN[model_type]
 
 
 def register_performer_models() -> None:
