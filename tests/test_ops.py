@@ -57,8 +57,8 @@ def test_chunked_ops_match_naive_linear_attention(kernel, causal, masked):
     assert rel_err(out, ref, valid) < tol
 
 
-@pytest.mark.parametrize("kernel", ["softmax", "favor++"])
-def test_recurrent_steps_equal_the_causal_pass(kernel):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_recurrent_steps_equal_the_causal_pass(kernel):  # single tokens take recurrent._one_token
     q, k, v = qkv(L=29)
     fmap, mask = fmap_for(kernel), padding_mask(2, 29, left=5, right=0)
     full = favor_causal(q, k, v, fmap, mask, chunk_size=8)
