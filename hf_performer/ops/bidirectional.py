@@ -18,6 +18,7 @@ L×L.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..features import FeatureMap
 from .common import (
@@ -32,7 +33,7 @@ from .common import (
     times,
     with_ones,
 )
-from .local import BLOCK, band, combine_window, exact_base, key_spans, near_products, query_blocks, unband
+from .local import BLOCK, band, combine_window, exact_base, near_products, query_blocks, unband
 
 
 def _key_side(k, v, fmap: FeatureMap, mask):
@@ -63,14 +64,12 @@ def _attention(q, S, c, fmap: FeatureMap):
     return total[..., :-1] / safe_den(total[..., -1])[..., None]
 
 
-def _segmented(q, k, v, fmap: FeatureMap, mask, seg: int):
-    """_bidirectional without a window, over key and query segments of ``seg`` positions: each key segment's sums
-    S_j relative to its own stabiliser c_j are combined with (S_1, c_1) (+) (S_2, c_2) = (S_1 e^{c_1 - c} +
-    S_2 e^{c_2 - c}, c = max) (exact); each segment is recomputed in the backward on its own."""
-    B, H, Lk, _ = k.shape
-    size = B * H * max(q.shape[2], Lk) * fmap.nb_features  # the whole op decides whether to recompute
+def _segment_sums(k, v, fmap: FeatureMap, mask, seg: int, size: int):
+    """(S [B,H,m,dv+1], c [B,H,1,m']) over all keys, key segment by key segment: each segment's sums S_j relative to
+    its own stabiliser c_j are combined with (S_1, c_1) (+) (S_2, c_2) = (S_1 e^{c_1 - c} + S_2 e^{c_2 - c},
+    c = max) (exact); each segment is recomputed in the backward on its own."""
     sums, refs = [], []
-    for a in range(0, Lk, seg):
+    for a in range(0, k.shape[2], seg):
         m = None if mask is None else mask[:, a : a + seg]
         S, c_j, top = maybe_checkpoint(lambda k, v, m=m: _key_side(k, v, fmap, m)[1:], k[:, :, a : a + seg],
                                        v[:, :, a : a + seg], size=size)
@@ -81,10 +80,34 @@ def _segmented(q, k, v, fmap: FeatureMap, mask, seg: int):
         c = finite_reference(torch.stack([top for _, top in refs]).amax(0))  # the maximum over all real keys
         # <= 1; a segment without a real key (c_j = 0, S_j = 0) gets 1 instead of a possible overflow
         factors = torch.exp((c_seg - c).clamp_max(0)).transpose(-1, -2)  # [segments, B, H, m', 1]
-    S = sum(S_j * f for S_j, f in zip(sums, factors))
-    outs = [maybe_checkpoint(lambda q, S: _attention(q, S, c, fmap), q[:, :, a : a + seg], S, size=size)
-            for a in range(0, q.shape[2], seg)]
+    return sum(S_j * f for S_j, f in zip(sums, factors)), c
+
+
+def _segmented(q, k, v, fmap: FeatureMap, mask, seg: int, window: int = 0):
+    """_bidirectional over key and query segments of ``seg`` positions (a CPU and a long input, see
+    ``common.cpu_segment``): the sums over all keys first (``_segment_sums``), then each query segment, with the
+    local window from the 2w keys around it; each segment is recomputed in the backward on its own."""
+    B, H, Lk, _ = k.shape
+    size = B * H * max(q.shape[2], Lk) * fmap.nb_features  # the whole op decides whether to recompute
+    S, c = _segment_sums(k, v, fmap, mask, seg, size)
+    if not window:
+        outs = [maybe_checkpoint(lambda q, S: _attention(q, S, c, fmap), q[:, :, a : a + seg], S, size=size)
+                for a in range(0, q.shape[2], seg)]
+        return torch.cat(outs, 2)
+    w = window
+    real = torch.ones(B, Lk, dtype=torch.bool, device=k.device) if mask is None else mask
+    kx, vx, rx = _pad_len(k, w, w), _pad_len(v, w, w), F.pad(real, (w, w), value=False)  # position p at p + w
+    outs = []
+    for a in range(0, q.shape[2], seg):
+        b = min(a + seg, q.shape[2])
+        fn = lambda q, k, v, S, a=a, b=b: _window_queries(q, k, v, rx[:, a : b + 2 * w], fmap, w, S, c)
+        outs.append(maybe_checkpoint(fn, q[:, :, a:b], kx[:, :, a : b + 2 * w], vx[:, :, a : b + 2 * w], S, size=size))
     return torch.cat(outs, 2)
+
+
+def _pad_len(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    """Zero-pad dim 2 of [B, H, L, ·]."""
+    return F.pad(x, (0, 0, before, after))
 
 
 def _spans(length: int, seg: int | None) -> list[tuple[int, int]]:
@@ -166,22 +189,44 @@ def _bidirectional(q, k, v, fmap: FeatureMap, mask, window: int, size: int):
     if not window:
         S, c = maybe_checkpoint(lambda k, v: _key_side(k, v, fmap, mask)[1:3], k, v, size=size)
         return maybe_checkpoint(lambda q, S: _attention(q, S, c, fmap), q, S, size=size)
-    phi_k, S, c, _ = _key_side(k, v, fmap, mask)
+    w = window
+    real = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device) if mask is None else mask
+    return _window_queries(q, _pad_len(k, w, w), _pad_len(v, w, w), F.pad(real, (w, w), value=False), fmap, w)
+
+
+def _window_queries(q, k_ext, v_ext, real_ext, fmap: FeatureMap, window: int, S=None, c=None):
+    """Bidirectional FAVOR with the exact local window for the queries q [B,H,Ls,d] at positions a .. a + Ls - 1,
+    given the keys around them: k_ext [B,H,Ls+2w,d], v_ext [B,H,Ls+2w,dv] and real_ext [B,Ls+2w] (False outside the
+    sequence and for padding) at positions a - w .. a + Ls + w - 1. S, c: the sums over all keys and their
+    stabiliser (segments), or None when these keys are all the keys (one pass: the sums come from the same
+    features). Returns [B,H,Ls,dv]."""
+    Ls, w = q.shape[2], window
+    width, Bq = 2 * w + 1, min(BLOCK, Ls)
+    extra = -Ls % Bq  # the last query block's missing keys: outside the sequence
+    if extra:
+        k_ext, v_ext, real_ext = _pad_len(k_ext, 0, extra), _pad_len(v_ext, 0, extra), F.pad(real_ext, (0, extra))
+    keep = real_ext[:, None, :, None]
+    lk, fk = fmap(k_ext)  # [B, H, nb·Bq + 2w, m']
+    if S is None:
+        with torch.no_grad():
+            c = finite_reference(torch.where(keep, lk, neg_big(lk.dtype)).amax(2, keepdim=True))
+    phi_k = times(masked_exp_(lk - c if torch.is_grad_enabled() else lk.sub_(c), keep), fk)
+    if S is None:  # padding and the positions outside the sequence have phi~ = 0: nothing but the real keys
+        S = phi_k.transpose(-1, -2) @ with_ones(v_ext)
     phi_q, r, total = _query_side(q, S, c, fmap)
     num, den = total[..., :-1], total[..., -1]
     # the window, by blocks of queries against the keys they can reach: [nb, Bq, Bq + 2w] products, banded
-    L, width, Bq = q.shape[2], 2 * window + 1, min(BLOCK, q.shape[2])
-    near = lambda a, b: band(near_products(a, b, Bq, window), width)
-    unblock = lambda x: x.flatten(2, 3)[:, :, :L]  # [B, H, nb, Bq, ·] -> [B, H, L, ·]
-    fav = unblock(near(phi_q, phi_k))  # [B, H, L, 2w + 1]: the pair (i, i - w + j) at column j
-    qt, kt = fmap.transform(q, True), fmap.transform(k, False)
+    near = lambda a, b: band(near_products(a, b, Bq, w), width)
+    unblock = lambda x: x.flatten(2, 3)[:, :, :Ls]  # [B, H, nb, Bq, ·] -> [B, H, Ls, ·]
+    fav = unblock(near(phi_q, phi_k))  # [B, H, Ls, 2w + 1]: the pair (i, i - w + j) at column j
+    qt, kt = fmap.transform(q, True), fmap.transform(k_ext, False)
     logits = unblock(near(qt, kt)) + exact_base(fmap, qt, r[..., 0])[..., None]
-    real = torch.ones_like(k[:, 0, :, 0], dtype=torch.bool) if mask is None else mask
-    valid = key_spans(real, Bq, window).unfold(-1, width, 1)[:, None, :, :Bq].flatten(2, 3)[:, :, :L]
-    v_spans = key_spans(v, Bq, window)  # [B, H, nb, Bq + 2w, dv]
+    spans = lambda x: x.unfold(2, Bq + 2 * w, Bq).transpose(-1, -2)  # [B, H, nb, Bq + 2w, ·] (views)
+    valid = real_ext.unfold(1, Bq + 2 * w, Bq).unfold(-1, width, 1)[:, None, :, :Bq].flatten(2, 3)[:, :, :Ls]
+    v_spans = spans(v_ext)  # [B, H, nb, Bq + 2w, dv]
 
-    def apply_coef(coef):  # [B, H, L, 2w + 1] -> sum over the window of coef * v
-        return unblock(unband(query_blocks(coef, Bq), Bq + 2 * window) @ v_spans)
+    def apply_coef(coef):  # [B, H, Ls, 2w + 1] -> sum over the window of coef * v
+        return unblock(unband(query_blocks(coef, Bq), Bq + 2 * w) @ v_spans)
 
     return combine_window(num, den, fav, logits, valid, apply_coef)
 
@@ -210,8 +255,8 @@ def favor_bidirectional(
         seg = cpu_segment(q, max(L, k.shape[2]), fmap.nb_features)
         if not local_window and fmap.exponential:  # hand-written backward
             out = _PositiveBidirectional.apply(*args, fmap, key_padding_mask, seg)
-        elif not local_window and seg:  # a CPU and a long input: segment by segment (see common.cpu_segment)
-            out = _segmented(*args, fmap, key_padding_mask, seg)
+        elif seg:  # a CPU and a long input: segment by segment (see common.cpu_segment)
+            out = _segmented(*args, fmap, key_padding_mask, seg, local_window)
         elif not local_window:
             out = _bidirectional(*args, fmap, key_padding_mask, 0, size)
         else:

@@ -81,16 +81,20 @@ def combine_window(num, den, fav, logits, valid, apply_coef) -> torch.Tensor:
     return num / safe_den(total)[..., None]
 
 
-def near_products(a: torch.Tensor, b: torch.Tensor, block: int, window: int) -> torch.Tensor:
-    """query_blocks(a) @ key_spans(b)^T without materialising the overlapping key spans: [B, H, nb, block,
-    block + 2w], column j of block t the product with key t·block - w + j (0 outside the sequence).
+def near_products(a: torch.Tensor, b_ext: torch.Tensor, block: int, window: int) -> torch.Tensor:
+    """The products of each block of ``block`` queries with the keys it can reach, without materialising the
+    overlapping key spans: [B, H, nb, block, block + 2w], column j of block t the product with key t·block - w + j.
 
-    a, b [B, H, L, ·] (the same L: self-attention). Three products per block: with the w keys before it, its own
-    block and the w keys after it (views of b in blocks; only the two [nb, w, ·] slices are copied)."""
-    if window > block:  # the neighbours span several blocks: the explicit spans
-        return query_blocks(a, block) @ key_spans(b, block, window).transpose(-1, -2)
-    qa, kb = query_blocks(a, block), query_blocks(b, block)  # [B, H, nb, block, ·]
-    before = F.pad(kb[:, :, :-1, block - window :], (0, 0, 0, 0, 1, 0))  # [B, H, nb, w, ·]
-    after = F.pad(kb[:, :, 1:, :window], (0, 0, 0, 0, 0, 1))
-    parts = (qa @ before.transpose(-1, -2), qa @ kb.transpose(-1, -2), qa @ after.transpose(-1, -2))
+    a [B, H, L, ·] queries (positions 0 .. L - 1, zero-padded to nb·block); b_ext [B, H, nb·block + 2w, ·] the keys
+    at positions -w .. nb·block + w - 1 (zeros outside the sequence). Three products per block: with the w keys
+    before it, its own block and the w keys after it (strided views of b_ext; w <= block), else the explicit
+    overlapping spans."""
+    qa = query_blocks(a, block)  # [B, H, nb, block, ·]
+    nb, w = qa.shape[2], window
+    if w > block:  # the neighbours span several blocks
+        return qa @ b_ext.unfold(2, block + 2 * w, block).transpose(-1, -2).transpose(-1, -2)
+    own = b_ext[:, :, w : w + nb * block].unflatten(2, (nb, block))
+    before = b_ext[:, :, : nb * block].unflatten(2, (nb, block))[:, :, :, :w]  # keys t·block - w .. t·block - 1
+    after = b_ext[:, :, 2 * w : 2 * w + nb * block].unflatten(2, (nb, block))[:, :, :, block - w :]
+    parts = (qa @ before.transpose(-1, -2), qa @ own.transpose(-1, -2), qa @ after.transpose(-1, -2))
     return torch.cat(parts, -1)
