@@ -134,12 +134,13 @@ def test_validation_reverts_a_harmful_calibration():
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     cfg = CalibrationConfig(steps=3, lr=0.5, batch_size=4, max_length=32, warmup_steps=0)  # absurd lr
     log = calibrate(student, teacher, schedule(), cfg, progress=False, validation=val)
-    assert log["reverted"] and log["validation_end"] > log["validation_start"]
+    assert log["reverted"] and log["best_step"] == 0 and log["validation_last"] > log["validation_start"]
+    assert log["validation_end"] == log["validation_start"]  # the returned (starting) state's held-out loss
     for n, p in student.named_parameters():
         assert torch.equal(p, before[n]), n
     good = CalibrationConfig(steps=12, lr=1e-3, batch_size=4, max_length=32, warmup_steps=2)
     log = calibrate(student, teacher, schedule(), good, progress=False, validation=val)
-    assert not log["reverted"] and log["validation_end"] < log["validation_start"]
+    assert not log["reverted"] and log["best_step"] > 0 and log["validation_end"] < log["validation_start"]
 
 
 def test_mixed_precision_runs():

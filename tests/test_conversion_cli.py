@@ -99,6 +99,12 @@ def test_refuses_overwrite(tmp_path, capsys):
         (["--calibration-data", "{txt}", "--lr", "0.01", "--max-time", "9"], "--lr, --max-time only apply to attention"),
         (["--calibration-data", "{txt}", "--keep-calibration-state"], "--keep-calibration-state only apply"),
         (["--calibration-data", "{txt}", "--calibrate", "--calibration-steps", "0"], "would train nothing"),
+        (["--calibration-data", "{txt}", "--calibrate", "--min-length", "40", "--max-length", "20"],
+         "min_length=40 is invalid: it must not exceed max_length=20"),
+        (["--calibration-data", "{txt}", "--calibrate", "--patience", "-1"], "patience=-1 is invalid"),
+        (["--calibration-data", "{txt}", "--calibrate", "--eval-every", "0"], "eval_every=0 is invalid"),
+        (["--calibration-data", "{txt}", "--calibrate", "--batch-tokens", "0"], "batch_tokens=0 is invalid"),
+        (["--calibration-data", "{txt}", "--eval-every", "5"], "--eval-every only apply to attention"),
     ],
 )
 def test_bad_flags_leave_nothing(tmp_path, capsys, flags, message):

@@ -34,6 +34,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,17 +57,26 @@ from .losses import cosine_distance, relative_mse, token_kl
 from .params import TRAIN_CHOICES, select_trainable
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+DEFAULT_MAX_TIME_S = 600.0  # the calibration budget when neither steps nor a time limit is given
+DEFAULT_MIN_LENGTH = 32  # the shortest training sequence when min_length is not given
 STATE_FILE, LOG_FILE = "state.pt", "calibration_log.json"
 
 
 @dataclass
 class CalibrationConfig:
-    """Settings of the attention-transfer calibration (CLI: --calibration-steps, --train, ...)."""
+    """Settings of the attention-transfer calibration (CLI: --calibration-steps, --max-time, --train, ...).
 
-    steps: int = 300
+    Budget: ``steps`` optimizer steps and/or ``max_time_s`` seconds, whichever ends first; with neither,
+    ``DEFAULT_MAX_TIME_S`` (600 s) of training (``time_limit_s``). Data (``convert``): sequences of mixed lengths,
+    log-uniform in [``min_length`` (None: 32), ``max_length``] (None: the model's position limit), batched by similar length
+    with at most ``batch_size`` sequences and ``batch_tokens`` padded tokens per batch. Early stopping: every
+    ``eval_every`` steps the end-to-end loss on held-out calibration text is measured, the best state is kept and
+    restored at the end, and training stops after ``patience`` evaluations without improvement (0: never)."""
+
+    steps: int | None = None  # None: no step limit (the time budget decides)
     lr: float = 2e-3
-    batch_size: int = 8
-    max_length: int = 128
+    batch_size: int = 32
+    max_length: int | None = None  # None: the model's (original) position limit
     train: str = "attention"
     layer_weight: float = 1.0
     output_weight: float = 0.0
@@ -75,10 +85,14 @@ class CalibrationConfig:
     mixed_precision: str = "no"
     seed: int = 0
     save_every: int = 50
-    max_time_s: float | None = None  # stop early after this many seconds of training (None: no limit)
+    max_time_s: float | None = None  # stop after this many seconds (None: DEFAULT_MAX_TIME_S unless steps is set)
     teacher_forced: bool = True  # per-layer loss with each student layer on the teacher's inputs
     lora_rank: int | None = None  # train="lora" only: adapter rank (None: 8)
     lora_alpha: float | None = None  # train="lora" only: LoRA alpha, scale alpha/rank (None: 2 x rank)
+    min_length: int | None = None  # shortest training sequence (None: DEFAULT_MIN_LENGTH, or max_length if shorter)
+    batch_tokens: int | None = 2048  # padded tokens per batch (None: batch_size sequences whatever their length)
+    eval_every: int = 25  # held-out validation every N steps (needs validation text)
+    patience: int = 4  # stop after this many validations without improvement (0: never stop early)
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, accepted: str) -> None:
@@ -88,10 +102,19 @@ class CalibrationConfig:
         def is_int(x) -> bool:
             return isinstance(x, int) and not isinstance(x, bool)
 
-        need(is_int(self.steps) and self.steps >= 0, "steps", "expected an integer >= 0")
+        need(self.steps is None or (is_int(self.steps) and self.steps >= 0), "steps", "expected an integer >= 0 or None")
         need(isinstance(self.lr, (int, float)) and 0 < self.lr < 1, "lr", "expected a float in (0, 1)")
         need(is_int(self.batch_size) and self.batch_size >= 1, "batch_size", "expected a positive integer")
-        need(is_int(self.max_length) and self.max_length >= 4, "max_length", "expected an integer >= 4")
+        need(self.max_length is None or (is_int(self.max_length) and self.max_length >= 4), "max_length",
+             "expected an integer >= 4 or None (the model's position limit)")
+        need(self.min_length is None or (is_int(self.min_length) and self.min_length >= 2), "min_length",
+             "expected an integer >= 2 or None")
+        need(self.max_length is None or self.min_length is None or self.min_length <= self.max_length, "min_length",
+             f"it must not exceed max_length={self.max_length}")
+        need(self.batch_tokens is None or (is_int(self.batch_tokens) and self.batch_tokens >= 1), "batch_tokens",
+             "expected a positive integer or None")
+        need(is_int(self.eval_every) and self.eval_every >= 1, "eval_every", "expected a positive integer")
+        need(is_int(self.patience) and self.patience >= 0, "patience", "expected an integer >= 0 (0: never stop early)")
         need(self.train in TRAIN_CHOICES, "train", f"expected one of {', '.join(TRAIN_CHOICES)}")
         for name in ("layer_weight", "output_weight"):
             need(isinstance(getattr(self, name), (int, float)) and getattr(self, name) >= 0, name, "expected a float >= 0")
@@ -116,6 +139,13 @@ class CalibrationConfig:
                 self.lora_alpha = 2.0 * self.lora_rank
             need(isinstance(self.lora_alpha, (int, float)) and not isinstance(self.lora_alpha, bool)
                  and self.lora_alpha > 0, "lora_alpha", "expected a float > 0")
+
+    @property
+    def time_limit_s(self) -> float | None:
+        """The time budget in seconds: ``max_time_s``, else DEFAULT_MAX_TIME_S when no ``steps`` are given."""
+        if self.max_time_s is not None:
+            return float(self.max_time_s)
+        return DEFAULT_MAX_TIME_S if self.steps is None else None
 
     def fingerprint(self, extra: dict) -> str:
         """What must match for a resume (everything but steps/save_every/max_time_s)."""
@@ -177,9 +207,9 @@ def learning_rate(cfg: CalibrationConfig, step: int, elapsed_s: float) -> float:
     time-limited run still ends at a small learning rate."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    if cfg.max_time_s is not None:
-        progress = max(progress, elapsed_s / cfg.max_time_s)
+    progress = 0.0 if cfg.steps is None else (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    if cfg.time_limit_s is not None:
+        progress = max(progress, elapsed_s / cfg.time_limit_s)
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -206,6 +236,35 @@ def _make_accelerator(mixed_precision: str):
     return Accelerator(mixed_precision=mixed_precision)
 
 
+def _trainable_state(model: nn.Module, names) -> dict[str, torch.Tensor]:
+    named = dict(model.named_parameters())
+    return {n: named[n].detach().cpu().clone() for n in names}
+
+
+def _load_trainable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        named = dict(model.named_parameters())
+        for n, value in state.items():
+            named[n].copy_(value)
+
+
+class _Progress:
+    """A tqdm bar over steps (a step budget) or over seconds (a time budget only)."""
+
+    def __init__(self, cfg: CalibrationConfig, start_step: int, start_s: float, enabled: bool):
+        self.by_time = cfg.steps is None
+        total = int(math.ceil(cfg.time_limit_s)) if self.by_time else cfg.steps
+        self.bar = tqdm(total=total, initial=int(start_s) if self.by_time else start_step, desc="calibration",
+                        unit="s" if self.by_time else "step", disable=not enabled)
+
+    def update(self, step: int, elapsed_s: float, **postfix) -> None:
+        self.bar.update(min(int(elapsed_s), self.bar.total) - self.bar.n if self.by_time else 1)
+        self.bar.set_postfix(step=step, **postfix)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def calibrate(
     student: nn.Module,
     teacher: nn.Module,
@@ -216,13 +275,19 @@ def calibrate(
     fingerprint_extra: dict | None = None,
     progress: bool = True,
     validation: list[dict] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict:
-    """Train ``student`` (in place) to reproduce ``teacher`` for ``cfg.steps`` steps. Returns the loss log
-    {"config", "steps_done", "wall_s", "history": [{"step", "loss", ...}, ...], ...}.
+    """Train ``student`` (in place) to reproduce ``teacher`` within ``cfg``'s budget (``cfg.steps`` steps and/or
+    ``cfg.time_limit_s`` seconds of ``clock``, validations included). Returns the loss log {"config",
+    "steps_done", "wall_s", "history": [{"step", "loss", ...}, ...], "stopped_early", ...}.
 
-    ``validation``: held-out batches; the end-to-end transfer loss (free-running layers + outputs) is measured
-    on them before and after training, and if training made it worse the trained parameters are restored to
-    their starting values (``log["reverted"]``): calibration never leaves the model further from the original."""
+    ``validation``: held-out batches ({"input_ids", "attention_mask"} [B, L] long tensors). The end-to-end
+    transfer loss (free-running layers + outputs) is measured on them before training and every
+    ``cfg.eval_every`` steps (``log["validation"]``); the best state seen is restored at the end (``log["best_step"]``;
+    ``log["reverted"]`` when that is the starting state: calibration never leaves the model further from the
+    original on held-out text), and training stops after ``cfg.patience`` validations without improvement.
+    ``clock``: seconds (monotonic) for the time budget; tests pass a fake one.
+    Raises ConversionError when a resume has no state or one made with other settings."""
     state_dir = Path(state_dir) if state_dir is not None else None
     fp = cfg.fingerprint(fingerprint_extra or {})
     names = attention_names(student)
@@ -238,10 +303,10 @@ def calibrate(
 
     accelerator = _make_accelerator(cfg.mixed_precision)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    log = {"config": dataclasses.asdict(cfg), "fingerprint": fp, "output_kind": kind, "trainable": len(trainable),
-           "trainable_parameters": sum(p.numel() for p in params), "device": None, "steps_done": 0,
-           "wall_s": 0.0, "history": []}
-    start_step = 0
+    log = {"config": dataclasses.asdict(cfg), "time_limit_s": cfg.time_limit_s, "fingerprint": fp,
+           "output_kind": kind, "trainable": len(trainable), "trainable_parameters": sum(p.numel() for p in params),
+           "device": None, "steps_done": 0, "wall_s": 0.0, "history": [], "validation": []}
+    start_step, best, bad = 0, None, 0
     if resume:
         state_path = state_dir / STATE_FILE if state_dir is not None else None
         if state_path is None or not state_path.is_file():
@@ -255,24 +320,39 @@ def calibrate(
         missing = set(trainable) - set(state["params"])
         if missing:
             raise ConversionError(f"calibration state {str(state_path)!r} lacks parameters {sorted(missing)[:3]}...")
-        with torch.no_grad():
-            named = dict(student.named_parameters())
-            for n in trainable:
-                named[n].copy_(state["params"][n])
+        _load_trainable(student, {n: state["params"][n] for n in trainable})
         optimizer.load_state_dict(state["optimizer"])
         start_step, log = state["step"], state["log"]
         log["config"] = dataclasses.asdict(cfg)
-        initial = state.get("initial")
+        initial, best, bad = state.get("initial"), state.get("best"), state.get("bad", 0)
     else:
-        initial = {n: p.detach().cpu().clone() for n, p in student.named_parameters() if n in set(trainable)}
+        initial = _trainable_state(student, trainable)
 
     student, optimizer = accelerator.prepare(student, optimizer)
     teacher.to(accelerator.device).eval()
     student.eval()  # no dropout: the student must reproduce the deterministic teacher
     log["device"] = str(accelerator.device)
     raw = accelerator.unwrap_model(student)
+    limit = cfg.time_limit_s
+    t0, wall0 = clock(), log["wall_s"]
+    elapsed = lambda: wall0 + clock() - t0  # noqa: E731
+
+    def validate(step: int) -> bool:
+        """Measure the held-out loss; keep the state if it is the best so far. True when patience ran out."""
+        nonlocal best, bad
+        loss = validation_loss(raw, teacher, validation, names, kind, accelerator.device)
+        log["validation"].append({"step": step, "loss": loss, "wall_s": round(elapsed(), 3)})
+        if best is None or loss < best["loss"]:
+            best = {"step": step, "loss": loss,
+                    "params": None if step == 0 else _trainable_state(raw, trainable)}  # None: the initial state
+            bad = 0
+        else:
+            bad += 1
+        return cfg.patience > 0 and bad >= cfg.patience
+
     if validation and "validation_start" not in log:
-        log["validation_start"] = validation_loss(raw, teacher, validation, names, kind, accelerator.device)
+        validate(0)
+        log["validation_start"] = log["validation"][0]["loss"]
 
     def save(step: int) -> None:
         if state_dir is None:
@@ -281,20 +361,18 @@ def calibrate(
         _save_state(state_dir / STATE_FILE, {
             "step": step, "fingerprint": fp, "log": log,
             "params": {n: named[n].detach().cpu().clone() for n in trainable}, "initial": initial,
-            "optimizer": optimizer.state_dict(),
+            "best": best, "bad": bad, "optimizer": optimizer.state_dict(),
         })
         _write_log(state_dir / LOG_FILE, log)
 
-    t0, wall0 = time.perf_counter(), log["wall_s"]
-    bar = tqdm(total=cfg.steps, initial=start_step, desc="calibration", disable=not progress)
+    bar = _Progress(cfg, start_step, wall0, progress)
     step = start_step
     try:
-        while step < cfg.steps:
-            elapsed = wall0 + time.perf_counter() - t0
-            if cfg.max_time_s is not None and elapsed >= cfg.max_time_s:
-                log["stopped_early"] = f"max_time_s={cfg.max_time_s} reached after {step} steps"
+        while cfg.steps is None or step < cfg.steps:
+            if limit is not None and elapsed() >= limit:
+                log["stopped_early"] = f"time budget of {limit:g} s reached after {step} steps"
                 break
-            lr = learning_rate(cfg, step, elapsed)
+            lr = learning_rate(cfg, step, elapsed())
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = {k: v.to(accelerator.device) for k, v in schedule.batch(step).items()}
@@ -304,27 +382,30 @@ def calibrate(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            log["history"].append({"step": step, **parts, "lr": lr,
-                                   "wall_s": round(wall0 + time.perf_counter() - t0, 3)})
-            log["steps_done"], log["wall_s"] = step, wall0 + time.perf_counter() - t0
-            bar.update(1)
-            bar.set_postfix(loss=f"{parts['loss']:.4f}")
-            if step % cfg.save_every == 0 and step < cfg.steps:
+            log["history"].append({"step": step, **parts, "lr": lr, "tokens": int(batch["attention_mask"].sum()),
+                                   "length": int(batch["input_ids"].shape[1]), "wall_s": round(elapsed(), 3)})
+            log["steps_done"], log["wall_s"] = step, elapsed()
+            if validation and step % cfg.eval_every == 0 and validate(step):
+                log["stopped_early"] = (f"no held-out improvement in {cfg.patience} validations (every "
+                                        f"{cfg.eval_every} steps) after {step} steps; best at step {best['step']}")
+                break
+            bar.update(step, elapsed(), loss=f"{parts['loss']:.4f}",
+                       **({"val": f"{best['loss']:.4f}"} if best is not None else {}))
+            if step % cfg.save_every == 0 and (cfg.steps is None or step < cfg.steps):
                 save(step)
     except KeyboardInterrupt:
         save(step)
         raise
     finally:
         bar.close()
-    log["steps_done"], log["wall_s"] = step, wall0 + time.perf_counter() - t0
     if validation:
-        log["validation_end"] = validation_loss(raw, teacher, validation, names, kind, accelerator.device)
-        log["reverted"] = bool(log["validation_end"] > log["validation_start"] and initial is not None)
-        if log["reverted"]:
-            with torch.no_grad():
-                named = dict(raw.named_parameters())
-                for n, value in initial.items():
-                    named[n].copy_(value)
+        if not log["validation"] or log["validation"][-1]["step"] != step:
+            validate(step)
+        log["validation_last"] = log["validation"][-1]["loss"]  # the last trained state
+        log["best_step"], log["validation_end"] = best["step"], best["loss"]  # the state returned
+        log["reverted"] = best["params"] is None and step > 0
+        _load_trainable(raw, initial if best["params"] is None else best["params"])
+    log["steps_done"], log["wall_s"] = step, elapsed()
     save(step)
     for h in hooks:
         h.remove()

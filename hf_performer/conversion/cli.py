@@ -2,7 +2,7 @@
 ``hf_performer.conversion.report``).
 
     hf-performer convert bert-base-uncased ./bert-performer --nb-features 256 --max-position-embeddings 4096 \\
-        --calibrate --calibration-data ./my_texts.txt --calibration-steps 300
+        --calibrate --calibration-data ./my_texts.txt --max-time 600
     hf-performer report bert-base-uncased ./bert-performer --data ./heldout.txt
 
 FAVOR+ flags are generated from ``PerformerConfig``'s fields (``--nb-features``, ``--kernel``, ``--seed``,
@@ -20,7 +20,7 @@ import sys
 
 from hf_performer.settings import FEATURE_NORMS, KERNELS, PerformerConfig
 
-from .calibrate import MIXED_PRECISION, CalibrationConfig
+from .calibrate import DEFAULT_MAX_TIME_S, DEFAULT_MIN_LENGTH, MIXED_PRECISION, CalibrationConfig
 from .errors import ConversionError
 from .lora import DEFAULT_RANK
 from .params import TRAIN_CHOICES
@@ -108,7 +108,8 @@ def _convert_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--statistics-batches", type=int, help="batches for the statistics step (default 4)")
     g.add_argument("--calibrate", action="store_true", help="attention-transfer calibration (needs --calibration-data)")
     # unset flags stay None: convert() refuses a flag that the requested steps would not read
-    g.add_argument("--calibration-steps", dest="steps", type=int, metavar="N", help=f"optimizer steps (default {d.steps})")
+    g.add_argument("--calibration-steps", dest="steps", type=int, metavar="N",
+                   help="optimizer steps (default: no step limit, the time budget --max-time decides)")
     g.add_argument("--train", choices=TRAIN_CHOICES,
                    help="what calibration trains: qk = query/key projections, attention = query/key/value/output "
                         "projections, all = every parameter, lora = LoRA adapters on the attention projections, "
@@ -117,8 +118,14 @@ def _convert_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--lora-alpha", type=float, metavar="ALPHA",
                    help="--train lora: LoRA alpha, the update is scaled by alpha / rank (default 2 x rank)")
     g.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr})")
-    g.add_argument("--batch-size", type=int, help=f"sequences per step (default {d.batch_size})")
-    g.add_argument("--max-length", type=int, help=f"tokens per sequence (default {d.max_length})")
+    g.add_argument("--batch-size", type=int, help=f"most sequences per batch (default {d.batch_size})")
+    g.add_argument("--batch-tokens", type=int, metavar="N",
+                   help=f"most padded tokens per batch: long sequences come in smaller batches (default {d.batch_tokens})")
+    g.add_argument("--max-length", type=int,
+                   help="longest sequence in tokens (default: the source's position limit, e.g. 512 for BERT)")
+    g.add_argument("--min-length", type=int,
+                   help=f"shortest sequence in tokens; lengths are mixed, log-uniform in [min, max] (default "
+                        f"{DEFAULT_MIN_LENGTH}, or --max-length if shorter)")
     g.add_argument("--layer-weight", type=float, help=f"weight of per-layer attention matching (default {d.layer_weight})")
     g.add_argument("--output-weight", type=float, help=f"weight of end-to-end matching (default {d.output_weight})")
     g.add_argument("--teacher-forced", action=argparse.BooleanOptionalAction, default=None,
@@ -129,7 +136,14 @@ def _convert_parser(sub) -> argparse.ArgumentParser:
                    help=f"autocast dtype of the calibration (default {d.mixed_precision})")
     g.add_argument("--calibration-seed", dest="calibration_seed", type=int, metavar="N", help=f"data order seed (default {d.seed})")
     g.add_argument("--save-every", type=int, help=f"save resumable state every N steps (default {d.save_every})")
-    g.add_argument("--max-time", dest="max_time_s", type=float, metavar="SECONDS", help="stop calibration after this long")
+    g.add_argument("--max-time", dest="max_time_s", type=float, metavar="SECONDS",
+                   help=f"calibration time budget, validations included (default {DEFAULT_MAX_TIME_S:g} s when "
+                        "--calibration-steps is not given, else none)")
+    g.add_argument("--eval-every", type=int, metavar="N",
+                   help=f"measure the loss on held-out calibration text every N steps; the best state is kept "
+                        f"(default {d.eval_every})")
+    g.add_argument("--patience", type=int, metavar="N",
+                   help=f"stop after N validations without improvement, 0 = never (default {d.patience})")
     g.add_argument("--resume", nargs="?", const=True, default=False, metavar="STATE_DIR",
                    help="continue an interrupted calibration (default state folder: .<output>.calibration next to it)")
     g.add_argument("--keep-calibration-state", action="store_true", help="keep the resumable state after success")

@@ -28,8 +28,8 @@ from hf_performer.integration import convert_to_performer
 from hf_performer.integration.portable import auto_class_name
 from hf_performer.settings import ALIGNED_ESTIMATOR, ALIGNED_KERNELS
 
-from .calibrate import CalibrationConfig, calibrate
-from .data import BatchSchedule, pad_id, read_texts, tokenize
+from .calibrate import DEFAULT_MIN_LENGTH, CalibrationConfig, calibrate
+from .data import BatchSchedule, mixed_length_sequences, pad_id, read_texts
 from .errors import ConversionError
 from .model_card import model_card, source_card_metadata
 from .positions import check_extension, extend_positions, max_tokens
@@ -48,12 +48,15 @@ def performer_settings(settings: PerformerConfig | dict | None) -> PerformerConf
         raise ConversionError(str(e)) from e
 
 
-def held_out_sequences(sequences: list, batch_size: int, seed: int) -> list[int]:
-    """Indices of calibration sequences kept out of training to validate it: ~10%, at most two batches,
-    none when there are fewer than four batches of text."""
-    if len(sequences) < 4 * batch_size:
+MAX_HELD_OUT = 24  # validation sequences at most: validation runs every eval_every steps, it must stay cheap
+
+
+def held_out_sequences(sequences: list, seed: int, max_held_out: int = MAX_HELD_OUT) -> list[int]:
+    """Indices of calibration sequences kept out of training to validate it (early stopping, keeping the best
+    state): ~10%, at most ``max_held_out``, none when there are fewer than 20 sequences."""
+    if len(sequences) < 20:
         return []
-    n = min(max(1, len(sequences) // 10), 2 * batch_size)
+    n = min(max(2, len(sequences) // 10), max_held_out)
     return sorted(random.Random(seed).sample(range(len(sequences)), n))
 
 
@@ -94,7 +97,7 @@ def _summary_calibration(log: dict) -> dict:
     return keep
 
 
-STATISTICS_FIELDS = ("batch_size", "max_length", "seed")  # also shape the statistics step's batches
+STATISTICS_FIELDS = ("batch_size", "max_length", "min_length", "batch_tokens", "seed")  # shape the statistics batches
 _FLAGS = {"steps": "--calibration-steps", "seed": "--calibration-seed", "max_time_s": "--max-time"}
 
 
@@ -231,12 +234,18 @@ def convert(
     # ---------------------------------------------------------------- statistics and calibration
     log = None
     if texts is not None:
-        length = min(cal_cfg.max_length, max_tokens(src.config))
-        sequences = tokenize(texts, tokenizer, length)
-        held_out = held_out_sequences(sequences, cal_cfg.batch_size, cal_cfg.seed) if calibrate_model else []
+        # the teacher (the source) runs on these too: its own position limit, not an extended one
+        length = min(cal_cfg.max_length or max_tokens(src.config), max_tokens(src.config))
+        shortest = min(cal_cfg.min_length or DEFAULT_MIN_LENGTH, length)
+        sequences = mixed_length_sequences(texts, tokenizer, length, shortest, cal_cfg.seed)
+        held_out = held_out_sequences(sequences, cal_cfg.seed) if calibrate_model else []
+        if calibrate_model and not held_out:
+            logger.warning("the calibration text gives only %d sequences: none is held out, so calibration runs "
+                           "without early stopping or keeping its best state (--eval-every and --patience do "
+                           "nothing); give more text.", len(sequences))
         hold = set(held_out)
         schedule = BatchSchedule([s for i, s in enumerate(sequences) if i not in hold] or sequences,
-                                 cal_cfg.batch_size, pad_id(tokenizer), cal_cfg.seed)
+                                 cal_cfg.batch_size, pad_id(tokenizer), cal_cfg.seed, max_tokens=cal_cfg.batch_tokens)
         batches = [schedule.batch(i) for i in range(min(statistics_batches, len(schedule)))]
         layers = calibrate_model_statistics(model, batches, pad_token_id=pad_id(tokenizer))
         summary["statistics"] = {"layers": layers, "batches": len(batches),
@@ -245,8 +254,8 @@ def convert(
         if calibrate_model:
             fingerprint = {"source": src.location, "performer": settings.to_dict(), "positions": positions,
                            "data": str(calibration_data), "sequences": len(schedule.sequences)}
-            validation = BatchSchedule([sequences[i] for i in held_out], cal_cfg.batch_size,
-                                       pad_id(tokenizer)).epoch() if held_out else None
+            validation = BatchSchedule([sequences[i] for i in held_out], cal_cfg.batch_size, pad_id(tokenizer),
+                                       max_tokens=cal_cfg.batch_tokens).epoch() if held_out else None
             log = calibrate(model, teacher, schedule, dataclasses.replace(cal_cfg, max_length=length),
                             state_dir=state_dir, resume=bool(resume), fingerprint_extra=fingerprint, progress=progress,
                             validation=validation)

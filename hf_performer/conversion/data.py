@@ -7,13 +7,18 @@ Text sources (``read_texts``):
     ``datasets.load_dataset``: needs the Hub (or a local datasets cache); offline it fails with a clear error.
 
 Documents longer than ``max_length`` tokens are cut into consecutive windows (each with the tokenizer's
-special tokens), so long documents are used whole. ``BatchSchedule`` groups sequences of similar length
-(little padding) and yields batch ``i`` of an endless, seeded stream: the same index gives the same batch,
-which is what makes a resumed calibration see the data it would have seen.
+special tokens), so long documents are used whole. ``mixed_length_sequences`` instead packs the token stream
+of consecutive documents into sequences of seeded, mixed lengths (log-uniform between a minimum and the
+maximum): calibration then sees every length up to the model's position limit, not only short paragraphs.
+``BatchSchedule`` groups sequences of similar length (little padding), optionally up to a token budget per
+batch (long sequences in small batches, short ones in large batches: about the same work per step), and
+yields batch ``i`` of an endless, seeded stream: the same index gives the same batch, which is what makes a
+resumed calibration see the data it would have seen.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from pathlib import Path
@@ -96,6 +101,46 @@ def tokenize(texts: list[str], tokenizer, max_length: int, min_length: int = 2) 
     return [list(x) for x in ids if len(x) >= min_length]
 
 
+def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """The token ids the tokenizer puts before and after a text (BERT: [CLS] / [SEP]; GPT-2: none)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for i in range(len(full) - len(plain) + 1):
+        if full[i : i + len(plain)] == plain:
+            return list(full[:i]), list(full[i + len(plain) :])
+    return [], []  # pragma: no cover - a tokenizer that rewrites the text itself
+
+
+def mixed_length_sequences(texts: list[str], tokenizer, max_length: int, min_length: int = 32,
+                           seed: int = 0) -> list[list[int]]:
+    """Token id lists of mixed lengths (special tokens included) cut from the concatenated token stream of
+    ``texts`` (in order, so a sequence spans consecutive documents): lengths drawn log-uniformly in
+    [``min_length``, ``max_length``] with a seeded generator, the last one shorter when the text runs out.
+
+    Raises ConversionError when ``max_length`` leaves no room for text or ``min_length`` is not in
+    [2, max_length]."""
+    before, after = special_tokens(tokenizer)
+    room = max_length - len(before) - len(after)
+    if room < 1:
+        raise ConversionError(f"max_length={max_length} leaves no room for text next to the tokenizer's "
+                              f"{len(before) + len(after)} special tokens.")
+    if not isinstance(min_length, int) or not 2 <= min_length <= max_length:
+        raise ConversionError(f"min_length={min_length!r}: expected an integer in [2, max_length={max_length}].")
+    stream: list[int] = []
+    for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:  # no "too long" warning
+        stream += ids
+    rng = random.Random(seed)
+    low = max(1, min_length - len(before) - len(after))
+    out, pos = [], 0
+    while pos < len(stream):
+        n = room if low >= room else int(round(math.exp(rng.uniform(math.log(low), math.log(room)))))
+        piece = stream[pos : pos + n]
+        pos += n
+        if len(before) + len(piece) + len(after) >= 2:
+            out.append(before + piece + after)
+    return out
+
+
 def pad_id(tokenizer) -> int:
     for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
         value = getattr(tokenizer, attr, None)
@@ -116,15 +161,31 @@ def collate(sequences: list[list[int]], pad_token_id: int) -> dict[str, torch.Te
 
 
 class BatchSchedule:
-    """Length-bucketed batches, in a seeded order that changes every epoch; ``batch(i)`` for any i >= 0."""
+    """Length-bucketed batches, in a seeded order that changes every epoch; ``batch(i)`` for any i >= 0.
 
-    def __init__(self, sequences: list[list[int]], batch_size: int, pad_token_id: int, seed: int = 0):
+    ``batch_size``: most sequences per batch. ``max_tokens``: with it, a batch also holds at most this many
+    padded tokens (sequences x its longest), so batches of long sequences are smaller; a sequence longer than
+    ``max_tokens`` gets a batch of its own. Raises ConversionError for empty input or bad sizes."""
+
+    def __init__(self, sequences: list[list[int]], batch_size: int, pad_token_id: int, seed: int = 0,
+                 max_tokens: int | None = None):
         if not sequences:
             raise ConversionError("no token sequences to batch (is the text empty?).")
         if batch_size < 1:
             raise ConversionError(f"batch_size={batch_size}: expected a positive integer.")
+        if max_tokens is not None and max_tokens < 1:
+            raise ConversionError(f"max_tokens={max_tokens}: expected a positive integer or None.")
         order = sorted(range(len(sequences)), key=lambda i: (len(sequences[i]), i))
-        self.groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        self.groups: list[list[int]] = []
+        group: list[int] = []
+        for i in order:  # ascending lengths: the newest sequence is the group's longest
+            full = len(group) >= batch_size or (
+                max_tokens is not None and group and (len(group) + 1) * len(sequences[i]) > max_tokens)
+            if full:
+                self.groups.append(group)
+                group = []
+            group.append(i)
+        self.groups.append(group)
         self.sequences, self.pad_token_id, self.seed = sequences, pad_token_id, seed
 
     def __len__(self) -> int:
