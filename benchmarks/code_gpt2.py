@@ -1,0 +1,182 @@
+"""A harder causal subject for the conversion benchmark: a small GPT-2 trained on Python source code.
+
+Why: the tiny GPT-2 of ``tiny_gpt2.py`` (4 x 128, 1000 steps on documentation prose) has easy attention (a
+converted copy keeps its perplexity, ratio ~1.00 zero-shot), so it cannot tell good calibration from bad. This
+one is trained on another domain than the calibration text, with its own tokenizer, long enough to have
+sharp attention (indentation, brackets, copying names):
+
+* text: the ``.py`` files of the running Python's standard library (``sysconfig.get_paths()["stdlib"]``; no
+  tests, no site-packages), split by a stable hash of the file's path: 10% of the files are held out
+  (``code_documents("eval")``) and never trained on;
+* tokenizer: its own byte-level BPE (``tokenizers``), 4096 entries, trained on the train files;
+* model: GPT-2, 4 layers, width 256, 4 heads (head_dim 64), 512 positions, tied embeddings, no dropout; AdamW
+  (lr 1e-3, weight decay 0.1), linear warm-up and cosine decay, batches of 4 packed 512-token windows (files
+  separated by <|endoftext|>), ``steps`` steps (default 1500: about 3M tokens, one pass over the train files).
+
+Training is deterministic for a given seed, torch version and thread count, and **cached**: ``load_or_train``
+returns the cached folder (``$HF_PERFORMER_BENCH_CACHE`` or ``~/.cache/hf-performer-bench``, keyed by every
+setting and the Python / torch versions) and trains only when it is missing. Cost: ~1.1 s a step with one
+thread on this machine's CPU, so ~25-30 minutes once (``training.json`` in the folder records it).
+
+    python benchmarks/code_gpt2.py                 # train (or find) the cached model, print its record
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers as tf
+from tqdm.auto import tqdm
+
+EOS = "<|endoftext|>"
+SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3", "ensurepip",
+             "turtledemo", "tkinter", "idlelib"}
+DEFAULTS = {"vocab_size": 4096, "n_layer": 4, "n_embd": 256, "n_head": 4, "n_positions": 512, "length": 512,
+            "batch_size": 4, "lr": 1e-3, "steps": 1500, "seed": 0, "eval_fraction": 0.1}
+
+
+def stdlib_files() -> list[Path]:
+    """The standard library's .py files (sorted; tests and GUI/demo packages excluded). Raises FileNotFoundError
+    when the standard library's sources are not installed (some distributions ship only bytecode)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if not SKIP_DIRS & set(p.relative_to(root).parts[:-1])
+                   and not p.name.startswith("test_"))
+    if len(files) < 100:
+        raise FileNotFoundError(f"the Python standard library's sources are missing under {root} ({len(files)} .py "
+                                "files): install the full Python (with its Lib/*.py) to build the code GPT-2.")
+    return files
+
+
+def _split(path: Path, eval_fraction: float) -> str:
+    rel = path.relative_to(sysconfig.get_paths()["stdlib"]).as_posix()
+    return "eval" if int(hashlib.sha256(rel.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < eval_fraction else "train"
+
+
+def code_documents(split: str, eval_fraction: float = DEFAULTS["eval_fraction"]) -> list[str]:
+    """The source text of each standard-library file of ``split`` ("train" or "eval"), in path order."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split={split!r}: expected 'train' or 'eval'.")
+    out = []
+    for p in stdlib_files():
+        if _split(p, eval_fraction) == split:
+            try:
+                out.append(p.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, OSError):
+                continue
+    return out
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on ``texts``, as a transformers fast tokenizer (EOS = BOS = PAD)."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS], show_progress=False)
+    return tf.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=EOS, eos_token=EOS, pad_token=EOS,
+                                      model_max_length=DEFAULTS["n_positions"])
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("HF_PERFORMER_BENCH_CACHE", Path.home() / ".cache" / "hf-performer-bench"))
+
+
+def cache_key(settings: dict) -> str:
+    blob = json.dumps({**settings, "python": sys.version.split()[0], "torch": torch.__version__,
+                       "transformers": tf.__version__}, sort_keys=True)
+    return "code-gpt2-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def train(out_dir: Path, settings: dict, progress: bool = True) -> dict:
+    s = settings
+    torch.manual_seed(s["seed"])
+    t0 = time.perf_counter()
+    texts = code_documents("train", s["eval_fraction"])
+    tok = train_tokenizer(texts, s["vocab_size"])
+    ids: list[int] = []
+    for enc in tok(texts, add_special_tokens=False, verbose=False)["input_ids"]:
+        ids += enc + [tok.eos_token_id]
+    n = len(ids) // s["length"]
+    windows = torch.tensor(ids[: n * s["length"]]).view(n, s["length"])
+    tokenizer_s = time.perf_counter() - t0
+    config = tf.GPT2Config(vocab_size=len(tok), n_positions=s["n_positions"], n_embd=s["n_embd"], n_layer=s["n_layer"],
+                           n_head=s["n_head"], bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.eos_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = tf.GPT2LMHeadModel(config)
+    model.train()
+    steps = s["steps"]
+    opt = torch.optim.AdamW(model.parameters(), lr=s["lr"], weight_decay=0.1, betas=(0.9, 0.95))
+    warmup = max(1, steps // 25)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, i / steps))))
+    rng = random.Random(s["seed"])
+    order: list[int] = []
+    losses = []
+    t1 = time.perf_counter()
+    for _ in tqdm(range(steps), desc="train code GPT-2", disable=not progress):
+        if len(order) < s["batch_size"]:
+            order += rng.sample(range(len(windows)), len(windows))
+        idx, order = order[: s["batch_size"]], order[s["batch_size"]:]
+        batch = windows[idx]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return {"settings": s, "train_files": len(texts), "train_tokens": int(windows.numel()),
+            "epochs": round(steps * s["batch_size"] / len(windows), 2),
+            "parameters": sum(p.numel() for p in model.parameters()), "tokenizer_and_data_s": round(tokenizer_s, 1),
+            "train_s": round(time.perf_counter() - t1, 1), "threads": torch.get_num_threads(),
+            "final_train_loss": sum(losses[-50:]) / min(50, len(losses)),
+            "loss_curve": [round(sum(losses[i:i + 50]) / len(losses[i:i + 50]), 4) for i in range(0, len(losses), 50)]}
+
+
+def load_or_train(progress: bool = True, **overrides) -> tuple[Path, dict]:
+    """(folder of the trained model and tokenizer, its training record), training it only when not cached."""
+    unknown = set(overrides) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown settings {sorted(unknown)}: expected some of {sorted(DEFAULTS)}")
+    settings = {**DEFAULTS, **overrides}
+    folder = cache_root() / cache_key(settings)
+    record = folder / "training.json"
+    if record.is_file():
+        return folder, {**json.loads(record.read_text()), "cached": True}
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        info = train(tmp, settings, progress)
+        (tmp / "training.json").write_text(json.dumps(info, indent=1))
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder, {**info, "cached": False}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=DEFAULTS["steps"])
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args()
+    folder, info = load_or_train(progress=not args.no_progress, steps=args.steps)
+    print(folder)
+    print(json.dumps({k: v for k, v in info.items() if k != "loss_curve"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
