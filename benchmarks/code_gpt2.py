@@ -11,12 +11,13 @@ sharp attention (indentation, brackets, copying names):
 * tokenizer: its own byte-level BPE (``tokenizers``), 4096 entries, trained on the train files;
 * model: GPT-2, 4 layers, width 256, 4 heads (head_dim 64), 512 positions, tied embeddings, no dropout; AdamW
   (lr 1e-3, weight decay 0.1), linear warm-up and cosine decay, batches of 4 packed 512-token windows (files
-  separated by <|endoftext|>), ``steps`` steps (default 1500: about 3M tokens, one pass over the train files).
+  separated by <|endoftext|>), ``steps`` steps (default 1000: about 2M tokens, 0.8 of a pass over the train files).
 
 Training is deterministic for a given seed, torch version and thread count, and **cached**: ``load_or_train``
 returns the cached folder (``$HF_PERFORMER_BENCH_CACHE`` or ``~/.cache/hf-performer-bench``, keyed by every
-setting and the Python / torch versions) and trains only when it is missing. Cost: ~1.1 s a step with one
-thread on this machine's CPU, so ~25-30 minutes once (``training.json`` in the folder records it).
+setting) and trains only when it is missing; the versions and device that trained it are in its
+``training.json``. Cost on this machine's CPU with one thread: ~1.0-1.2 s a step alone, up to ~2.8 s while
+other jobs share the two cores, so 17-45 minutes once (``training.json`` records the time it took).
 
     python benchmarks/code_gpt2.py                 # train (or find) the cached model, print its record
 """
@@ -44,13 +45,13 @@ EOS = "<|endoftext|>"
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3", "ensurepip",
              "turtledemo", "tkinter", "idlelib"}
 DEFAULTS = {"vocab_size": 4096, "n_layer": 4, "n_embd": 256, "n_head": 4, "n_positions": 512, "length": 512,
-            "batch_size": 4, "lr": 1e-3, "steps": 1500, "seed": 0, "eval_fraction": 0.1}
+            "batch_size": 4, "lr": 1e-3, "steps": 1000, "seed": 0, "eval_fraction": 0.1}
 
 
 def stdlib_files() -> list[Path]:
     """The standard library's .py files (sorted; tests and GUI/demo packages excluded). Raises FileNotFoundError
     when the standard library's sources are not installed (some distributions ship only bytecode)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+    root = stdlib_root()
     files = sorted(p for p in root.rglob("*.py") if not SKIP_DIRS & set(p.relative_to(root).parts[:-1])
                    and not p.name.startswith("test_"))
     if len(files) < 100:
@@ -59,22 +60,34 @@ def stdlib_files() -> list[Path]:
     return files
 
 
+def stdlib_root() -> Path:
+    """The running Python's standard-library folder."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
 def _split(path: Path, eval_fraction: float) -> str:
-    rel = path.relative_to(sysconfig.get_paths()["stdlib"]).as_posix()
+    rel = path.relative_to(stdlib_root()).as_posix()
     return "eval" if int(hashlib.sha256(rel.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < eval_fraction else "train"
 
 
 def code_documents(split: str, eval_fraction: float = DEFAULTS["eval_fraction"]) -> list[str]:
-    """The source text of each standard-library file of ``split`` ("train" or "eval"), in path order."""
+    """The source text of each standard-library file of ``split`` ("train" or "eval"), in path order; empty files
+    and repeated contents are dropped (an empty ``__init__.py`` would be in both splits)."""
     if split not in ("train", "eval"):
         raise ValueError(f"split={split!r}: expected 'train' or 'eval'.")
     out = []
     for p in stdlib_files():
         if _split(p, eval_fraction) == split:
             try:
-                out.append(p.read_text(encoding="utf-8"))
+                text = p.read_text(encoding="utf-8")
             except (UnicodeDecodeError, OSError):
                 continue
+            if text.strip():
+                out.append(text)
+    out = list(dict.fromkeys(out))
+    if split == "eval":  # a file whose exact text is also a train file (a stub) is not held out
+        train = set(code_documents("train", eval_fraction))
+        out = [t for t in out if t not in train]
     return out
 
 
@@ -93,12 +106,12 @@ def cache_root() -> Path:
 
 
 def cache_key(settings: dict) -> str:
-    blob = json.dumps({**settings, "python": sys.version.split()[0], "torch": torch.__version__,
-                       "transformers": tf.__version__}, sort_keys=True)
-    return "code-gpt2-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
+    """The cache folder's name: a hash of the settings (the versions and device that trained it are recorded in
+    its training.json, not keyed: another torch gives a slightly different model of the same recipe)."""
+    return "code-gpt2-" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def train(out_dir: Path, settings: dict, progress: bool = True) -> dict:
+def train(out_dir: Path, settings: dict, progress: bool = True, device: str = "cpu") -> dict:
     s = settings
     torch.manual_seed(s["seed"])
     t0 = time.perf_counter()
@@ -113,7 +126,7 @@ def train(out_dir: Path, settings: dict, progress: bool = True) -> dict:
     config = tf.GPT2Config(vocab_size=len(tok), n_positions=s["n_positions"], n_embd=s["n_embd"], n_layer=s["n_layer"],
                            n_head=s["n_head"], bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
                            pad_token_id=tok.eos_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    model = tf.GPT2LMHeadModel(config)
+    model = tf.GPT2LMHeadModel(config).to(device)
     model.train()
     steps = s["steps"]
     opt = torch.optim.AdamW(model.parameters(), lr=s["lr"], weight_decay=0.1, betas=(0.9, 0.95))
@@ -128,7 +141,7 @@ def train(out_dir: Path, settings: dict, progress: bool = True) -> dict:
         if len(order) < s["batch_size"]:
             order += rng.sample(range(len(windows)), len(windows))
         idx, order = order[: s["batch_size"]], order[s["batch_size"]:]
-        batch = windows[idx]
+        batch = windows[idx].to(device)
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -136,18 +149,20 @@ def train(out_dir: Path, settings: dict, progress: bool = True) -> dict:
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    model.eval()
+    model.eval().to("cpu")
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     return {"settings": s, "train_files": len(texts), "train_tokens": int(windows.numel()),
             "epochs": round(steps * s["batch_size"] / len(windows), 2),
             "parameters": sum(p.numel() for p in model.parameters()), "tokenizer_and_data_s": round(tokenizer_s, 1),
             "train_s": round(time.perf_counter() - t1, 1), "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)",
+            "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": tf.__version__},
             "final_train_loss": sum(losses[-50:]) / min(50, len(losses)),
             "loss_curve": [round(sum(losses[i:i + 50]) / len(losses[i:i + 50]), 4) for i in range(0, len(losses), 50)]}
 
 
-def load_or_train(progress: bool = True, **overrides) -> tuple[Path, dict]:
+def load_or_train(progress: bool = True, device: str = "cpu", **overrides) -> tuple[Path, dict]:
     """(folder of the trained model and tokenizer, its training record), training it only when not cached."""
     unknown = set(overrides) - set(DEFAULTS)
     if unknown:
@@ -160,7 +175,7 @@ def load_or_train(progress: bool = True, **overrides) -> tuple[Path, dict]:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        info = train(tmp, settings, progress)
+        info = train(tmp, settings, progress, device)
         (tmp / "training.json").write_text(json.dumps(info, indent=1))
         os.replace(tmp, folder)
     finally:
@@ -171,9 +186,10 @@ def load_or_train(progress: bool = True, **overrides) -> tuple[Path, dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=DEFAULTS["steps"])
+    p.add_argument("--device", default="cpu", help="where to train (the result is cached either way)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args()
-    folder, info = load_or_train(progress=not args.no_progress, steps=args.steps)
+    folder, info = load_or_train(progress=not args.no_progress, device=args.device, steps=args.steps)
     print(folder)
     print(json.dumps({k: v for k, v in info.items() if k != "loss_curve"}, indent=1))
 
