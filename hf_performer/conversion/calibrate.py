@@ -16,6 +16,12 @@ free-running layers + output cosine: 0.931 / 0.907; teacher-forced *block* outpu
 trained: 0.939 / 0.932; lr 5e-3: 0.895 / 0.903. (An earlier 300-step comparison: teacher-forced layers +
 output cosine 0.927 / 0.944, free-running + output at lr 1e-3 0.939 / 0.951.)
 
+Budget and data (so that calibration carries over to other text and lengths): by default a time budget of
+``DEFAULT_MAX_TIME_S`` (600 s) rather than a step count, the learning rate decaying over it; sequences of mixed
+lengths up to the model's position limit (``data.mixed_length_sequences``) in batches of about ``batch_tokens``
+tokens; with held-out batches (``convert`` keeps ~10% of the calibration sequences out), validation every
+``eval_every`` steps, the best state kept and restored, and a stop after ``patience`` validations without gain.
+
 ``train`` picks what is trained (``params.py``); ``train="lora"`` trains LoRA adapters on the attention
 projections instead and merges them at the end (``lora.py``): the model comes back as a plain Performer model.
 
