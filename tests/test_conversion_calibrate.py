@@ -143,6 +143,21 @@ def test_validation_reverts_a_harmful_calibration():
     assert not log["reverted"] and log["best_step"] > 0 and log["validation_end"] < log["validation_start"]
 
 
+def test_validation_reverts_a_calibration_that_diverged_to_nan():
+    teacher, student = pair("bert")
+    val = schedule(4, 8, "eval").epoch()
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    cfg = CalibrationConfig(steps=2, lr=1e-3, batch_size=4, max_length=32, warmup_steps=0)
+    weight = student.get_parameter("encoder.layer.0.attention.self.query.weight")
+    handle = weight.register_hook(lambda g: g * float("nan"))  # a divergence: the first step makes it NaN
+    log = calibrate(student, teacher, schedule(), cfg, progress=False, validation=val)
+    handle.remove()
+    assert log["validation_end"] != log["validation_end"]  # NaN: compares as neither better nor worse
+    assert log["reverted"]
+    for n, p in student.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
 def test_mixed_precision_runs():
     teacher, student = pair("bert")
     cfg = CalibrationConfig(steps=2, lr=1e-3, batch_size=4, max_length=32, warmup_steps=0, mixed_precision="bf16")
