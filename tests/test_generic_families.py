@@ -30,6 +30,11 @@ SETTINGS = PerformerConfig(nb_features=32, seed=3)
 TYPES = [row.model_type for row in ROWS if row.causal]  # the decoders
 
 
+def kv_heads(model_type: str) -> int:
+    """Key/value heads of the tiny configs: 2 for the grouped-query rows, else one per query head."""
+    return KV if GENERIC_FAMILIES[model_type].row.kv_heads else HEADS
+
+
 def stock_config(model_type: str, **kw):
     return CONFIG_MAPPING[model_type](
         vocab_size=V, hidden_size=HEADS * HEAD_DIM, intermediate_size=64, num_hidden_layers=2,
@@ -75,7 +80,7 @@ def test_convert_keeps_every_weight_and_counts_kv_heads(model_type):
         assert torch.equal(after[k], v), k
     assert set(after) - set(before) == {k for k in after if ".favor." in k}
     favors = model.favor_modules()
-    assert len(favors) == 2 and all(f.num_heads == KV and f.head_dim == HEAD_DIM for f in favors)
+    assert len(favors) == 2 and all(f.num_heads == kv_heads(model_type) and f.head_dim == HEAD_DIM for f in favors)
     assert model.config.model_type == f"performer_{model_type}"
     assert getattr(model.config, "sliding_window", None) is None  # every layer global (generic.py)
 
@@ -116,7 +121,7 @@ def test_cached_greedy_generation_equals_uncached_full_forwards(model_type):
     assert len(set(seq[:, ids.shape[1]:].flatten().tolist())) > 2
     for layer in out.cache.layers:  # one constant-size running state per KEY/VALUE head, no key/value storage
         assert isinstance(layer, FavorCacheLayer) and layer.keys is None
-        assert layer.state.S.shape == (3, KV, SETTINGS.nb_features, HEAD_DIM)
+        assert layer.state.S.shape == (3, kv_heads(model_type), SETTINGS.nb_features, HEAD_DIM)
 
 
 @pytest.mark.parametrize("mode", ["beam", "sample", "beam_sample"])

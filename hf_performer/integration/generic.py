@@ -66,6 +66,7 @@ class Row:
         names (``--train lora``).
     default_class: what a checkpoint without ``architectures`` is loaded as.
     positions: how ``hf-performer convert --max-position-embeddings`` grows the position limit (``conversion.positions``).
+    cache_kwarg: the name of the attention module's cache argument.
     exact_if: which layers are NOT converted: modules whose attribute ``exact_if`` is not None keep their exact
         attention (ModernBERT: ``sliding_window``, its local layers, run exactly in linear memory by ``local_exact``).
         The config's ``layer_types`` then stay the stock ones in memory (``runtime_layer_type = None``).
@@ -85,6 +86,7 @@ class Row:
     default_class: str = ""
     positions: str = "rotary"  # "rotary" (computed), or a learned table indexed like "bert" or "roberta"
     exact_if: str | None = None  # attention modules whose attribute of this name is set keep exact attention
+    cache_kwarg: str = "cache"  # the attention forward's cache argument (GPT-NeoX: "layer_past")
 
 
 BERT_QK = r"attention\.self\.(query|key)\."
@@ -117,6 +119,11 @@ ROWS = [
     Row("olmo2", "Olmo2Attention", default_class="Olmo2ForCausalLM"),
     Row("smollm3", "SmolLM3Attention", cleared=_NO_SLIDING_SWITCH, masks_by_layer_type=True,
         default_class="SmolLM3ForCausalLM"),
+    Row("gpt_neox", "GPTNeoXAttention", kv_heads=None, head_dim="head_size", cache_kwarg="layer_past",
+        qk=r"\.attention\.query_key_value\.", projections=r"\.attention\.(query_key_value|dense)\.",
+        lora=r".*\.attention\.(query_key_value|dense)", default_class="GPTNeoXForCausalLM"),
+    Row("opt", "OPTAttention", kv_heads=None, qk=LLAMA_QK, projections=r"\.self_attn\.(q_proj|k_proj|v_proj|out_proj)\.",
+        lora=r".*\.self_attn\.(q_proj|k_proj|v_proj|out_proj)", default_class="OPTForCausalLM", positions="opt"),
     bert_style("xlm-roberta", "XLMRoberta", "XLMRobertaModel", positions="roberta"),
     bert_style("electra", "Electra", "ElectraModel"),
     bert_style("camembert", "Camembert", "CamembertModel", positions="roberta"),
@@ -200,7 +207,7 @@ def build_family(row: Row) -> Family:
     attn_name = f"Performer{row.attention}"
     if attn_name not in g:
         g[attn_name] = type(attn_name, (RecurrentDecodingMixin, attention_cls),
-                            {"__module__": __name__, "__qualname__": attn_name})
+                            {"__module__": __name__, "__qualname__": attn_name, "favor_cache_kwarg": row.cache_kwarg})
     performer_attention = g[attn_name]
 
     base_name = f"_Performer{prefix}"

@@ -229,12 +229,15 @@ class RecurrentDecodingMixin:
     but stores nothing in it; the attention function receives the layer's ``FavorCacheLayer`` and advances its
     constant-size FAVOR+ state (``FavorCacheLayer.step``) instead of attending over stored keys."""
 
+    favor_cache_kwarg = "cache"  # the stock forward's name for its cache argument (GPT-NeoX: "layer_past")
+
     def forward(self, *args, **kwargs):
-        if "past_key_values" in kwargs and kwargs.get("cache") is None:  # the deprecated name
-            kwargs["cache"] = kwargs.pop("past_key_values")
-        cache = kwargs.get("cache")
+        name = self.favor_cache_kwarg
+        if "past_key_values" in kwargs and kwargs.get(name) is None:  # the deprecated name
+            kwargs[name] = kwargs.pop("past_key_values")
+        cache = kwargs.get(name)
         if cache is None:
             return super().forward(*args, **kwargs)
-        kwargs["cache"] = _StepCache(cache)
+        kwargs[name] = _StepCache(cache)
         kwargs[STEP_KWARG] = favor_cache_layer(cache, self.layer_idx)
         return super().forward(*args, **kwargs)
