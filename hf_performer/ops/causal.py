@@ -3,9 +3,10 @@ in plain PyTorch): a fixed number of batched ops whatever the length, no Python 
 
 The sequence is cut into n chunks of C positions ([B, H, n, C, ·] views). For chunk i:
 
-* reference  c_i = max(M_{i-1}, logits of the chunk's first real key), M_i the running per-feature maximum of
-  the real key logits (a ``cummax`` over chunk maxima): one constant per feature shared by every key a query
-  of the chunk sees;
+* reference  c_i = max(M_{i-1}, f, max_g f_g - REF_SPREAD) with f the logits of the chunk's first real key, M_i the
+  running per-feature maximum of the real key logits (a ``cummax`` over chunk maxima): one constant per feature
+  shared by every key a query of the chunk sees (the floor keeps U below from growing until float32 products
+  underflow when the first key is far below the later ones in some feature);
 * in-chunk   U_t = max_{s<=t} max(0, max_f(Lg_k[s, f] - c_i[f])) bounds the chunk's new keys:
              phi~(k_s) = F exp(Lg_k[s] - c_i - U_s) <= 1,  phi~(q_t) = F exp(Lg_q[t] + c_i - r_t) <= 1;
 * intra      A = (phi~(Q) phi~(K)^T) ⊙ D, D[t, s] = e^{U_s - U_t} for s <= t else 0   ([n, C, C] batched);
@@ -45,6 +46,8 @@ from .common import (
 )
 from .local import band, combine_window, exact_base
 from .scan import exclusive_prefix
+
+REF_SPREAD = 20.0  # at most this far (in log units) below the chunk's first key's largest logit: see _causal
 
 
 def _pad_len(x: torch.Tensor, before: int, after: int, value=0.0) -> torch.Tensor:
@@ -97,6 +100,10 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
         else:  # the first real key of each chunk
             idx = mk.to(torch.int8).argmax(-1)[:, None, :, None, None].expand(B, H, n, 1, lk.shape[-1])
             first = torch.where(mk.any(-1)[:, None, :, None], lk.gather(3, idx)[:, :, :, 0], big)
+        # a reference far below the chunk's first key's largest logit would let U grow (keys later in the chunk above
+        # it in that feature) until products of small features underflow: no reference sits more than REF_SPREAD
+        # below it (still a function of keys up to the chunk's first: nothing looks ahead)
+        first = torch.maximum(first, first.amax(-1, keepdim=True) - REF_SPREAD)
         ref = finite_reference(torch.maximum(M[:, :, :-1], first))  # [B, H, n, m']: c_i
         ref_c = ref[:, :, :, None]  # [B, H, n, 1, m']
     v1 = with_ones(chunked(vx[:, :, w:]))  # [B, H, n, C, dv + 1]
