@@ -67,6 +67,12 @@ class Row:
     default_class: what a checkpoint without ``architectures`` is loaded as.
     positions: how ``hf-performer convert --max-position-embeddings`` grows the position limit (``conversion.positions``).
     cache_kwarg: the name of the attention module's cache argument.
+    shared: the model reuses its attention modules across layers (ALBERT's cross-layer parameter sharing:
+        ``num_hidden_groups`` x ``inner_group_num`` attention modules run ``num_hidden_layers`` times). Such modules
+        have no ``layer_idx``: each gets one FavorAttention (one random-feature draw, one set of statistics) with
+        its position among the family's attention modules as layer id; the statistics step fits that one set on
+        the q, k of every layer the module serves (``statistics.calibrate_feature_statistics`` pools its calls),
+        and counts the module once.
     exact_if: which layers are NOT converted: modules whose attribute ``exact_if`` is not None keep their exact
         attention (ModernBERT: ``sliding_window``, its local layers, run exactly in linear memory by ``local_exact``).
         The config's ``layer_types`` then stay the stock ones in memory (``runtime_layer_type = None``).
@@ -87,6 +93,7 @@ class Row:
     positions: str = "rotary"  # "rotary" (computed), or a learned table indexed like "bert" or "roberta"
     exact_if: str | None = None  # attention modules whose attribute of this name is set keep exact attention
     cache_kwarg: str = "cache"  # the attention forward's cache argument (GPT-NeoX: "layer_past")
+    shared: bool = False  # attention modules serve several layers (ALBERT); layer id = position among them
 
 
 BERT_QK = r"attention\.self\.(query|key)\."
@@ -128,6 +135,11 @@ ROWS = [
     bert_style("electra", "Electra", "ElectraModel"),
     bert_style("camembert", "Camembert", "CamembertModel", positions="roberta"),
     bert_style("ernie", "Ernie", "ErnieModel"),
+    # cross-layer parameter sharing: one attention module per layer group (one by default) serves every layer of
+    # the group; it gets one FavorAttention, whose statistics are fitted on all the layers it serves (``shared``)
+    Row("albert", "AlbertAttention", kv_heads=None, head_dim="attention_head_size", causal=False, shared=True,
+        qk=r"\.attention\.(query|key)\.", projections=r"\.attention\.(query|key|value|dense)\.",
+        lora=r".*\.attention\.(query|key|value|dense)", default_class="AlbertModel"),
     # global layers FAVOR+, local (sliding-window) layers exact in linear memory; layer_types derived by the stock
     # config from global_attn_every_n_layers (config.json says favor_attention for every layer)
     Row("modernbert", "ModernBertAttention", kv_heads=None, causal=False, exact_if="sliding_window",
@@ -158,12 +170,15 @@ def _sites(row: Row, attention_cls: type, performer_attention: type, cross_cls: 
         config = model.config
         heads, n = config.num_attention_heads, config.num_hidden_layers
         kv = getattr(config, row.kv_heads, None) if row.kv_heads else None
+        position = 0  # shared modules (``Row.shared``): the layer id is the module's position among them
         for m in model.modules():
             if isinstance(m, attention_cls) and row.exact_if and getattr(m, row.exact_if, None) is not None:
                 continue  # kept exact (already linear in memory)
             if isinstance(m, attention_cls):
                 # statistics and decoding state per key/value head (grouped-query attention, ``grouped``)
-                yield AttentionSite(m, getattr(m, row.head_dim), kv or heads, m.layer_idx, performer_attention)
+                layer_id = position if row.shared else m.layer_idx
+                position += 1
+                yield AttentionSite(m, getattr(m, row.head_dim), kv or heads, layer_id, performer_attention)
             elif cross_cls is not None and isinstance(m, cross_cls):
                 yield AttentionSite(m, getattr(m, row.head_dim), heads, n + m.layer_idx, cross_attention=True)
 
