@@ -10,6 +10,11 @@ attention runs through ``FavorAttention.step``: the forward runs with ``use_cach
 ``step`` that still runs on an empty state (a prefill) is calibrated like a causal forward. Every
 FAVOR layer is calibrated, or the model is left as it was and one error says which layers the
 forward did not reach and why.
+
+Shared attention modules (ALBERT: one attention module serves every layer of its group; their attention module
+says ``favor_shared``) are called once per layer they serve. Their one FavorAttention gets one set of statistics,
+fitted at each call on the q, k of all its calls so far stacked along the batch (so the last fit covers every
+layer it serves, and each call runs with statistics that include its own inputs); such a module counts once.
 """
 
 from __future__ import annotations
@@ -110,8 +115,14 @@ def calibrate_feature_statistics(model: nn.Module, batch: Mapping[str, torch.Ten
     layers = favor_layers(model)
     batch = _check_batch(model, batch)
     seen: set[int] = set()
+    shared = _shared_favor_layers(model)
+    calls: dict[int, list[tuple]] = {}  # shared layers: (q, k, mask) of each call so far
 
     def calibrate(module: FavorAttention, q, k, mask, scale, causal) -> None:
+        if id(module) in shared:
+            pooled = calls.setdefault(id(module), [])
+            pooled.append((q, k, mask))
+            q, k, mask = _stacked(pooled)
         module.calibrate_statistics(q, k, key_padding_mask=mask, scale=scale, causal=bool(causal))
         seen.add(id(module))
 
@@ -149,6 +160,25 @@ def calibrate_feature_statistics(model: nn.Module, batch: Mapping[str, torch.Ten
             m.__dict__.pop("step", None)
         model.train(was_training)
     return len(layers)
+
+
+def _shared_favor_layers(model: nn.Module) -> set[int]:
+    """ids of the FavorAttention layers whose attention module serves several layers (``favor_shared``)."""
+    return {id(m.favor) for m in model.modules()
+            if getattr(m, "favor_shared", False) and isinstance(getattr(m, "favor", None), FavorAttention)}
+
+
+def _stacked(calls: list[tuple]) -> tuple:
+    """(q, k, key padding mask) of several calls of one layer, stacked along the batch ([N*B, H, L, d], [N*B, L])."""
+    if len(calls) == 1:
+        return calls[0]
+    q = torch.cat([c[0] for c in calls])
+    k = torch.cat([c[1] for c in calls])
+    if all(c[2] is None for c in calls):
+        return q, k, None
+    masks = [torch.ones(c[1].shape[0], c[1].shape[2], dtype=torch.bool, device=c[1].device) if c[2] is None
+             else c[2].bool() for c in calls]
+    return q, k, torch.cat(masks)
 
 
 def _check_all_reached(model: nn.Module, layers: list[FavorAttention], seen: set[int]) -> None:

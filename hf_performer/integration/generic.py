@@ -222,7 +222,8 @@ def build_family(row: Row) -> Family:
     attn_name = f"Performer{row.attention}"
     if attn_name not in g:
         g[attn_name] = type(attn_name, (RecurrentDecodingMixin, attention_cls),
-                            {"__module__": __name__, "__qualname__": attn_name, "favor_cache_kwarg": row.cache_kwarg})
+                            {"__module__": __name__, "__qualname__": attn_name, "favor_cache_kwarg": row.cache_kwarg,
+                             "favor_shared": row.shared})
     performer_attention = g[attn_name]
 
     base_name = f"_Performer{prefix}"

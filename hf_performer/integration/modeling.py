@@ -230,6 +230,9 @@ class RecurrentDecodingMixin:
     constant-size FAVOR+ state (``FavorCacheLayer.step``) instead of attending over stored keys."""
 
     favor_cache_kwarg = "cache"  # the stock forward's name for its cache argument (GPT-NeoX: "layer_past")
+    # the module serves several layers (ALBERT's cross-layer sharing, ``generic.Row.shared``): the statistics step pools
+    # the q, k of all its calls into its one set of statistics (``statistics.calibrate_feature_statistics``)
+    favor_shared = False
 
     def forward(self, *args, **kwargs):
         name = self.favor_cache_kwarg
