@@ -257,7 +257,7 @@ def test_cli_refuses_an_unconvertible_source(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------- BERT-style encoders
-ENCODERS = [row.model_type for row in ROWS if row.causal is None]
+ENCODERS = [row.model_type for row in ROWS if row.causal is None or row.shared]  # + ALBERT (not a decoder)
 
 
 def encoder_config(model_type: str, **kw):
@@ -318,6 +318,70 @@ def test_bert_style_decoder_generation_cached_equals_uncached():
             outs.append(model.eval().generate(input_ids=ids, max_new_tokens=5, min_new_tokens=5, do_sample=False,
                                               pad_token_id=1, use_cache=use_cache))
     assert torch.equal(outs[0], outs[1])
+
+
+# ---------------------------------------------------------------------------------------------- ALBERT
+def albert_config(**kw):
+    return tf.AlbertConfig(**{**dict(vocab_size=V, embedding_size=8, hidden_size=16, num_hidden_layers=3,
+                                     num_attention_heads=2, intermediate_size=32, max_position_embeddings=40,
+                                     initializer_range=0.3, pad_token_id=1, num_labels=2), **kw})
+
+
+def test_albert_shared_attention_gets_one_favor_layer_fitted_on_every_layer_it_serves():
+    """Cross-layer sharing: one attention module runs 3 times per forward. It gets one FavorAttention, counted once,
+    whose statistics are those that ``calibrate_statistics`` fits on the q, k of all 3 calls stacked (not those of
+    the last call alone)."""
+    from hf_performer.conversion.capture import favor_inputs
+
+    torch.manual_seed(0)
+    model = I.convert_to_performer(tf.AlbertModel(albert_config()), SETTINGS).eval()
+    (favor,) = model.favor_modules()
+    fresh = copy.deepcopy(favor)
+    ids = torch.randint(3, V, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    with favor_inputs(model) as store:
+        assert hf_performer.calibrate_feature_statistics(model, {"input_ids": ids, "attention_mask": mask}) == 1
+    (calls,) = store.values()
+    assert len(calls) == 3 and not torch.equal(calls[0][0], calls[2][0])  # three layers, three different inputs
+    names = ("key_shift", "log_qk_scale", "oprf_rho", "proposal_centers")
+    last = copy.deepcopy(fresh)
+    last.calibrate_statistics(calls[2][0], calls[2][1], key_padding_mask=calls[2][2], scale=calls[2][3])
+    fresh.calibrate_statistics(torch.cat([c[0] for c in calls]), torch.cat([c[1] for c in calls]),
+                               key_padding_mask=torch.cat([c[2] for c in calls]), scale=calls[0][3])
+    for n in names:
+        assert torch.equal(getattr(favor, n), getattr(fresh, n)), n
+    assert not torch.equal(favor.key_shift, last.key_shift)
+
+
+def test_albert_layer_groups_get_one_favor_layer_each_and_calibrate():
+    torch.manual_seed(0)
+    model = I.convert_to_performer(tf.AlbertForSequenceClassification(
+        albert_config(num_hidden_layers=4, num_hidden_groups=2)), SETTINGS).eval()
+    favors = model.favor_modules()
+    assert [f.layer_id for f in favors] == [0, 1] and not torch.equal(favors[0].projection, favors[1].projection)
+    ids = torch.randint(3, V, (2, 9), generator=torch.Generator().manual_seed(0))
+    assert hf_performer.calibrate_feature_statistics(model, {"input_ids": ids}) == 2
+    assert all(bool(f.stats_calibrated) for f in favors)
+
+
+def test_albert_training_step_allocates_no_attention_sized_tensor():
+    from test_integration_linear_memory import L, ShapeRecorder
+
+    torch.manual_seed(0)
+    ids = torch.randint(3, 64, (2, L), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, L - 100:] = 0
+    config = albert_config(vocab_size=64, max_position_embeddings=L)
+    model = I.convert_to_performer(tf.AlbertForMaskedLM(config), SETTINGS).train()
+    with ShapeRecorder() as rec:
+        model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    assert len(rec.shapes) > 100 and rec.quadratic() == []
+    stock_model = tf.AlbertForMaskedLM(albert_config(vocab_size=64, max_position_embeddings=L,
+                                                     attn_implementation="eager")).train()
+    with ShapeRecorder() as rec:  # the recorder does see softmax attention
+        stock_model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    assert rec.quadratic()
 
 
 # ---------------------------------------------------------------------------------------------- ModernBERT
