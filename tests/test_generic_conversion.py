@@ -147,3 +147,35 @@ def test_portable_llama_checkpoint_loads_and_decodes_without_the_plugin(tmp_path
         assert torch.equal(out["generated"], model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5,
                                                             min_new_tokens=5, do_sample=False, pad_token_id=0))
     assert Path(tmp_path / "model" / "hf_performer_integration_generic.py").is_file()
+
+
+def test_cli_converts_calibrates_and_reports_albert_per_layer_of_its_shared_attention(tmp_path, capsys):
+    """ALBERT's one attention module serves all 3 layers: the statistics step fits it once, attention transfer and the
+    report compare each of the 3 calls on its own (teacher) inputs (``capture.call_key``)."""
+    tok = tokenizer()
+    torch.manual_seed(0)
+    cfg = tf.AlbertConfig(vocab_size=len(tok), embedding_size=16, hidden_size=32, num_hidden_layers=3,
+                          num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+                          pad_token_id=tok.pad_token_id, initializer_range=0.3)
+    src = _save(tf.AlbertForMaskedLM(cfg).eval(), tmp_path / "src", 64)
+    txt, out = text_file(tmp_path / "t.txt"), tmp_path / "out"
+    rc = main([str(a) for a in ("convert", src, out, "--nb-features", 16, "--calibrate", "--train", "attention",
+                                "--calibration-data", txt, "--calibration-steps", 2, "--batch-size", 2,
+                                "--max-length", 24, "--no-progress")])
+    assert rc == 0, capsys.readouterr().err
+    model = tf.AutoModelForMaskedLM.from_pretrained(out)
+    assert type(model).__name__ == "PerformerAlbertForMaskedLM"
+    (favor,) = model.favor_modules()
+    assert bool(favor.stats_calibrated)
+    log = json.loads((out / "calibration_log.json").read_text())
+    assert log["steps_done"] == 2
+    stock = tf.AlbertForMaskedLM.from_pretrained(src)
+    trained = [n for n, p in model.named_parameters() if not torch.equal(p, stock.get_parameter(n))]
+    assert all(".attention." in n for n in trained)  # attention transfer moves attention projections only
+    assert bool(trained) != bool(log.get("reverted")), log.get("reverted")
+    assert main(["report", str(src), str(out), "--data", str(txt), "--max-length", "24", "--out",
+                 str(tmp_path / "report")]) == 0
+    errors = json.loads((tmp_path / "report" / "report.json").read_text())["layer_errors"]
+    name = "albert.encoder.albert_layer_groups.0.albert_layers.0.attention"
+    assert errors["names"] == [name, f"{name}#1", f"{name}#2"]
+    assert len(set(errors["teacher_forced"])) == 3 and all(0 < e < 10 for e in errors["teacher_forced"])

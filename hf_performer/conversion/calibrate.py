@@ -188,7 +188,8 @@ def transfer_loss(student, teacher, batch, names, kind, cfg: CalibrationConfig) 
             s_out = model_outputs(student, batch, kind)
             s_free = dict(s_free)
         s_att = s_att if cfg.teacher_forced else s_free
-    layer = torch.stack([relative_mse(s_att[n], t_att[n], mask) for n in names]).mean()
+    # every attention call: a shared module (ALBERT) once per layer it serves (``capture.call_key``)
+    layer = torch.stack([relative_mse(s_att[n], t_att[n], mask) for n in t_att]).mean()
     if s_out is None:
         end = torch.zeros((), device=layer.device)
     else:

@@ -10,6 +10,12 @@
 * ``attention_inputs(model, names)`` / ``replaced_attention_inputs(model, inputs)``: read the hidden states
   entering each attention module, or substitute them (teacher forcing: the student's attention runs on the
   teacher's inputs, which isolates each layer's own approximation error).
+
+``attention_outputs`` / ``attention_inputs`` key what they record by call: a module that runs several times in one
+forward (ALBERT's attention, shared by the layers of its group) is recorded under ``name`` for its first call, then
+``name#1``, ``name#2``, ... (``call_key``); ``replaced_attention_inputs`` substitutes by the same keys. Every layer
+a shared module serves is thus compared (and trained) on its own inputs. The count restarts with each forward of
+the model (or of its base model).
 """
 
 from __future__ import annotations
@@ -47,6 +53,31 @@ def attention_names(model: nn.Module) -> list[str]:
     return names
 
 
+def call_key(name: str, call: int) -> str:
+    """The record key of call ``call`` (0-based, within one forward) of the module ``name``."""
+    return name if call == 0 else f"{name}#{call}"
+
+
+def module_name(key: str) -> str:
+    """The module name of a record key (``call_key``)."""
+    return key.split("#", 1)[0]
+
+
+class _Calls:
+    """Counts each module's calls within the current forward of ``model`` (restarted by a pre-hook on the model and
+    on its base model: the calibration and report steps also run ``model.base_model`` alone)."""
+
+    def __init__(self, model: nn.Module, handles: list):
+        self.counts: dict[str, int] = {}
+        roots = {id(m): m for m in (model, getattr(model, "base_model", model))}
+        handles.extend(m.register_forward_pre_hook(lambda *_: self.counts.clear()) for m in roots.values())
+
+    def key(self, name: str) -> str:
+        call = self.counts.get(name, 0)
+        self.counts[name] = call + 1
+        return call_key(name, call)
+
+
 def _first(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -80,13 +111,15 @@ def favor_inputs(model: nn.Module) -> Iterator[dict[str, list[tuple]]]:
 
 @contextlib.contextmanager
 def attention_outputs(model: nn.Module, names: list[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """{record key (``call_key``): output of that attention call} (overwritten on every forward)."""
     store: dict[str, torch.Tensor] = {}
     modules = dict(model.named_modules())
-    handles = []
+    handles: list = []
+    calls = _Calls(model, handles)
 
     def make(name):
         def hook(module, args, output):
-            store[name] = _first(output)
+            store[calls.key(name)] = _first(output)
 
         return hook
 
@@ -105,14 +138,15 @@ def _hidden_states(args, kwargs):
 
 @contextlib.contextmanager
 def attention_inputs(model: nn.Module, names: list[str]) -> Iterator[dict[str, torch.Tensor]]:
-    """{name: hidden states entering that attention module} (overwritten on every forward)."""
+    """{record key (``call_key``): hidden states entering that attention call} (overwritten on every forward)."""
     store: dict[str, torch.Tensor] = {}
     modules = dict(model.named_modules())
-    handles = []
+    handles: list = []
+    calls = _Calls(model, handles)
 
     def make(name):
         def hook(module, args, kwargs):
-            store[name] = _hidden_states(args, kwargs)
+            store[calls.key(name)] = _hidden_states(args, kwargs)
 
         return hook
 
@@ -127,20 +161,26 @@ def attention_inputs(model: nn.Module, names: list[str]) -> Iterator[dict[str, t
 
 @contextlib.contextmanager
 def replaced_attention_inputs(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Run each named attention module on the given hidden states instead of its own."""
+    """Run each attention call on the given hidden states instead of its own (``inputs`` keyed like
+    ``attention_inputs``: by ``call_key``). Raises KeyError naming a call that ``inputs`` lacks."""
     modules = dict(model.named_modules())
-    handles = []
+    handles: list = []
+    calls = _Calls(model, handles)
 
     def make(name):
         def hook(module, args, kwargs):
+            key = calls.key(name)
+            if key not in inputs:
+                raise KeyError(f"replaced_attention_inputs has no hidden states for attention call {key!r} "
+                               f"(recorded: {sorted(inputs)}); record them from a forward of the same inputs.")
             if args:
-                return (inputs[name], *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": inputs[name]}
+                return (inputs[key], *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": inputs[key]}
 
         return hook
 
     try:
-        for name in inputs:
+        for name in dict.fromkeys(module_name(k) for k in inputs):
             handles.append(modules[name].register_forward_pre_hook(make(name), with_kwargs=True))
         yield
     finally:

@@ -40,11 +40,12 @@ def _sq(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def layer_errors(student, teacher, batches, progress: bool = False) -> dict:
-    """{"names": [...], "teacher_forced": [rel err per layer], "in_model": [...]}."""
+    """{"names": [...], "teacher_forced": [rel err per layer], "in_model": [...]}. A shared attention module (ALBERT)
+    has one entry per layer it serves (``name``, ``name#1``, ...: ``capture.call_key``)."""
     names = attention_names(student)
-    num_tf = {n: 0.0 for n in names}
-    num_im = {n: 0.0 for n in names}
-    den = {n: 0.0 for n in names}
+    num_tf: dict[str, float] = {}
+    num_im: dict[str, float] = {}
+    den: dict[str, float] = {}
     for batch in tqdm(batches, desc="layer errors", disable=not progress, leave=False):
         t_batch, s_batch = _to(batch, _device(teacher)), _to(batch, _device(student))
         with attention_inputs(teacher, names) as t_in, attention_outputs(teacher, names) as t_out:
@@ -53,18 +54,19 @@ def layer_errors(student, teacher, batches, progress: bool = False) -> dict:
         with attention_outputs(student, names) as s_out:
             student(**s_batch, **forward_kwargs(student))
             s_free = dict(s_out)
-        inputs = {n: t_in[n].to(_device(student)) for n in names}
+        inputs = {n: x.to(_device(student)) for n, x in t_in.items()}
         with replaced_attention_inputs(student, inputs), attention_outputs(student, names) as s_out:
             student(**s_batch, **forward_kwargs(student))
             s_forced = dict(s_out)
         w = batch["attention_mask"].float()
-        for n in names:
+        for n in t_out:  # every attention call
             t = t_out[n].cpu()
-            num_tf[n] += _sq(s_forced[n].cpu() - t, w).item()
-            num_im[n] += _sq(s_free[n].cpu() - t, w).item()
-            den[n] += _sq(t, w).item()
-    rel = lambda num: [math.sqrt(num[n] / max(den[n], 1e-30)) for n in names]
-    return {"names": names, "teacher_forced": rel(num_tf), "in_model": rel(num_im)}
+            num_tf[n] = num_tf.get(n, 0.0) + _sq(s_forced[n].cpu() - t, w).item()
+            num_im[n] = num_im.get(n, 0.0) + _sq(s_free[n].cpu() - t, w).item()
+            den[n] = den.get(n, 0.0) + _sq(t, w).item()
+    keys = list(den)
+    rel = lambda num: [math.sqrt(num[n] / max(den[n], 1e-30)) for n in keys]
+    return {"names": keys, "teacher_forced": rel(num_tf), "in_model": rel(num_im)}
 
 
 def mean_pooled(model, batches, progress: bool = False, desc: str = "embeddings") -> torch.Tensor:
