@@ -18,7 +18,6 @@ L×L.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..features import FeatureMap
 from .common import (
@@ -29,6 +28,7 @@ from .common import (
     maybe_checkpoint,
     neg_big,
     no_autocast,
+    pad_len,
     safe_den,
     times,
     with_ones,
@@ -96,7 +96,7 @@ def _segmented(q, k, v, fmap: FeatureMap, mask, seg: int, window: int = 0):
         return torch.cat(outs, 2)
     w = window
     real = torch.ones(B, Lk, dtype=torch.bool, device=k.device) if mask is None else mask
-    kx, vx, rx = _pad_len(k, w, w), _pad_len(v, w, w), F.pad(real, (w, w), value=False)  # position p at p + w
+    kx, vx, rx = pad_len(k, w, w), pad_len(v, w, w), pad_len(real, w, w, value=False)  # position p at p + w
     outs = []
     for a in range(0, q.shape[2], seg):
         b = min(a + seg, q.shape[2])
@@ -105,15 +105,15 @@ def _segmented(q, k, v, fmap: FeatureMap, mask, seg: int, window: int = 0):
     return torch.cat(outs, 2)
 
 
-def _pad_len(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
-    """Zero-pad dim 2 of [B, H, L, ·]."""
-    return F.pad(x, (0, 0, before, after))
-
-
 def _spans(length: int, seg: int | None) -> list[tuple[int, int]]:
     """[(start, stop)] covering ``length`` positions by ``seg`` (one span when seg is None: GPUs)."""
     seg = seg or length
     return [(a, min(a + seg, length)) for a in range(0, length, seg)]
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The per-segment results joined along the length (no copy for a single segment)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 2)
 
 
 class _PositiveBidirectional(torch.autograd.Function):
@@ -130,17 +130,7 @@ class _PositiveBidirectional(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, fmap: FeatureMap, mask, seg):
-        sums, refs = [], []
-        for a, b in _spans(k.shape[2], seg):
-            m = None if mask is None else mask[:, a:b]
-            S_j, c_j, top = _key_side(k[:, :, a:b], v[:, :, a:b], fmap, m)[1:]  # phi~(K) freed at once
-            sums.append(S_j)
-            refs.append((c_j, top))
-        if len(sums) == 1:
-            S, c = sums[0], refs[0][0]
-        else:  # (S_1, c_1) (+) (S_2, c_2) = (S_1 e^{c_1 - c} + S_2 e^{c_2 - c}, c = max): exact
-            c = finite_reference(torch.stack([top for _, top in refs]).amax(0))  # [B, H, 1, m]
-            S = sum(S_j * torch.exp((c_j - c).clamp_max(0)).transpose(-1, -2) for S_j, (c_j, _) in zip(sums, refs))
+        S, c = _segment_sums(k, v, fmap, mask, seg or k.shape[2], size=0)  # no autograd here: nothing kept
         outs, dens, rows = [], [], []
         for a, b in _spans(q.shape[2], seg):
             r, total = _query_side(q[:, :, a:b], S, c, fmap)[1:]
@@ -148,8 +138,7 @@ class _PositiveBidirectional(torch.autograd.Function):
             outs.append(total[..., :-1] / den[..., None])
             dens.append(den)
             rows.append(r)
-        cat = lambda xs: xs[0] if len(xs) == 1 else torch.cat(xs, 2)
-        out, den, r = cat(outs), cat(dens), cat(rows)
+        out, den, r = _cat(outs), _cat(dens), _cat(rows)
         ctx.save_for_backward(q, k, v, mask, S, c, out, den, r)
         ctx.fmap, ctx.seg = fmap, seg
         return out
@@ -177,8 +166,7 @@ class _PositiveBidirectional(torch.autograd.Function):
             d_phi += dS[..., -1][:, :, None, :]
             dk.append(fmap.logits_vjp(k[:, :, a:b], d_phi.mul_(phi_k)))
             del lk, phi_k, d_phi
-        cat = lambda xs: xs[0] if len(xs) == 1 else torch.cat(xs, 2)
-        return cat(dq), cat(dk), cat(dv), None, None, None
+        return _cat(dq), _cat(dk), _cat(dv), None, None, None
 
 
 def _bidirectional(q, k, v, fmap: FeatureMap, mask, window: int, size: int):
@@ -191,7 +179,7 @@ def _bidirectional(q, k, v, fmap: FeatureMap, mask, window: int, size: int):
         return maybe_checkpoint(lambda q, S: _attention(q, S, c, fmap), q, S, size=size)
     w = window
     real = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device) if mask is None else mask
-    return _window_queries(q, _pad_len(k, w, w), _pad_len(v, w, w), F.pad(real, (w, w), value=False), fmap, w)
+    return _window_queries(q, pad_len(k, w, w), pad_len(v, w, w), pad_len(real, w, w, value=False), fmap, w)
 
 
 def _window_queries(q, k_ext, v_ext, real_ext, fmap: FeatureMap, window: int, S=None, c=None):
@@ -204,7 +192,7 @@ def _window_queries(q, k_ext, v_ext, real_ext, fmap: FeatureMap, window: int, S=
     width, Bq = 2 * w + 1, min(BLOCK, Ls)
     extra = -Ls % Bq  # the last query block's missing keys: outside the sequence
     if extra:
-        k_ext, v_ext, real_ext = _pad_len(k_ext, 0, extra), _pad_len(v_ext, 0, extra), F.pad(real_ext, (0, extra))
+        k_ext, v_ext, real_ext = pad_len(k_ext, 0, extra), pad_len(v_ext, 0, extra), pad_len(real_ext, 0, extra, value=False)
     keep = real_ext[:, None, :, None]
     lk, fk = fmap(k_ext)  # [B, H, nb·Bq + 2w, m']
     if S is None:

@@ -28,7 +28,6 @@ the backward. Memory: O(L (m + C) + (L / C) m dv) per head, nothing L×L.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..features import FeatureMap
 from .common import (
@@ -40,6 +39,7 @@ from .common import (
     maybe_checkpoint,
     neg_big,
     no_autocast,
+    pad_len,
     safe_den,
     times,
     with_ones,
@@ -48,13 +48,6 @@ from .local import band, combine_window, exact_base
 from .scan import exclusive_prefix
 
 REF_SPREAD = 20.0  # at most this far (in log units) below the chunk's first key's largest logit: see _causal
-
-
-def _pad_len(x: torch.Tensor, before: int, after: int, value=0.0) -> torch.Tensor:
-    """Pad dim 2 of [B, H, L, ·] (or dim 1 of a [B, L] mask) with ``before`` / ``after`` entries."""
-    if x.dim() == 2:
-        return F.pad(x, (before, after), value=value)
-    return F.pad(x, (0, 0, before, after), value=value)
 
 
 def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: FavorState | None,
@@ -70,13 +63,13 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
 
     # the w keys before the sequence: the decoding state's window, else missing (masked)
     real = torch.ones(B, T, dtype=torch.bool, device=q.device) if mask is None else mask
-    kx, vx, mx, qx = (_pad_len(x, 0, P, value=False if x.dtype == torch.bool else 0.0) if P else x
+    kx, vx, mx, qx = (pad_len(x, 0, P, value=False if x.dtype == torch.bool else 0.0) if P else x
                       for x in (k, v, real, q))
     if w:
         if state is not None and state.wk is not None:
             have = state.wk.shape[2]
-            hk, hv = _pad_len(state.wk, w - have, 0), _pad_len(state.wv, w - have, 0)
-            hm = _pad_len(state.wm > 0, w - have, 0, value=False)
+            hk, hv = pad_len(state.wk, w - have, 0), pad_len(state.wv, w - have, 0)
+            hm = pad_len(state.wm > 0, w - have, 0, value=False)
         else:
             hk, hv = k.new_zeros(B, H, w, k.shape[-1]), v.new_zeros(B, H, w, v.shape[-1])
             hm = torch.zeros(B, w, dtype=torch.bool, device=q.device)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..features import FeatureMap
-from .common import FavorState, masked_exp_, with_ones
+from .common import FavorState, masked_exp_, pad_len, with_ones
 from .scan import exclusive_prefix
 
 
@@ -66,20 +66,18 @@ class PositiveCausal(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_out, g_S, g_z, _g_c):
-        from .causal import _pad_len
-
         q, k, v, mask, out, den, prefix, ref, M, U, r = ctx.saved_tensors
         fmap, C = ctx.fmap, ctx.C
         B, H, T, dv = v.shape
         n = -(-T // C)
         P = n * C - T
-        pad = (lambda x: _pad_len(x, 0, P)) if P else (lambda x: x)
+        pad = (lambda x: pad_len(x, 0, P)) if P else (lambda x: x)
         chunked = lambda x: pad(x).unflatten(2, (n, C))  # [B, H, T, ·] -> [B, H, n, C, ·]
         if mask is None and P == 0:
             keep = None
         else:
             real = torch.ones(B, T, dtype=torch.bool, device=q.device) if mask is None else mask
-            keep = _pad_len(real, 0, P, value=False).unflatten(1, (n, C))[:, None, :, :, None]
+            keep = pad_len(real, 0, P, value=False).unflatten(1, (n, C))[:, None, :, :, None]
         ref_c = ref[:, :, :, None]  # [B, H, n, 1, m']
         cut = lambda x: x.flatten(2, 3)[:, :, :T]  # [B, H, n, C, ·] -> [B, H, T, ·]
         # the order keeps at most ~6 [B, H, L, m] tensors alive: queries first, then keys, then the scan's transpose

@@ -6,6 +6,7 @@ import contextlib
 from dataclasses import dataclass, fields
 
 import torch
+import torch.nn.functional as F
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -90,6 +91,13 @@ def masked_exp_(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
 def times(phi: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
     """phi * factor (the bounded factor F of trig/relu features), or phi when F is None."""
     return phi if factor is None else phi * factor
+
+
+def pad_len(x: torch.Tensor, before: int, after: int, value=0.0) -> torch.Tensor:
+    """Pad dim 2 of [B, H, L, ·] (or dim 1 of a [B, L] mask) with ``before`` / ``after`` entries of ``value``."""
+    if x.dim() == 2:
+        return F.pad(x, (before, after), value=value)
+    return F.pad(x, (0, 0, before, after), value=value)
 
 
 def with_ones(v: torch.Tensor) -> torch.Tensor:

@@ -92,7 +92,7 @@ def near_products(a: torch.Tensor, b_ext: torch.Tensor, block: int, window: int)
     qa = query_blocks(a, block)  # [B, H, nb, block, ·]
     nb, w = qa.shape[2], window
     if w > block:  # the neighbours span several blocks
-        return qa @ b_ext.unfold(2, block + 2 * w, block).transpose(-1, -2).transpose(-1, -2)
+        return qa @ b_ext.unfold(2, block + 2 * w, block)  # [B, H, nb, ·, block + 2w] spans
     own = b_ext[:, :, w : w + nb * block].unflatten(2, (nb, block))
     before = b_ext[:, :, : nb * block].unflatten(2, (nb, block))[:, :, :, :w]  # keys t·block - w .. t·block - 1
     after = b_ext[:, :, 2 * w : 2 * w + nb * block].unflatten(2, (nb, block))[:, :, :, block - w :]
