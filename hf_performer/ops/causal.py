@@ -50,6 +50,14 @@ from .scan import exclusive_prefix
 REF_SPREAD = 20.0  # at most this far (in log units) below the chunk's first key's largest logit: see _causal
 
 
+def in_chunk_decay(U: torch.Tensor) -> torch.Tensor:
+    """D [B, H, n, C, C] with D[t, s] = e^{U_s - U_t} for s <= t, else 0, from the in-chunk bounds U [B, H, n, C]
+    (the factor that turns the products of the bounded in-chunk features into the intra-chunk matrix)."""
+    C = U.shape[-1]
+    tril = torch.ones(C, C, dtype=torch.bool, device=U.device).tril()
+    return torch.where(tril, torch.exp((U[..., None, :] - U[..., :, None]).clamp_max(0)), 0.0)
+
+
 def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: FavorState | None,
             internals: dict | None = None):
     """q, k [B,H,T,d], v [B,H,T,dv] in the compute dtype, mask [B,T] bool -> (out [B,H,T,dv], new FavorState).
@@ -110,8 +118,7 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
         U = x_k.detach().amax(-1)  # [B, H, n, C]
         U = (U if keep is None else torch.where(mk[:, None], U, 0.0)).clamp_min(0).cummax(-1).values
         r = x_q.detach().amax(-1, keepdim=True)  # [B, H, n, C, 1] query row maxima
-        tril = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-        decay = torch.where(tril, torch.exp((U[..., None, :] - U[..., :, None]).clamp_max(0)), 0.0)  # [t, s]
+        decay = in_chunk_decay(U)  # [B, H, n, C, C]
         e_u = torch.exp(-U)[..., None]  # [B, H, n, C, 1]
 
     phi_k = times(masked_exp_(x_k.sub_(U[..., None]), keep), fk)  # [B, H, n, C, m]

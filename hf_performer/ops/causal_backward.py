@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..features import FeatureMap
+from .causal import _causal, in_chunk_decay
 from .common import FavorState, masked_exp_, pad_len, with_ones
 from .scan import exclusive_prefix
 
@@ -52,8 +53,6 @@ class PositiveCausal(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, S0, z0, c0, fmap: FeatureMap, mask, chunk: int):
-        from .causal import _causal
-
         state = None if S0 is None else FavorState(S=S0, z=z0, c=c0)
         internals = {}
         out, new = _causal(q, k, v, fmap, mask, chunk, 0, state, internals)
@@ -83,8 +82,7 @@ class PositiveCausal(torch.autograd.Function):
         # the order keeps at most ~6 [B, H, L, m] tensors alive: queries first, then keys, then the scan's transpose
         phi_k = masked_exp_(chunked(fmap(k)[0]).sub_(ref_c).sub_(U[..., None]), keep)  # [B, H, n, C, m]
         phi_q = chunked(fmap(q, query=True)[0]).add_(ref_c).sub_(r).exp_()
-        tril = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-        decay = torch.where(tril, torch.exp((U[..., None, :] - U[..., :, None]).clamp_max(0)), 0.0)  # [t, s]
+        decay = in_chunk_decay(U)  # [B, H, n, C, C]
         v1 = with_ones(chunked(v))  # [B, H, n, C, dv + 1]
         if g_out is None:
             G = torch.zeros_like(v1)
