@@ -82,9 +82,13 @@ def _add_performer_flags(parser: argparse.ArgumentParser) -> list[str]:
 
 
 def _convert_parser(sub) -> argparse.ArgumentParser:
+    from hf_performer.integration.convert import supported_model_types
+
+    families = ", ".join(supported_model_types())
     p = sub.add_parser(
-        "convert", help="convert a checkpoint (BERT/RoBERTa/DistilBERT/GPT-2 and the families of README's supported-models table: Llama, Mistral, Qwen, ModernBERT, ...) to FAVOR+ attention",
-        description="Convert a checkpoint to Performer FAVOR+ attention and write a ready-to-load folder: weights, "
+        "convert", help=f"convert a checkpoint ({families}) to FAVOR+ attention",
+        description=f"Convert a checkpoint (model types: {families}) to Performer FAVOR+ attention and write a "
+                    "ready-to-load folder: weights, "
                     "config, tokenizer, a model card (README.md) and the modeling code, so that it also loads where "
                     "hf-performer is not installed, with AutoModel*.from_pretrained(OUT, trust_remote_code=True). "
                     "Share it with `hf upload NAME OUT .`.")
