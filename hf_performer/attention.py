@@ -267,8 +267,12 @@ class FavorAttention(nn.Module):
                 probs = probs * qmask[:, rows, None]
             if far is not None and bool((probs * far).sum() > 0):
                 probs = probs * far
-            pick = torch.multinomial(probs.reshape(-1).cpu(), NB_CENTERS, replacement=True, generator=gen)
-            b, t, s = pick // (len(rows) * Lk), (pick // Lk) % len(rows), pick % Lk
+            # two stages (a query row by its mass, then a key in it) draw the same pairs as one multinomial over all
+            # B·R·Lk pairs, which torch refuses beyond 2^24 categories (e.g. 64 sequences of 512 tokens)
+            probs = probs.reshape(-1, Lk).cpu()
+            row = torch.multinomial(probs.sum(-1), NB_CENTERS, replacement=True, generator=gen)
+            s = torch.multinomial(probs[row], 1, generator=gen).squeeze(-1)
+            b, t = row // len(rows), row % len(rows)
             centers.append(qh[b, t] + kh[b, s])
         return torch.stack(centers)
 

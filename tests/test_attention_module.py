@@ -169,3 +169,27 @@ def test_half_precision_long_large_norm_inputs_stay_finite(dtype, causal):
     assert out.dtype == dtype and torch.isfinite(out).all()
     for t in (q, k, v):
         assert torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
+
+
+def test_statistics_step_samples_pairs_by_attention_beyond_2_to_the_24_pairs():
+    """65 sequences x 512 queries x 512 keys is more pairs than one torch.multinomial takes (2^24): the proposal
+    centres are still drawn, and in proportion to the exact attention: here every query attends (almost) only to
+    key 0, so every centre is some q_t + k_0."""
+    from hf_performer.attention import NB_CENTERS
+
+    torch.manual_seed(0)
+    B, L, d = 65, 512, 4
+    q = torch.randn(B, 1, L, d) * 0.1
+    q[..., 0] = 3.0
+    k = torch.randn(B, 1, L, d) * 0.1
+    k[:, :, 0, 0] = 16.0  # scaled q.k with key 0: ~ 3 * 16 / 2 = 24 nats above any other key
+    m = FavorAttention(d, PerformerConfig(nb_features=8), num_heads=1)
+    m.calibrate_statistics(q, k)
+    centers = m.proposal_centers[0]  # [NB_CENTERS, d], q' + k' of the sampled pairs (transformed inputs)
+    assert centers.shape == (NB_CENTERS, d) and torch.isfinite(centers).all()
+    a, root, shift = m.log_qk_scale.exp()[0], d**-0.25, m.key_shift[0, 0]
+    with_key0 = 3.0 * root * a + (16.0 * root - shift) / a  # first coordinate of q' + k' with key 0
+    with_other = 3.0 * root * a + (0.0 * root - shift) / a  # ... with any other key
+    first = centers[:, 0]
+    assert ((first - with_key0).abs() < (first - with_other).abs()).all()
+    assert (first - with_key0).abs().max() < 0.5 * abs(with_key0 - with_other)
