@@ -60,3 +60,10 @@ def test_code_gpt2_is_trained_once_then_cached(monkeypatch, tmp_path):
     assert code_gpt2.cache_key({**code_gpt2.DEFAULTS, **small}) != code_gpt2.cache_key(code_gpt2.DEFAULTS)
     with pytest.raises(ValueError, match="unknown settings"):
         code_gpt2.load_or_train(progress=False, layers=3)
+
+
+def test_no_model_is_evaluated_on_its_calibration_text():
+    bench = importlib.import_module("bench_conversion")
+    for model, calibration in bench.CALIBRATION_SOURCES.items():
+        assert calibration not in bench.EVAL_SOURCES[model], model
+    assert bench.CALIBRATION_SOURCES["llama"] != "pydoc-train"  # the small Llama trains on it: calibrate on another domain
