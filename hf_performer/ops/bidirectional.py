@@ -20,7 +20,9 @@ from __future__ import annotations
 import torch
 
 from ..features import FeatureMap
+from .bidirectional_window import PositiveWindow
 from .common import (
+    cat_len,
     compute_dtype,
     cpu_segment,
     finite_reference,
@@ -28,12 +30,11 @@ from .common import (
     maybe_checkpoint,
     neg_big,
     no_autocast,
-    pad_len,
     safe_den,
+    spans,
     times,
     with_ones,
 )
-from .local import BLOCK, band, combine_window, exact_base, near_products, query_blocks, unband
 
 
 def _key_side(k, v, fmap: FeatureMap, mask):
@@ -83,37 +84,15 @@ def _segment_sums(k, v, fmap: FeatureMap, mask, seg: int, size: int):
     return sum(S_j * f for S_j, f in zip(sums, factors)), c
 
 
-def _segmented(q, k, v, fmap: FeatureMap, mask, seg: int, window: int = 0):
+def _segmented(q, k, v, fmap: FeatureMap, mask, seg: int):
     """_bidirectional over key and query segments of ``seg`` positions (a CPU and a long input, see
-    ``common.cpu_segment``): the sums over all keys first (``_segment_sums``), then each query segment, with the
-    local window from the 2w keys around it; each segment is recomputed in the backward on its own."""
-    B, H, Lk, _ = k.shape
-    size = B * H * max(q.shape[2], Lk) * fmap.nb_features  # the whole op decides whether to recompute
+    ``common.cpu_segment``): the sums over all keys first (``_segment_sums``), then each query segment; each
+    segment is recomputed in the backward on its own."""
+    size = k.shape[0] * k.shape[1] * max(q.shape[2], k.shape[2]) * fmap.nb_features  # the whole op decides
     S, c = _segment_sums(k, v, fmap, mask, seg, size)
-    if not window:
-        outs = [maybe_checkpoint(lambda q, S: _attention(q, S, c, fmap), q[:, :, a : a + seg], S, size=size)
-                for a in range(0, q.shape[2], seg)]
-        return torch.cat(outs, 2)
-    w = window
-    real = torch.ones(B, Lk, dtype=torch.bool, device=k.device) if mask is None else mask
-    kx, vx, rx = pad_len(k, w, w), pad_len(v, w, w), pad_len(real, w, w, value=False)  # position p at p + w
-    outs = []
-    for a in range(0, q.shape[2], seg):
-        b = min(a + seg, q.shape[2])
-        fn = lambda q, k, v, S, a=a, b=b: _window_queries(q, k, v, rx[:, a : b + 2 * w], fmap, w, S, c)
-        outs.append(maybe_checkpoint(fn, q[:, :, a:b], kx[:, :, a : b + 2 * w], vx[:, :, a : b + 2 * w], S, size=size))
+    outs = [maybe_checkpoint(lambda q, S: _attention(q, S, c, fmap), q[:, :, a : a + seg], S, size=size)
+            for a in range(0, q.shape[2], seg)]
     return torch.cat(outs, 2)
-
-
-def _spans(length: int, seg: int | None) -> list[tuple[int, int]]:
-    """[(start, stop)] covering ``length`` positions by ``seg`` (one span when seg is None: GPUs)."""
-    seg = seg or length
-    return [(a, min(a + seg, length)) for a in range(0, length, seg)]
-
-
-def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
-    """The per-segment results joined along the length (no copy for a single segment)."""
-    return parts[0] if len(parts) == 1 else torch.cat(parts, 2)
 
 
 class _PositiveBidirectional(torch.autograd.Function):
@@ -132,13 +111,13 @@ class _PositiveBidirectional(torch.autograd.Function):
     def forward(ctx, q, k, v, fmap: FeatureMap, mask, seg):
         S, c = _segment_sums(k, v, fmap, mask, seg or k.shape[2], size=0)  # no autograd here: nothing kept
         outs, dens, rows = [], [], []
-        for a, b in _spans(q.shape[2], seg):
+        for a, b in spans(q.shape[2], seg):
             r, total = _query_side(q[:, :, a:b], S, c, fmap)[1:]
             den = safe_den(total[..., -1])
             outs.append(total[..., :-1] / den[..., None])
             dens.append(den)
             rows.append(r)
-        out, den, r = _cat(outs), _cat(dens), _cat(rows)
+        out, den, r = cat_len(outs), cat_len(dens), cat_len(rows)
         ctx.save_for_backward(q, k, v, mask, S, c, out, den, r)
         ctx.fmap, ctx.seg = fmap, seg
         return out
@@ -150,14 +129,14 @@ class _PositiveBidirectional(torch.autograd.Function):
         g_num = grad_out.to(out.dtype) / den[..., None]  # [B, H, Lq, dv]
         G = torch.cat([g_num, -(g_num * out).sum(-1, keepdim=True)], -1)  # [B, H, Lq, dv + 1]
         dS, dq = torch.zeros_like(S), []
-        for a, b in _spans(q.shape[2], seg):  # queries: dq, and the gradient reaching S
+        for a, b in spans(q.shape[2], seg):  # queries: dq, and the gradient reaching S
             lq, _ = fmap(q[:, :, a:b], query=True)
             phi_q = lq.add_(c).sub_(r[:, :, a:b]).exp_()  # [B, H, s, m]
             dS += phi_q.transpose(-1, -2) @ G[:, :, a:b]
             dq.append(fmap.logits_vjp(q[:, :, a:b], (G[:, :, a:b] @ S.transpose(-1, -2)).mul_(phi_q), query=True))
             del lq, phi_q
         dk, dv = [], []
-        for a, b in _spans(k.shape[2], seg):  # keys and values
+        for a, b in spans(k.shape[2], seg):  # keys and values
             keep = None if mask is None else mask[:, None, a:b, None]
             lk, _ = fmap(k[:, :, a:b])
             phi_k = masked_exp_(lk.sub_(c), keep)  # [B, H, s, m]
@@ -166,57 +145,16 @@ class _PositiveBidirectional(torch.autograd.Function):
             d_phi += dS[..., -1][:, :, None, :]
             dk.append(fmap.logits_vjp(k[:, :, a:b], d_phi.mul_(phi_k)))
             del lk, phi_k, d_phi
-        return _cat(dq), _cat(dk), _cat(dv), None, None, None
+        return cat_len(dq), cat_len(dk), cat_len(dv), None, None, None
 
 
-def _bidirectional(q, k, v, fmap: FeatureMap, mask, window: int, size: int):
+def _bidirectional(q, k, v, fmap: FeatureMap, mask, size: int):
     """q [B,H,Lq,d], k [B,H,Lk,d], v [B,H,Lk,dv] in the compute dtype, mask [B,Lk] bool or None -> [B,H,Lq,dv].
 
-    Without a window the key side (-> S) and the query side are recomputed separately in the backward above
-    ``RECOMPUTE_ABOVE``, so the backward holds the features of one side at a time."""
-    if not window:
-        S, c = maybe_checkpoint(lambda k, v: _key_side(k, v, fmap, mask)[1:3], k, v, size=size)
-        return maybe_checkpoint(lambda q, S: _attention(q, S, c, fmap), q, S, size=size)
-    w = window
-    real = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device) if mask is None else mask
-    return _window_queries(q, pad_len(k, w, w), pad_len(v, w, w), pad_len(real, w, w, value=False), fmap, w)
-
-
-def _window_queries(q, k_ext, v_ext, real_ext, fmap: FeatureMap, window: int, S=None, c=None):
-    """Bidirectional FAVOR with the exact local window for the queries q [B,H,Ls,d] at positions a .. a + Ls - 1,
-    given the keys around them: k_ext [B,H,Ls+2w,d], v_ext [B,H,Ls+2w,dv] and real_ext [B,Ls+2w] (False outside the
-    sequence and for padding) at positions a - w .. a + Ls + w - 1. S, c: the sums over all keys and their
-    stabiliser (segments), or None when these keys are all the keys (one pass: the sums come from the same
-    features). Returns [B,H,Ls,dv]."""
-    Ls, w = q.shape[2], window
-    width, Bq = 2 * w + 1, min(BLOCK, Ls)
-    extra = -Ls % Bq  # the last query block's missing keys: outside the sequence
-    if extra:
-        k_ext, v_ext, real_ext = pad_len(k_ext, 0, extra), pad_len(v_ext, 0, extra), pad_len(real_ext, 0, extra, value=False)
-    keep = real_ext[:, None, :, None]
-    lk, fk = fmap(k_ext)  # [B, H, nb·Bq + 2w, m']
-    if S is None:
-        with torch.no_grad():
-            c = finite_reference(torch.where(keep, lk, neg_big(lk.dtype)).amax(2, keepdim=True))
-    phi_k = times(masked_exp_(lk - c if torch.is_grad_enabled() else lk.sub_(c), keep), fk)
-    if S is None:  # padding and the positions outside the sequence have phi~ = 0: nothing but the real keys
-        S = phi_k.transpose(-1, -2) @ with_ones(v_ext)
-    phi_q, r, total = _query_side(q, S, c, fmap)
-    num, den = total[..., :-1], total[..., -1]
-    # the window, by blocks of queries against the keys they can reach: [nb, Bq, Bq + 2w] products, banded
-    near = lambda a, b: band(near_products(a, b, Bq, w), width)
-    unblock = lambda x: x.flatten(2, 3)[:, :, :Ls]  # [B, H, nb, Bq, ·] -> [B, H, Ls, ·]
-    fav = unblock(near(phi_q, phi_k))  # [B, H, Ls, 2w + 1]: the pair (i, i - w + j) at column j
-    qt, kt = fmap.transform(q, True), fmap.transform(k_ext, False)
-    logits = unblock(near(qt, kt)) + exact_base(fmap, qt, r[..., 0])[..., None]
-    spans = lambda x: x.unfold(2, Bq + 2 * w, Bq).transpose(-1, -2)  # [B, H, nb, Bq + 2w, ·] (views)
-    valid = real_ext.unfold(1, Bq + 2 * w, Bq).unfold(-1, width, 1)[:, None, :, :Bq].flatten(2, 3)[:, :, :Ls]
-    v_spans = spans(v_ext)  # [B, H, nb, Bq + 2w, dv]
-
-    def apply_coef(coef):  # [B, H, Ls, 2w + 1] -> sum over the window of coef * v
-        return unblock(unband(query_blocks(coef, Bq), Bq + 2 * w) @ v_spans)
-
-    return combine_window(num, den, fav, logits, valid, apply_coef)
+    The key side (-> S) and the query side are recomputed separately in the backward above ``RECOMPUTE_ABOVE``,
+    so the backward holds the features of one side at a time."""
+    S, c = maybe_checkpoint(lambda k, v: _key_side(k, v, fmap, mask)[1:3], k, v, size=size)
+    return maybe_checkpoint(lambda q, S: _attention(q, S, c, fmap), q, S, size=size)
 
 
 def favor_bidirectional(
@@ -235,19 +173,21 @@ def favor_bidirectional(
     Returns [B,H,Lq,dv] in v's dtype; a query with no real key gets 0."""
     if local_window and q.shape[2] != k.shape[2]:
         raise ValueError("local_window attention needs as many queries as keys (self-attention).")
+    if local_window and not fmap.exponential:
+        raise ValueError(f"local_window needs a kernel with an exact exponential form (softmax or favor++), not "
+                         f"{fmap.kernel!r}: use local_window=0 or one of those kernels.")
     ct = compute_dtype(q.dtype)
     B, H, L, _ = q.shape
     size = B * H * max(L, k.shape[2]) * fmap.nb_features
     with no_autocast(q.device):
         args = (q.to(ct), k.to(ct), v.to(ct))
         seg = cpu_segment(q, max(L, k.shape[2]), fmap.nb_features)
-        if not local_window and fmap.exponential:  # hand-written backward
+        if local_window:  # hand-written backward (positive kernels only)
+            out = PositiveWindow.apply(*args, fmap, key_padding_mask, local_window, seg)
+        elif fmap.exponential:  # hand-written backward
             out = _PositiveBidirectional.apply(*args, fmap, key_padding_mask, seg)
         elif seg:  # a CPU and a long input: segment by segment (see common.cpu_segment)
-            out = _segmented(*args, fmap, key_padding_mask, seg, local_window)
-        elif not local_window:
-            out = _bidirectional(*args, fmap, key_padding_mask, 0, size)
+            out = _segmented(*args, fmap, key_padding_mask, seg)
         else:
-            fn = lambda q, k, v: _bidirectional(q, k, v, fmap, key_padding_mask, local_window, size)
-            out = maybe_checkpoint(fn, *args, size=size)
+            out = _bidirectional(*args, fmap, key_padding_mask, size)
     return out.to(v.dtype)

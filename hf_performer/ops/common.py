@@ -128,6 +128,17 @@ def cpu_segment(x: torch.Tensor, length: int, nb_features: int, multiple: int = 
     return seg if seg < length else None
 
 
+def spans(length: int, seg: int | None) -> list[tuple[int, int]]:
+    """[(start, stop)] covering ``length`` positions by ``seg`` (one span when seg is None: GPUs)."""
+    seg = seg or length
+    return [(a, min(a + seg, length)) for a in range(0, length, seg)]
+
+
+def cat_len(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Per-segment results joined along the length, dim 2 (no copy for a single segment)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 2)
+
+
 RECOMPUTE_ABOVE = 1 << 22  # B·H·L·m above which an op's graph is recomputed in the backward instead of kept
 
 

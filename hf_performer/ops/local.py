@@ -38,25 +38,6 @@ def unband(b: torch.Tensor, span: int) -> torch.Tensor:
     return F.pad(b, (0, span + 1 - width)).flatten(-2)[..., : C * span].unflatten(-1, (C, span))
 
 
-BLOCK = 32  # queries per block of the bidirectional window: its [BLOCK, BLOCK + 2w] products stay near the band
-
-
-def query_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
-    """[B, H, L, ·] -> [B, H, nb, block, ·] (zero padded to nb · block positions)."""
-    pad = -x.shape[2] % block
-    return (F.pad(x, (0, 0, 0, pad)) if pad else x).unflatten(2, (-1, block))
-
-
-def key_spans(x: torch.Tensor, block: int, window: int) -> torch.Tensor:
-    """[B, H, L, ·] (or a [B, L] mask) -> the keys of each query block, positions [b·block - w, (b + 1)·block + w):
-    [B, H, nb, block + 2w, ·] (mask: [B, nb, block + 2w]), zero (False) outside the sequence. Overlapping views."""
-    L, span = x.shape[-1 if x.dim() == 2 else 2], block + 2 * window
-    pad = (window, -L % block + window)
-    if x.dim() == 2:
-        return F.pad(x, pad, value=False).unfold(1, span, block)
-    return F.pad(x, (0, 0, *pad)).unfold(2, span, block).transpose(-1, -2)
-
-
 def exact_base(fmap: FeatureMap, qt: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
     """What turns q'.k' into the log of the exact term in the op's scale: [B, H, T] for transformed queries qt
     [B,H,T,d] and the op's log_scale [B,H,T]. The query features drop their row terms and carry 1/m less than
@@ -81,20 +62,77 @@ def combine_window(num, den, fav, logits, valid, apply_coef) -> torch.Tensor:
     return num / safe_den(total)[..., None]
 
 
-def near_products(a: torch.Tensor, b_ext: torch.Tensor, block: int, window: int) -> torch.Tensor:
-    """The products of each block of ``block`` queries with the keys it can reach, without materialising the
-    overlapping key spans: [B, H, nb, block, block + 2w], column j of block t the product with key t·block - w + j.
+def window_block(window: int) -> int:
+    """Queries per block of the bidirectional window: a multiple of 8, at least 16 and at least 2w, so that the w keys
+    on either side of a block lie within its span [block + 2w keys] and the spans of neighbouring blocks overlap
+    by 2w <= block rows only."""
+    return max(16, -(-2 * window // 8) * 8)
 
-    a [B, H, L, ·] queries (positions 0 .. L - 1, zero-padded to nb·block); b_ext [B, H, nb·block + 2w, ·] the keys
-    at positions -w .. nb·block + w - 1 (zeros outside the sequence). Three products per block: with the w keys
-    before it, its own block and the w keys after it (strided views of b_ext; w <= block), else the explicit
-    overlapping spans."""
-    qa = query_blocks(a, block)  # [B, H, nb, block, ·]
-    nb, w = qa.shape[2], window
-    if w > block:  # the neighbours span several blocks
-        return qa @ b_ext.unfold(2, block + 2 * w, block)  # [B, H, nb, ·, block + 2w] spans
-    own = b_ext[:, :, w : w + nb * block].unflatten(2, (nb, block))
-    before = b_ext[:, :, : nb * block].unflatten(2, (nb, block))[:, :, :, :w]  # keys t·block - w .. t·block - 1
-    after = b_ext[:, :, 2 * w : 2 * w + nb * block].unflatten(2, (nb, block))[:, :, :, block - w :]
-    parts = (qa @ before.transpose(-1, -2), qa @ own.transpose(-1, -2), qa @ after.transpose(-1, -2))
-    return torch.cat(parts, -1)
+
+def rows(x: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    """Rows start .. start + count - 1 of dim 2 of x [B, H, L, ·] (dim 1 of a mask [B, L]), zero (False) where the
+    position is outside 0 .. L - 1: a fresh contiguous tensor [B, H, count, ·] ([B, count])."""
+    dim = 1 if x.dim() == 2 else 2
+    L = x.shape[dim]
+    lo, hi = max(start, 0), min(start + count, L)
+    before = lo - start
+    part = x.narrow(dim, lo, max(hi - lo, 0))
+    after = count - before - part.shape[dim]
+    pad = (before, after) if dim == 1 else (0, 0, before, after)
+    return F.pad(part, pad, value=False if x.dtype == torch.bool else 0.0).contiguous()
+
+
+# The banded products below work on a block layout: queries x [B, H, P, ·] and keys y [B, H, P, ·] (contiguous),
+# P = n·block, key row i holding the key at (the position of query row i) - w, so that query row i's window is key
+# rows i .. i + 2w. Block u of the B·H·n blocks of the flattened rows sees key rows u·block .. u·block + block + 2w
+# - 1: an overlapping strided view of y (no copy); the last block of each (b, h) reaches into the next one, so its
+# rows are scratch: those results are garbage and coefficients there must be 0. The very last block is skipped.
+
+
+def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """[B, H, P, C] -> [B·H·P/block - 1, block, C] (a view; the last block dropped)."""
+    return x.reshape(-1, block, x.shape[-1])[:-1]
+
+
+def _spans(y: torch.Tensor, block: int, window: int) -> torch.Tensor:
+    """[B, H, P, C] contiguous -> the key span of every block but the last, [B·H·P/block - 1, block + 2w, C]
+    (an overlapping view of y: no copy)."""
+    C = y.shape[-1]
+    n = y.numel() // (block * C) - 1
+    return y.as_strided((n, block + 2 * window, C), (block * C, C, 1), y.storage_offset())
+
+
+def _unblock(z: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[B·H·n - 1, block, C'] -> [B, H, P, C'] with a zero last block (``like``: any [B, H, P, ·] tensor)."""
+    return F.pad(z, (0, 0, 0, 0, 0, 1)).reshape(*like.shape[:-1], z.shape[-1])
+
+
+def near(x: torch.Tensor, y: torch.Tensor, block: int, window: int) -> torch.Tensor:
+    """x_i . y_{i+j} for every query row i and j = 0 .. 2w (key position i - w + j): [B, H, P, 2w + 1], from one
+    batched product of each block with its key span ([block, C] @ [C, block + 2w]), nothing L x L."""
+    products = torch.bmm(_blocks(x, block), _spans(y, block, window).transpose(1, 2))
+    return _unblock(band(products, 2 * window + 1), x)
+
+
+def band_apply(coef: torch.Tensor, y: torch.Tensor, block: int, window: int, out: torch.Tensor | None = None):
+    """sum_j coef[i, j] y_{i+j} [B, H, P, C] for coef [B, H, P, 2w + 1]; added in place to ``out`` when given
+    (its last block of rows is left as it is)."""
+    span = block + 2 * window
+    c = unband(_blocks(coef, block), span)  # [n, block, block + 2w]
+    ys = _spans(y, block, window)
+    if out is None:
+        return _unblock(torch.bmm(c, ys), y)
+    _blocks(out, block).baddbmm_(c, ys)
+    return out
+
+
+def band_apply_t(coef: torch.Tensor, x: torch.Tensor, block: int, window: int) -> torch.Tensor:
+    """The transpose of ``band_apply``: sum_i coef[i, j - i] x_i for every key row j, [B, H, P, C], for coef
+    [B, H, P, 2w + 1] that is 0 on the last block of rows of each (b, h) (whose spans run into the next one).
+    Each block's [block + 2w, C] result is added onto the key rows it covers (neighbouring spans overlap by 2w)."""
+    span, w2 = block + 2 * window, 2 * window
+    part = torch.bmm(unband(_blocks(coef, block), span).transpose(1, 2), _blocks(x, block))  # [n, span, C]
+    out = F.pad(part[:, :block], (0, 0, 0, 0, 0, 1))  # [n + 1, block, C]: each block's own rows
+    if w2:
+        out[1:, :w2] += part[:, block:]  # the 2w rows past a block are the next block's first rows
+    return out.reshape(*x.shape[:-1], x.shape[-1])
