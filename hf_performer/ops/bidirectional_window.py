@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..features import FeatureMap
-from .common import cat_len, finite_reference, masked_exp_, neg_big, safe_den, spans, with_ones
+from .common import cat_len, finite_reference, neg_big, safe_den, spans, with_ones
 from .local import band_apply, band_apply_t, exact_base, near, rows, window_block
 
 
@@ -62,16 +62,21 @@ def _query_features(fmap: FeatureMap, qx: torch.Tensor, c: torch.Tensor) -> tupl
     return x.sub_(r).exp_(), r
 
 
-def _key_features(fmap: FeatureMap, kx: torch.Tensor, real: torch.Tensor, c: torch.Tensor | None):
-    """(phi~(K) [B,H,P,m], c, top) for the key rows kx [B,H,P,d] and their mask real [B,P]; c None: the stabiliser
-    of these rows (their real keys' maximum logit ``top``, [B,H,1,m], 0 without a real key)."""
-    keep = real[:, None, :, None]
+def _key_logits(fmap: FeatureMap, kx: torch.Tensor, real: torch.Tensor | None, start: int, L: int):
+    """(Lg(K) [B,H,P,m] of the key rows kx [B,H,P,d] at positions start .. start + P - 1, -big where the row is not
+    a real key, and its maximum over the rows [B,H,1,m]). real [B,P] bool: the padding mask of the rows, or None
+    (no padding: only rows outside 0 .. L - 1 are masked, by slices instead of a full-size mask)."""
     lk = fmap(kx)[0]
-    top = None
-    if c is None:
-        top = torch.where(keep, lk, neg_big(lk.dtype)).amax(2, keepdim=True)
-        c = finite_reference(top)
-    return masked_exp_(lk.sub_(c), keep), c, top
+    big = neg_big(lk.dtype)
+    if real is not None:
+        lk.masked_fill_(~real[:, None, :, None], big)
+    else:
+        before, after = max(0, -start), max(0, start + kx.shape[2] - L)
+        if before:
+            lk[:, :, :before] = big
+        if after:
+            lk[:, :, kx.shape[2] - after :] = big
+    return lk, lk.amax(2, keepdim=True)
 
 
 class PositiveWindow(torch.autograd.Function):
@@ -85,24 +90,19 @@ class PositiveWindow(torch.autograd.Function):
         B, H, L, _ = q.shape
         w, block = window, window_block(window)
         real = torch.ones(B, L, dtype=torch.bool, device=q.device) if mask is None else mask
-        parts = []  # per segment: key rows, their mask, features (in the segment's stabiliser), c_j, top_j, S_j
+        parts = []  # per segment: key rows, their mask, their logits
         for a, b in spans(L, seg):
             n, P = _layout(a, b, block, w)
-            kx, rx = rows(k, a - w, P), rows(real, a - w, P)
-            phi_k, c_j, top = _key_features(fmap, kx, rx, None)
-            own = phi_k[:, :, w : w + n]  # the segment's own keys (the others belong to its neighbours' sums)
-            parts.append([kx, rx, phi_k, c_j, top, own.transpose(-1, -2) @ with_ones(v[:, :, a:b])])
-        if len(parts) == 1:
-            c, S = parts[0][3], parts[0][5]
-        else:  # (S_1, c_1) (+) (S_2, c_2) = (S_1 e^{c_1 - c} + S_2 e^{c_2 - c}, c = max): exact
-            c = finite_reference(torch.stack([p[4] for p in parts]).amax(0))
-            S = 0
-            for p in parts:
-                f = torch.exp((p[3] - c).clamp_max(0))  # [B, H, 1, m] <= 1
-                S = S + p[5] * f.transpose(-1, -2)
-                p[2].mul_(f)  # the key features in the common scale
+            kx = rows(k, a - w, P)
+            lk, top = _key_logits(fmap, kx, None if mask is None else rows(mask, a - w, P), a - w, L)
+            parts.append((kx, rows(real, a - w, P), lk, top))
+        c = finite_reference(parts[0][3] if len(parts) == 1 else torch.stack([p[3] for p in parts]).amax(0))
+        S = 0
+        for (a, b), (_, _, lk, _) in zip(spans(L, seg), parts):
+            phi_k = lk.sub_(c).exp_()  # in place: the key features, 0 for rows that are not real keys
+            S = S + phi_k[:, :, w : w + b - a].transpose(-1, -2) @ with_ones(v[:, :, a:b])  # own keys only
         outs, saved = [], []
-        for (a, b), (kx, rx, phi_k, *_) in zip(spans(L, seg), parts):
+        for (a, b), (kx, rx, phi_k, _) in zip(spans(L, seg), parts):
             n, P = _layout(a, b, block, w)
             qx = _pad_rows(q[:, :, a:b], P)
             phi_q, r = _query_features(fmap, qx, c)
@@ -146,7 +146,7 @@ class PositiveWindow(torch.autograd.Function):
             G = torch.cat([dNx, dTx[..., None]], -1).mul_(gx[..., None])  # [B, H, P, dv + 1], 0 past n
             phi_q, _ = _query_features(fmap, qx, c)
             dS += phi_q.transpose(-1, -2) @ G
-            phi_k = _key_features(fmap, kx, rx, c)[0]
+            phi_k = _key_logits(fmap, kx, None if mask is None else rx, a - w, L)[0].sub_(c).exp_()
             A = near(dNx, vx, block, w).add_(dTx[..., None])  # [B, H, P, 2w + 1], 0 past n
             dl = A * _pad_rows(e[:, :, a:b], P)
             dfav = A.mul_(-gx[..., None])
@@ -163,7 +163,7 @@ class PositiveWindow(torch.autograd.Function):
             dk[:, :, lo:hi] += dkx[:, :, lo - a + w : hi - a + w]
             dv[:, :, lo:hi] += dvx[:, :, lo - a + w : hi - a + w]
         for a, b in spans(L, seg):  # keys: the FAVOR share of dk, dv
-            phi_k = _key_features(fmap, k[:, :, a:b], real[:, a:b], c)[0]
+            phi_k = _key_logits(fmap, k[:, :, a:b], None if mask is None else mask[:, a:b], a, L)[0].sub_(c).exp_()
             dv[:, :, a:b] += phi_k @ dS[..., :-1]
             d_phi = v[:, :, a:b] @ dS[..., :-1].transpose(-1, -2)
             d_phi += dS[..., -1][:, :, None, :]
