@@ -79,6 +79,12 @@ def _key_logits(fmap: FeatureMap, kx: torch.Tensor, real: torch.Tensor | None, s
     return lk, lk.amax(2, keepdim=True)
 
 
+def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out [B,H,n,C] (a view) += a [B,H,n,K] @ b [B,H,K,C], in place."""
+    B, H, n, C = out.shape
+    out.view(B * H, n, C).baddbmm_(a.reshape(B * H, n, -1), b.reshape(B * H, b.shape[-2], C))
+
+
 class PositiveWindow(torch.autograd.Function):
     """Bidirectional FAVOR of a positive kernel with the exact local window w >= 1 (self-attention: Lq = Lk),
     forward and hand-written backward as in the module docstring. Inputs q, k [B,H,L,d], v [B,H,L,dv] in the
@@ -138,6 +144,7 @@ class PositiveWindow(torch.autograd.Function):
         dT = -(dN * out).sum(-1)  # [B, H, L]
         dS, dq = torch.zeros_like(S), []
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+        parts = []
         for a, b in spans(L, seg):  # queries with their key rows: dq, dS and the window's share of dk, dv
             n, P = _layout(a, b, block, w)
             kx, vx, rx = rows(k, a - w, P), rows(v, a - w, P), rows(real, a - w, P)
@@ -155,17 +162,16 @@ class PositiveWindow(torch.autograd.Function):
             dqt = band_apply(dl, kt, block, w).add_(dl.sum(-1, keepdim=True) * qt)
             dqx = fmap.logits_vjp(qx, d_phi.mul_(phi_q), query=True) + _transform_vjp(fmap, qx, dqt, True)
             dq.append(dqx[:, :, :n])
-            d_phi = band_apply_t(dfav, phi_q, block, w).mul_(phi_k)  # the window's share, key rows
+            dvx = band_apply_t(_pad_rows(coef[:, :, a:b], P), dNx, block, w)  # the window's shares, key rows
+            parts.append((kx, phi_k, band_apply_t(dfav, phi_q, block, w), band_apply_t(dl, qt, block, w), dvx))
             del phi_q, phi_k
-            dkx = fmap.logits_vjp(kx, d_phi) + _transform_vjp(fmap, kx, band_apply_t(dl, qt, block, w), False)
-            dvx = band_apply_t(_pad_rows(coef[:, :, a:b], P), dNx, block, w)
-            lo, hi = max(a - w, 0), min(a - w + P, L)  # key rows -> positions, the overlaps added
+        dSv, dSt = dS[..., :-1], dS.transpose(-1, -2)
+        for (a, b), (kx, phi_k, d_phi, dkt, dvx) in zip(spans(L, seg), parts):  # keys: the FAVOR shares added
+            n = b - a
+            _add_product(d_phi[:, :, w : w + n], with_ones(v[:, :, a:b]), dSt)  # [v, 1] dS^T, the segment's keys
+            _add_product(dvx[:, :, w : w + n], phi_k[:, :, w : w + n], dSv)
+            dkx = fmap.logits_vjp(kx, d_phi.mul_(phi_k)) + _transform_vjp(fmap, kx, dkt, False)
+            lo, hi = max(a - w, 0), min(a - w + dkx.shape[2], L)  # key rows -> positions, the overlaps added
             dk[:, :, lo:hi] += dkx[:, :, lo - a + w : hi - a + w]
             dv[:, :, lo:hi] += dvx[:, :, lo - a + w : hi - a + w]
-        for a, b in spans(L, seg):  # keys: the FAVOR share of dk, dv
-            phi_k = _key_logits(fmap, k[:, :, a:b], None if mask is None else mask[:, a:b], a, L)[0].sub_(c).exp_()
-            dv[:, :, a:b] += phi_k @ dS[..., :-1]
-            d_phi = v[:, :, a:b] @ dS[..., :-1].transpose(-1, -2)
-            d_phi += dS[..., -1][:, :, None, :]
-            dk[:, :, a:b] += fmap.logits_vjp(k[:, :, a:b], d_phi.mul_(phi_k))
         return cat_len(dq), dk, dv, None, None, None, None

@@ -107,6 +107,16 @@ def _unblock(z: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return F.pad(z, (0, 0, 0, 0, 0, 1)).reshape(*like.shape[:-1], z.shape[-1])
 
 
+def _block_products(a: torch.Tensor, b: torch.Tensor, shape) -> torch.Tensor:
+    """A fresh [B, H, P, C] (``shape``) whose blocks but the last are a @ b ([B·H·n - 1, block, C]) and whose last
+    block is 0 (written in place: no zero fill and copy of the whole)."""
+    out = a.new_empty(shape)
+    blocks = out.view(-1, a.shape[1], shape[-1])
+    blocks[:-1].baddbmm_(a, b, beta=0)
+    blocks[-1].zero_()
+    return out
+
+
 def near(x: torch.Tensor, y: torch.Tensor, block: int, window: int) -> torch.Tensor:
     """x_i . y_{i+j} for every query row i and j = 0 .. 2w (key position i - w + j): [B, H, P, 2w + 1], from one
     batched product of each block with its key span ([block, C] @ [C, block + 2w]), nothing L x L."""
@@ -121,7 +131,7 @@ def band_apply(coef: torch.Tensor, y: torch.Tensor, block: int, window: int, out
     c = unband(_blocks(coef, block), span)  # [n, block, block + 2w]
     ys = _spans(y, block, window)
     if out is None:
-        return _unblock(torch.bmm(c, ys), y)
+        return _block_products(c, ys, y.shape)
     _blocks(out, block).baddbmm_(c, ys)
     return out
 
@@ -131,8 +141,9 @@ def band_apply_t(coef: torch.Tensor, x: torch.Tensor, block: int, window: int) -
     [B, H, P, 2w + 1] that is 0 on the last block of rows of each (b, h) (whose spans run into the next one).
     Each block's [block + 2w, C] result is added onto the key rows it covers (neighbouring spans overlap by 2w)."""
     span, w2 = block + 2 * window, 2 * window
-    part = torch.bmm(unband(_blocks(coef, block), span).transpose(1, 2), _blocks(x, block))  # [n, span, C]
-    out = F.pad(part[:, :block], (0, 0, 0, 0, 0, 1))  # [n + 1, block, C]: each block's own rows
-    if w2:
-        out[1:, :w2] += part[:, block:]  # the 2w rows past a block are the next block's first rows
-    return out.reshape(*x.shape[:-1], x.shape[-1])
+    c = unband(_blocks(coef, block), span).transpose(1, 2).contiguous()  # [n, block + 2w, block]
+    xb = _blocks(x, block)
+    out = _block_products(c[:, :block], xb, x.shape)  # each block's own rows
+    if w2:  # the 2w rows past a block are the next block's first rows
+        out.view(-1, block, x.shape[-1])[1:, :w2].baddbmm_(c[:, block:], xb)
+    return out
