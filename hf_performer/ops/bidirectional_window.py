@@ -55,27 +55,28 @@ def _transform_vjp(fmap: FeatureMap, x: torch.Tensor, grad: torch.Tensor, query:
     return grad.sum_to_size(x.shape) if grad.shape != x.shape else grad
 
 
-def _query_features(fmap: FeatureMap, qx: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(phi~(Q) [B,H,P,m], r [B,H,P,1]) for the padded queries qx [B,H,P,d] and the key stabiliser c."""
-    x = fmap(qx, query=True)[0].add_(c)
+def _query_features(fmap: FeatureMap, qt: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(phi~(Q) [B,H,P,m], r [B,H,P,1]) for the transformed query rows qt [B,H,P,d] and the key stabiliser c
+    (``FeatureMap._logits`` of the transformed rows: the transform, needed for the exact terms too, runs once)."""
+    x = fmap._logits(qt, drop_row_terms=True)[0].add_(c)
     r = x.amax(-1, keepdim=True)
     return x.sub_(r).exp_(), r
 
 
-def _key_logits(fmap: FeatureMap, kx: torch.Tensor, real: torch.Tensor | None, start: int, L: int):
-    """(Lg(K) [B,H,P,m] of the key rows kx [B,H,P,d] at positions start .. start + P - 1, -big where the row is not
+def _key_logits(fmap: FeatureMap, kt: torch.Tensor, real: torch.Tensor | None, start: int, L: int):
+    """(Lg(K) [B,H,P,m] of the transformed key rows kt [B,H,P,d] at positions start .. start + P - 1, -big where the row is not
     a real key, and its maximum over the rows [B,H,1,m]). real [B,P] bool: the padding mask of the rows, or None
     (no padding: only rows outside 0 .. L - 1 are masked, by slices instead of a full-size mask)."""
-    lk = fmap(kx)[0]
+    lk = fmap._logits(kt, drop_row_terms=False)[0]
     big = neg_big(lk.dtype)
     if real is not None:
         lk.masked_fill_(~real[:, None, :, None], big)
     else:
-        before, after = max(0, -start), max(0, start + kx.shape[2] - L)
+        before, after = max(0, -start), max(0, start + kt.shape[2] - L)
         if before:
             lk[:, :, :before] = big
         if after:
-            lk[:, :, kx.shape[2] - after :] = big
+            lk[:, :, kt.shape[2] - after :] = big
     return lk, lk.amax(2, keepdim=True)
 
 
@@ -99,24 +100,23 @@ class PositiveWindow(torch.autograd.Function):
         parts = []  # per segment: key rows, their mask, their logits
         for a, b in spans(L, seg):
             n, P = _layout(a, b, block, w)
-            kx = rows(k, a - w, P)
-            lk, top = _key_logits(fmap, kx, None if mask is None else rows(mask, a - w, P), a - w, L)
-            parts.append((kx, rows(real, a - w, P), lk, top))
+            kt = fmap.transform(rows(k, a - w, P), False)
+            lk, top = _key_logits(fmap, kt, None if mask is None else rows(mask, a - w, P), a - w, L)
+            parts.append((kt, rows(real, a - w, P), lk, top))
         c = finite_reference(parts[0][3] if len(parts) == 1 else torch.stack([p[3] for p in parts]).amax(0))
         S = 0
         for (a, b), (_, _, lk, _) in zip(spans(L, seg), parts):
             phi_k = lk.sub_(c).exp_()  # in place: the key features, 0 for rows that are not real keys
             S = S + phi_k[:, :, w : w + b - a].transpose(-1, -2) @ with_ones(v[:, :, a:b])  # own keys only
         outs, saved = [], []
-        for (a, b), (kx, rx, phi_k, _) in zip(spans(L, seg), parts):
+        for (a, b), (kt, rx, phi_k, _) in zip(spans(L, seg), parts):
             n, P = _layout(a, b, block, w)
-            qx = _pad_rows(q[:, :, a:b], P)
-            phi_q, r = _query_features(fmap, qx, c)
+            qt = fmap.transform(rows(q, a, P), True)  # rows past the segment: scratch (results dropped)
+            phi_q, r = _query_features(fmap, qt, c)
             total = phi_q @ S  # [B, H, P, dv + 1]
             fav = near(phi_q, phi_k, block, w)
             del phi_q
-            qt = fmap.transform(qx, True)
-            logits = near(qt, fmap.transform(kx, False), block, w) + exact_base(fmap, qt, r[..., 0])[..., None]
+            logits = near(qt, kt, block, w) + exact_base(fmap, qt, r[..., 0])[..., None]
             valid = F.pad(rx, (0, 2 * w), value=False).unfold(1, 2 * w + 1, 1)[:, None]  # [B, 1, P, 2w + 1]
             exact = torch.where(valid, logits, neg_big(logits.dtype))
             s = exact.amax(-1).clamp_min(0)  # [B, H, P]
@@ -147,18 +147,17 @@ class PositiveWindow(torch.autograd.Function):
         parts = []
         for a, b in spans(L, seg):  # queries with their key rows: dq, dS and the window's share of dk, dv
             n, P = _layout(a, b, block, w)
-            kx, vx, rx = rows(k, a - w, P), rows(v, a - w, P), rows(real, a - w, P)
-            qx = _pad_rows(q[:, :, a:b], P)
+            kx, qx, vx, rx = rows(k, a - w, P), rows(q, a, P), rows(v, a - w, P), rows(real, a - w, P)
+            qt, kt = fmap.transform(qx, True), fmap.transform(kx, False)
             dNx, dTx, gx = _pad_rows(dN[:, :, a:b], P), _pad_rows(dT[:, :, a:b], P), _pad_rows(g[:, :, a:b], P)
             G = torch.cat([dNx, dTx[..., None]], -1).mul_(gx[..., None])  # [B, H, P, dv + 1], 0 past n
-            phi_q, _ = _query_features(fmap, qx, c)
+            phi_q, _ = _query_features(fmap, qt, c)
             dS += phi_q.transpose(-1, -2) @ G
-            phi_k = _key_logits(fmap, kx, None if mask is None else rx, a - w, L)[0].sub_(c).exp_()
+            phi_k = _key_logits(fmap, kt, None if mask is None else rx, a - w, L)[0].sub_(c).exp_()
             A = near(dNx, vx, block, w).add_(dTx[..., None])  # [B, H, P, 2w + 1], 0 past n
             dl = A * _pad_rows(e[:, :, a:b], P)
             dfav = A.mul_(-gx[..., None])
             d_phi = band_apply(dfav, phi_k, block, w, out=G @ S.transpose(-1, -2))
-            qt, kt = fmap.transform(qx, True), fmap.transform(kx, False)
             dqt = band_apply(dl, kt, block, w).add_(dl.sum(-1, keepdim=True) * qt)
             dqx = fmap.logits_vjp(qx, d_phi.mul_(phi_q), query=True) + _transform_vjp(fmap, qx, dqt, True)
             dq.append(dqx[:, :, :n])
@@ -171,7 +170,7 @@ class PositiveWindow(torch.autograd.Function):
             _add_product(d_phi[:, :, w : w + n], with_ones(v[:, :, a:b]), dSt)  # [v, 1] dS^T, the segment's keys
             _add_product(dvx[:, :, w : w + n], phi_k[:, :, w : w + n], dSv)
             dkx = fmap.logits_vjp(kx, d_phi.mul_(phi_k)) + _transform_vjp(fmap, kx, dkt, False)
-            lo, hi = max(a - w, 0), min(a - w + dkx.shape[2], L)  # key rows -> positions, the overlaps added
+            lo, hi = max(a - w, 0), min(a - w + dkt.shape[2], L)  # key rows -> positions, the overlaps added
             dk[:, :, lo:hi] += dkx[:, :, lo - a + w : hi - a + w]
             dv[:, :, lo:hi] += dvx[:, :, lo - a + w : hi - a + w]
         return cat_len(dq), dk, dv, None, None, None, None

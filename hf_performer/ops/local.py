@@ -71,15 +71,16 @@ def window_block(window: int) -> int:
 
 def rows(x: torch.Tensor, start: int, count: int) -> torch.Tensor:
     """Rows start .. start + count - 1 of dim 2 of x [B, H, L, ·] (dim 1 of a mask [B, L]), zero (False) where the
-    position is outside 0 .. L - 1: a fresh contiguous tensor [B, H, count, ·] ([B, count])."""
+    position is outside 0 .. L - 1: [B, H, count, ·] ([B, count]), a view of x when every row is inside."""
     dim = 1 if x.dim() == 2 else 2
     L = x.shape[dim]
     lo, hi = max(start, 0), min(start + count, L)
-    before = lo - start
     part = x.narrow(dim, lo, max(hi - lo, 0))
-    after = count - before - part.shape[dim]
+    before, after = lo - start, count - (lo - start) - max(hi - lo, 0)
+    if not before and not after:
+        return part
     pad = (before, after) if dim == 1 else (0, 0, before, after)
-    return F.pad(part, pad, value=False if x.dtype == torch.bool else 0.0).contiguous()
+    return F.pad(part, pad, value=False if x.dtype == torch.bool else 0.0)
 
 
 # The banded products below work on a block layout: queries x [B, H, P, ·] and keys y [B, H, P, ·] (contiguous),
@@ -97,6 +98,7 @@ def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
 def _spans(y: torch.Tensor, block: int, window: int) -> torch.Tensor:
     """[B, H, P, C] contiguous -> the key span of every block but the last, [B·H·P/block - 1, block + 2w, C]
     (an overlapping view of y: no copy)."""
+    y = y.contiguous()
     C = y.shape[-1]
     n = y.numel() // (block * C) - 1
     return y.as_strided((n, block + 2 * window, C), (block * C, C, 1), y.storage_offset())
