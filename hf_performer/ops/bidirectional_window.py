@@ -47,11 +47,28 @@ def _pad_rows(x: torch.Tensor, P: int) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, pad)) if x.dim() == 4 else F.pad(x, (0, pad))
 
 
-def _transform_vjp(fmap: FeatureMap, x: torch.Tensor, grad: torch.Tensor, query: bool) -> torch.Tensor:
-    """The gradient reaching x [..., d] from ``grad`` of ``fmap.transform(x, query)`` (a per-dimension scale)."""
+def _times(x: torch.Tensor, f) -> torch.Tensor:
+    """x * f, in place when the product keeps x's shape (x fresh and held by nothing else)."""
+    if isinstance(f, torch.Tensor) and torch.broadcast_shapes(x.shape, f.shape) != x.shape:
+        return x * f
+    return x.mul_(f)
+
+
+def _input_vjp(fmap: FeatureMap, x: torch.Tensor, xt: torch.Tensor, d_logits: torch.Tensor, d_xt: torch.Tensor,
+               query: bool) -> torch.Tensor:
+    """The gradient reaching x [B,H,P,d] (before the input transform) from d_logits [B,H,P,m], the gradient of
+    ``FeatureMap._logits(xt, query)``, and d_xt [B,H,P,d], a direct gradient of the transformed xt (the exact
+    terms). ``FeatureMap.logits_vjp``'s arithmetic (s (g W) - [keys] (sum_f g) x', s = sqrt(1 - 4A)), with x' at
+    hand and the two gradients joined before the transform's scale: one pass less of each per call."""
+    grad = d_logits @ fmap.projection.to(d_logits.dtype)  # [B, H, P, d]
+    if fmap.kernel == "favor++" and fmap.a is not None:
+        grad = _times(grad, torch.sqrt(1 - 4 * fmap.a.to(grad.dtype)))
+    if not query:
+        d_xt = d_xt - d_logits.sum(-1, keepdim=True) * xt
+    grad = grad.add_(d_xt) if torch.broadcast_shapes(grad.shape, d_xt.shape) == grad.shape else grad + d_xt
     scale = fmap.q_scale if query else fmap.k_scale
     if scale is not None:
-        grad = grad * scale.to(grad.dtype)
+        grad = _times(grad, scale.to(grad.dtype))
     return grad.sum_to_size(x.shape) if grad.shape != x.shape else grad
 
 
@@ -159,17 +176,17 @@ class PositiveWindow(torch.autograd.Function):
             dfav = A.mul_(-gx[..., None])
             d_phi = band_apply(dfav, phi_k, block, w, out=G @ S.transpose(-1, -2))
             dqt = band_apply(dl, kt, block, w).add_(dl.sum(-1, keepdim=True) * qt)
-            dqx = fmap.logits_vjp(qx, d_phi.mul_(phi_q), query=True) + _transform_vjp(fmap, qx, dqt, True)
+            dqx = _input_vjp(fmap, qx, qt, d_phi.mul_(phi_q), dqt, True)
             dq.append(dqx[:, :, :n])
             dvx = band_apply_t(_pad_rows(coef[:, :, a:b], P), dNx, block, w)  # the window's shares, key rows
-            parts.append((kx, phi_k, band_apply_t(dfav, phi_q, block, w), band_apply_t(dl, qt, block, w), dvx))
+            parts.append((kx, kt, phi_k, band_apply_t(dfav, phi_q, block, w), band_apply_t(dl, qt, block, w), dvx))
             del phi_q, phi_k
         dSv, dSt = dS[..., :-1], dS.transpose(-1, -2)
-        for (a, b), (kx, phi_k, d_phi, dkt, dvx) in zip(spans(L, seg), parts):  # keys: the FAVOR shares added
+        for (a, b), (kx, kt, phi_k, d_phi, dkt, dvx) in zip(spans(L, seg), parts):  # keys: the FAVOR shares added
             n = b - a
             _add_product(d_phi[:, :, w : w + n], with_ones(v[:, :, a:b]), dSt)  # [v, 1] dS^T, the segment's keys
             _add_product(dvx[:, :, w : w + n], phi_k[:, :, w : w + n], dSv)
-            dkx = fmap.logits_vjp(kx, d_phi.mul_(phi_k)) + _transform_vjp(fmap, kx, dkt, False)
+            dkx = _input_vjp(fmap, kx, kt, d_phi.mul_(phi_k), dkt, False)
             lo, hi = max(a - w, 0), min(a - w + dkt.shape[2], L)  # key rows -> positions, the overlaps added
             dk[:, :, lo:hi] += dkx[:, :, lo - a + w : hi - a + w]
             dv[:, :, lo:hi] += dvx[:, :, lo - a + w : hi - a + w]

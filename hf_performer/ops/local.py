@@ -146,6 +146,6 @@ def band_apply_t(coef: torch.Tensor, x: torch.Tensor, block: int, window: int) -
     c = unband(_blocks(coef, block), span).transpose(1, 2).contiguous()  # [n, block + 2w, block]
     xb = _blocks(x, block)
     out = _block_products(c[:, :block], xb, x.shape)  # each block's own rows
-    if w2:  # the 2w rows past a block are the next block's first rows
-        out.view(-1, block, x.shape[-1])[1:, :w2].baddbmm_(c[:, block:], xb)
+    if w2:  # the 2w rows past a block are the next block's first rows (a strided view: added, not multiplied into)
+        out.view(-1, block, x.shape[-1])[1:, :w2] += torch.bmm(c[:, block:], xb)
     return out
