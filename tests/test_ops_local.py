@@ -15,7 +15,7 @@ from hf_performer.ops import (
     favor_causal,
     naive_linear_attention,
 )
-from hf_performer.ops.local import band, key_spans, query_blocks, unband
+from hf_performer.ops.local import band, band_apply, band_apply_t, near, rows, unband
 
 D64 = torch.float64
 
@@ -44,7 +44,7 @@ def max_err(a, b, valid=None):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def test_band_unband_and_key_spans():
+def test_band_unband_and_rows():
     m = torch.arange(5 * 9, dtype=D64).reshape(5, 9)  # C = 5 queries, span C + 2w with w = 2
     b = band(m, 5)
     assert all(b[i, j] == m[i, i + j] for i in range(5) for j in range(5))
@@ -52,15 +52,32 @@ def test_band_unband_and_key_spans():
     for i in range(5):
         expected[i, i : i + 5] = m[i, i : i + 5]
     assert torch.equal(unband(b, 9), expected)
-    x = torch.arange(7 * 2, dtype=D64).reshape(1, 1, 7, 2)  # L = 7 in blocks of 3 with w = 2
-    spans, blocks = key_spans(x, 3, 2), query_blocks(x, 3)
-    assert spans.shape == (1, 1, 3, 7, 2) and blocks.shape == (1, 1, 3, 3, 2)
-    for b_ in range(3):
-        for j in range(7):
-            p = 3 * b_ - 2 + j
-            assert torch.equal(spans[0, 0, b_, j], x[0, 0, p] if 0 <= p < 7 else torch.zeros(2, dtype=D64))
-    mask_spans = key_spans(torch.ones(1, 7, dtype=torch.bool), 3, 2)
-    assert mask_spans.tolist() == [[[0 <= 3 * b_ - 2 + j < 7 for j in range(7)] for b_ in range(3)]]
+    x = torch.arange(7 * 2, dtype=D64).reshape(1, 1, 7, 2)
+    for start, count in [(-2, 5), (0, 7), (3, 8), (-1, 10), (2, 3)]:
+        got = rows(x, start, count)
+        for i in range(count):
+            p = start + i
+            assert torch.equal(got[0, 0, i], x[0, 0, p] if 0 <= p < 7 else torch.zeros(2, dtype=D64))
+    assert rows(torch.ones(1, 7, dtype=torch.bool), -2, 11).tolist() == [[False] * 2 + [True] * 7 + [False] * 2]
+
+
+@pytest.mark.parametrize(("blocks", "block", "window"), [(3, 16, 4), (4, 8, 4), (2, 24, 9), (3, 16, 1)])
+def test_banded_products_equal_explicit_sums(blocks, block, window):
+    """local.near / band_apply / band_apply_t on the block layout (query row i, key rows i .. i + 2w) against
+    explicit loops; the last block of rows of each (b, h) is scratch and skipped (band_apply_t: coefficients 0)."""
+    g = torch.Generator().manual_seed(blocks * block + window)
+    B, H, P, C, W = 2, 3, blocks * block, 5, 2 * window + 1
+    x, y = torch.randn(B, H, P, C, generator=g, dtype=D64), torch.randn(B, H, P, C, generator=g, dtype=D64)
+    coef = torch.randn(B, H, P, W, generator=g, dtype=D64)
+    coef[:, :, P - block :] = 0
+    fav, applied, back = near(x, y, block, window), band_apply(coef, y, block, window), band_apply_t(coef, x, block, window)
+    ref_back = torch.zeros_like(x)
+    for i in range(P - block):
+        for j in range(W):
+            assert torch.allclose(fav[:, :, i, j], (x[:, :, i] * y[:, :, i + j]).sum(-1))
+            ref_back[:, :, i + j] += coef[:, :, i, j, None] * x[:, :, i]
+        assert torch.allclose(applied[:, :, i], (coef[:, :, i, :, None] * y[:, :, i : i + W]).sum(2))
+    assert torch.allclose(back, ref_back)
 
 
 @pytest.mark.parametrize("kernel", ["softmax", "favor++"])
@@ -191,14 +208,3 @@ def test_half_precision_inputs_stay_finite_and_close(causal):
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
     assert all(torch.isfinite(t.grad.float()).all() for t in x)
     assert max_err(out.double(), ref) < 0.05  # bf16 rounding of q, k, v and of the output
-
-
-@pytest.mark.parametrize(("L", "block", "window"), [(64, 32, 4), (37, 8, 3), (20, 4, 4), (20, 4, 6)])
-def test_near_products_equal_the_products_with_the_key_spans(L, block, window):
-    from hf_performer.ops.local import near_products
-
-    g = torch.Generator().manual_seed(L)
-    a, b = torch.randn(2, 3, L, 5, generator=g), torch.randn(2, 3, L, 5, generator=g)
-    ref = query_blocks(a, block) @ key_spans(b, block, window).transpose(-1, -2)
-    b_ext = torch.nn.functional.pad(b, (0, 0, window, -L % block + window))  # positions -w .. nb·block + w - 1
-    assert torch.allclose(near_products(a, b_ext, block, window), ref, atol=1e-6)
