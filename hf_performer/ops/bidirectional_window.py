@@ -47,11 +47,15 @@ def _pad_rows(x: torch.Tensor, P: int) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, pad)) if x.dim() == 4 else F.pad(x, (0, pad))
 
 
+def _fits(shape, other) -> bool:
+    """True when ``other`` broadcasts to ``shape`` without growing it (plain Python: no symbolic-shape machinery,
+    which torch.compile cannot trace)."""
+    return len(other) <= len(shape) and all(o in (1, s) for s, o in zip(reversed(shape), reversed(other)))
+
+
 def _times(x: torch.Tensor, f) -> torch.Tensor:
     """x * f, in place when the product keeps x's shape (x fresh and held by nothing else)."""
-    if isinstance(f, torch.Tensor) and torch.broadcast_shapes(x.shape, f.shape) != x.shape:
-        return x * f
-    return x.mul_(f)
+    return x.mul_(f) if not isinstance(f, torch.Tensor) or _fits(x.shape, f.shape) else x * f
 
 
 def _input_vjp(fmap: FeatureMap, x: torch.Tensor, xt: torch.Tensor, d_logits: torch.Tensor, d_xt: torch.Tensor,
@@ -65,7 +69,7 @@ def _input_vjp(fmap: FeatureMap, x: torch.Tensor, xt: torch.Tensor, d_logits: to
         grad = _times(grad, torch.sqrt(1 - 4 * fmap.a.to(grad.dtype)))
     if not query:
         d_xt = d_xt - d_logits.sum(-1, keepdim=True) * xt
-    grad = grad.add_(d_xt) if torch.broadcast_shapes(grad.shape, d_xt.shape) == grad.shape else grad + d_xt
+    grad = grad.add_(d_xt) if _fits(grad.shape, d_xt.shape) else grad + d_xt
     scale = fmap.q_scale if query else fmap.k_scale
     if scale is not None:
         grad = _times(grad, scale.to(grad.dtype))

@@ -96,12 +96,10 @@ def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def _spans(y: torch.Tensor, block: int, window: int) -> torch.Tensor:
-    """[B, H, P, C] contiguous -> the key span of every block but the last, [B·H·P/block - 1, block + 2w, C]
-    (an overlapping view of y: no copy)."""
-    y = y.contiguous()
-    C = y.shape[-1]
-    n = y.numel() // (block * C) - 1
-    return y.as_strided((n, block + 2 * window, C), (block * C, C, 1), y.storage_offset())
+    """[B, H, P, C] -> the key span of every block but the last, [B·H·P/block - 1, block + 2w, C]: an overlapping
+    view of y (copied first only when y is not contiguous); needs 2w <= block (``window_block``)."""
+    C = y.shape[-1]  # overlapping windows of the flattened rows, block rows apart (unfold: a view, no copy)
+    return y.reshape(-1).unfold(0, (block + 2 * window) * C, block * C).view(-1, block + 2 * window, C)
 
 
 def _unblock(z: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
