@@ -15,7 +15,7 @@ from hf_performer.ops import (
     favor_causal,
     naive_linear_attention,
 )
-from hf_performer.ops.local import band, band_apply, band_apply_t, near, rows, unband
+from hf_performer.ops.local import band, band_apply, flip_band, near, rows, unband
 
 D64 = torch.float64
 
@@ -63,21 +63,22 @@ def test_band_unband_and_rows():
 
 @pytest.mark.parametrize(("blocks", "block", "window"), [(3, 16, 4), (4, 8, 4), (2, 24, 9), (3, 16, 1)])
 def test_banded_products_equal_explicit_sums(blocks, block, window):
-    """local.near / band_apply / band_apply_t on the block layout (query row i, key rows i .. i + 2w) against
-    explicit loops; the last block of rows of each (b, h) is scratch and skipped (band_apply_t: coefficients 0)."""
+    """local.near / band_apply / the transposed product through flip_band on the block layout (query row i, key rows
+    i .. i + 2w) against explicit loops; the last block of rows of each (b, h) is scratch and skipped."""
     g = torch.Generator().manual_seed(blocks * block + window)
     B, H, P, C, W = 2, 3, blocks * block, 5, 2 * window + 1
     x, y = torch.randn(B, H, P, C, generator=g, dtype=D64), torch.randn(B, H, P, C, generator=g, dtype=D64)
     coef = torch.randn(B, H, P, W, generator=g, dtype=D64)
     coef[:, :, P - block :] = 0
-    fav, applied, back = near(x, y, block, window), band_apply(coef, y, block, window), band_apply_t(coef, x, block, window)
+    fav, applied = near(x, y, block, window), band_apply(coef, y, block, window)
+    back = band_apply(flip_band(coef, window), x, block, window)  # row r: key row r + 2w
     ref_back = torch.zeros_like(x)
     for i in range(P - block):
         for j in range(W):
             assert torch.allclose(fav[:, :, i, j], (x[:, :, i] * y[:, :, i + j]).sum(-1))
             ref_back[:, :, i + j] += coef[:, :, i, j, None] * x[:, :, i]
         assert torch.allclose(applied[:, :, i], (coef[:, :, i, :, None] * y[:, :, i : i + W]).sum(2))
-    assert torch.allclose(back, ref_back)
+    assert torch.allclose(back[:, :, : P - block], ref_back[:, :, W - 1 : P - block + W - 1])
 
 
 @pytest.mark.parametrize("kernel", ["softmax", "favor++"])

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..features import FeatureMap
 from .common import cat_len, finite_reference, neg_big, safe_den, spans, with_ones
-from .local import band_apply, band_apply_t, exact_base, near, rows, window_block
+from .local import band_apply, exact_base, flip_band, near, rows, window_block
 
 
 def _layout(a: int, b: int, block: int, window: int) -> tuple[int, int]:
@@ -41,10 +41,10 @@ def _layout(a: int, b: int, block: int, window: int) -> tuple[int, int]:
     return n, (-(-n // block) + 1) * block
 
 
-def _pad_rows(x: torch.Tensor, P: int) -> torch.Tensor:
-    """[B, H, n, ·] or [B, H, n] -> P rows, zero past n."""
-    pad = P - x.shape[2]
-    return F.pad(x, (0, 0, 0, pad)) if x.dim() == 4 else F.pad(x, (0, pad))
+def _pad_rows(x: torch.Tensor, before: int, P: int) -> torch.Tensor:
+    """[B, H, n, ·] or [B, H, n] -> P rows: ``before`` zero rows, x, zeros."""
+    pad = (before, P - before - x.shape[2])
+    return F.pad(x, (0, 0, *pad)) if x.dim() == 4 else F.pad(x, pad)
 
 
 def _fits(shape, other) -> bool:
@@ -166,32 +166,38 @@ class PositiveWindow(torch.autograd.Function):
         dS, dq = torch.zeros_like(S), []
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)
         parts = []
+        # rows: queries at a - block + i (a scratch block first, 0 coefficients), keys at a - block - w + i, and the
+        # keys' gradients at a - block + w + i (``flip_band``: the transposed products as forward-shaped ones)
         for a, b in spans(L, seg):  # queries with their key rows: dq, dS and the window's share of dk, dv
             n, P = _layout(a, b, block, w)
-            kx, qx, vx, rx = rows(k, a - w, P), rows(q, a, P), rows(v, a - w, P), rows(real, a - w, P)
+            P, s0 = P + block, a - block
+            kx, qx, vx, rx = rows(k, s0 - w, P), rows(q, s0, P), rows(v, s0 - w, P), rows(real, s0 - w, P)
             qt, kt = fmap.transform(qx, True), fmap.transform(kx, False)
-            dNx, dTx, gx = _pad_rows(dN[:, :, a:b], P), _pad_rows(dT[:, :, a:b], P), _pad_rows(g[:, :, a:b], P)
-            G = torch.cat([dNx, dTx[..., None]], -1).mul_(gx[..., None])  # [B, H, P, dv + 1], 0 past n
+            pad = lambda x, a=a, b=b, P=P: _pad_rows(x[:, :, a:b], block, P)  # noqa: E731
+            dNx, dTx, gx = pad(dN), pad(dT), pad(g)
+            G = torch.cat([dNx, dTx[..., None]], -1).mul_(gx[..., None])  # [B, H, P, dv + 1], 0 off the segment
             phi_q, _ = _query_features(fmap, qt, c)
             dS += phi_q.transpose(-1, -2) @ G
-            phi_k = _key_logits(fmap, kt, None if mask is None else rx, a - w, L)[0].sub_(c).exp_()
-            A = near(dNx, vx, block, w).add_(dTx[..., None])  # [B, H, P, 2w + 1], 0 past n
-            dl = A * _pad_rows(e[:, :, a:b], P)
+            phi_k = _key_logits(fmap, kt, None if mask is None else rx, s0 - w, L)[0].sub_(c).exp_()
+            A = near(dNx, vx, block, w).add_(dTx[..., None])  # [B, H, P, 2w + 1], 0 off the segment
+            dl = A * pad(e)
             dfav = A.mul_(-gx[..., None])
             d_phi = band_apply(dfav, phi_k, block, w, out=G @ S.transpose(-1, -2))
             dqt = band_apply(dl, kt, block, w).add_(dl.sum(-1, keepdim=True) * qt)
             dqx = _input_vjp(fmap, qx, qt, d_phi.mul_(phi_q), dqt, True)
-            dq.append(dqx[:, :, :n])
-            dvx = band_apply_t(_pad_rows(coef[:, :, a:b], P), dNx, block, w)  # the window's shares, key rows
-            parts.append((kx, kt, phi_k, band_apply_t(dfav, phi_q, block, w), band_apply_t(dl, qt, block, w), dvx))
-            del phi_q, phi_k
+            dq.append(dqx[:, :, block : block + n])
+            shares = [band_apply(flip_band(x, w), y, block, w) for x, y in ((dfav, phi_q), (dl, qt), (pad(coef), dNx))]
+            parts.append((kx, kt, phi_k, *shares))  # the window's shares of dphi~(K), dk', dv (key rows + 2w)
+            del phi_q, phi_k, d_phi
         dSv, dSt = dS[..., :-1], dS.transpose(-1, -2)
         for (a, b), (kx, kt, phi_k, d_phi, dkt, dvx) in zip(spans(L, seg), parts):  # keys: the FAVOR shares added
-            n = b - a
-            _add_product(d_phi[:, :, w : w + n], with_ones(v[:, :, a:b]), dSt)  # [v, 1] dS^T, the segment's keys
-            _add_product(dvx[:, :, w : w + n], phi_k[:, :, w : w + n], dSv)
-            dkx = _input_vjp(fmap, kx, kt, d_phi.mul_(phi_k), dkt, False)
-            lo, hi = max(a - w, 0), min(a - w + dkt.shape[2], L)  # key rows -> positions, the overlaps added
-            dk[:, :, lo:hi] += dkx[:, :, lo - a + w : hi - a + w]
-            dv[:, :, lo:hi] += dvx[:, :, lo - a + w : hi - a + w]
+            n, s0, R = b - a, a - block, kx.shape[2] - 2 * w  # share row r: the key at s0 + w + r, feature row r + 2w
+            own = slice(block - w, block - w + n)
+            _add_product(d_phi[:, :, own], with_ones(v[:, :, a:b]), dSt)  # [v, 1] dS^T, the segment's keys
+            _add_product(dvx[:, :, own], phi_k[:, :, block + w : block + w + n], dSv)
+            d_logits = d_phi[:, :, :R] * phi_k[:, :, 2 * w :]
+            dkx = _input_vjp(fmap, kx[:, :, 2 * w :], kt[:, :, 2 * w :], d_logits, dkt[:, :, :R], False)
+            lo, hi = max(s0 + w, 0), min(s0 + w + R, L)  # rows -> positions, the overlaps added
+            dk[:, :, lo:hi] += dkx[:, :, lo - s0 - w : hi - s0 - w]
+            dv[:, :, lo:hi] += dvx[:, :, lo - s0 - w : hi - s0 - w]
         return cat_len(dq), dk, dv, None, None, None, None

@@ -136,14 +136,12 @@ def band_apply(coef: torch.Tensor, y: torch.Tensor, block: int, window: int, out
     return out
 
 
-def band_apply_t(coef: torch.Tensor, x: torch.Tensor, block: int, window: int) -> torch.Tensor:
-    """The transpose of ``band_apply``: sum_i coef[i, j - i] x_i for every key row j, [B, H, P, C], for coef
-    [B, H, P, 2w + 1] that is 0 on the last block of rows of each (b, h) (whose spans run into the next one).
-    Each block's [block + 2w, C] result is added onto the key rows it covers (neighbouring spans overlap by 2w)."""
-    span, w2 = block + 2 * window, 2 * window
-    c = unband(_blocks(coef, block), span).transpose(1, 2).contiguous()  # [n, block + 2w, block]
-    xb = _blocks(x, block)
-    out = _block_products(c[:, :block], xb, x.shape)  # each block's own rows
-    if w2:  # the 2w rows past a block are the next block's first rows (a strided view: added, not multiplied into)
-        out.view(-1, block, x.shape[-1])[1:, :w2] += torch.bmm(c[:, block:], xb)
-    return out
+def flip_band(coef: torch.Tensor, window: int) -> torch.Tensor:
+    """The band seen from the keys: coef [B, H, P, 2w + 1] (query row i, key row i + j) -> [B, H, P, 2w + 1] whose
+    row r, column u holds coef[r + u, 2w - u] (0 past P): the coefficient between key row r + 2w and query row
+    r + u. ``band_apply(flip_band(coef), x)`` is then the transposed product sum_i coef[i, j - i] x_i for key row
+    j = r + 2w, as one [block, block + 2w] product per block like the forward's (no [block + 2w, block] one)."""
+    w2 = 2 * window
+    padded = F.pad(coef, (0, 0, 0, w2))
+    P = coef.shape[2]
+    return torch.stack([padded[:, :, u : u + P, w2 - u] for u in range(w2 + 1)], -1)
