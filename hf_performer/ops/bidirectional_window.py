@@ -195,7 +195,7 @@ class PositiveWindow(torch.autograd.Function):
             own = slice(block - w, block - w + n)
             _add_product(d_phi[:, :, own], with_ones(v[:, :, a:b]), dSt)  # [v, 1] dS^T, the segment's keys
             _add_product(dvx[:, :, own], phi_k[:, :, block + w : block + w + n], dSv)
-            d_logits = d_phi[:, :, :R] * phi_k[:, :, 2 * w :]
+            d_logits = d_phi[:, :, :R].mul_(phi_k[:, :, 2 * w :])
             dkx = _input_vjp(fmap, kx[:, :, 2 * w :], kt[:, :, 2 * w :], d_logits, dkt[:, :, :R], False)
             lo, hi = max(s0 + w, 0), min(s0 + w + R, L)  # rows -> positions, the overlaps added
             dk[:, :, lo:hi] += dkx[:, :, lo - s0 - w : hi - s0 - w]
