@@ -5,14 +5,12 @@
 Keys: phi~(k) = F exp(Lg(k) - c), c the per-feature maximum over the real keys (one constant shared by every key
 every query sees, so the estimator is unchanged); queries: phi~(q) = F exp(Lg(q) + c - r), r the row maximum
 (cancels in the ratio). Both are <= 1. Padded keys are masked before the exponential: they contribute to
-neither sum, in value or gradient. With a local window each offset -w..w is one product of phi~(Q) with a
-shifted phi~(K) (computed by blocks of 32 queries against the keys they can reach (FAVOR's estimate of those
-pairs), replaced by exact terms in ``local.combine_window``.
-Backward: for the positive kernels without a window, ``_PositiveBidirectional``'s hand-written one, which keeps
-q, k, v, the output, its normaliser, the row maxima and S, and recomputes the features one side at a time (no
-second pass through the sums); otherwise autograd's, and above ``common.RECOMPUTE_ABOVE`` the op keeps only q, k, v
-and recomputes itself in the backward. Memory: a few [B, H, L, m] feature tensors and S [B, H, m, dv + 1], nothing
-L×L.
+neither sum, in value or gradient. With a local window (positive kernels) the op is
+``bidirectional_window.PositiveWindow``.
+Backward: for the positive kernels, a hand-written one (``_PositiveBidirectional`` here keeps q, k, v, the output,
+its normaliser, the row maxima and S, and recomputes the features one side at a time); otherwise autograd's, and
+above ``common.RECOMPUTE_ABOVE`` the op keeps only q, k, v and recomputes itself in the backward. Memory: a few
+[B, H, L, m] feature tensors and S [B, H, m, dv + 1], nothing L×L.
 """
 
 from __future__ import annotations
@@ -170,7 +168,8 @@ def favor_bidirectional(
     q [B,H,Lq,d], k [B,H,Lk,d] (already scaled by d^-1/4 and transformed by ``fmap``'s exact identities), v
     [B,H,Lk,dv], any float dtype (half inputs compute in float32); key_padding_mask [B,Lk] bool (True = real) or
     None; local_window w >= 0: exact softmax terms for |i - j| <= w (self-attention, softmax/favor++ only).
-    Returns [B,H,Lq,dv] in v's dtype; a query with no real key gets 0."""
+    Returns [B,H,Lq,dv] in v's dtype; a query with no real key gets 0. Raises ValueError for a window with Lq != Lk
+    or with a kernel without an exact exponential form (trig, relu)."""
     if local_window and q.shape[2] != k.shape[2]:
         raise ValueError("local_window attention needs as many queries as keys (self-attention).")
     if local_window and not fmap.exponential:

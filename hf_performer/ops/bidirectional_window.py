@@ -16,12 +16,14 @@ Backward, with dN_i = dout_i / T_i, dT_i = -(dN_i . out_i), G_i = g_i [dN_i, dT_
     dphi~(q_i) = G_i S^T + sum_j dfav_ij phi~(k_j),   dphi~(k_j) = [v_j, 1] dS^T + sum_i dfav_ij phi~(q_i),
     dq'_i = sum_j dl_ij k'_j + (sum_j dl_ij) q'_i  (base_i carries |q'_i|^2 / 2),   dk'_j = sum_i dl_ij q'_i,
 and d logits = dphi~ * phi~ to q and k through ``FeatureMap.logits_vjp`` (s, g, r, c are constants of the estimator).
-Every window product is banded (``local.near``, ``band_apply``, ``band_apply_t``: blocks of queries against
-their key spans, a fixed number of batched ops), nothing L x L.
+Every window product is banded (``local.near``, ``band_apply``: blocks of queries against overlapping views of
+their key spans; the transposed ones through ``local.flip_band``), a fixed number of batched ops, nothing L x L.
 
 Kept for the backward: q, k, v, the mask, S, c, out, T, g and e, coef [B, H, L, 2w + 1]; the features are
-recomputed one segment at a time. On a CPU a long input runs over segments (``common.cpu_segment``); the forward
-then holds every segment's key features until the global stabiliser c is known (one [B, H, L, m] in all).
+recomputed once, segment by segment. On a CPU a long input runs over segments (``common.cpu_segment``); the
+forward then holds every segment's key logits until the global stabiliser c is known, and the backward every
+segment's key features and the window's share of their gradient until dS is complete (one, then two
+[B, H, L, m] in all, against none kept between forward and backward).
 """
 
 from __future__ import annotations
