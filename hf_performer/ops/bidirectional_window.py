@@ -188,7 +188,8 @@ class PositiveWindow(torch.autograd.Function):
             dqt = band_apply(dl, kt, block, w).add_(dl.sum(-1, keepdim=True) * qt)
             dqx = _input_vjp(fmap, qx, qt, d_phi.mul_(phi_q), dqt, True)
             dq.append(dqx[:, :, block : block + n])
-            shares = [band_apply(flip_band(x, w), y, block, w) for x, y in ((dfav, phi_q), (dl, qt), (pad(coef), dNx))]
+            shares = [band_apply(flip_band(dfav, w), phi_q, block, w, into=d_phi)]  # d_phi's storage is free again
+            shares += [band_apply(flip_band(x, w), y, block, w) for x, y in ((dl, qt), (pad(coef), dNx))]
             parts.append((kx, kt, phi_k, *shares))  # the window's shares of dphi~(K), dk', dv (key rows + 2w)
             del phi_q, phi_k, d_phi
         dSv, dSt = dS[..., :-1], dS.transpose(-1, -2)

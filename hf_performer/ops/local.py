@@ -107,10 +107,10 @@ def _unblock(z: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return F.pad(z, (0, 0, 0, 0, 0, 1)).reshape(*like.shape[:-1], z.shape[-1])
 
 
-def _block_products(a: torch.Tensor, b: torch.Tensor, shape) -> torch.Tensor:
-    """A fresh [B, H, P, C] (``shape``) whose blocks but the last are a @ b ([B·H·n - 1, block, C]) and whose last
-    block is 0 (written in place: no zero fill and copy of the whole)."""
-    out = a.new_empty(shape)
+def _block_products(a: torch.Tensor, b: torch.Tensor, shape, into: torch.Tensor | None = None) -> torch.Tensor:
+    """A [B, H, P, C] (``shape``; ``into``'s storage when given, its content ignored, else fresh) whose blocks but
+    the last are a @ b ([B·H·n - 1, block, C]) and whose last block is 0 (no zero fill and copy of the whole)."""
+    out = a.new_empty(shape) if into is None else into
     blocks = out.view(-1, a.shape[1], shape[-1])
     blocks[:-1].baddbmm_(a, b, beta=0)
     blocks[-1].zero_()
@@ -124,14 +124,16 @@ def near(x: torch.Tensor, y: torch.Tensor, block: int, window: int) -> torch.Ten
     return _unblock(band(products, 2 * window + 1), x)
 
 
-def band_apply(coef: torch.Tensor, y: torch.Tensor, block: int, window: int, out: torch.Tensor | None = None):
+def band_apply(coef: torch.Tensor, y: torch.Tensor, block: int, window: int, out: torch.Tensor | None = None,
+               into: torch.Tensor | None = None):
     """sum_j coef[i, j] y_{i+j} [B, H, P, C] for coef [B, H, P, 2w + 1]; added in place to ``out`` when given
-    (its last block of rows is left as it is)."""
+    (its last block of rows is left as it is), or written into ``into`` (a contiguous tensor of that shape whose
+    content is not needed any more: no fresh allocation)."""
     span = block + 2 * window
     c = unband(_blocks(coef, block), span)  # [n, block, block + 2w]
     ys = _spans(y, block, window)
     if out is None:
-        return _block_products(c, ys, y.shape)
+        return _block_products(c, ys, y.shape, into)
     _blocks(out, block).baddbmm_(c, ys)
     return out
 
