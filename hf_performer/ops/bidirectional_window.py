@@ -21,9 +21,9 @@ their key spans; the transposed ones through ``local.flip_band``), a fixed numbe
 
 Kept for the backward: q, k, v, the mask, S, c, out, T, g and e, coef [B, H, L, 2w + 1]; the features are
 recomputed once, segment by segment. On a CPU a long input runs over segments (``common.cpu_segment``); the
-forward then holds every segment's key logits until the global stabiliser c is known, and the backward every
-segment's key features and the window's share of their gradient until dS is complete (one, then two
-[B, H, L, m] in all, against none kept between forward and backward).
+forward then holds every segment's key logits until the global stabiliser c is known, and the backward the
+window's share of every segment's key logit gradient until dS is complete (one [B, H, L, m] in all, each time;
+nothing that size is kept between forward and backward).
 """
 
 from __future__ import annotations
@@ -188,18 +188,21 @@ class PositiveWindow(torch.autograd.Function):
             dqt = band_apply(dl, kt, block, w).add_(dl.sum(-1, keepdim=True) * qt)
             dqx = _input_vjp(fmap, qx, qt, d_phi.mul_(phi_q), dqt, True)
             dq.append(dqx[:, :, block : block + n])
-            shares = [band_apply(flip_band(dfav, w), phi_q, block, w, into=d_phi)]  # d_phi's storage is free again
-            shares += [band_apply(flip_band(x, w), y, block, w) for x, y in ((dl, qt), (pad(coef), dNx))]
-            parts.append((kx, kt, phi_k, *shares))  # the window's shares of dphi~(K), dk', dv (key rows + 2w)
+            R = P - 2 * w  # share row r: the key at s0 + w + r, feature row r + 2w
+            share = band_apply(flip_band(dfav, w), phi_q, block, w, into=d_phi)  # d_phi's storage is free again
+            share[:, :, :R].mul_(phi_k[:, :, 2 * w :])  # the window's share of the keys' logit gradient
+            shares = [band_apply(flip_band(x, w), y, block, w) for x, y in ((dl, qt), (pad(coef), dNx))]
+            parts.append((kx, kt, share, *shares))  # the window's shares of d logits(K), dk', dv
             del phi_q, phi_k, d_phi
         dSv, dSt = dS[..., :-1], dS.transpose(-1, -2)
-        for (a, b), (kx, kt, phi_k, d_phi, dkt, dvx) in zip(spans(L, seg), parts):  # keys: the FAVOR shares added
-            n, s0, R = b - a, a - block, kx.shape[2] - 2 * w  # share row r: the key at s0 + w + r, feature row r + 2w
-            own = slice(block - w, block - w + n)
-            _add_product(d_phi[:, :, own], with_ones(v[:, :, a:b]), dSt)  # [v, 1] dS^T, the segment's keys
-            _add_product(dvx[:, :, own], phi_k[:, :, block + w : block + w + n], dSv)
-            d_logits = d_phi[:, :, :R].mul_(phi_k[:, :, 2 * w :])
-            dkx = _input_vjp(fmap, kx[:, :, 2 * w :], kt[:, :, 2 * w :], d_logits, dkt[:, :, :R], False)
+        for (a, b), (kx, kt, d_logits, dkt, dvx) in zip(spans(L, seg), parts):  # keys: the FAVOR shares added
+            n, s0, R = b - a, a - block, kx.shape[2] - 2 * w
+            own = slice(block - w, block - w + n)  # share rows of the segment's keys
+            phi = _key_logits(fmap, kt[:, :, block + w : block + w + n], None if mask is None else mask[:, a:b], a, L)
+            phi = phi[0].sub_(c).exp_()  # the segment's key features, recomputed (one [B, H, L, m] kept, not two)
+            d_logits[:, :, own].addcmul_(with_ones(v[:, :, a:b]) @ dSt, phi)  # ([v, 1] dS^T) * phi~(K)
+            _add_product(dvx[:, :, own], phi, dSv)
+            dkx = _input_vjp(fmap, kx[:, :, 2 * w :], kt[:, :, 2 * w :], d_logits[:, :, :R], dkt[:, :, :R], False)
             lo, hi = max(s0 + w, 0), min(s0 + w + R, L)  # rows -> positions, the overlaps added
             dk[:, :, lo:hi] += dkx[:, :, lo - s0 - w : hi - s0 - w]
             dv[:, :, lo:hi] += dvx[:, :, lo - s0 - w : hi - s0 - w]
