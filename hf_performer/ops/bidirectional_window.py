@@ -15,12 +15,15 @@ Backward, with dN_i = dout_i / T_i, dT_i = -(dN_i . out_i), G_i = g_i [dN_i, dT_
     dl_ij = A_ij e_ij,  dfav_ij = -g_i A_ij,  dS = phi~(Q)^T G,  dv_j += sum_i coef_ij dN_i,
     dphi~(q_i) = G_i S^T + sum_j dfav_ij phi~(k_j),   dphi~(k_j) = [v_j, 1] dS^T + sum_i dfav_ij phi~(q_i),
     dq'_i = sum_j dl_ij k'_j + (sum_j dl_ij) q'_i  (base_i carries |q'_i|^2 / 2),   dk'_j = sum_i dl_ij q'_i,
-and d logits = dphi~ * phi~ to q and k through ``FeatureMap.logits_vjp`` (s, g, r, c are constants of the estimator).
+and d logits = dphi~ * phi~ to q and k (``FeatureMap.logits_vjp``'s arithmetic); s, g, r, c are constants of the
+estimator, and the forward's clamp of den_i - sum_j fav_ij at 0 (a guard against rounding) is differentiated as
+the identity.
 Every window product is banded (``local.near``, ``band_apply``: blocks of queries against overlapping views of
 their key spans; the transposed ones through ``local.flip_band``), a fixed number of batched ops, nothing L x L.
 
-Kept for the backward: q, k, v, the mask, S, c, out, T, g and e, coef [B, H, L, 2w + 1]; the features are
-recomputed once, segment by segment. On a CPU a long input runs over segments (``common.cpu_segment``); the
+Kept for the backward: q, k, v, the mask, S, c, out, T, g and e, coef [B, H, L, 2w + 1]; the backward recomputes
+the query features once and the key features twice (with the window's neighbours, then the segment's own keys),
+segment by segment. On a CPU a long input runs over segments (``common.cpu_segment``); the
 forward then holds every segment's key logits until the global stabiliser c is known, and the backward the
 window's share of every segment's key logit gradient until dS is complete (one [B, H, L, m] in all, each time;
 nothing that size is kept between forward and backward).
@@ -87,9 +90,9 @@ def _query_features(fmap: FeatureMap, qt: torch.Tensor, c: torch.Tensor) -> tupl
 
 
 def _key_logits(fmap: FeatureMap, kt: torch.Tensor, real: torch.Tensor | None, start: int, L: int):
-    """(Lg(K) [B,H,P,m] of the transformed key rows kt [B,H,P,d] at positions start .. start + P - 1, -big where the row is not
-    a real key, and its maximum over the rows [B,H,1,m]). real [B,P] bool: the padding mask of the rows, or None
-    (no padding: only rows outside 0 .. L - 1 are masked, by slices instead of a full-size mask)."""
+    """(Lg(K) [B,H,P,m] of the transformed key rows kt [B,H,P,d] at positions start .. start + P - 1, -big where
+    the row is not a real key, and its maximum over the rows [B,H,1,m]). real [B,P] bool: the padding mask of the
+    rows, or None (no padding: only rows outside 0 .. L - 1 are masked, by slices instead of a full-size mask)."""
     lk = fmap._logits(kt, drop_row_terms=False)[0]
     big = neg_big(lk.dtype)
     if real is not None:
