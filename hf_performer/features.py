@@ -124,6 +124,13 @@ def _broadcast_shape(*shapes) -> tuple:
     return tuple(out)
 
 
+def _in_place_or_not(x: torch.Tensor, other, op: str) -> torch.Tensor:
+    """x (op) other with op in add/sub/mul: in place when the result keeps x's shape (x fresh, held by nothing
+    else), else a new tensor. Plain-Python shape check: torch.compile traces it."""
+    fits = not isinstance(other, torch.Tensor) or _broadcast_shape(x.shape, other.shape) == tuple(x.shape)
+    return getattr(x, op + "_")(other) if fits else getattr(torch, op)(x, other)
+
+
 class FeatureMap:
     """Feature map of one kernel with a fixed projection (and, for favor++, a fixed A).
 
@@ -172,7 +179,7 @@ class FeatureMap:
         ``query=True`` applies the query transform and drops the terms that are constant along a row
         (-|x|^2/2 and favor++'s log D): the ops normalise every query row, so they cancel exactly,
         value and gradient alike."""
-        return self._logits(self.transform(x, query), drop_row_terms=query)
+        return self.logits(self.transform(x, query), query)
 
     def query_row_terms(self, x: torch.Tensor) -> torch.Tensor:
         """The terms ``__call__(x, query=True)`` drops from every logit of a query row, for the *transformed*
@@ -191,25 +198,35 @@ class FeatureMap:
         and ``logits_vjp`` gives the gradient of ``__call__``'s logits by hand."""
         return self.kernel in ("softmax", "favor++")
 
-    def logits_vjp(self, x: torch.Tensor, grad: torch.Tensor, query: bool = False) -> torch.Tensor:
+    def logits(self, xt: torch.Tensor, query: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``__call__`` for rows already through the input transform (``transform(x, query)``): ops that need the
+        transformed rows for other terms too (the exact local window) transform them once."""
+        return self._logits(xt, drop_row_terms=query)
+
+    def logits_vjp(self, x: torch.Tensor, grad: torch.Tensor, query: bool = False, *, xt: torch.Tensor | None = None,
+                   grad_xt: torch.Tensor | None = None) -> torch.Tensor:
         """The gradient reaching x [..., L, d] (before the input transform) from ``grad`` [..., L, m], the gradient
         of ``__call__(x, query)``'s logits; positive kernels only. The projection, bias, A and the transforms are
         constants (buffers, never trained), so for the logits s (x' W^T) + const - [keys] |x'|^2 / 2 with
         s = sqrt(1 - 4A) (1 for softmax; arXiv:2205.15317, eq. 8) the gradient is
-        s (grad W) - [keys] (sum_f grad) x', times the transform's scale. Returns [..., L, d] in x's dtype."""
+        s (grad W) - [keys] (sum_f grad) x', times the transform's scale. ``xt``: the transformed x' if the caller
+        has it (saves the transform); ``grad_xt`` [..., L, d]: a gradient of x' from other terms (the exact local
+        window's), joined before the scale. Returns [..., L, d] in x's dtype."""
         if not self.exponential:
             raise ValueError(f"logits_vjp: kernel {self.kernel!r} has no single-exponential form.")
-        xt = self.transform(x, query)
         w = self.projection.to(grad.dtype)
+        grad_w = grad @ w  # [..., L, d], fresh: finished in place where the shapes allow
         if self.kernel == "favor++" and self.a is not None:
-            grad_w = (grad * torch.sqrt(1 - 4 * self.a.to(grad.dtype))) @ w  # [..., L, d]
-        else:
-            grad_w = grad @ w
+            grad_w = _in_place_or_not(grad_w, torch.sqrt(1 - 4 * self.a.to(grad.dtype)), "mul")
         if not query:
-            grad_w = grad_w - grad.sum(-1, keepdim=True) * xt
+            xt = self.transform(x, query) if xt is None else xt
+            direct = grad.sum(-1, keepdim=True) * xt
+            grad_w = _in_place_or_not(grad_w, direct, "sub")
+        if grad_xt is not None:
+            grad_w = _in_place_or_not(grad_w, grad_xt, "add")
         scale = self.q_scale if query else self.k_scale
         if scale is not None:
-            grad_w = grad_w * scale.to(grad.dtype)
+            grad_w = _in_place_or_not(grad_w, scale.to(grad.dtype), "mul")
         if grad_w.shape != x.shape:  # broadcast leading dims (a batched A or projection) summed back
             grad_w = grad_w.sum_to_size(x.shape)
         return grad_w.to(x.dtype)

@@ -52,39 +52,10 @@ def _pad_rows(x: torch.Tensor, before: int, P: int) -> torch.Tensor:
     return F.pad(x, (0, 0, *pad)) if x.dim() == 4 else F.pad(x, pad)
 
 
-def _fits(shape, other) -> bool:
-    """True when ``other`` broadcasts to ``shape`` without growing it (plain Python: no symbolic-shape machinery,
-    which torch.compile cannot trace)."""
-    return len(other) <= len(shape) and all(o in (1, s) for s, o in zip(reversed(shape), reversed(other)))
-
-
-def _times(x: torch.Tensor, f) -> torch.Tensor:
-    """x * f, in place when the product keeps x's shape (x fresh and held by nothing else)."""
-    return x.mul_(f) if not isinstance(f, torch.Tensor) or _fits(x.shape, f.shape) else x * f
-
-
-def _input_vjp(fmap: FeatureMap, x: torch.Tensor, xt: torch.Tensor, d_logits: torch.Tensor, d_xt: torch.Tensor,
-               query: bool) -> torch.Tensor:
-    """The gradient reaching x [B,H,P,d] (before the input transform) from d_logits [B,H,P,m], the gradient of
-    ``FeatureMap._logits(xt, query)``, and d_xt [B,H,P,d], a direct gradient of the transformed xt (the exact
-    terms). ``FeatureMap.logits_vjp``'s arithmetic (s (g W) - [keys] (sum_f g) x', s = sqrt(1 - 4A)), with x' at
-    hand and the two gradients joined before the transform's scale: one pass less of each per call."""
-    grad = d_logits @ fmap.projection.to(d_logits.dtype)  # [B, H, P, d]
-    if fmap.kernel == "favor++" and fmap.a is not None:
-        grad = _times(grad, torch.sqrt(1 - 4 * fmap.a.to(grad.dtype)))
-    if not query:
-        d_xt = d_xt - d_logits.sum(-1, keepdim=True) * xt
-    grad = grad.add_(d_xt) if _fits(grad.shape, d_xt.shape) else grad + d_xt
-    scale = fmap.q_scale if query else fmap.k_scale
-    if scale is not None:
-        grad = _times(grad, scale.to(grad.dtype))
-    return grad.sum_to_size(x.shape) if grad.shape != x.shape else grad
-
-
 def _query_features(fmap: FeatureMap, qt: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(phi~(Q) [B,H,P,m], r [B,H,P,1]) for the transformed query rows qt [B,H,P,d] and the key stabiliser c
-    (``FeatureMap._logits`` of the transformed rows: the transform, needed for the exact terms too, runs once)."""
-    x = fmap._logits(qt, drop_row_terms=True)[0].add_(c)
+    (``FeatureMap.logits`` of the transformed rows: the transform, needed for the exact terms too, runs once)."""
+    x = fmap.logits(qt, query=True)[0].add_(c)
     r = x.amax(-1, keepdim=True)
     return x.sub_(r).exp_(), r
 
@@ -93,7 +64,7 @@ def _key_logits(fmap: FeatureMap, kt: torch.Tensor, real: torch.Tensor | None, s
     """(Lg(K) [B,H,P,m] of the transformed key rows kt [B,H,P,d] at positions start .. start + P - 1, -big where
     the row is not a real key, and its maximum over the rows [B,H,1,m]). real [B,P] bool: the padding mask of the
     rows, or None (no padding: only rows outside 0 .. L - 1 are masked, by slices instead of a full-size mask)."""
-    lk = fmap._logits(kt, drop_row_terms=False)[0]
+    lk = fmap.logits(kt)[0]
     big = neg_big(lk.dtype)
     if real is not None:
         lk.masked_fill_(~real[:, None, :, None], big)
@@ -189,7 +160,7 @@ class PositiveWindow(torch.autograd.Function):
             dfav = A.mul_(-gx[..., None])
             d_phi = band_apply(dfav, phi_k, block, w, out=G @ S.transpose(-1, -2))
             dqt = band_apply(dl, kt, block, w).add_(dl.sum(-1, keepdim=True) * qt)
-            dqx = _input_vjp(fmap, qx, qt, d_phi.mul_(phi_q), dqt, True)
+            dqx = fmap.logits_vjp(qx, d_phi.mul_(phi_q), True, xt=qt, grad_xt=dqt)
             dq.append(dqx[:, :, block : block + n])
             R = P - 2 * w  # share row r: the key at s0 + w + r, feature row r + 2w
             share = band_apply(flip_band(dfav, w), phi_q, block, w, into=d_phi)  # d_phi's storage is free again
@@ -205,7 +176,7 @@ class PositiveWindow(torch.autograd.Function):
             phi = phi[0].sub_(c).exp_()  # the segment's key features, recomputed (one [B, H, L, m] kept, not two)
             d_logits[:, :, own].addcmul_(with_ones(v[:, :, a:b]) @ dSt, phi)  # ([v, 1] dS^T) * phi~(K)
             _add_product(dvx[:, :, own], phi, dSv)
-            dkx = _input_vjp(fmap, kx[:, :, 2 * w :], kt[:, :, 2 * w :], d_logits[:, :, :R], dkt[:, :, :R], False)
+            dkx = fmap.logits_vjp(kx[:, :, 2 * w :], d_logits[:, :, :R], xt=kt[:, :, 2 * w :], grad_xt=dkt[:, :, :R])
             lo, hi = max(s0 + w, 0), min(s0 + w + R, L)  # rows -> positions, the overlaps added
             dk[:, :, lo:hi] += dkx[:, :, lo - s0 - w : hi - s0 - w]
             dv[:, :, lo:hi] += dvx[:, :, lo - s0 - w : hi - s0 - w]
