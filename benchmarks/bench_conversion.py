@@ -58,6 +58,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import code_gpt2  # noqa: E402
 import text_sources  # noqa: E402
+from results_io import RESULTS, save  # noqa: E402
 from tiny_llama import train_tiny_llama  # noqa: E402
 
 from hf_performer.conversion import CalibrationConfig, convert  # noqa: E402
@@ -68,7 +69,6 @@ from hf_performer.conversion.positions import max_tokens  # noqa: E402
 from hf_performer.conversion.report import load_converted  # noqa: E402
 from hf_performer.conversion.source import inspect_source, load_model  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
 # calibration text per model: never the evaluation text, and for the small Llama (trained on the documentation's
 # train topics) another domain than its own, as a user who converts a model with the text at hand
 CALIBRATION_SOURCES = {"minilm": "pydoc-train", "gpt2": "pydoc-train", "llama": "licenses"}
@@ -128,7 +128,8 @@ def run_model(name: str, source: str, work: Path, calibration_text: Path, source
                       progress=not args.no_progress)
     out["zero_shot"] = {"convert_s": round(time.perf_counter() - t, 1), "statistics": summary["statistics"],
                         **evaluate(zs, teacher, cells, not args.no_progress, errors_cell)}
-    given = {k: v for k, v in (("steps", args.calibration_steps), ("max_time_s", args.max_time)) if v is not None}
+    given = {k: v for k, v in (("steps", args.calibration_steps), ("max_time_s", args.max_time), ("lr", args.lr),
+                               ("output_weight", args.output_weight)) if v is not None}
     cal = CalibrationConfig(**given)  # the CLI's defaults otherwise
     cdir = work / f"{name}-calibrated"
     t = time.perf_counter()
@@ -155,8 +156,10 @@ def _f(x, d=3):
 def _calibration_line(c: dict) -> str:
     budget = f"{c['time_limit_s']:.0f} s budget" if c.get("time_limit_s") else "no time budget"
     best = "kept the starting state (no held-out gain)" if c.get("reverted") else f"best held-out state: step {c.get('best_step')}"
+    cfg = c.get("config") or {}
+    loss = f"; lr {cfg['lr']:g}, output-loss weight {cfg['output_weight']:g}" if "lr" in cfg and "output_weight" in cfg else ""
     return (f"calibrated: {c['steps_done']} steps in {c['wall_s']:.0f} s ({budget}; {c.get('stopped_early') or 'ran all steps'}; "
-            f"{best})")
+            f"{best}{loss})")
 
 
 def render_model(title: str, r: dict) -> list[str]:
@@ -232,6 +235,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calibration-steps", type=int, help="(default: none, the time budget decides)")
     p.add_argument("--max-time", type=float, help="calibration budget per model in s (default: the CLI's, 600)")
+    p.add_argument("--lr", type=float, help="calibration learning rate (default: the CLI's)")
+    p.add_argument("--output-weight", type=float, help="weight of the output loss in calibration (default: the CLI's, 0; "
+                   "causal models: KL of the logits to the original's)")
     p.add_argument("--lengths", type=int, nargs="+", default=[128, 512], help="evaluation lengths (tokens)")
     p.add_argument("--max-sequences", type=int, default=64, help="evaluation sequences per source and length")
     p.add_argument("--gpt2-steps", type=int, default=code_gpt2.DEFAULTS["steps"], help="training steps of the code GPT-2")
@@ -285,18 +291,9 @@ def main(argv=None) -> int:
                 source, extra = str(work / "tiny-llama"), {"training": training}
             sources = {s: texts[s] for s in EVAL_SOURCES[model]}
             doc[model] = {**run_model(model, source, work, calibration_text, sources, args), **extra, "args": vars(args)}
-            save(doc, name)
+            save(doc, name, render)
     print(render(doc))
     return 0
-
-
-def save(doc: dict, name: str) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".json", json.dumps(doc, indent=1)), (".md", render(doc))):
-        path = RESULTS / (name + suffix)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import text_sources  # noqa: E402
+from results_io import RESULTS, save  # noqa: E402
 
 import hf_performer.attention as attention_module  # noqa: E402
 from hf_performer.attention import FavorAttention  # noqa: E402
@@ -55,7 +56,6 @@ from hf_performer.conversion.report import load_converted  # noqa: E402
 from hf_performer.conversion.source import inspect_source, load_model  # noqa: E402
 from hf_performer.features import LOG_2PI, derive_seed, gaussian_rows  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
 EVAL = ("licenses", "code", "pydoc-eval")
 
 
@@ -180,6 +180,8 @@ IDEAS = [  # name, what it is, performer settings, patch (context manager factor
     ("m1024", "4x the rows (nb_features=1024)", {"nb_features": 1024}, None, "reference"),
     ("window4", "exact attention to the 4 nearest keys on each side (local_window=4), m = 256", {"local_window": 4},
      None, "reference"),
+    ("window16", "the same with local_window=16", {"local_window": 16}, None, "reference"),
+    ("window32", "the same with local_window=32", {"local_window": 32}, None, "reference"),
 ]
 
 
@@ -282,7 +284,8 @@ def run_idea(idea, source, calibration_text: Path, teacher, cells: dict, work: P
 def render(doc: dict) -> str:
     m = doc["machine"]
     lines = ["# Estimator ideas for pure FAVOR+ (statistics step only, MiniLM, 512 tokens)", "",
-             f"{m['date']}, torch {m['torch']}, {m['threads']} thread(s), load average at start {m['load']}. "
+             f"{m['date']}, torch {m['torch']}, {m['threads']} thread(s), load average at start {m['load']}"
+             + (f" (rows added {m['rerun']['date']})" if m.get("rerun") else "") + ". "
              f"{doc['sequences']} sequences of 512 tokens per text; nb_features = 256 unless the row says otherwise. "
              "Calibration (statistics step) on the pydoc train topics; no training.", "",
              "| idea | what | kept | " + " | ".join(f"{c} cos / Spearman" for c in EVAL) + " | head error per layer |",
@@ -326,6 +329,13 @@ def main(argv=None) -> int:
                        "torch": torch.__version__, "threads": torch.get_num_threads(),
                        "load": [round(x, 2) for x in os.getloadavg()], "platform": platform.platform()},
            "sequences": args.sequences, "ideas": []}
+    previous = RESULTS / f"{args.output_name}.json"
+    kept = {}
+    if args.only and previous.is_file():  # rows of ideas not rerun are kept (with their own machine line)
+        old = json.loads(previous.read_text())
+        if old.get("sequences") == args.sequences:
+            kept = {r["idea"]: r for r in old["ideas"] if r["idea"] not in args.only}
+            doc["machine"] = old["machine"] | {"rerun": doc["machine"]}
     with tempfile.TemporaryDirectory(prefix="estimator-ideas-") as tmp:
         calibration_text = Path(tmp) / "calibration.txt"
         calibration_text.write_text("\n\n".join(texts["pydoc-train"]) + "\n")
@@ -333,21 +343,13 @@ def main(argv=None) -> int:
             if args.only and idea[0] not in args.only:
                 continue
             r = run_idea(idea, source, calibration_text, teacher, cells, Path(tmp))
-            doc["ideas"].append(r)
+            kept[r["idea"]] = r
+            doc["ideas"] = [kept[i[0]] for i in IDEAS if i[0] in kept]
             print(f"{r['idea']}: " + ", ".join(f"{c} {v['cosine']:.3f}/{v['spearman']:.3f}" for c, v in r["cells"].items())
                   + f" ({r['wall_s']} s)", flush=True)
-            save(doc, args.output_name)
+            save(doc, args.output_name, render)
     print(render(doc))
     return 0
-
-
-def save(doc: dict, name: str) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".json", json.dumps(doc, indent=1)), (".md", render(doc))):
-        path = RESULTS / (name + suffix)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
 
 
 if __name__ == "__main__":
