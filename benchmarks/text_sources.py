@@ -83,7 +83,7 @@ def load(name: str) -> list[str]:
     raise KeyError(f"unknown text source {name!r}: expected pydoc-train, pydoc-eval, licenses or code")
 
 
-DOMAINS = {"pydoc-train": "Python documentation (calibration)", "pydoc-eval": "Python documentation, held-out topics",
+DOMAINS = {"pydoc-train": "Python documentation, train topics", "pydoc-eval": "Python documentation, held-out topics",
            "licenses": "legal: licenses of installed packages", "code": "Python source code (held-out stdlib files)"}
 
 
