@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -67,7 +68,7 @@ def proposal(choose_components, antithetic: bool = False, width: float = 1.0):
     N(c, width^2 I) over the components, so the estimator stays unbiased and positive for any choice.
     ``antithetic``: half the rows reuse the other half's components with negated noise."""
 
-    def draw(centers, nb_rows, *, width_unused=None, seed, layer_id, draw, **_):
+    def draw(centers, nb_rows, *, seed, layer_id, draw, **_):  # (the library's width argument: unused)
         centers = centers.to(torch.float64).cpu()
         H, n, d = centers.shape
         gen = torch.Generator(device="cpu").manual_seed(derive_seed(seed, layer_id, draw, ":aligned"))
@@ -113,16 +114,6 @@ def kmeans(centers, rows, gen, iterations: int = 15):
 
 
 @contextlib.contextmanager
-def patched(obj, name, value):
-    old = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, old)
-
-
-@contextlib.contextmanager
 def exact_sinks(last: bool):
     """Exact attention to the first key (and the last real key) of every sequence, FAVOR+ features for the rest,
     one normaliser (as the local window does for near keys). Computed here in float64 with explicit features."""
@@ -149,12 +140,12 @@ def exact_sinks(last: bool):
         ex = torch.exp(fmap.transform(qd, True) @ fmap.transform(ks, False).transpose(-1, -2))  # [B, H, L, S]
         return ((num + ex @ vs) / (den + ex.sum(-1, keepdim=True))).to(v.dtype)
 
-    with patched(FavorAttention, "forward", forward):
+    with mock.patch.object(FavorAttention, "forward", forward):
         yield
 
 
 def draw_with(draw):
-    return lambda: patched(attention_module, "draw_aligned_projection", draw)
+    return lambda: mock.patch.object(attention_module, "draw_aligned_projection", draw)
 
 
 IDEAS = [  # name, what it is, performer settings, patch (context manager factory) or None, kept

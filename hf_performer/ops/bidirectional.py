@@ -82,11 +82,11 @@ def _segment_sums(k, v, fmap: FeatureMap, mask, seg: int, size: int):
     return sum(S_j * f for S_j, f in zip(sums, factors)), c
 
 
-def _segmented(q, k, v, fmap: FeatureMap, mask, seg: int):
+def _segmented(q, k, v, fmap: FeatureMap, mask, seg: int, size: int):
     """_bidirectional over key and query segments of ``seg`` positions (a CPU and a long input, see
     ``common.cpu_segment``): the sums over all keys first (``_segment_sums``), then each query segment; each
-    segment is recomputed in the backward on its own."""
-    size = k.shape[0] * k.shape[1] * max(q.shape[2], k.shape[2]) * fmap.nb_features  # the whole op decides
+    segment is recomputed in the backward on its own. ``size``: B·H·L·m of the whole op, which decides whether to
+    recompute."""
     S, c = _segment_sums(k, v, fmap, mask, seg, size)
     outs = [maybe_checkpoint(lambda q, S: _attention(q, S, c, fmap), q[:, :, a : a + seg], S, size=size)
             for a in range(0, q.shape[2], seg)]
@@ -186,7 +186,7 @@ def favor_bidirectional(
         elif fmap.exponential:  # hand-written backward
             out = _PositiveBidirectional.apply(*args, fmap, key_padding_mask, seg)
         elif seg:  # a CPU and a long input: segment by segment (see common.cpu_segment)
-            out = _segmented(*args, fmap, key_padding_mask, seg)
+            out = _segmented(*args, fmap, key_padding_mask, seg, size)
         else:
             out = _bidirectional(*args, fmap, key_padding_mask, size)
     return out.to(v.dtype)
