@@ -52,10 +52,10 @@ REF_SPREAD = 20.0  # at most this far (in log units) below the chunk's first key
 
 def in_chunk_decay(U: torch.Tensor) -> torch.Tensor:
     """D [B, H, n, C, C] with D[t, s] = e^{U_s - U_t} for s <= t, else 0, from the in-chunk bounds U [B, H, n, C]
-    (the factor that turns the products of the bounded in-chunk features into the intra-chunk matrix)."""
-    C = U.shape[-1]
-    tril = torch.ones(C, C, dtype=torch.bool, device=U.device).tril()
-    return torch.where(tril, torch.exp((U[..., None, :] - U[..., :, None]).clamp_max(0)), 0.0)
+    (non-decreasing along C; the factor that turns the products of the bounded in-chunk features into the intra-chunk matrix)."""
+    # U is non-decreasing along the chunk (a cummax), so U_s - U_t <= 0 on and below the diagonal; above it the
+    # exponential may overflow to inf, which tril_ overwrites with 0 (no arithmetic touches it)
+    return torch.exp(U[..., None, :] - U[..., :, None]).tril_()
 
 
 def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: FavorState | None,
@@ -130,7 +130,7 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
         S0 = torch.cat([state.S, state.z[..., None]], -1)
         prefix = prefix + S0[:, :, None] * torch.exp(c0[:, :, None] - ref)[..., None]
 
-    A = (phi_q @ phi_k.transpose(-1, -2)) * decay  # [B, H, n, C, C]
+    A = (phi_q @ phi_k.transpose(-1, -2)).mul_(decay)  # [B, H, n, C, C]
     total = (phi_q @ prefix) * e_u + A @ v1  # [B, H, n, C, dv + 1]
     num, den = total[..., :-1].flatten(2, 3), total[..., -1].flatten(2, 3)  # [B, H, nC, ·]
     if w:
@@ -153,7 +153,7 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
     else:
         out = num / safe_den(den)[..., None]
     if internals is not None:  # constants of the estimator and the sums the backward reads (no feature tensor)
-        internals.update(ref=ref, M=M, U=U, r=r, prefix=prefix, den=safe_den(den)[:, :, :T], C=C)
+        internals.update(ref=ref, M=M, U=U, r=r, prefix=prefix, den=safe_den(den)[:, :, :T], C=C, A=A, decay=decay)
     # the state after the last chunk, relative to the running maximum M_n (K_{n-1} already is); c_{n-1} <= M_n
     # except where no real key was seen at all (c = 0 > M = -big, and the sums are 0)
     final = prefix[:, :, -1] * torch.exp((ref[:, :, -1] - M[:, :, -1]).clamp_max(0))[..., None] + K[:, :, -1]

@@ -1,7 +1,8 @@
 """Hand-written backward of causal FAVOR attention (positive kernels, no local window), in the chunk-parallel shape
 of ``causal._causal``: the forward keeps q, k, v, the output, its normaliser, the stabilisers (ref, M, U, r) and
-the inter-chunk states P [B, H, n, m, dv + 1]; the backward recomputes the features once and runs a fixed number of
-batched ops, with no second pass through the forward.
+the inter-chunk states P [B, H, n, m, dv + 1], the intra-chunk matrices A and their decay D [B, H, n, C, C] (together
+the size of one [L, m] feature tensor at C = 128: traded for a second Q K^T product); the backward computes the
+query and key logits once each and runs a fixed number of batched ops, with no second pass through the forward.
 
 Per chunk i (notation of ``causal``; G = [g / den, -(g . out) / den] [C, dv + 1], e_u = e^{-U}):
 
@@ -21,13 +22,14 @@ from __future__ import annotations
 import torch
 
 from ..features import FeatureMap
-from .causal import _causal, in_chunk_decay
+from .causal import _causal
 from .common import FavorState, masked_exp_, pad_len, with_ones
 from .scan import exclusive_prefix
 
 
-def _reverse_prefix(dP, d_final, ref, M):
-    """(dK [B,H,n,m,e], dS_0 [B,H,m,e]): the transpose of the forward's inter-chunk states.
+def _reverse_prefix(dP, d_final, ref, M, with_state: bool):
+    """(dK [B,H,n,m,e], dS_0 [B,H,m,e] or None unless ``with_state``): the transpose of the forward's inter-chunk
+    states.
 
     dP [B,H,n,m,e] the gradients of P_i, d_final [B,H,m,e] (or None) that of the returned state; ref [B,H,n,m']
     the chunk references, M [B,H,n+1,m'] the running maxima (M_0 = c_0, the incoming state's).
@@ -37,10 +39,11 @@ def _reverse_prefix(dP, d_final, ref, M):
     (weights <= 1, since ref_i >= M_{j+1} for i > j)."""
     c0, Mn = M[:, :, :1], M[:, :, -1:]  # [B, H, 1, m']
     dK = exclusive_prefix(dP, -ref, -M[:, :, 1:], reverse=True)
-    dS0 = (dP * torch.exp((c0 - ref).clamp_max(0))[..., None]).sum(2)
+    dS0 = (dP * torch.exp((c0 - ref).clamp_max(0))[..., None]).sum(2) if with_state else None
     if d_final is not None:
         dK += d_final[:, :, None] * torch.exp((M[:, :, 1:] - Mn).clamp_max(0))[..., None]
-        dS0 += d_final * torch.exp((c0 - Mn).clamp_max(0))[:, :, 0, :, None]
+        if with_state:
+            dS0 += d_final * torch.exp((c0 - Mn).clamp_max(0))[:, :, 0, :, None]
     return dK, dS0
 
 
@@ -57,7 +60,8 @@ class PositiveCausal(torch.autograd.Function):
         internals = {}
         out, new = _causal(q, k, v, fmap, mask, chunk, 0, state, internals)
         i = internals
-        ctx.save_for_backward(q, k, v, mask, out, i["den"], i["prefix"], i["ref"], i["M"], i["U"], i["r"])
+        ctx.save_for_backward(q, k, v, mask, out, i["den"], i["prefix"], i["ref"], i["M"], i["U"], i["r"], i["A"],
+                              i["decay"])
         ctx.fmap, ctx.C, ctx.has_state = fmap, i["C"], state is not None
         ctx.mark_non_differentiable(new.c)
         ctx.set_materialize_grads(False)
@@ -65,7 +69,7 @@ class PositiveCausal(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_out, g_S, g_z, _g_c):
-        q, k, v, mask, out, den, prefix, ref, M, U, r = ctx.saved_tensors
+        q, k, v, mask, out, den, prefix, ref, M, U, r, A, decay = ctx.saved_tensors
         fmap, C = ctx.fmap, ctx.C
         B, H, T, dv = v.shape
         n = -(-T // C)
@@ -77,12 +81,7 @@ class PositiveCausal(torch.autograd.Function):
         else:
             real = torch.ones(B, T, dtype=torch.bool, device=q.device) if mask is None else mask
             keep = pad_len(real, 0, P, value=False).unflatten(1, (n, C))[:, None, :, :, None]
-        ref_c = ref[:, :, :, None]  # [B, H, n, 1, m']
         cut = lambda x: x.flatten(2, 3)[:, :, :T]  # [B, H, n, C, ·] -> [B, H, T, ·]
-        # the order keeps at most ~6 [B, H, L, m] tensors alive: queries first, then keys, then the scan's transpose
-        phi_k = masked_exp_(chunked(fmap(k)[0]).sub_(ref_c).sub_(U[..., None]), keep)  # [B, H, n, C, m]
-        phi_q = chunked(fmap(q, query=True)[0]).add_(ref_c).sub_(r).exp_()
-        decay = in_chunk_decay(U)  # [B, H, n, C, C]
         v1 = with_ones(chunked(v))  # [B, H, n, C, dv + 1]
         if g_out is None:
             G = torch.zeros_like(v1)
@@ -90,26 +89,32 @@ class PositiveCausal(torch.autograd.Function):
             g_num = g_out.to(out.dtype) / den[..., None]  # [B, H, T, dv]
             G = chunked(torch.cat([g_num, -(g_num * out).sum(-1, keepdim=True)], -1))  # [B, H, n, C, dv + 1]
         Gp = G * torch.exp(-U)[..., None]
-        dB = (G @ v1.transpose(-1, -2)).mul_(decay)  # [B, H, n, C, C]
-        dV1 = ((phi_q @ phi_k.transpose(-1, -2)).mul_(decay)).transpose(-1, -2) @ G  # A^T G
-        dphi_q = dB @ phi_k  # [B, H, n, C, m], plus (e_u G) P_i^T in place:
-        dphi_q.flatten(0, 2).baddbmm_(Gp.flatten(0, 2), prefix.transpose(-1, -2).flatten(0, 2))
-        dq = fmap.logits_vjp(q, cut(dphi_q.mul_(phi_q)), query=True)
-        del dphi_q
+        # the inter-chunk part first (small tensors): dP, then its transpose through the scan
+        phi_q = chunked(fmap(q, query=True)[0]).add_(ref[:, :, :, None]).sub_(r).exp_()  # [B, H, n, C, m]
         dP = phi_q.transpose(-1, -2) @ Gp  # [B, H, n, m, dv + 1]
-        dlk = (dB.transpose(-1, -2) @ phi_q).mul_(phi_k)  # dphi~(K) * phi~(K): [B, H, n, C, m]
-        del dB, Gp, phi_q, phi_k
-
         d_final = None
         if g_S is not None or g_z is not None:
             zS = torch.zeros_like(prefix[:, :, 0, :, :-1]) if g_S is None else g_S.to(prefix.dtype)
             zz = torch.zeros_like(prefix[:, :, 0, :, -1]) if g_z is None else g_z.to(prefix.dtype)
             d_final = torch.cat([zS, zz[..., None]], -1)  # [B, H, m, dv + 1]
-        dK, dS0 = _reverse_prefix(dP, d_final, ref, M)
+        dK, dS0 = _reverse_prefix(dP, d_final, ref, M, ctx.has_state)
         del dP
-        kf = masked_exp_(chunked(fmap(k)[0]).sub_(M[:, :, 1:, None]), keep)  # keys relative to the running max
-        dV1 += kf @ dK
+        # the keys' logits once: relative to the running maximum (kf, the chunk summaries' features) and to the
+        # chunk's reference and in-chunk bound (phi~(K)); at most ~5 [B, H, L, m] tensors alive from here on
+        lk = chunked(fmap(k)[0])  # [B, H, n, C, m]
+        kf = masked_exp_(lk - M[:, :, 1:, None], keep)
+        phi_k = masked_exp_(lk.sub_(ref[:, :, :, None]).sub_(U[..., None]), keep)
+        del lk
+        dB = (G @ v1.transpose(-1, -2)).mul_(decay)  # [B, H, n, C, C]
+        dphi_q = dB @ phi_k  # [B, H, n, C, m], plus (e_u G) P_i^T in place:
+        dphi_q.flatten(0, 2).baddbmm_(Gp.flatten(0, 2), prefix.transpose(-1, -2).flatten(0, 2))
+        dq = fmap.logits_vjp(q, cut(dphi_q.mul_(phi_q)), query=True)
+        del dphi_q, Gp
+        dlk = (dB.transpose(-1, -2) @ phi_q).mul_(phi_k)  # dphi~(K) * phi~(K): [B, H, n, C, m]
+        del dB, phi_q, phi_k
         dlk += (v1 @ dK.transpose(-1, -2)).mul_(kf)
+        dV1 = A.transpose(-1, -2) @ G  # A^T G (A and D kept by the forward: [n, C, C], no second Q K^T)
+        dV1 += kf @ dK
         del kf, dK
         dk = fmap.logits_vjp(k, cut(dlk))
         dv_ = cut(dV1[..., :-1])

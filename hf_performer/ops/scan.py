@@ -13,8 +13,10 @@ It is computed in two levels (the chunked layout of flash-linear-attention, with
 * inside groups of up to G consecutive chunks, as one batched matmul per feature with the weights
   e^{c_j - t_i} <= 1 (a [G, G] triangular matrix per group and feature: n·G·m' weights in all, a G/C fraction of
   one [L, m] feature tensor);
-* across groups, from the group totals by a Hillis-Steele scan with (+): ceil(log2(n / G)) steps of a fixed
-  number of ops on [n / G, m, dv + 1] tensors (none at all up to G chunks).
+* across groups, from the group totals (one extra row of the same matmul's weights: each group's sum relative to its
+  largest c) by a Hillis-Steele scan with (+): ceil(log2(n / G)) steps of a fixed number of ops on
+  [n / G, m, dv + 1] tensors (none at all up to G chunks); the state entering each group reaches its chunks as one
+  rank-1 update per group and feature, in place (no full-size temporaries).
 Everything is linear in K with constant weights (the stabilisers cancel in the attention output), so the
 backward is autograd's transpose of the same ops. No Python loop over chunks or tokens.
 """
@@ -71,23 +73,25 @@ def exclusive_prefix(K: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, gr
         c = F.pad(c, (0, 0, 0, pad), value=neg_big(c.dtype))
         targets = F.pad(targets, (0, 0, 0, pad), value=-neg_big(c.dtype))
     lead = K.shape[:-3]
-    Kg = K.unflatten(-3, (ng, G)).movedim(-2, -3)  # [..., ng, m, G, e]
+    Kg = K.unflatten(-3, (ng, G)).movedim(-2, -3)  # [..., ng, m, G, e] (a view)
     cg, tg = c.unflatten(-2, (ng, G)).transpose(-1, -2), targets.unflatten(-2, (ng, G)).transpose(-1, -2)
     with torch.no_grad():  # cg, tg: [..., ng, m', G]
         ones = torch.ones(G, G, dtype=torch.bool, device=K.device)
         reach = ones.triu(1) if reverse else ones.tril(-1)  # [i, j]: j after i (reverse) / before i
         w = torch.exp((cg[..., None, :] - tg[..., :, None]).clamp_max(0))  # [..., ng, m', G(i), G(j)]
         w = w.masked_fill_(~reach, 0.0)
-    local = w @ Kg  # [..., ng, m, G, e]: the chunks of the same group that reach each one
+        if ng > 1:  # one more row: each group's total relative to its reference (its largest c)
+            ref = cg.amax(-1)  # [..., ng, m']
+            w = torch.cat([w, torch.exp(cg - ref[..., None])[..., None, :]], -2)  # [..., ng, m', G + 1, G]
+    local = w @ Kg  # [..., ng, m, G (+ 1), e]: the chunks of the same group that reach each one (and the total)
     if ng > 1:
-        with torch.no_grad():
-            ref = cg.amax(-1)  # [..., ng, m'] each group's reference (its largest)
-            to_ref = torch.exp(cg - ref[..., None])[..., None, :]  # [..., ng, m', 1, G]
-        totals = (to_ref @ Kg).squeeze(-2)  # [..., ng, m, e] each group's sum relative to its reference
-        inclusive, inc_ref = _scan(totals, ref, reverse)
+        inclusive, inc_ref = _scan(local[..., G, :], ref, reverse)  # [..., ng, m, e]
         into = _shift(inclusive, 1, -3, reverse)  # the groups before g (after g when reverse)
         into_ref = _shift(inc_ref, 1, -2, reverse, value=neg_big(c.dtype))
         with torch.no_grad():
-            scale = torch.exp(into_ref[..., None] - tg)[..., None]  # [..., ng, m', G, 1]
-        local = local + into[..., None, :] * scale
-    return local.movedim(-3, -2).reshape(*lead, ng * G, m, e)[..., :n, :, :]
+            scale = torch.exp(into_ref[..., None] - tg).expand(*lead, ng, m, G)  # [..., ng, m, G]
+        # local += scale (x) into, as one rank-1 update per (group, feature) in place (no full-size temporaries)
+        local = local[..., :G, :]
+        local.view(-1, G, e).baddbmm_(scale.reshape(-1, G, 1), into.reshape(-1, 1, e))
+    # contiguous once here, not in each consumer's matmul (with one group reshape alone would return a view)
+    return local.movedim(-3, -2).reshape(*lead, ng * G, m, e)[..., :n, :, :].contiguous()
