@@ -32,6 +32,7 @@ import json, sys, time, torch
 import torch.nn.functional as F
 from hf_performer import FavorAttention, PerformerConfig
 L, window, causal, sdpa = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4] == "1"
+calls = int(sys.argv[5])
 torch.manual_seed(0)
 q, k, v = (torch.randn(1, 8, L, 64) for _ in range(3))
 att = FavorAttention(64, PerformerConfig(nb_features=256, local_window=window), num_heads=8)
@@ -42,7 +43,7 @@ out = {}
 for name, bwd in (("fwd", False), ("fwd+bwd", True)):
     x = [t.clone().requires_grad_(bwd) for t in (q, k, v)]
     times = []
-    for _ in range(3):  # the first call warms up
+    for _ in range(calls + 1):  # the first call warms up
         t0 = time.perf_counter()
         if bwd:
             o = fn(*x)
@@ -56,9 +57,9 @@ print(json.dumps(out))
 """
 
 
-def run_worker(tree: Path, L: int, window: int, causal: bool, sdpa: bool) -> dict:
+def run_worker(tree: Path, L: int, window: int, causal: bool, sdpa: bool, calls: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    args = [sys.executable, "-c", WORKER, str(L), str(window), "1" if causal else "0", "1" if sdpa else "0"]
+    args = [sys.executable, "-c", WORKER, str(L), str(window), "1" if causal else "0", "1" if sdpa else "0", str(calls)]
     done = subprocess.run(args, cwd=tree, env=env, capture_output=True, text=True, timeout=1800)
     if done.returncode:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
@@ -68,7 +69,8 @@ def run_worker(tree: Path, L: int, window: int, causal: bool, sdpa: bool) -> dic
 def render(doc: dict) -> str:
     lines = [f"# Side by side: FAVOR+ at {doc['head']} vs {doc['base']} vs SDPA (CPU)", "",
              f"{doc['machine']}; {doc['threads']} threads; load average {doc['loadavg']:.1f} at start; "
-             f"median of {doc['repeats']} interleaved processes, ms (each the best of 2 calls after a warm-up).", ""]
+             f"median of {doc['repeats']} interleaved processes, ms (each the best of {doc.get('calls', 2)} calls after a "
+             "warm-up).", ""]
     for mode in ("bidirectional", "causal"):
         for window in doc["windows"]:
             lines += [f"**{mode}, local_window={window}**", "",
@@ -91,6 +93,7 @@ def main(argv=None) -> int:
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     p.add_argument("--windows", type=int, nargs="+", default=[0, 4], help="local_window values")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--calls", type=int, default=5, help="timed calls per process after a warm-up (the best counts)")
     p.add_argument("--name", default="side-by-side", help="output file stem in benchmarks/results/")
     args = p.parse_args(argv)
     base = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=ROOT, capture_output=True, text=True,
@@ -99,7 +102,8 @@ def main(argv=None) -> int:
                           check=True).stdout.strip()
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                                 capture_output=True, text=True).stdout.strip())
-    doc = {"base": base, "head": head + ("+dirty" if dirty else ""), "repeats": args.repeats, "windows": args.windows,
+    doc = {"base": base, "head": head + ("+dirty" if dirty else ""), "repeats": args.repeats, "calls": args.calls,
+           "windows": args.windows,
            "machine": os.uname().machine, "threads": os.environ.get("OMP_NUM_THREADS", "2"),
            "loadavg": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": []}
     with tempfile.TemporaryDirectory(prefix="hfp-base-") as tmp:
@@ -114,7 +118,7 @@ def main(argv=None) -> int:
                                                     ("now", ROOT, False)):
                                 if key == "sdpa" and window:
                                     continue
-                                cells[key].append(run_worker(tree, L, window, mode == "causal", sdpa))
+                                cells[key].append(run_worker(tree, L, window, mode == "causal", sdpa, args.calls))
                         for pass_ in ("fwd", "fwd+bwd"):
                             row = {"L": L, "mode": mode, "window": window, "pass": pass_}
                             for key, runs in cells.items():

@@ -95,7 +95,7 @@ def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return x.reshape(-1, block, x.shape[-1])[:-1]
 
 
-def _spans(y: torch.Tensor, block: int, window: int) -> torch.Tensor:
+def _key_spans(y: torch.Tensor, block: int, window: int) -> torch.Tensor:
     """[B, H, P, C] -> the key span of every block but the last, [B·H·P/block - 1, block + 2w, C]: an overlapping
     view of y (copied first only when y is not contiguous); needs 2w <= block (``window_block``)."""
     C = y.shape[-1]  # overlapping windows of the flattened rows, block rows apart (unfold: a view, no copy)
@@ -120,7 +120,7 @@ def _block_products(a: torch.Tensor, b: torch.Tensor, shape, into: torch.Tensor 
 def near(x: torch.Tensor, y: torch.Tensor, block: int, window: int) -> torch.Tensor:
     """x_i . y_{i+j} for every query row i and j = 0 .. 2w (key position i - w + j): [B, H, P, 2w + 1], from one
     batched product of each block with its key span ([block, C] @ [C, block + 2w]), nothing L x L."""
-    products = torch.bmm(_blocks(x, block), _spans(y, block, window).transpose(1, 2))
+    products = torch.bmm(_blocks(x, block), _key_spans(y, block, window).transpose(1, 2))
     return _unblock(band(products, 2 * window + 1), x)
 
 
@@ -131,7 +131,7 @@ def band_apply(coef: torch.Tensor, y: torch.Tensor, block: int, window: int, out
     content is not needed any more: no fresh allocation)."""
     span = block + 2 * window
     c = unband(_blocks(coef, block), span)  # [n, block, block + 2w]
-    ys = _spans(y, block, window)
+    ys = _key_spans(y, block, window)
     if out is None:
         return _block_products(c, ys, y.shape, into)
     _blocks(out, block).baddbmm_(c, ys)
