@@ -27,9 +27,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
-import random
 import shutil
 import sys
 import sysconfig
@@ -39,7 +37,9 @@ from pathlib import Path
 
 import torch
 import transformers as tf
-from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny_gpt2 import train_lm  # noqa: E402
 
 EOS = "<|endoftext|>"
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3", "ensurepip",
@@ -126,40 +126,15 @@ def train(out_dir: Path, settings: dict, progress: bool = True, device: str = "c
     config = tf.GPT2Config(vocab_size=len(tok), n_positions=s["n_positions"], n_embd=s["n_embd"], n_layer=s["n_layer"],
                            n_head=s["n_head"], bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
                            pad_token_id=tok.eos_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    model = tf.GPT2LMHeadModel(config).to(device)
-    model.train()
-    steps = s["steps"]
-    opt = torch.optim.AdamW(model.parameters(), lr=s["lr"], weight_decay=0.1, betas=(0.9, 0.95))
-    warmup = max(1, steps // 25)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, i / steps))))
-    rng = random.Random(s["seed"])
-    order: list[int] = []
-    losses = []
-    t1 = time.perf_counter()
-    for _ in tqdm(range(steps), desc="train code GPT-2", disable=not progress):
-        if len(order) < s["batch_size"]:
-            order += rng.sample(range(len(windows)), len(windows))
-        idx, order = order[: s["batch_size"]], order[s["batch_size"]:]
-        batch = windows[idx].to(device)
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    model.eval().to("cpu")
-    model.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    return {"settings": s, "train_files": len(texts), "train_tokens": int(windows.numel()),
-            "epochs": round(steps * s["batch_size"] / len(windows), 2),
-            "parameters": sum(p.numel() for p in model.parameters()), "tokenizer_and_data_s": round(tokenizer_s, 1),
-            "train_s": round(time.perf_counter() - t1, 1), "threads": torch.get_num_threads(),
+    info = train_lm(tf.GPT2LMHeadModel, config, tok, windows, out_dir, steps=s["steps"], batch_size=s["batch_size"],
+                    lr=s["lr"], seed=s["seed"], progress=progress, desc="train code GPT-2", warmup_div=25, device=device)
+    return {"settings": s, "train_files": len(texts), "train_tokens": info["train_tokens"],
+            "epochs": round(s["steps"] * s["batch_size"] / len(windows), 2),
+            "parameters": info["parameters"], "tokenizer_and_data_s": round(tokenizer_s, 1),
+            "train_s": round(info["wall_s"], 1), "threads": torch.get_num_threads(),
             "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)",
             "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": tf.__version__},
-            "final_train_loss": sum(losses[-50:]) / min(50, len(losses)),
-            "loss_curve": [round(sum(losses[i:i + 50]) / len(losses[i:i + 50]), 4) for i in range(0, len(losses), 50)]}
+            "final_train_loss": info["final_train_loss"], "loss_curve": info["loss_curve"]}
 
 
 def load_or_train(progress: bool = True, device: str = "cpu", **overrides) -> tuple[Path, dict]:

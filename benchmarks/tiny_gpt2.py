@@ -86,13 +86,16 @@ def train_tiny_gpt2(out_dir: str | Path, steps: int = 1000, batch_size: int = 8,
 
 
 def train_lm(model_cls, config, tok, windows: torch.Tensor, out_dir: str | Path, steps: int, batch_size: int, lr: float,
-             seed: int, progress: bool, desc: str) -> dict:
-    """Train ``model_cls(config)`` on random packed windows (AdamW, warm-up + cosine), save it with ``tok``."""
+             seed: int, progress: bool, desc: str, warmup_div: int = 20, device: str = "cpu") -> dict:
+    """Train ``model_cls(config)`` on random packed windows [N, length] (AdamW, weight decay 0.1, a linear warm-up
+    over steps // warmup_div steps, then cosine decay; each epoch in a fresh seeded order), save it with ``tok``
+    (on the CPU) in ``out_dir``. Returns steps, train tokens, the mean loss of the last 50 steps, a loss curve
+    (means of 50-step spans), wall seconds and the parameter count."""
     torch.manual_seed(seed)
-    model = model_cls(config)
+    model = model_cls(config).to(device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
-    warmup = max(1, steps // 20)
+    warmup = max(1, steps // warmup_div)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     rng = random.Random(seed)
@@ -103,7 +106,7 @@ def train_lm(model_cls, config, tok, windows: torch.Tensor, out_dir: str | Path,
         if len(order) < batch_size:
             order += rng.sample(range(len(windows)), len(windows))
         idx, order = order[:batch_size], order[batch_size:]
-        batch = windows[idx]
+        batch = windows[idx].to(device)
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -111,11 +114,12 @@ def train_lm(model_cls, config, tok, windows: torch.Tensor, out_dir: str | Path,
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    model.eval()
+    model.eval().to("cpu")
     out = Path(out_dir)
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    return {"steps": steps, "train_tokens": int(windows.numel()), "final_train_loss": sum(losses[-20:]) / min(20, len(losses)),
+    return {"steps": steps, "train_tokens": int(windows.numel()), "final_train_loss": sum(losses[-50:]) / min(50, len(losses)),
+            "loss_curve": [round(sum(losses[i:i + 50]) / len(losses[i:i + 50]), 4) for i in range(0, len(losses), 50)],
             "wall_s": time.perf_counter() - t0, "parameters": sum(p.numel() for p in model.parameters())}
 
 
