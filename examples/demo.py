@@ -54,6 +54,8 @@ tf.utils.logging.set_verbosity_error()  # at import: the measuring processes (sp
 # the cost measurements convert models without the statistics step on purpose (cost does not depend on it); the
 # fine-tuned Performer is calibrated, so this hides nothing about the models whose quality the demo reports
 warnings.filterwarnings("ignore", message=r".*FAVOR\+ layers of this Performer model have no fitted statistics")
+if __name__ == "__mp_main__":  # a measuring process (spawn re-imports this file): the demo's own process said it
+    warnings.filterwarnings("ignore", message=r"Performer FAVOR\+ attention ignores attention-probability dropout")
 LABELS = ["lexical analysis", "data model", "execution model", "expressions", "simple statements",
           "compound statements", "library reference"]
 
