@@ -103,17 +103,17 @@ def load_model(auto_cls, name_or_path: str, performer_args: PerformerArguments, 
 
 
 def calibrate(model, teacher, tokenizer, texts: list[str], steps: int = 0, max_length: int = 128,
-              batch_size: int = 8, seed: int = 0) -> dict:
+              batch_size: int = 8, seed: int = 0, progress: bool = False) -> dict:
     """The conversion pipeline's statistics step (per-head FAVOR+ statistics from real text, seconds), then
-    ``steps`` of attention-transfer calibration of ``model`` towards ``teacher`` (its softmax original).
-    Returns what ran."""
+    ``steps`` of attention-transfer calibration of ``model`` towards ``teacher`` (its softmax original), with a
+    progress bar when ``progress``. Returns what ran."""
     schedule = BatchSchedule(tokenize(texts, tokenizer, max_length), batch_size, pad_id(tokenizer), seed=seed)
     batches = schedule.epoch()  # shortest first: take 8 spread over the lengths
     calibrate_model_statistics(model, batches[:: max(1, len(batches) // 8)][:8], progress=False)
     done = {"statistics": True, "transfer_steps": 0}
     if steps > 0:
         log = attention_transfer(model, teacher, schedule, CalibrationConfig(steps=steps, batch_size=batch_size,
-                                                                  max_length=max_length, seed=seed), progress=False)
+                                                                  max_length=max_length, seed=seed), progress=progress)
         done.update(transfer_steps=log["steps_done"], transfer_loss=log["history"][-1]["loss"] if log["history"] else None)
     return done
 

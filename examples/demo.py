@@ -280,9 +280,11 @@ def main(argv=None) -> int:
     teacher = copy.deepcopy(stock).eval()
     performer = hfp.convert_to_performer(copy.deepcopy(stock), PerformerConfig(
         nb_features=args.nb_features, kernel=args.kernel, seed=args.seed))
+    print(f"[demo] calibrating the Performer copy: statistics step, then {args.calibration_steps} attention-transfer "
+          "steps towards the original (a few minutes on 2 CPU cores)", flush=True)
     t = time.perf_counter()
     calibration = common.calibrate(performer, teacher, tokenizer, train_texts, steps=args.calibration_steps,
-                                   max_length=args.max_length, seed=args.seed)
+                                   max_length=args.max_length, seed=args.seed, progress=not args.quick)
     calibration_s = time.perf_counter() - t
     del teacher
     steps = calibration["transfer_steps"]
