@@ -281,7 +281,7 @@ def main(argv=None) -> int:
     performer = hfp.convert_to_performer(copy.deepcopy(stock), PerformerConfig(
         nb_features=args.nb_features, kernel=args.kernel, seed=args.seed))
     print(f"[demo] calibrating the Performer copy: statistics step, then {args.calibration_steps} attention-transfer "
-          "steps towards the original (a few minutes on 2 CPU cores)", flush=True)
+          "steps towards the original (about 30 s on 2 idle CPU cores, minutes under load)", flush=True)
     t = time.perf_counter()
     calibration = common.calibrate(performer, teacher, tokenizer, train_texts, steps=args.calibration_steps,
                                    max_length=args.max_length, seed=args.seed, progress=not args.quick)
