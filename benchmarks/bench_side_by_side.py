@@ -100,8 +100,9 @@ def main(argv=None) -> int:
                           check=True).stdout.strip()
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                           check=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                capture_output=True, text=True).stdout.strip())
+    # code changes only: a results file this script (or another benchmark) rewrote does not make the tree "dirty"
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                 ":(exclude)benchmarks/results"], cwd=ROOT, capture_output=True, text=True).stdout.strip())
     doc = {"base": base, "head": head + ("+dirty" if dirty else ""), "repeats": args.repeats, "calls": args.calls,
            "windows": args.windows,
            "machine": os.uname().machine, "threads": os.environ.get("OMP_NUM_THREADS", "2"),

@@ -152,7 +152,7 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
         out = combine_window(num, den, fav, logits, valid, apply_coef)
     else:
         out = num / safe_den(den)[..., None]
-    if internals is not None:  # constants of the estimator and the sums the backward reads (no feature tensor)
+    if internals is not None:  # what the backward reads: the estimator's constants, the sums, A and D (no [L, m] tensor)
         internals.update(ref=ref, M=M, U=U, r=r, prefix=prefix, den=safe_den(den)[:, :, :T], C=C, A=A, decay=decay)
     # the state after the last chunk, relative to the running maximum M_n (K_{n-1} already is); c_{n-1} <= M_n
     # except where no real key was seen at all (c = 0 > M = -big, and the sums are 0)
