@@ -21,8 +21,8 @@ the identity.
 Every window product is banded (``local.near``, ``band_apply``: blocks of queries against overlapping views of
 their key spans; the transposed ones through ``local.flip_band``), a fixed number of batched ops, nothing L x L.
 
-Kept for the backward: q, k, v, the mask, S, c, out, T, g and e, coef [B, H, L, 2w + 1]; the backward recomputes
-the query features once and the key features twice (with the window's neighbours, then the segment's own keys),
+Kept for the backward: q, k, v, the mask, S, c, out, T, g and e, coef [B, H, L, 2w + 1], the row maxima r [B, H, L];
+the backward recomputes the query features once (with the forward's r) and the key features twice (with the window's neighbours, then the segment's own keys),
 segment by segment. On a CPU a long input runs over segments (``common.cpu_segment``); the
 forward then holds every segment's key logits until the global stabiliser c is known, and the backward the
 window's share of every segment's key logit gradient until dS is complete (one [B, H, L, m] in all, each time;
@@ -52,18 +52,20 @@ def _pad_rows(x: torch.Tensor, before: int, P: int) -> torch.Tensor:
     return F.pad(x, (0, 0, *pad)) if x.dim() == 4 else F.pad(x, pad)
 
 
-def _query_features(fmap: FeatureMap, qt: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _query_features(fmap: FeatureMap, qt: torch.Tensor, c: torch.Tensor, r: torch.Tensor | None = None):
     """(phi~(Q) [B,H,P,m], r [B,H,P,1]) for the transformed query rows qt [B,H,P,d] and the key stabiliser c
-    (``FeatureMap.logits`` of the transformed rows: the transform, needed for the exact terms too, runs once)."""
+    (``FeatureMap.logits`` of the transformed rows: the transform, needed for the exact terms too, runs once).
+    r: the row maxima when known (the backward has the forward's), else computed."""
     x = fmap.logits(qt, query=True)[0].add_(c)
-    r = x.amax(-1, keepdim=True)
+    r = x.amax(-1, keepdim=True) if r is None else r
     return x.sub_(r).exp_(), r
 
 
-def _key_logits(fmap: FeatureMap, kt: torch.Tensor, real: torch.Tensor | None, start: int, L: int):
+def _key_logits(fmap: FeatureMap, kt: torch.Tensor, real: torch.Tensor | None, start: int, L: int, top: bool = True):
     """(Lg(K) [B,H,P,m] of the transformed key rows kt [B,H,P,d] at positions start .. start + P - 1, -big where
-    the row is not a real key, and its maximum over the rows [B,H,1,m]). real [B,P] bool: the padding mask of the
-    rows, or None (no padding: only rows outside 0 .. L - 1 are masked, by slices instead of a full-size mask)."""
+    the row is not a real key, and its maximum over the rows [B,H,1,m], or None when not ``top``: the backward
+    knows c). real [B,P] bool: the padding mask of the rows, or None (no padding: only rows outside 0 .. L - 1
+    are masked, by slices instead of a full-size mask)."""
     lk = fmap.logits(kt)[0]
     big = neg_big(lk.dtype)
     if real is not None:
@@ -74,7 +76,7 @@ def _key_logits(fmap: FeatureMap, kt: torch.Tensor, real: torch.Tensor | None, s
             lk[:, :, :before] = big
         if after:
             lk[:, :, kt.shape[2] - after :] = big
-    return lk, lk.amax(2, keepdim=True)
+    return lk, lk.amax(2, keepdim=True) if top else None
 
 
 def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -123,16 +125,16 @@ class PositiveWindow(torch.autograd.Function):
             num = band_apply(coef, rows(v, a - w, P), block, w, out=total[..., :-1] * g[..., None])
             T = safe_den(g * (total[..., -1] - fav.sum(-1)).clamp_min(0) + e.sum(-1))
             outs.append((num / T[..., None])[:, :, :n])
-            saved.append([t[:, :, :n] for t in (T, g, e, coef)])
+            saved.append([t[:, :, :n] for t in (T, g, e, coef, r[..., 0])])
         out = cat_len(outs)
-        T, g, e, coef = (cat_len([s[i] for s in saved]) for i in range(4))
-        ctx.save_for_backward(q, k, v, mask, S, c, out, T, g, e, coef)
+        T, g, e, coef, r = (cat_len([s[i] for s in saved]) for i in range(5))
+        ctx.save_for_backward(q, k, v, mask, S, c, out, T, g, e, coef, r)
         ctx.fmap, ctx.window, ctx.seg = fmap, window, seg
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, mask, S, c, out, T, g, e, coef = ctx.saved_tensors
+        q, k, v, mask, S, c, out, T, g, e, coef, r = ctx.saved_tensors
         fmap, w, seg = ctx.fmap, ctx.window, ctx.seg
         B, H, L, _ = q.shape
         block = window_block(w)
@@ -152,9 +154,11 @@ class PositiveWindow(torch.autograd.Function):
             pad = lambda x, a=a, b=b, P=P: _pad_rows(x[:, :, a:b], block, P)  # noqa: E731
             dNx, dTx, gx = pad(dN), pad(dT), pad(g)
             G = torch.cat([dNx, dTx[..., None]], -1).mul_(gx[..., None])  # [B, H, P, dv + 1], 0 off the segment
-            phi_q, _ = _query_features(fmap, qt, c)
+            # the forward's row maxima; rows outside the sequence get +big: their features are 0
+            rq = F.pad(r[:, :, max(s0, 0) : s0 + P], (max(-s0, 0), max(s0 + P - L, 0)), value=-neg_big(r.dtype))
+            phi_q, _ = _query_features(fmap, qt, c, rq[..., None])
             dS += phi_q.transpose(-1, -2) @ G
-            phi_k = _key_logits(fmap, kt, None if mask is None else rx, s0 - w, L)[0].sub_(c).exp_()
+            phi_k = _key_logits(fmap, kt, None if mask is None else rx, s0 - w, L, top=False)[0].sub_(c).exp_()
             A = near(dNx, vx, block, w).add_(dTx[..., None])  # [B, H, P, 2w + 1], 0 off the segment
             dl = A * pad(e)
             dfav = A.mul_(-gx[..., None])
@@ -172,7 +176,8 @@ class PositiveWindow(torch.autograd.Function):
         for (a, b), (kx, kt, d_logits, dkt, dvx) in zip(spans(L, seg), parts):  # keys: the FAVOR shares added
             n, s0, R = b - a, a - block, kx.shape[2] - 2 * w
             own = slice(block - w, block - w + n)  # share rows of the segment's keys
-            phi = _key_logits(fmap, kt[:, :, block + w : block + w + n], None if mask is None else mask[:, a:b], a, L)
+            phi = _key_logits(fmap, kt[:, :, block + w : block + w + n], None if mask is None else mask[:, a:b], a, L,
+                              top=False)
             phi = phi[0].sub_(c).exp_()  # the segment's key features, recomputed (one [B, H, L, m] kept, not two)
             d_logits[:, :, own].addcmul_(with_ones(v[:, :, a:b]) @ dSt, phi)  # ([v, 1] dS^T) * phi~(K)
             _add_product(dvx[:, :, own], phi, dSv)

@@ -66,7 +66,7 @@ def window_block(window: int) -> int:
     """Queries per block of the bidirectional window: a multiple of 8, at least 16 and at least 2w, so that the w keys
     on either side of a block lie within its span [block + 2w keys] and the spans of neighbouring blocks overlap
     by 2w <= block rows only."""
-    return max(16, -(-2 * window // 8) * 8)
+    return max(8, -(-2 * window // 8) * 8)
 
 
 def rows(x: torch.Tensor, start: int, count: int) -> torch.Tensor:
