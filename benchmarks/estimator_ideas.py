@@ -144,11 +144,140 @@ def exact_sinks(last: bool):
         yield
 
 
+# ----------------------------------------------------------------------------- ideas fitted to a loss
+def _layer_inputs(model, batches) -> dict:
+    """{layer: (q, k, v, mask)} of every FavorAttention's in-model inputs over ``batches`` (one list per layer)."""
+    seen: dict[int, list] = {}
+
+    def hook(module, args, kwargs):
+        seen.setdefault(module.layer_id, []).append((args[0].detach(), args[1].detach(), args[2].detach(),
+                                                     kwargs.get("key_padding_mask"), kwargs.get("scale")))
+
+    layers = [m for m in model.modules() if isinstance(m, FavorAttention)]
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in layers]
+    try:
+        with torch.no_grad():
+            for b in batches:
+                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    finally:
+        for h in handles:
+            h.remove()
+    return {m.layer_id: (m, seen[m.layer_id]) for m in layers}
+
+
+def _favor_error(qt, kt, v, mask, w, b, a=None):
+    """Mean over heads of ||FAVOR - softmax|| / ||softmax|| of one batch, differentiable in the rows w [H, m, d],
+    their log weights b [H, m] and the FAVOR++ A [H] (positive features exp(A|w|^2 + B w.x - |x|^2/2 + b) with
+    B = sqrt(1 - 4A), D = (1 - 4A)^(d/4); A = None: the softmax kernel). qt, kt [B, H, L, d]: the transformed
+    inputs; mask [B, L] bool or None. Stabilised exactly (per query row; per feature over the real keys)."""
+    s = 1.0 if a is None else torch.sqrt(1 - 4 * a)[:, None, None]
+    extra = 0.0 if a is None else (a[:, None] * (w * w).sum(-1))[None, :, None, :]  # [1, H, 1, m]
+    lq = s * (qt @ w.transpose(-1, -2)) + b[None, :, None, :] + extra
+    lk = s * (kt @ w.transpose(-1, -2)) + b[None, :, None, :] + extra - 0.5 * (kt * kt).sum(-1, keepdim=True)
+    keep = None if mask is None else mask[:, None, :, None]
+    if keep is not None:
+        lk = lk.masked_fill(~keep, float("-inf"))
+    c = lk.detach().amax(2, keepdim=True)  # per feature over the keys; the queries carry it back (arXiv:2009.14794)
+    pk = torch.exp(lk - c)
+    lq = lq + c
+    pq = torch.exp(lq - lq.detach().amax(-1, keepdim=True))
+    out = (pq @ (pk.transpose(-1, -2) @ v)) / (pq @ pk.sum(2)[..., None]).clamp_min(1e-30)
+    logits = qt @ kt.transpose(-1, -2)
+    if mask is not None:
+        logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))
+    exact = torch.softmax(logits, -1) @ v
+    if mask is not None:  # only real query rows count
+        rows = mask[:, None, :, None]
+        out, exact = out * rows, exact * rows
+    err = ((out - exact) ** 2).sum((0, 2, 3)) / (exact**2).sum((0, 2, 3))
+    return err.sqrt().mean()
+
+
+def _rows_and_bias(mu, log_sigma, noise):
+    """Rows w = mu + sigma * noise [H, m, d] of the equal mixture p = (1/m) sum_r N(mu_r, sigma^2 I) (one row per
+    component: a deterministic mixture, unbiased for any mu, sigma) and their importance weights
+    b = (log N(w; 0, I) - log p(w)) / 2 [H, m]; differentiable in mu and log_sigma."""
+    H, m, d = mu.shape
+    sigma = log_sigma.exp()[:, None, None]
+    w = mu + sigma * noise
+    sq = ((w[:, :, None, :] - mu[:, None, :, :]) ** 2).sum(-1)  # [H, m, m]
+    log_p = (torch.logsumexp(-sq / (2 * sigma**2), -1) - math.log(m)
+             - 0.5 * d * (LOG_2PI + 2 * torch.log(sigma[..., 0])))
+    log_n0 = -0.5 * (w * w).sum(-1) - 0.5 * d * LOG_2PI
+    return w, 0.5 * (log_n0 - log_p)
+
+
+def _noise(gen, H, m, d):
+    """Orthogonal chi-norm Gaussian rows [H, m, d] (float64 -> float32), each row marginally N(0, I)."""
+    return torch.stack([gaussian_rows(gen, m, d, orthogonal=True, feature_norm="chi") for _ in range(H)]).float()
+
+
+def fit_estimator(kind: str, steps: int = 150, lr: float = 0.05):
+    """A ``refit(model, batches)`` that fits, per layer and on the calibration batches' in-model inputs, either the
+    importance-sampling proposal (``kind="proposal"``: the m component means and one width per head, rows
+    re-drawn by reparameterisation every step) or FAVOR++'s A per head (``kind="favor++"``: rows from N(0, I)
+    re-drawn every step), to the relative error of the attention outputs against exact softmax. The final rows
+    are drawn afterwards from a generator the fit never saw, so the estimator stays unbiased for the fitted
+    parameters (they do not depend on the final draw)."""
+
+    def refit(model, batches):
+        for layer_id, (layer, inputs) in sorted(_layer_inputs(model, batches).items()):
+            prepared = []
+            for q, k, v, mask, scale in inputs:
+                fmap = layer._prepare(q, k, False, mask, scale)
+                prepared.append((fmap.transform(q, True).float(), fmap.transform(k, False).float(), v.float(),
+                                 None if mask is None else mask.bool()))
+            H, d = prepared[0][0].shape[1], prepared[0][0].shape[-1]
+            m = layer.aligned_projection.shape[1]
+            gen = torch.Generator().manual_seed(derive_seed(layer.config.seed, layer_id, 0, ":fit"))
+            if kind == "proposal":
+                centers = layer.proposal_centers.float()
+                pick = torch.stack([torch.randperm(centers.shape[1], generator=gen)[:m] for _ in range(H)])
+                mu = torch.gather(centers, 1, pick[..., None].expand(H, m, d)).clone().requires_grad_(True)
+                log_sigma = torch.zeros(H, requires_grad=True)
+                params = [mu, log_sigma]
+            else:
+                rho = layer._per_head(layer.oprf_rho, H).float()
+                # A = -softplus(u) / 8 - 1e-4 < 0 keeps B = sqrt(1 - 4A) > 1 real; start at the statistics' A
+                a0 = attention_module.oprf_a(rho).clamp_max(-1e-3)
+                u = torch.log(torch.expm1((-8 * a0).clamp_min(1e-4))).requires_grad_(True)
+                params = [u]
+            opt = torch.optim.Adam(params, lr=lr)
+            for step in range(steps):
+                qt, kt, v, mask = prepared[step % len(prepared)]
+                noise = _noise(gen, H, m, d)
+                if kind == "proposal":
+                    w, b = _rows_and_bias(mu, log_sigma, noise)
+                    loss = _favor_error(qt, kt, v, mask, w, b)
+                else:
+                    a = -torch.nn.functional.softplus(u) / 8
+                    loss = _favor_error(qt, kt, v, mask, noise, torch.full((H, m), 0.25 * d, dtype=torch.float32)
+                                        * torch.log(1 - 4 * a)[:, None], a)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            final = torch.Generator().manual_seed(derive_seed(layer.config.seed, layer_id, 0, ":final"))
+            with torch.no_grad():
+                noise = _noise(final, H, m, d)
+                if kind == "proposal":
+                    w, b = _rows_and_bias(mu, log_sigma, noise)
+                    layer.aligned_projection.copy_(w)
+                    layer.aligned_bias.copy_(b)
+                else:  # FAVOR++ rows with the fitted A folded into a softmax-form projection and bias
+                    a = -torch.nn.functional.softplus(u) / 8  # [H]
+                    s = torch.sqrt(1 - 4 * a)[:, None, None]
+                    layer.aligned_projection.copy_(s * noise)
+                    layer.aligned_bias.copy_(a[:, None] * (noise * noise).sum(-1) + 0.25 * d * torch.log(1 - 4 * a)[:, None])
+            print(f"  layer {layer_id}: fitted {kind}, last loss {float(loss.detach()):.3f}", flush=True)
+
+    return refit
+
+
 def draw_with(draw):
     return lambda: mock.patch.object(attention_module, "draw_aligned_projection", draw)
 
 
-IDEAS = [  # name, what it is, performer settings, patch (context manager factory) or None, kept
+IDEAS = [  # name, what it is, performer settings, patch (context manager factory) or None, kept[, refit(model, batches)]
     ("default", "importance-sampled rows (the library's default), seed 0", {}, None, "yes (default)"),
     ("default-seed1", "the same, seed 1 (redraw spread)", {"seed": 1}, None, "-"),
     ("default-seed2", "the same, seed 2 (redraw spread)", {"seed": 2}, None, "-"),
@@ -166,6 +295,11 @@ IDEAS = [  # name, what it is, performer settings, patch (context manager factor
      lambda: exact_sinks(last=False), "no"),
     ("sink-first-last", "exact attention to the first and last keys ([CLS], [SEP])", {},
      lambda: exact_sinks(last=True), "no"),
+    ("fitted-proposal", "the proposal's m component means and width per head fitted to the attention error on the "
+     "calibration text (reparameterised: rows re-drawn every step; final rows from an unseen draw)", {}, None, "no",
+     fit_estimator("proposal")),
+    ("fitted-favor++", "FAVOR++'s A per head fitted to the attention error on the calibration text (rows from "
+     "N(0, I), re-drawn every step)", {}, None, "no", fit_estimator("favor++")),
     ("m512", "2x the rows (nb_features=512): what a per-head budget at equal total cannot exceed for a head given 2x",
      {"nb_features": 512}, None, "reference"),
     ("m1024", "4x the rows (nb_features=1024)", {"nb_features": 1024}, None, "reference"),
@@ -251,14 +385,16 @@ def spreads(model, batches) -> list[dict]:
     return out
 
 
-def run_idea(idea, source, calibration_text: Path, teacher, cells: dict, work: Path) -> dict:
-    name, what, settings, patch, kept = idea
+def run_idea(idea, source, calibration_text: Path, teacher, cells: dict, work: Path, calibration_batches) -> dict:
+    name, what, settings, patch, kept, *refit = idea
     performer = {"nb_features": 256, **settings}
     t = time.perf_counter()
     with (patch() if patch else contextlib.nullcontext()):
         folder = work / name
         convert(source, folder, performer, calibration_data=calibration_text, overwrite=True, progress=False)
         model, _ = load_converted(folder)
+        if refit:
+            refit[0](model, calibration_batches)
         res = {"idea": name, "what": what, "performer": performer, "kept": kept, "cells": {}}
         for cell, batches in cells.items():
             m = encoder_metrics(model, teacher, batches)
@@ -320,6 +456,8 @@ def main(argv=None) -> int:
                        "torch": torch.__version__, "threads": torch.get_num_threads(),
                        "load": [round(x, 2) for x in os.getloadavg()], "platform": platform.platform()},
            "sequences": args.sequences, "ideas": []}
+    calibration_batches = BatchSchedule(text_sources.sequences(texts["pydoc-train"], tokenizer, 256, 32), 8,
+                                        pad_id(tokenizer)).epoch()  # the fitted ideas' training inputs
     previous = RESULTS / f"{args.output_name}.json"
     kept = {}
     if args.only and previous.is_file():  # rows of ideas not rerun are kept (with their own machine line)
@@ -333,7 +471,7 @@ def main(argv=None) -> int:
         for idea in IDEAS:
             if args.only and idea[0] not in args.only:
                 continue
-            r = run_idea(idea, source, calibration_text, teacher, cells, Path(tmp))
+            r = run_idea(idea, source, calibration_text, teacher, cells, Path(tmp), calibration_batches)
             kept[r["idea"]] = r
             doc["ideas"] = [kept[i[0]] for i in IDEAS if i[0] in kept]
             print(f"{r['idea']}: " + ", ".join(f"{c} {v['cosine']:.3f}/{v['spearman']:.3f}" for c, v in r["cells"].items())

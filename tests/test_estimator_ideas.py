@@ -37,3 +37,45 @@ def test_proposal_variants_estimate_the_softmax_kernel_without_bias(name, draw):
     est = torch.stack(estimates)
     exact = math.exp(float(q @ k))
     assert abs(float(est.mean()) - exact) < 4 * float(est.std()) / math.sqrt(len(est)) + 1e-3 * exact, (name, float(est.mean()), exact)
+
+
+def test_favor_error_is_the_relative_error_of_the_naive_reference():
+    """The fitted ideas' loss against an independent computation: ops.naive's FAVOR (explicit features, float64)
+    and exact softmax, with padding; for the softmax kernel with IS weights and for FAVOR++."""
+    from hf_performer.features import FeatureMap
+    from hf_performer.ops.naive import exact_softmax_attention, naive_linear_attention
+
+    g = torch.Generator().manual_seed(0)
+    B, H, L, d, m = 2, 3, 12, 4, 16
+    q, k = (0.5 * torch.randn(B, H, L, d, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(B, H, L, 5, generator=g, dtype=torch.float64)
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[1, 8:] = False
+    w, b = torch.randn(H, m, d, generator=g, dtype=torch.float64), 0.3 * torch.randn(H, m, generator=g, dtype=torch.float64)
+    a = torch.tensor([-0.05, -0.1, -0.02], dtype=torch.float64)
+    exact = exact_softmax_attention(q, k, v, scale=1.0, key_padding_mask=mask)
+    rows = mask[:, None, :, None]
+    for fmap, args in [(FeatureMap("softmax", w, bias=b), (w, b)),
+                       (FeatureMap("favor++", w, a=a[None, :, None, None]), (w, 0.25 * d * torch.log(1 - 4 * a)[:, None].expand(H, m), a))]:
+        favor = naive_linear_attention(q, k, v, fmap, key_padding_mask=mask)
+        err = ((((favor - exact) * rows) ** 2).sum((0, 2, 3)) / ((exact * rows) ** 2).sum((0, 2, 3))).sqrt().mean()
+        got = ideas._favor_error(q, k, v, mask, *args)
+        assert torch.allclose(got, err, rtol=1e-9), (float(got), float(err))
+
+
+def test_fitted_proposal_rows_estimate_the_softmax_kernel_without_bias():
+    """Rows drawn around arbitrary (fitted) component means with any width, one row per component, weighted by the
+    mixture density: unbiased and positive whatever the parameters (Monte Carlo against exp(q.k))."""
+    g = torch.Generator().manual_seed(0)
+    d, rows = 3, 32
+    mu = (torch.randn(1, rows, d, generator=g) * 0.8 + 0.5).double()
+    q, k = torch.tensor([0.4, -0.3, 0.6], dtype=torch.float64), torch.tensor([0.2, 0.5, -0.1], dtype=torch.float64)
+    estimates = []
+    for _ in range(400):
+        w, b = ideas._rows_and_bias(mu, torch.tensor([0.2], dtype=torch.float64), ideas._noise(g, 1, rows, d).double())
+        phi_q, phi_k = torch.exp(w[0] @ q - q @ q / 2 + b[0]), torch.exp(w[0] @ k - k @ k / 2 + b[0])
+        assert (phi_q > 0).all() and (phi_k > 0).all()
+        estimates.append((phi_q * phi_k).mean())
+    est = torch.stack(estimates)
+    exact = math.exp(float(q @ k))
+    assert abs(float(est.mean()) - exact) < 4 * float(est.std()) / math.sqrt(len(est)) + 1e-3 * exact
