@@ -18,7 +18,7 @@ gives (an idea within it is not an improvement).
 Ideas that are not the library's behaviour are applied here, for the run only, by swapping the proposal draw
 (``hf_performer.attention.draw_aligned_projection``) or the attention forward; nothing in the library changes.
 
-    python benchmarks/estimator_ideas.py                 # every idea, ~15 min on 2 cores
+    python benchmarks/estimator_ideas.py                 # every idea, ~35 min on 2 cores (the fitted ones ~10 min each)
     python benchmarks/estimator_ideas.py --only default kmeans --sequences 8
 
 Output: benchmarks/results/estimator-ideas.json and .md.
