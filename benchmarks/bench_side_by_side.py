@@ -1,10 +1,13 @@
 """Side-by-side CPU timing of FavorAttention: this working tree against an earlier commit, and both against SDPA.
 
-Absolute times on a shared CPU are noisy, so every cell is measured in one run, the implementations interleaved:
-for each length and repeat, a fresh process per tree times FAVOR+ (this tree, the earlier commit) and
-torch.nn.functional.scaled_dot_product_attention, forward (no grad) and forward + backward, bidirectional and
-causal, with and without the local window. The earlier commit is checked out into a temporary git worktree and
-imported from there (PYTHONPATH), with the same Python environment.
+Absolute times on a shared CPU drift by 10-40% between processes (unchanged code moved by up to 1.4x between two
+processes here), so every cell is measured inside one process, the implementations interleaved: the earlier
+commit's ``hf_performer`` is exported (``git archive``) into a temporary folder as the package ``hfp_base`` (the
+ops, features and attention import each other relatively, so the copy runs its own code), and for each length,
+mode and window a fresh process builds FAVOR+ of both trees (and, with a window, this tree's pure FAVOR+) and
+SDPA, then calls them in turn, round after round (``--calls`` rounds after a warm-up), keeping each one's best.
+``--repeats`` such processes per cell; the table is their median. Forward (no grad) and forward + backward,
+bidirectional and causal, with and without the local window.
 
 Shapes: batch 1, 8 heads, head_dim 64, nb_features 256, statistics fitted on the first 512 tokens, float32.
 Output: benchmarks/results/side-by-side.json and .md (median of --repeats, milliseconds), written atomically.
@@ -30,59 +33,84 @@ RESULTS = ROOT / "benchmarks" / "results"
 WORKER = r"""
 import json, sys, time, torch
 import torch.nn.functional as F
-from hf_performer import FavorAttention, PerformerConfig
-L, window, causal, sdpa = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4] == "1"
-calls = int(sys.argv[5])
+L, window, causal, calls, base_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4]), sys.argv[5]
+sys.path.insert(0, base_dir)
+import hfp_base
+import hf_performer
 torch.manual_seed(0)
 q, k, v = (torch.randn(1, 8, L, 64) for _ in range(3))
-att = FavorAttention(64, PerformerConfig(nb_features=256, local_window=window), num_heads=8)
-att.calibrate_statistics(q[:, :, :512], k[:, :, :512], causal=causal)
-fn = (lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=causal)) if sdpa else (
-    lambda a, b, c: att(a, b, c, causal=causal))
+
+
+def favor(pkg, w):
+    att = pkg.FavorAttention(64, pkg.PerformerConfig(nb_features=256, local_window=w), num_heads=8)
+    att.calibrate_statistics(q[:, :, :512], k[:, :, :512], causal=causal)
+    return lambda a, b, c: att(a, b, c, causal=causal)
+
+
+impls = {"sdpa": lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=causal),
+         "base": favor(hfp_base, window), "now": favor(hf_performer, window)}
+if window:
+    impls["pure"] = favor(hf_performer, 0)
 out = {}
 for name, bwd in (("fwd", False), ("fwd+bwd", True)):
     x = [t.clone().requires_grad_(bwd) for t in (q, k, v)]
-    times = []
-    for _ in range(calls + 1):  # the first call warms up
-        t0 = time.perf_counter()
-        if bwd:
-            o = fn(*x)
-            o.backward(torch.ones_like(o))
-        else:
-            with torch.no_grad():
-                fn(*x)
-        times.append(time.perf_counter() - t0)
-    out[name] = min(times[1:]) * 1000
+    best = {}
+    for round_ in range(calls + 1):  # round 0 warms up; each round calls every implementation once, in turn
+        order = list(impls.items())
+        order = order[round_ % len(order):] + order[: round_ % len(order)]
+        for key, fn in order:
+            t0 = time.perf_counter()
+            if bwd:
+                o = fn(*x)
+                o.backward(torch.ones_like(o))
+            else:
+                with torch.no_grad():
+                    fn(*x)
+            if round_:
+                best[key] = min(best.get(key, float("inf")), (time.perf_counter() - t0) * 1000)
+    out[name] = best
 print(json.dumps(out))
 """
 
 
-def run_worker(tree: Path, L: int, window: int, causal: bool, sdpa: bool, calls: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    args = [sys.executable, "-c", WORKER, str(L), str(window), "1" if causal else "0", "1" if sdpa else "0", str(calls)]
-    done = subprocess.run(args, cwd=tree, env=env, capture_output=True, text=True, timeout=1800)
+def run_worker(base_dir: Path, L: int, window: int, causal: bool, calls: int) -> dict:
+    """{pass: {implementation: best ms}} from one worker process, or {"error": ...}."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    args = [sys.executable, "-c", WORKER, str(L), str(window), "1" if causal else "0", str(calls), str(base_dir)]
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     if done.returncode:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def export_base(base: str, folder: Path) -> Path:
+    """The earlier commit's package as ``folder/hfp_base`` (git archive: no worktree, no checkout)."""
+    archive = subprocess.run(["git", "archive", base, "hf_performer"], cwd=ROOT, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    (folder / "hf_performer").rename(folder / "hfp_base")
+    return folder
+
+
 def render(doc: dict) -> str:
     lines = [f"# Side by side: FAVOR+ at {doc['head']} vs {doc['base']} vs SDPA (CPU)", "",
-             f"{doc['machine']}; {doc['threads']} threads; load average {doc['loadavg']:.1f} at start; "
-             f"median of {doc['repeats']} interleaved processes, ms (each the best of {doc.get('calls', 2)} calls after a "
-             "warm-up).", ""]
+             f"{doc['machine']}; {doc['threads']} threads; load average {doc['loadavg']:.1f} at start; {doc['date']}. "
+             f"Median over {doc['repeats']} processes of each implementation's best of {doc['calls']} interleaved "
+             "rounds (all implementations in one process, called in turn), ms. Window rows: \"now / pure\" is this "
+             "tree's window against its own pure FAVOR+, timed in the same process.", ""]
     for mode in ("bidirectional", "causal"):
         for window in doc["windows"]:
+            extra = " now / pure |" if window else ""
             lines += [f"**{mode}, local_window={window}**", "",
-                      "| L | pass | SDPA | FAVOR+ base | FAVOR+ now | now / base | SDPA / now |",
-                      "|---:|---|---:|---:|---:|---:|---:|"]
+                      "| L | pass | SDPA | FAVOR+ base | FAVOR+ now | now / base | SDPA / now |" + extra,
+                      "|---:|---|---:|---:|---:|---:|---:|" + ("---:|" if window else "")]
             for row in doc["rows"]:
                 if row["mode"] != mode or row["window"] != window:
                     continue
-                s, b, n = row.get("sdpa"), row.get("base"), row.get("now")
+                s, b, n, pure = row.get("sdpa"), row.get("base"), row.get("now"), row.get("pure")
                 f = lambda x: "n/a" if x is None else f"{x:.0f}"
                 r = lambda a, c: "n/a" if a is None or c is None else f"{a / c:.2f}"
-                lines.append(f"| {row['L']} | {row['pass']} | {f(s)} | {f(b)} | {f(n)} | {r(n, b)} | {r(s, n)} |")
+                lines.append(f"| {row['L']} | {row['pass']} | {f(s)} | {f(b)} | {f(n)} | {r(n, b)} | {r(s, n)} |"
+                             + (f" {r(n, pure)} |" if window else ""))
             lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -93,7 +121,7 @@ def main(argv=None) -> int:
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     p.add_argument("--windows", type=int, nargs="+", default=[0, 4], help="local_window values")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--calls", type=int, default=5, help="timed calls per process after a warm-up (the best counts)")
+    p.add_argument("--calls", type=int, default=5, help="interleaved rounds per process after a warm-up (the best counts)")
     p.add_argument("--name", default="side-by-side", help="output file stem in benchmarks/results/")
     args = p.parse_args(argv)
     base = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=ROOT, capture_output=True, text=True,
@@ -108,33 +136,22 @@ def main(argv=None) -> int:
            "machine": os.uname().machine, "threads": os.environ.get("OMP_NUM_THREADS", "2"),
            "loadavg": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": []}
     with tempfile.TemporaryDirectory(prefix="hfp-base-") as tmp:
-        subprocess.run(["git", "worktree", "add", "--detach", tmp, base], cwd=ROOT, check=True, capture_output=True)
-        try:
-            for L in args.lengths:
-                for mode in ("bidirectional", "causal"):
-                    for window in args.windows:
-                        cells = {"sdpa": [], "base": [], "now": []}
-                        for _ in range(args.repeats):
-                            for key, tree, sdpa in (("sdpa", ROOT, True), ("base", Path(tmp), False),
-                                                    ("now", ROOT, False)):
-                                if key == "sdpa" and window:
-                                    continue
-                                cells[key].append(run_worker(tree, L, window, mode == "causal", sdpa, args.calls))
-                        for pass_ in ("fwd", "fwd+bwd"):
-                            row = {"L": L, "mode": mode, "window": window, "pass": pass_}
-                            for key, runs in cells.items():
-                                vals = [r[pass_] for r in runs if pass_ in r]
-                                row[key] = statistics.median(vals) if vals else None
-                            doc["rows"].append(row)
-                            print(json.dumps(row), flush=True)
-                        # the window rows compare against the same SDPA as the pure rows
-                        if window:
-                            for row in doc["rows"][-2:]:
-                                row["sdpa"] = next(r["sdpa"] for r in doc["rows"] if r["L"] == L and r["mode"] == mode
-                                                   and r["window"] == 0 and r["pass"] == row["pass"])
-                        write(doc, args.name)
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", tmp], cwd=ROOT, capture_output=True)
+        base_dir = export_base(base, Path(tmp))
+        for L in args.lengths:
+            for mode in ("bidirectional", "causal"):
+                for window in args.windows:
+                    runs = [run_worker(base_dir, L, window, mode == "causal", args.calls) for _ in range(args.repeats)]
+                    for pass_ in ("fwd", "fwd+bwd"):
+                        row = {"L": L, "mode": mode, "window": window, "pass": pass_}
+                        for key in ("sdpa", "base", "now", "pure"):
+                            vals = [r[pass_][key] for r in runs if key in r.get(pass_, {})]
+                            row[key] = statistics.median(vals) if vals else None
+                        errors = [r["error"] for r in runs if "error" in r]
+                        if errors:
+                            row["error"] = errors[0]
+                        doc["rows"].append(row)
+                        print(json.dumps(row), flush=True)
+                    write(doc, args.name)
     return 0
 
 
