@@ -145,6 +145,22 @@ def exact_sinks(last: bool):
 
 
 # ----------------------------------------------------------------------------- ideas fitted to a loss
+def run_hooked(model, batches, hook, pre: bool) -> list:
+    """Run ``model`` without grad over ``batches`` with ``hook`` on every FavorAttention (a forward pre-hook when
+    ``pre``, else a forward hook; both with kwargs), removed afterwards. Returns the FavorAttention layers."""
+    layers = [m for m in model.modules() if isinstance(m, FavorAttention)]
+    register = "register_forward_pre_hook" if pre else "register_forward_hook"
+    handles = [getattr(m, register)(hook, with_kwargs=True) for m in layers]
+    try:
+        with torch.no_grad():
+            for b in batches:
+                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    finally:
+        for h in handles:
+            h.remove()
+    return layers
+
+
 def _layer_inputs(model, batches) -> dict:
     """{layer: (q, k, v, mask)} of every FavorAttention's in-model inputs over ``batches`` (one list per layer)."""
     seen: dict[int, list] = {}
@@ -153,15 +169,7 @@ def _layer_inputs(model, batches) -> dict:
         seen.setdefault(module.layer_id, []).append((args[0].detach(), args[1].detach(), args[2].detach(),
                                                      kwargs.get("key_padding_mask"), kwargs.get("scale")))
 
-    layers = [m for m in model.modules() if isinstance(m, FavorAttention)]
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in layers]
-    try:
-        with torch.no_grad():
-            for b in batches:
-                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-    finally:
-        for h in handles:
-            h.remove()
+    layers = run_hooked(model, batches, hook, pre=True)
     return {m.layer_id: (m, seen[m.layer_id]) for m in layers}
 
 
@@ -327,15 +335,7 @@ def head_errors(model, batches) -> list[list[float]]:
         acc[0] = acc[0] + ((out.double() - exact) ** 2).sum((0, 2, 3))
         acc[1] = acc[1] + (exact**2).sum((0, 2, 3))
 
-    layers = [m for m in model.modules() if isinstance(m, FavorAttention)]
-    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in layers]
-    try:
-        with torch.no_grad():
-            for b in batches:
-                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, batches, hook, pre=False)
     return [(num / den).sqrt().tolist() for _, (num, den) in sorted(sums.items())]
 
 
@@ -349,15 +349,7 @@ def spreads(model, batches) -> list[dict]:
         if module.layer_id not in seen:
             seen[module.layer_id] = (args[0].double(), args[1].double(), kwargs.get("key_padding_mask"))
 
-    layers = [m for m in model.modules() if isinstance(m, FavorAttention)]
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in layers]
-    try:
-        with torch.no_grad():
-            b = batches[0]
-            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, batches[:1], hook, pre=True)
 
     def sqrtm(s):
         e, vecs = torch.linalg.eigh(s)
@@ -418,7 +410,8 @@ def render(doc: dict) -> str:
              "| idea | what | kept | " + " | ".join(f"{c} cos / Spearman" for c in EVAL) + " | head error per layer |",
              "| --- | --- | --- | " + " | ".join("---" for _ in EVAL) + " | --- |"]
     for r in doc["ideas"]:
-        cells = " | ".join(f"{r['cells'][c]['cosine']:.3f} / {r['cells'][c]['spearman']:.3f}" for c in EVAL)
+        fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+        cells = " | ".join(f"{fmt(r['cells'][c]['cosine'])} / {fmt(r['cells'][c]['spearman'])}" for c in EVAL)
         errs = " ".join(f"{e:.2f}" for e in r["layer_error_mean"])
         lines.append(f"| {r['idea']} | {r['what']} | {r['kept']} | {cells} | {errs} |")
     default = next((r for r in doc["ideas"] if "spreads" in r), None)
@@ -474,7 +467,8 @@ def main(argv=None) -> int:
             r = run_idea(idea, source, calibration_text, teacher, cells, Path(tmp), calibration_batches)
             kept[r["idea"]] = r
             doc["ideas"] = [kept[i[0]] for i in IDEAS if i[0] in kept]
-            print(f"{r['idea']}: " + ", ".join(f"{c} {v['cosine']:.3f}/{v['spearman']:.3f}" for c, v in r["cells"].items())
+            fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731  (Spearman: None below 3 sequences)
+            print(f"{r['idea']}: " + ", ".join(f"{c} {fmt(v['cosine'])}/{fmt(v['spearman'])}" for c, v in r["cells"].items())
                   + f" ({r['wall_s']} s)", flush=True)
             save(doc, args.output_name, render)
     print(render(doc))

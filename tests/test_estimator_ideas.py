@@ -79,3 +79,50 @@ def test_fitted_proposal_rows_estimate_the_softmax_kernel_without_bias():
     est = torch.stack(estimates)
     exact = math.exp(float(q @ k))
     assert abs(float(est.mean()) - exact) < 4 * float(est.std()) / math.sqrt(len(est)) + 1e-3 * exact
+
+
+@pytest.mark.parametrize("kind", ["proposal", "favor++"])
+def test_fit_estimator_writes_the_rows_the_layers_then_use(kind):
+    """The fitted ideas on a tiny converted BERT (statistics step first): every layer's aligned rows and weights are
+    replaced by finite ones, the model's own FAVOR forward uses them (its attention output equals the fit's FAVOR
+    computed from the written rows), and a padded key still gets no weight."""
+    import transformers as tf
+
+    from hf_performer import PerformerConfig, calibrate_feature_statistics
+    from hf_performer.integration import convert_to_performer
+
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=32)
+    model = convert_to_performer(tf.BertModel(cfg).eval(), PerformerConfig(nb_features=16, seed=1))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 64, (2, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask}
+    calibrate_feature_statistics(model, batch)
+    layers = [m for m in model.modules() if isinstance(m, ideas.FavorAttention)]
+    before = [m.aligned_projection.clone() for m in layers]
+    ideas.fit_estimator(kind, steps=3)(model, [batch])
+    for layer, old in zip(layers, before):
+        assert layer.aligned and not torch.equal(layer.aligned_projection, old)
+        assert torch.isfinite(layer.aligned_projection).all() and torch.isfinite(layer.aligned_bias).all()
+    # the layer's forward on its captured inputs equals the FAVOR attention of the written rows (naive reference)
+    from hf_performer.ops.naive import naive_linear_attention
+
+    for _, (layer, inputs) in sorted(ideas._layer_inputs(model, [batch]).items()):
+        q, k, v, kmask, scale = inputs[0]
+        fmap = layer._prepare(q, k, False, kmask, scale)
+        want = naive_linear_attention(q.double(), k.double(), v.double(), fmap_double(fmap), key_padding_mask=kmask)
+        with torch.no_grad():
+            got = layer(q, k, v, key_padding_mask=kmask, scale=scale)
+        assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def fmap_double(fmap):
+    """The same feature map in float64 (projection, bias and transforms), for the naive reference."""
+    from hf_performer.features import FeatureMap
+
+    cast = lambda t: None if t is None else t.double()  # noqa: E731
+    return FeatureMap(fmap.kernel, fmap.projection.double(), fmap.eps, bias=cast(fmap.bias)[..., 0, :],
+                      q_scale=cast(fmap.q_scale), k_scale=cast(fmap.k_scale), k_shift=cast(fmap.k_shift))
