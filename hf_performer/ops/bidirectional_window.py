@@ -23,10 +23,10 @@ their key spans; the transposed ones through ``local.flip_band``), a fixed numbe
 
 Kept for the backward: q, k, v, the mask, S, c, out, T, g and e, coef [B, H, L, 2w + 1], the row maxima
 r [B, H, L]; the backward recomputes the query features once (with the forward's r) and the key features twice
-(with the window's neighbours, then the segment's own keys), segment by segment. On a CPU a long input runs over segments (``common.cpu_segment``); the
-forward then holds every segment's key logits until the global stabiliser c is known, and the backward the
-window's share of every segment's key logit gradient until dS is complete (one [B, H, L, m] in all, each time;
-nothing that size is kept between forward and backward).
+(with the window's neighbours, then the segment's own keys), segment by segment. On a CPU a long input runs over
+segments (``common.cpu_segment``); the forward then holds every segment's key logits until the global stabiliser c
+is known, and the backward the window's share of every segment's key logit gradient until dS is complete (one
+[B, H, L, m] in all, each time; nothing that size is kept between forward and backward).
 """
 
 from __future__ import annotations
