@@ -40,6 +40,7 @@ from pathlib import Path
 from unittest import mock
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -61,6 +62,19 @@ EVAL = ("licenses", "code", "pydoc-eval")
 
 
 # ----------------------------------------------------------------------------- proposal variants
+def is_log_weights(w, mixture, width):
+    """Importance-sampling log weights b = (log N(w; 0, I) - log p(w)) / 2 of rows w [..., rows, d] drawn from the
+    equal mixture p of N(c, width^2 I) over ``mixture`` [..., n, d] (width: a float or a tensor broadcasting against
+    [..., 1, 1]); differentiable. With these weights on both sides the softmax-kernel estimator stays unbiased and
+    positive for any mixture (the same weights as ``draw_aligned_projection``)."""
+    d = w.shape[-1]
+    width = torch.as_tensor(width, dtype=w.dtype)
+    sq = ((w[..., :, None, :] - mixture[..., None, :, :]) ** 2).sum(-1)  # [..., rows, n]
+    log_p = (torch.logsumexp(-sq / (2 * width**2), -1) - math.log(mixture.shape[-2])
+             - 0.5 * d * (LOG_2PI + 2 * (torch.log(width)[..., 0] if width.dim() else torch.log(width))))
+    return 0.5 * (-0.5 * (w * w).sum(-1) - 0.5 * d * LOG_2PI - log_p)
+
+
 def proposal(choose_components, antithetic: bool = False, width: float = 1.0):
     """A replacement for ``draw_aligned_projection``: rows w = c + width * noise around components c chosen by
     ``choose_components(centers [n, d], rows, gen) -> [k, d]`` (each row takes component r mod k), each row
@@ -81,12 +95,8 @@ def proposal(choose_components, antithetic: bool = False, width: float = 1.0):
             if antithetic:
                 comp, noise = torch.cat([comp, comp]), torch.cat([noise, -noise])
             w = comp + width * noise
-            mixture = centers[h] if choose_components is iid_pairs else comp
-            sq = torch.cdist(w, mixture) ** 2
-            log_p = (torch.logsumexp(-sq / (2 * width**2), dim=1) - math.log(len(mixture))
-                     - 0.5 * d * (LOG_2PI + 2 * math.log(width)))
             rows.append(w)
-            biases.append(0.5 * (-0.5 * (w * w).sum(1) - 0.5 * d * LOG_2PI - log_p))
+            biases.append(is_log_weights(w, centers[h] if choose_components is iid_pairs else comp, width))
         return torch.stack(rows), torch.stack(biases)
 
     return draw
@@ -173,15 +183,13 @@ def _layer_inputs(model, batches) -> dict:
     return {m.layer_id: (m, seen[m.layer_id]) for m in layers}
 
 
-def _favor_error(qt, kt, v, mask, w, b, a=None):
-    """Mean over heads of ||FAVOR - softmax|| / ||softmax|| of one batch, differentiable in the rows w [H, m, d],
-    their log weights b [H, m] and the FAVOR++ A [H] (positive features exp(A|w|^2 + B w.x - |x|^2/2 + b) with
-    B = sqrt(1 - 4A), D = (1 - 4A)^(d/4); A = None: the softmax kernel). qt, kt [B, H, L, d]: the transformed
-    inputs; mask [B, L] bool or None. Stabilised exactly (per query row; per feature over the real keys)."""
-    s = 1.0 if a is None else torch.sqrt(1 - 4 * a)[:, None, None]
-    extra = 0.0 if a is None else (a[:, None] * (w * w).sum(-1))[None, :, None, :]  # [1, H, 1, m]
-    lq = s * (qt @ w.transpose(-1, -2)) + b[None, :, None, :] + extra
-    lk = s * (kt @ w.transpose(-1, -2)) + b[None, :, None, :] + extra - 0.5 * (kt * kt).sum(-1, keepdim=True)
+def _favor_error(qt, kt, v, mask, w, b):
+    """Mean over heads of ||FAVOR - softmax|| / ||softmax|| of one batch for positive softmax-form features
+    exp(w.x - |x|^2/2 + b), differentiable in the rows w [H, m, d] and their log weights b [H, m] (FAVOR++: the rows
+    and weights of ``_favor_pp_rows``). qt, kt [B, H, L, d]: the transformed inputs; mask [B, L] bool or None.
+    Stabilised exactly (per query row; per feature over the real keys)."""
+    lq = qt @ w.transpose(-1, -2) + b[None, :, None, :]
+    lk = kt @ w.transpose(-1, -2) + b[None, :, None, :] - 0.5 * (kt * kt).sum(-1, keepdim=True)
     keep = None if mask is None else mask[:, None, :, None]
     if keep is not None:
         lk = lk.masked_fill(~keep, float("-inf"))
@@ -205,14 +213,18 @@ def _rows_and_bias(mu, log_sigma, noise):
     """Rows w = mu + sigma * noise [H, m, d] of the equal mixture p = (1/m) sum_r N(mu_r, sigma^2 I) (one row per
     component: a deterministic mixture, unbiased for any mu, sigma) and their importance weights
     b = (log N(w; 0, I) - log p(w)) / 2 [H, m]; differentiable in mu and log_sigma."""
-    H, m, d = mu.shape
     sigma = log_sigma.exp()[:, None, None]
     w = mu + sigma * noise
-    sq = ((w[:, :, None, :] - mu[:, None, :, :]) ** 2).sum(-1)  # [H, m, m]
-    log_p = (torch.logsumexp(-sq / (2 * sigma**2), -1) - math.log(m)
-             - 0.5 * d * (LOG_2PI + 2 * torch.log(sigma[..., 0])))
-    log_n0 = -0.5 * (w * w).sum(-1) - 0.5 * d * LOG_2PI
-    return w, 0.5 * (log_n0 - log_p)
+    return w, is_log_weights(w, mu, sigma)
+
+
+def _favor_pp_rows(noise, a):
+    """FAVOR++ (arXiv:2205.15317) in softmax form: its features D exp(A|w|^2 + B w.x - |x|^2/2), B = sqrt(1 - 4A),
+    D = (1 - 4A)^(d/4), are exp(w'.x - |x|^2/2 + b) with rows w' = B w [H, m, d] and weights b = A|w|^2 + log D
+    [H, m], for rows w = noise [H, m, d] and A [H] < 0; differentiable in A."""
+    d = noise.shape[-1]
+    return (torch.sqrt(1 - 4 * a)[:, None, None] * noise,
+            a[:, None] * (noise * noise).sum(-1) + 0.25 * d * torch.log(1 - 4 * a)[:, None])
 
 
 def _noise(gen, H, m, d):
@@ -244,38 +256,33 @@ def fit_estimator(kind: str, steps: int = 150, lr: float = 0.05):
                 mu = torch.gather(centers, 1, pick[..., None].expand(H, m, d)).clone().requires_grad_(True)
                 log_sigma = torch.zeros(H, requires_grad=True)
                 params = [mu, log_sigma]
+
+                def rows(noise, mu=mu, log_sigma=log_sigma):  # (rows, log weights) of these parameters and noise
+                    return _rows_and_bias(mu, log_sigma, noise)
             else:
                 rho = layer._per_head(layer.oprf_rho, H).float()
                 # A = -softplus(u) / 8 - 1e-4 < 0 keeps B = sqrt(1 - 4A) > 1 real; start at the statistics' A
                 a0 = attention_module.oprf_a(rho).clamp_max(-1e-3)
                 u = torch.log(torch.expm1((-8 * a0).clamp_min(1e-4))).requires_grad_(True)
                 params = [u]
+
+                def rows(noise, u=u):
+                    return _favor_pp_rows(noise, -F.softplus(u) / 8)
+
             opt = torch.optim.Adam(params, lr=lr)
             for step in range(steps):
                 qt, kt, v, mask = prepared[step % len(prepared)]
                 noise = _noise(gen, H, m, d)
-                if kind == "proposal":
-                    w, b = _rows_and_bias(mu, log_sigma, noise)
-                    loss = _favor_error(qt, kt, v, mask, w, b)
-                else:
-                    a = -torch.nn.functional.softplus(u) / 8
-                    loss = _favor_error(qt, kt, v, mask, noise, torch.full((H, m), 0.25 * d, dtype=torch.float32)
-                                        * torch.log(1 - 4 * a)[:, None], a)
+                loss = _favor_error(qt, kt, v, mask, *rows(noise))
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
             final = torch.Generator().manual_seed(derive_seed(layer.config.seed, layer_id, 0, ":final"))
             with torch.no_grad():
                 noise = _noise(final, H, m, d)
-                if kind == "proposal":
-                    w, b = _rows_and_bias(mu, log_sigma, noise)
-                    layer.aligned_projection.copy_(w)
-                    layer.aligned_bias.copy_(b)
-                else:  # FAVOR++ rows with the fitted A folded into a softmax-form projection and bias
-                    a = -torch.nn.functional.softplus(u) / 8  # [H]
-                    s = torch.sqrt(1 - 4 * a)[:, None, None]
-                    layer.aligned_projection.copy_(s * noise)
-                    layer.aligned_bias.copy_(a[:, None] * (noise * noise).sum(-1) + 0.25 * d * torch.log(1 - 4 * a)[:, None])
+                w, b = rows(noise)
+                layer.aligned_projection.copy_(w)  # FAVOR++ too: in softmax form, the library's aligned path runs it
+                layer.aligned_bias.copy_(b)
             print(f"  layer {layer_id}: fitted {kind}, last loss {float(loss.detach()):.3f}", flush=True)
 
     return refit
@@ -400,6 +407,11 @@ def run_idea(idea, source, calibration_text: Path, teacher, cells: dict, work: P
     return res
 
 
+def _fmt(x) -> str:
+    """A metric to 3 decimals, or n/a (Spearman is undefined below 3 sequences)."""
+    return "n/a" if x is None else f"{x:.3f}"
+
+
 def render(doc: dict) -> str:
     m = doc["machine"]
     lines = ["# Estimator ideas for pure FAVOR+ (statistics step only, MiniLM, 512 tokens)", "",
@@ -410,8 +422,7 @@ def render(doc: dict) -> str:
              "| idea | what | kept | " + " | ".join(f"{c} cos / Spearman" for c in EVAL) + " | head error per layer |",
              "| --- | --- | --- | " + " | ".join("---" for _ in EVAL) + " | --- |"]
     for r in doc["ideas"]:
-        fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
-        cells = " | ".join(f"{fmt(r['cells'][c]['cosine'])} / {fmt(r['cells'][c]['spearman'])}" for c in EVAL)
+        cells = " | ".join(f"{_fmt(r['cells'][c]['cosine'])} / {_fmt(r['cells'][c]['spearman'])}" for c in EVAL)
         errs = " ".join(f"{e:.2f}" for e in r["layer_error_mean"])
         lines.append(f"| {r['idea']} | {r['what']} | {r['kept']} | {cells} | {errs} |")
     default = next((r for r in doc["ideas"] if "spreads" in r), None)
@@ -467,8 +478,7 @@ def main(argv=None) -> int:
             r = run_idea(idea, source, calibration_text, teacher, cells, Path(tmp), calibration_batches)
             kept[r["idea"]] = r
             doc["ideas"] = [kept[i[0]] for i in IDEAS if i[0] in kept]
-            fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731  (Spearman: None below 3 sequences)
-            print(f"{r['idea']}: " + ", ".join(f"{c} {fmt(v['cosine'])}/{fmt(v['spearman'])}" for c, v in r["cells"].items())
+            print(f"{r['idea']}: " + ", ".join(f"{c} {_fmt(v['cosine'])}/{_fmt(v['spearman'])}" for c, v in r["cells"].items())
                   + f" ({r['wall_s']} s)", flush=True)
             save(doc, args.output_name, render)
     print(render(doc))

@@ -41,7 +41,8 @@ def test_proposal_variants_estimate_the_softmax_kernel_without_bias(name, draw):
 
 def test_favor_error_is_the_relative_error_of_the_naive_reference():
     """The fitted ideas' loss against an independent computation: ops.naive's FAVOR (explicit features, float64)
-    and exact softmax, with padding; for the softmax kernel with IS weights and for FAVOR++."""
+    and exact softmax, with padding; for the softmax kernel with IS weights and for FAVOR++ (its softmax-form rows
+    and weights against the library's favor++ feature map)."""
     from hf_performer.features import FeatureMap
     from hf_performer.ops.naive import exact_softmax_attention, naive_linear_attention
 
@@ -56,7 +57,7 @@ def test_favor_error_is_the_relative_error_of_the_naive_reference():
     exact = exact_softmax_attention(q, k, v, scale=1.0, key_padding_mask=mask)
     rows = mask[:, None, :, None]
     for fmap, args in [(FeatureMap("softmax", w, bias=b), (w, b)),
-                       (FeatureMap("favor++", w, a=a[None, :, None, None]), (w, 0.25 * d * torch.log(1 - 4 * a)[:, None].expand(H, m), a))]:
+                       (FeatureMap("favor++", w, a=a[None, :, None, None]), ideas._favor_pp_rows(w, a))]:
         favor = naive_linear_attention(q, k, v, fmap, key_padding_mask=mask)
         err = ((((favor - exact) * rows) ** 2).sum((0, 2, 3)) / ((exact * rows) ** 2).sum((0, 2, 3))).sqrt().mean()
         got = ideas._favor_error(q, k, v, mask, *args)
