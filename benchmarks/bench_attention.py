@@ -425,6 +425,8 @@ def update_readme(body: str) -> bool:
 
 # ---------------------------------------------------------------------------------------- main loop
 def parse_args(argv=None):
+    from hf_performer import PerformerConfig
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=None, help=f"default {list(DEFAULT_LENGTHS)}")
@@ -439,7 +441,8 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--nb-features", type=int, default=256)
-    p.add_argument("--chunk-size", type=int, default=128, help="FAVOR+ chunk size (PerformerConfig.chunk_size)")
+    p.add_argument("--chunk-size", type=int, default=PerformerConfig.chunk_size,
+                   help="FAVOR+ chunk size (PerformerConfig.chunk_size)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--max-seconds", type=float, default=60.0,

@@ -55,7 +55,8 @@ class PerformerArguments:
     performer_redraw_interval: int = _arg(0, "Redraw the features every this many optimizer steps (0 = never).",
                                           "performer_redraw_interval")
     performer_seed: int = _arg(0, "Seed of the random features.", "performer_seed")
-    performer_chunk_size: int = _arg(128, "FAVOR+ chunk size (peak memory vs speed).", "performer_chunk_size")
+    performer_chunk_size: int = _arg(PerformerConfig.chunk_size, "FAVOR+ chunk size of the causal op (peak memory "
+                                     "vs speed).", "performer_chunk_size")
     performer_calibration_steps: int = _arg(0, "Attention-transfer calibration steps after conversion "
                                             "(0 = statistics step only; needs the conversion package).",
                                             "performer_calibration_steps")

@@ -65,7 +65,7 @@ class PerformerConfig:
     feature_norm: str = "chi"
     redraw_interval: int = 0
     seed: int = 0
-    chunk_size: int = 128
+    chunk_size: int = 64
     eps: float = 1e-6
     center_keys: bool = True
     balance_qk: bool = True

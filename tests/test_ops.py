@@ -140,23 +140,42 @@ def test_backward_matches_autograd_through_the_naive_reference(causal, recompute
         assert rel_err(a, b) < 1e-9
 
 
+@pytest.mark.parametrize("form", ["matrix", "recurrence"])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize(("n", "group"), [(5, 64), (37, 4), (70, 8)])  # one group, several, a log-depth scan
-def test_exclusive_prefix_of_chunk_summaries_matches_the_explicit_sum(n, group, reverse):
+@pytest.mark.parametrize("monotone", [True, False])  # running maxima (forward), or any c below the targets (backward)
+def test_exclusive_prefix_of_chunk_summaries_matches_the_explicit_sum(n, group, reverse, form, monotone):
     from hf_performer.ops.scan import exclusive_prefix
 
     g = torch.Generator().manual_seed(n)
     K = torch.randn(1, n, 3, 2, generator=g, dtype=D64, requires_grad=True)
-    c = torch.cummax(3 * torch.randn(1, n, 3, generator=g, dtype=D64), 1).values  # running maxima
-    t = c + torch.rand(1, n, 3, generator=g, dtype=D64)  # t_i >= c_i >= c_j for j < i
+    c = 30 * torch.randn(1, n, 3, generator=g, dtype=D64)  # spread over ~200 nats: weights from 1 down to underflow
+    if monotone:
+        c = torch.cummax(c, 1).values
+    # t_i >= max_{j<i} c_j (the first target is free): t_i >= c_j for every j that reaches i
+    t = torch.cat([c[:, :1], torch.cummax(c, 1).values[:, :-1]], 1) + torch.rand(1, n, 3, generator=g, dtype=D64)
     if reverse:  # the mirror image: references that grow towards the start
         c, t = c.flip(1), t.flip(1)
-    out = exclusive_prefix(K, c, t, group=group, reverse=reverse)
+    out = exclusive_prefix(K, c, t, group=group, reverse=reverse, form=form)
     for i in range(n):
         reach = range(i + 1, n) if reverse else range(i)
         ref = sum((K[:, j] * torch.exp(c[:, j] - t[:, i])[..., None] for j in reach), torch.zeros_like(K[:, 0]))
         assert rel_err(out[:, i], ref) < 1e-12 if len(reach) else torch.equal(out[:, i], ref)
-    assert torch.autograd.gradcheck(lambda K: exclusive_prefix(K, c, t, group=group, reverse=reverse), (K,))
+    assert torch.autograd.gradcheck(lambda K: exclusive_prefix(K, c, t, group=group, reverse=reverse, form=form), (K,))
+
+
+def test_exclusive_prefix_picks_its_form_by_device_and_length(monkeypatch):
+    """The recurrence runs on a CPU up to RECURRENCE_MAX chunks, the matrix form otherwise; an unknown form raises."""
+    from hf_performer.ops import scan
+
+    calls = []
+    monkeypatch.setattr(scan, "_recurrence", lambda K, c, t, reverse: calls.append(K.shape[-3]) or torch.zeros_like(K))
+    K, c = torch.randn(1, scan.RECURRENCE_MAX + 1, 3, 2), torch.zeros(1, scan.RECURRENCE_MAX + 1, 3)
+    scan.exclusive_prefix(K[:, :8], c[:, :8], c[:, :8])
+    scan.exclusive_prefix(K, c, c)
+    assert calls == [8]
+    with pytest.raises(ValueError, match="form='loop'"):
+        scan.exclusive_prefix(K, c, c, form="loop")
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -11,7 +11,7 @@ The sequence is cut into n chunks of C positions ([B, H, n, C, ·] views). For c
              phi~(k_s) = F exp(Lg_k[s] - c_i - U_s) <= 1,  phi~(q_t) = F exp(Lg_q[t] + c_i - r_t) <= 1;
 * intra      A = (phi~(Q) phi~(K)^T) ⊙ D, D[t, s] = e^{U_s - U_t} for s <= t else 0   ([n, C, C] batched);
 * inter      the state entering the chunk, P_i = sum_{j<i} K_j e^{M_j - c_i} with the chunk summaries
-             K_j = sum_{s in j} exp(Lg_k[s] - M_j) [v_s, 1], from a log-depth scan (``scan.exclusive_prefix``);
+             K_j = sum_{s in j} exp(Lg_k[s] - M_j) [v_s, 1], combined by ``scan.exclusive_prefix``;
 * output     [num_t, den_t] = e^{-U_t} phi~(q_t) P_i + (A [V, 1])_t,  out_t = num_t / den_t.
 
 Every quantity at t uses keys s <= t only, so a future key cannot move an earlier output, not even in the last
@@ -152,8 +152,9 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
         out = combine_window(num, den, fav, logits, valid, apply_coef)
     else:
         out = num / safe_den(den)[..., None]
-    if internals is not None:  # what the backward reads: the estimator's constants, the sums, A and D (no [L, m] tensor)
-        internals.update(ref=ref, M=M, U=U, r=r, prefix=prefix, den=safe_den(den)[:, :, :T], C=C, A=A, decay=decay)
+    if internals is not None:  # what the backward reads: the estimator's constants, the sums, A, D and phi~(Q)
+        internals.update(ref=ref, M=M, U=U, r=r, prefix=prefix, den=safe_den(den)[:, :, :T], C=C, A=A, decay=decay,
+                         phi_q=phi_q)
     # the state after the last chunk, relative to the running maximum M_n (K_{n-1} already is); c_{n-1} <= M_n
     # except where no real key was seen at all (c = 0 > M = -big, and the sums are 0)
     final = prefix[:, :, -1] * torch.exp((ref[:, :, -1] - M[:, :, -1]).clamp_max(0))[..., None] + K[:, :, -1]

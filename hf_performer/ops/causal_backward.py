@@ -1,8 +1,9 @@
 """Hand-written backward of causal FAVOR attention (positive kernels, no local window), in the chunk-parallel shape
-of ``causal._causal``: the forward keeps q, k, v, the output, its normaliser, the stabilisers (ref, M, U, r) and
+of ``causal._causal``: the forward keeps q, k, v, the output, its normaliser, the stabilisers (ref, M, U, r), the
+query features phi~(Q) [B, H, n, C, m] (one [L, m] tensor: traded for a second query projection and exponential),
 the inter-chunk states P [B, H, n, m, dv + 1], the intra-chunk matrices A and their decay D [B, H, n, C, C] (together
-the size of one [L, m] feature tensor at C = 128: traded for a second Q K^T product); the backward computes the
-query and key logits once each and runs a fixed number of batched ops, with no second pass through the forward.
+half an [L, m] feature tensor at C = 64: traded for a second Q K^T product); the backward computes the key logits
+once and runs a fixed number of batched ops, with no second pass through the forward.
 
 Per chunk i (notation of ``causal``; G = [g / den, -(g . out) / den] [C, dv + 1], e_u = e^{-U}):
 
@@ -61,7 +62,7 @@ class PositiveCausal(torch.autograd.Function):
         out, new = _causal(q, k, v, fmap, mask, chunk, 0, state, internals)
         i = internals
         ctx.save_for_backward(q, k, v, mask, out, i["den"], i["prefix"], i["ref"], i["M"], i["U"], i["r"], i["A"],
-                              i["decay"])
+                              i["decay"], i["phi_q"])
         ctx.fmap, ctx.C, ctx.has_state = fmap, i["C"], state is not None
         ctx.mark_non_differentiable(new.c)
         ctx.set_materialize_grads(False)
@@ -69,7 +70,7 @@ class PositiveCausal(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_out, g_S, g_z, _g_c):
-        q, k, v, mask, out, den, prefix, ref, M, U, r, A, decay = ctx.saved_tensors
+        q, k, v, mask, out, den, prefix, ref, M, U, r, A, decay, phi_q = ctx.saved_tensors
         fmap, C = ctx.fmap, ctx.C
         B, H, T, dv = v.shape
         n = -(-T // C)
@@ -90,7 +91,6 @@ class PositiveCausal(torch.autograd.Function):
             G = chunked(torch.cat([g_num, -(g_num * out).sum(-1, keepdim=True)], -1))  # [B, H, n, C, dv + 1]
         Gp = G * torch.exp(-U)[..., None]
         # the inter-chunk part first (small tensors): dP, then its transpose through the scan
-        phi_q = chunked(fmap(q, query=True)[0]).add_(ref[:, :, :, None]).sub_(r).exp_()  # [B, H, n, C, m]
         dP = phi_q.transpose(-1, -2) @ Gp  # [B, H, n, m, dv + 1]
         d_final = None
         if g_S is not None or g_z is not None:

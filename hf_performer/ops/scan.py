@@ -19,6 +19,17 @@ It is computed in two levels (the chunked layout of flash-linear-attention, with
   rank-1 update per group and feature, in place (no full-size temporaries).
 Everything is linear in K with constant weights (the stabilisers cancel in the attention output), so the
 backward is autograd's transpose of the same ops. No Python loop over chunks or tokens.
+
+On a CPU, where an op costs microseconds to dispatch but every full-size temporary costs a pass over memory (and
+page faults), up to RECURRENCE_MAX chunks are instead combined by the recurrence itself, one chunk at a time, in
+place: with R_i = max_{j<=i} c_j (a ``cummax``),
+
+    Q_i = Q_{i-1} e^{R_{i-1} - R_i} + K_i e^{c_i - R_i},    P_{i+1} = Q_i e^{R_i - t_{i+1}}
+
+(every factor <= 1, the same terms as the matrix form: only the rounding differs). That is n small in-place ops on
+[..., m, e] tensors instead of a [G, G] weight matrix per feature and two layout copies of K; the CPU ops run
+segment by segment (``common.cpu_segment``), so n stays small. Its backward is the mirror recurrence
+(sum_{i>j} dP_i e^{c_j - t_i}: references -t, targets -c).
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ import torch.nn.functional as F
 from .common import neg_big
 
 GROUP = 16  # chunks per group of the in-group matrix form: [G, G] weights per feature and group
+RECURRENCE_MAX = 64  # at most this many chunks run as the in-place recurrence on a CPU (see the module docstring)
 
 
 def _shift(x: torch.Tensor, step: int, dim: int, reverse: bool, value=0.0) -> torch.Tensor:
@@ -53,18 +65,62 @@ def _scan(K: torch.Tensor, c: torch.Tensor, reverse: bool) -> tuple[torch.Tensor
     return K, c
 
 
+def _recurrence(K: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """``exclusive_prefix`` by the in-place recurrence (module docstring), without autograd: n - 1 steps of four
+    ops on [..., m, e] slices, in scan order (from the end when ``reverse``)."""
+    n = K.shape[-3]
+    order = list(range(n - 1, -1, -1)) if reverse else list(range(n))
+    with torch.no_grad():
+        cs, ts = (x.flip(-2) if reverse else x for x in (c, targets))  # [..., n, m'] in scan order
+        R = torch.cummax(cs, -2).values  # R_p = max of c over scan positions <= p
+        grow = torch.exp(R[..., :-1, :] - R[..., 1:, :])[..., None]  # e^{R_{p-1} - R_p} <= 1: [..., n - 1, m', 1]
+        enter = torch.exp(cs - R)[..., None]  # e^{c_p - R_p} <= 1
+        reach = torch.exp((R[..., :-1, :] - ts[..., 1:, :]).clamp_max(0))[..., None]  # e^{R_{p-1} - t_p}
+        out = torch.empty_like(K)
+        out.select(-3, order[0]).zero_()  # nothing comes before the first chunk in scan order
+        Q = K.select(-3, order[0]) * enter[..., 0, :, :]  # [..., m, e]
+        for p in range(1, n):
+            i = order[p]
+            out.select(-3, i).copy_(Q * reach[..., p - 1, :, :])  # (no out=: torch.compile traces copy_)
+            if p < n - 1:
+                Q.mul_(grow[..., p - 1, :, :]).addcmul_(K.select(-3, i), enter[..., p, :, :])
+    return out
+
+
+class _Recurrence(torch.autograd.Function):
+    """``_recurrence`` with its transpose as the backward: dK_j = sum_{i after j} dP_i e^{c_j - t_i}, the mirror
+    recurrence with references -t and targets -c (itself a ``_Recurrence``, so higher derivatives work too)."""
+
+    @staticmethod
+    def forward(ctx, K, c, targets, reverse: bool):
+        ctx.save_for_backward(c, targets)
+        ctx.reverse = reverse
+        return _recurrence(K, c, targets, reverse)
+
+    @staticmethod
+    def backward(ctx, dP):
+        c, targets = ctx.saved_tensors  # the transpose is a recurrence too: differentiable again, to any order
+        return _Recurrence.apply(dP, -targets, -c, not ctx.reverse), None, None, None
+
+
 def exclusive_prefix(K: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, group: int = GROUP,
-                     reverse: bool = False) -> torch.Tensor:
+                     reverse: bool = False, form: str | None = None) -> torch.Tensor:
     """The state entering each chunk: P_i = sum_{j<i} K_j e^{c_j - t_i} (``reverse``: sum_{j>i}).
 
     K [..., n, m, e] chunk summaries (float32/float64), c [..., n, m'] their references, targets [..., n, m'] with
     t_i >= c_j for every j that reaches i (then every weight is <= 1; m' = m, or 1 for kernels with one log-scale
-    per position). ``group`` G: chunks per group of the matrix form (its weights are [n, G, m'] per batch row and
-    head). Differentiable in K; c and targets are constants. Returns [..., n, m, e]."""
+    per position). ``form``: "matrix" (a fixed number of batched ops: GPUs), "recurrence" (n in-place steps), or
+    None: the recurrence on a CPU for n <= RECURRENCE_MAX, else the matrix form. ``group`` G: chunks per group of
+    the matrix form (its weights are [n, G, m'] per batch row and head). Differentiable in K; c and targets
+    are constants. Returns [..., n, m, e]. Raises ValueError for an unknown ``form``."""
+    if form not in (None, "matrix", "recurrence"):
+        raise ValueError(f"exclusive_prefix: form={form!r}; expected 'matrix', 'recurrence' or None (by device)")
     c, targets = c.detach(), targets.detach()
     n, m, e = K.shape[-3:]
     if n == 1:  # one chunk (short inputs, a decoding step): nothing comes before it
         return torch.zeros_like(K)
+    if form == "recurrence" or (form is None and K.device.type == "cpu" and n <= RECURRENCE_MAX):
+        return _Recurrence.apply(K, c, targets, reverse)
     G = min(n, group)
     ng = -(-n // G)
     pad = ng * G - n
