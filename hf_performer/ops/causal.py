@@ -44,7 +44,7 @@ from .common import (
     times,
     with_ones,
 )
-from .local import band, combine_window, exact_base
+from .local import band, combine_window, exact_base, unband
 from .scan import exclusive_prefix
 
 REF_SPREAD = 20.0  # at most this far (in log units) below the chunk's first key's largest logit: see _causal
@@ -110,8 +110,14 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
     v1 = with_ones(chunked(vx[:, :, w:]))  # [B, H, n, C, dv + 1]
     # chunk summaries relative to the running maximum (before lk may be reused in place below)
     K = times(masked_exp_(lk - M[:, :, 1:, None], keep), fk).transpose(-1, -2) @ v1  # [B, H, n, m, dv + 1]
-    # without autograd and without a window (whose halo reads lk_all), lk and lq become the features in place
-    inplace = not torch.is_grad_enabled() and not w
+    if w:  # the halo's features first: lk_all's logits become the chunk's features in place below
+        halo = lambda x: x[:, :, : n * C].unflatten(2, (n, C))[:, :, :, :w]  # the w keys before each chunk
+        fh = None if fk_all is None else halo(fk_all)
+        keep_h = mx[:, : n * C].unflatten(1, (n, C))[:, None, :, :w, None]
+        phi_h = times(masked_exp_(halo(lk_all) - ref_c, keep_h), fh)  # <= 1: before the chunk
+    # without autograd, lk and lq become the features in place (with it, an in-place op on lk, a view of lk_all,
+    # would make autograd copy all of lk_all in the backward)
+    inplace = not torch.is_grad_enabled()
     x_k = lk.sub_(ref_c) if inplace else lk - ref_c  # [B, H, n, C, m'] (shifted further in place below)
     x_q = lq.add_(ref_c) if inplace else lq + ref_c
     with torch.no_grad():
@@ -134,20 +140,20 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
     total = (phi_q @ prefix) * e_u + A @ v1  # [B, H, n, C, dv + 1]
     num, den = total[..., :-1].flatten(2, 3), total[..., -1].flatten(2, 3)  # [B, H, nC, ·]
     if w:
-        halo = lambda x: x[:, :, : n * C].unflatten(2, (n, C))[:, :, :, :w]  # the w keys before each chunk
-        fh = None if fk_all is None else halo(fk_all)
-        keep_h = mx[:, : n * C].unflatten(1, (n, C))[:, None, :, :w, None]
-        phi_h = times(masked_exp_(halo(lk_all) - ref_c, keep_h), fh)  # <= 1: before the chunk
         A_ext = torch.cat([(phi_q @ phi_h.transpose(-1, -2)) * e_u, A], -1)  # [B, H, n, C, w + C]
         fav = band(A_ext, w + 1).flatten(2, 3)  # [B, H, nC, w + 1]: the pair (t, t - w + j) at column j
         log_scale = (r[..., 0] + U).flatten(2, 3)
         qt, kt = fmap.transform(qx, True), fmap.transform(kx, False)
-        dots = torch.stack([torch.linalg.vecdot(qt, kt[:, :, j : j + n * C]) for j in range(w + 1)], -1)
+        # every chunk's w + C keys (the halo, then its own) [B, H, n, w + C, ·]: the exact dot products of the window
+        # pairs are the same band of one [C, w + C] product per chunk as fav is of A_ext (an overlapping unfold view
+        # instead would cost autograd a slow unfold_backward)
+        spans = lambda x: torch.cat([halo(x), chunked(x[:, :, w:])], 3)  # [B, H, w + nC, ·] -> [B, H, n, w + C, ·]
+        dots = band(chunked(qt) @ spans(kt).transpose(-1, -2), w + 1).flatten(2, 3)  # [B, H, nC, w + 1]
         logits = dots + exact_base(fmap, qt, log_scale)[..., None]  # [B, H, nC, w + 1]
         valid = torch.stack([mx[:, j : j + n * C] for j in range(w + 1)], -1)[:, None]
 
-        def apply_coef(coef):  # [B, H, nC, w + 1] -> sum over the window of coef * v
-            return sum(coef[..., j, None] * vx[:, :, j : j + n * C] for j in range(w + 1))
+        def apply_coef(coef):  # [B, H, nC, w + 1] -> sum over the window of coef * v, one product per chunk
+            return (unband(chunked(coef), C + w) @ spans(vx)).flatten(2, 3)
 
         out = combine_window(num, den, fav, logits, valid, apply_coef)
     else:

@@ -66,8 +66,9 @@ def _scan(K: torch.Tensor, c: torch.Tensor, reverse: bool) -> tuple[torch.Tensor
 
 
 def _recurrence(K: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, reverse: bool) -> torch.Tensor:
-    """``exclusive_prefix`` by the in-place recurrence (module docstring), without autograd: n - 1 steps of four
-    ops on [..., m, e] slices, in scan order (from the end when ``reverse``)."""
+    """``exclusive_prefix`` by the in-place recurrence (module docstring), without autograd: n - 1 steps of three
+    ops on [..., m, e] slices, in scan order (from the end when ``reverse``), small enough to stay in cache (one op
+    per step on the whole [..., n, m, e] tensor measured slower: every full pass over it goes to memory)."""
     n = K.shape[-3]
     order = list(range(n - 1, -1, -1)) if reverse else list(range(n))
     with torch.no_grad():
@@ -81,7 +82,10 @@ def _recurrence(K: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, reverse
         Q = K.select(-3, order[0]) * enter[..., 0, :, :]  # [..., m, e]
         for p in range(1, n):
             i = order[p]
-            out.select(-3, i).copy_(Q * reach[..., p - 1, :, :])  # (no out=: torch.compile traces copy_)
+            if torch.compiler.is_compiling():  # (torch.compile does not trace out= into a strided view)
+                out.select(-3, i).copy_(Q * reach[..., p - 1, :, :])
+            else:
+                torch.mul(Q, reach[..., p - 1, :, :], out=out.select(-3, i))
             if p < n - 1:
                 Q.mul_(grow[..., p - 1, :, :]).addcmul_(K.select(-3, i), enter[..., p, :, :])
     return out
