@@ -9,6 +9,12 @@ SDPA, then calls them in turn, round after round (``--calls`` rounds after a war
 ``--repeats`` such processes per cell; the table is their median. Forward (no grad) and forward + backward,
 bidirectional and causal, with and without the local window.
 
+``--malloc retain`` runs the workers with glibc's heap kept between calls (``RETAIN_TUNABLES``): by default glibc
+hands freed blocks above its trim threshold back to the kernel and every call faults the pages of its [L, m]
+temporaries in again (8-27k page faults per causal forward at 2k tokens here, 10-40% of its time; SDPA's fused
+kernel allocates next to nothing). PyTorch's own CPU launcher (``python -m torch.backends.xeon.run_cpu``) preloads
+tcmalloc or jemalloc configured to keep memory; these tunables are the same for glibc.
+
 Shapes: batch 1, 8 heads, head_dim 64, nb_features 256, statistics fitted on the first 512 tokens, float32.
 Output: benchmarks/results/side-by-side.json and .md (median of --repeats, milliseconds), written atomically.
 
@@ -73,9 +79,17 @@ print(json.dumps(out))
 """
 
 
-def run_worker(base_dir: Path, L: int, window: int, causal: bool, calls: int) -> dict:
-    """{pass: {implementation: best ms}} from one worker process, or {"error": ...}."""
+# glibc's mmap threshold at its maximum (32 MiB: larger blocks would still be mapped afresh) and a trim threshold of
+# 256 MiB: freed [L, m] temporaries stay in the heap for the next call instead of going back to the kernel
+RETAIN_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456"
+
+
+def run_worker(base_dir: Path, L: int, window: int, causal: bool, calls: int, malloc: str = "glibc") -> dict:
+    """{pass: {implementation: best ms}} from one worker process, or {"error": ...}. ``malloc``: "glibc" (the
+    defaults) or "retain" (``RETAIN_TUNABLES``)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    if malloc == "retain":
+        env["GLIBC_TUNABLES"] = RETAIN_TUNABLES
     args = [sys.executable, "-c", WORKER, str(L), str(window), "1" if causal else "0", str(calls), str(base_dir)]
     done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     if done.returncode:
@@ -92,11 +106,13 @@ def export_base(base: str, folder: Path) -> Path:
 
 
 def render(doc: dict) -> str:
+    malloc = ("glibc's defaults." if doc.get("malloc", "glibc") == "glibc" else
+              f"glibc with its heap kept between calls (GLIBC_TUNABLES={RETAIN_TUNABLES}).")
     lines = [f"# Side by side: FAVOR+ at {doc['head']} vs {doc['base']} vs SDPA (CPU)", "",
              f"{doc['machine']}; {doc['threads']} threads; load average {doc['loadavg']:.1f} at start; {doc['date']}. "
              f"Median over {doc['repeats']} processes of each implementation's best of {doc['calls']} interleaved "
              "rounds (all implementations in one process, called in turn), ms. Window rows: \"now / pure\" is this "
-             "tree's window against its own pure FAVOR+, timed in the same process.", ""]
+             f"tree's window against its own pure FAVOR+, timed in the same process. Allocator: {malloc}", ""]
     for mode in ("bidirectional", "causal"):
         for window in doc["windows"]:
             extra = " now / pure |" if window else ""
@@ -123,6 +139,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--calls", type=int, default=5, help="interleaved rounds per process after a warm-up (the best counts)")
     p.add_argument("--name", default="side-by-side", help="output file stem in benchmarks/results/")
+    p.add_argument("--malloc", choices=["glibc", "retain"], default="glibc",
+                   help="glibc: its defaults; retain: keep freed memory in the heap between calls (RETAIN_TUNABLES)")
     args = p.parse_args(argv)
     base = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=ROOT, capture_output=True, text=True,
                           check=True).stdout.strip()
@@ -132,7 +150,7 @@ def main(argv=None) -> int:
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
                                  ":(exclude)benchmarks/results"], cwd=ROOT, capture_output=True, text=True).stdout.strip())
     doc = {"base": base, "head": head + ("+dirty" if dirty else ""), "repeats": args.repeats, "calls": args.calls,
-           "windows": args.windows,
+           "windows": args.windows, "malloc": args.malloc,
            "machine": os.uname().machine, "threads": os.environ.get("OMP_NUM_THREADS", "2"),
            "loadavg": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": []}
     with tempfile.TemporaryDirectory(prefix="hfp-base-") as tmp:
@@ -140,7 +158,8 @@ def main(argv=None) -> int:
         for L in args.lengths:
             for mode in ("bidirectional", "causal"):
                 for window in args.windows:
-                    runs = [run_worker(base_dir, L, window, mode == "causal", args.calls) for _ in range(args.repeats)]
+                    runs = [run_worker(base_dir, L, window, mode == "causal", args.calls, args.malloc)
+                            for _ in range(args.repeats)]
                     for pass_ in ("fwd", "fwd+bwd"):
                         row = {"L": L, "mode": mode, "window": window, "pass": pass_}
                         for key in ("sdpa", "base", "now", "pure"):
