@@ -18,11 +18,11 @@ Every quantity at t uses keys s <= t only, so a future key cannot move an earlie
 bit. Padded keys are masked before every exponential (value and gradient exactly 0, no 0 * inf). Decoding
 passes the running state (S, z, c) as a summary ahead of chunk 0. With a local window the w keys before each
 chunk (the previous chunk's last keys, or the decoding state's) join the intra matrix as a halo, so the window's
-FAVOR estimates are a band of it (``local.combine_window``). Backward: for the positive kernels without a window,
-the hand-written one of ``causal_backward`` (keeps q, k, v, the output and the inter-chunk states, recomputes the
-features once); otherwise autograd's through these batched ops (the scan's weights are constants, so its backward
-is the transposed matmul), and above ``common.RECOMPUTE_ABOVE`` the op keeps only q, k, v and recomputes itself in
-the backward. Memory: O(L (m + C) + (L / C) m dv) per head, nothing L×L.
+FAVOR estimates are a band of it (``local.combine_window``). Backward: for the positive kernels (softmax, favor++;
+with or without a window) the hand-written one of ``causal_backward`` (keeps q, k, v, the output, phi~(Q) and the
+inter-chunk states, recomputes the key features once); for trig/relu autograd's through these batched ops (the
+scan's weights are constants, so its backward is the transposed one), and above ``common.RECOMPUTE_ABOVE`` that op
+keeps only q, k, v and recomputes itself in the backward. Memory: O(L (m + C) + (L / C) m dv) per head, nothing L×L.
 """
 
 from __future__ import annotations
@@ -58,10 +58,27 @@ def in_chunk_decay(U: torch.Tensor) -> torch.Tensor:
     return torch.exp(U[..., None, :] - U[..., :, None]).tril_()
 
 
+def with_halo(k, v, state: FavorState | None, window: int):
+    """The w keys before the sequence joined in front of k [B,H,T,d] and v [B,H,T,dv]: the decoding state's window,
+    else missing (zeros, masked). -> k, v [B,H,w+T,·] and the halo's mask [B,w] bool (True = a real key)."""
+    B, H, T, _ = k.shape
+    w = window
+    if state is not None and state.wk is not None:
+        have = state.wk.shape[2]
+        hk, hv = pad_len(state.wk.to(k.dtype), w - have, 0), pad_len(state.wv.to(v.dtype), w - have, 0)
+        hm = pad_len(state.wm > 0, w - have, 0, value=False)
+    else:
+        hk, hv = k.new_zeros(B, H, w, k.shape[-1]), v.new_zeros(B, H, w, v.shape[-1])
+        hm = torch.zeros(B, w, dtype=torch.bool, device=k.device)
+    return torch.cat([hk, k], 2), torch.cat([hv, v], 2), hm
+
+
 def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: FavorState | None,
-            internals: dict | None = None):
+            internals: dict | None = None, halo_mask: torch.Tensor | None = None):
     """q, k [B,H,T,d], v [B,H,T,dv] in the compute dtype, mask [B,T] bool -> (out [B,H,T,dv], new FavorState).
-    ``internals``: a dict that receives what the hand-written backward needs (``causal_backward``)."""
+    ``internals``: a dict that receives what the hand-written backward needs (``causal_backward``).
+    ``halo_mask`` [B, w]: k and v already carry the w keys before the sequence in front ([B, H, w + T, ·],
+    ``with_halo``) and this is their mask; when None, they are taken from ``state``."""
     B, H, T, _ = q.shape
     w, big = window, neg_big(q.dtype)
     C = max(min(chunk, T), w, 1)
@@ -69,19 +86,13 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
     P = n * C - T  # padding after the last token (masked keys; their queries' outputs are cut off)
     chunked = lambda x: x.unflatten(2, (n, C))  # [B, H, nC, ·] -> [B, H, n, C, ·]
 
-    # the w keys before the sequence: the decoding state's window, else missing (masked)
+    if w and halo_mask is None:
+        k, v, halo_mask = with_halo(k, v, state, w)
     real = torch.ones(B, T, dtype=torch.bool, device=q.device) if mask is None else mask
     kx, vx, mx, qx = (pad_len(x, 0, P, value=False if x.dtype == torch.bool else 0.0) if P else x
                       for x in (k, v, real, q))
     if w:
-        if state is not None and state.wk is not None:
-            have = state.wk.shape[2]
-            hk, hv = pad_len(state.wk, w - have, 0), pad_len(state.wv, w - have, 0)
-            hm = pad_len(state.wm > 0, w - have, 0, value=False)
-        else:
-            hk, hv = k.new_zeros(B, H, w, k.shape[-1]), v.new_zeros(B, H, w, v.shape[-1])
-            hm = torch.zeros(B, w, dtype=torch.bool, device=q.device)
-        kx, vx, mx = torch.cat([hk, kx], 2), torch.cat([hv, vx], 2), torch.cat([hm, mx], 1)
+        mx = torch.cat([halo_mask, mx], 1)
     # kx [B, H, w + nC, d], vx [B, H, w + nC, dv], mx [B, w + nC]: key position p at index w + p
 
     lk_all, fk_all = fmap(kx)  # [B, H, w + nC, m'], F [.., m] or None
@@ -155,7 +166,7 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
         def apply_coef(coef):  # [B, H, nC, w + 1] -> sum over the window of coef * v, one product per chunk
             return (unband(chunked(coef), C + w) @ spans(vx)).flatten(2, 3)
 
-        out = combine_window(num, den, fav, logits, valid, apply_coef)
+        out = combine_window(num, den, fav, logits, valid, apply_coef, internals)
     else:
         out = num / safe_den(den)[..., None]
     if internals is not None:  # what the backward reads: the estimator's constants, the sums, A, D and phi~(Q)
@@ -190,12 +201,19 @@ def causal_attention(q, k, v, fmap: FeatureMap, key_padding_mask=None, chunk_siz
         for a in range(0, T, seg):
             cut = lambda x, a=a: x[:, :, a : a + seg]
             m = None if key_padding_mask is None else key_padding_mask[:, a : a + seg]
-            if fmap.exponential and not local_window and torch.is_grad_enabled():  # hand-written backward
+            if fmap.exponential and torch.is_grad_enabled():  # hand-written backward
                 from .causal_backward import PositiveCausal
 
                 S0, z0, c0 = (None, None, None) if state is None else (state.S, state.z, state.c)
-                out, S, z, c = PositiveCausal.apply(cut(q), cut(k), cut(v), S0, z0, c0, fmap, m, chunk_size)
+                ks, vs, hm, w = cut(k), cut(v), None, local_window
+                if w:  # the w keys before the segment ride in front of its keys (their gradients flow back)
+                    ks, vs, hm = with_halo(ks, vs, state, w)
+                out, S, z, c = PositiveCausal.apply(cut(q), ks, vs, S0, z0, c0, fmap, m, hm, chunk_size, w)
                 state = FavorState(S=S, z=z, c=c)
+                if w:
+                    t, real = out.shape[2], torch.ones_like(out[:, 0, :, 0], dtype=torch.bool) if m is None else m
+                    state.wk, state.wv = ks[:, :, t : t + w], vs[:, :, t : t + w]
+                    state.wm = torch.cat([hm, real], 1)[:, t : t + w].to(q.dtype)
             else:
                 fn = lambda q, k, v, m=m, state=state: _causal(q, k, v, fmap, m, chunk_size, local_window, state)
                 out, state = maybe_checkpoint(fn, cut(q), cut(k), cut(v), size=B * H * T * fmap.nb_features)

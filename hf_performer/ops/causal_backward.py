@@ -16,6 +16,12 @@ Per chunk i (notation of ``causal``; G = [g / den, -(g . out) / den] [C, dv + 1]
 and d logits = dphi~ ⊙ phi~ (+ dkf ⊙ kf for keys), which ``FeatureMap.logits_vjp`` takes to q and k. The state
 entering the call (decoding, or the previous CPU segment) and the state it returns are differentiable too.
 Padded keys have phi~ = kf = 0 exactly, so their gradients are exactly 0.
+
+With a local window (w > 0) the w keys before the sequence ride in front of k and v (``causal.with_halo``: the
+previous segment's or the decoding state's last keys, so their gradients flow back through autograd), and
+``_window_grads`` turns the output's gradient into G = d[num, den] plus the gradients of FAVOR's window-pair
+estimates (dA: a band of the [C, w + C] products of each chunk's queries with its halo and own keys, joined to the
+intra matrix's) and of the exact terms (one [C, w + C] product per chunk, like the forward's).
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ import torch
 
 from ..features import FeatureMap
 from .causal import _causal
-from .common import FavorState, masked_exp_, pad_len, with_ones
+from .common import FavorState, masked_exp_, pad_len, safe_den, with_ones
+from .local import band, unband
 from .scan import exclusive_prefix
 
 
@@ -49,47 +56,56 @@ def _reverse_prefix(dP, d_final, ref, M, with_state: bool):
 
 
 class PositiveCausal(torch.autograd.Function):
-    """Causal FAVOR attention of a positive kernel without a window, with the hand-written backward above.
+    """Causal FAVOR attention of a positive kernel, with the hand-written backward above (and, with a local window
+    w > 0, the window's terms: see ``_window_grads``).
 
-    forward(q, k, v [B,H,T,·] in the compute dtype, S0 [B,H,m,dv], z0 [B,H,m], c0 [B,H,m] (the incoming state, or
-    three Nones), fmap, mask [B,T] bool or None, chunk) -> (out [B,H,T,dv], S [B,H,m,dv], z [B,H,m], c [B,H,m]);
-    c is not differentiable."""
+    forward(q [B,H,T,d], k [B,H,w+T,d], v [B,H,w+T,dv] in the compute dtype (with a window, the w keys before the
+    sequence in front: ``causal.with_halo``), S0 [B,H,m,dv], z0 [B,H,m], c0 [B,H,m] (the incoming state, or three
+    Nones), fmap, mask [B,T] bool or None, halo_mask [B,w] bool (None without a window), chunk, window)
+    -> (out [B,H,T,dv], S [B,H,m,dv], z [B,H,m], c [B,H,m]); c is not differentiable."""
 
     @staticmethod
-    def forward(ctx, q, k, v, S0, z0, c0, fmap: FeatureMap, mask, chunk: int):
+    def forward(ctx, q, k, v, S0, z0, c0, fmap: FeatureMap, mask, halo_mask, chunk: int, window: int = 0):
         state = None if S0 is None else FavorState(S=S0, z=z0, c=c0)
         internals = {}
-        out, new = _causal(q, k, v, fmap, mask, chunk, 0, state, internals)
+        out, new = _causal(q, k, v, fmap, mask, chunk, window, state, internals, halo_mask)
         i = internals
-        ctx.save_for_backward(q, k, v, mask, out, i["den"], i["prefix"], i["ref"], i["M"], i["U"], i["r"], i["A"],
-                              i["decay"], i["phi_q"])
-        ctx.fmap, ctx.C, ctx.has_state = fmap, i["C"], state is not None
+        extra = [i["e"], i["g"], i["coef"], i["kept"], i["total"]] if window else []
+        ctx.save_for_backward(q, k, v, mask, halo_mask, out, i["den"], i["prefix"], i["ref"], i["M"], i["U"], i["r"], i["A"],
+                              i["decay"], i["phi_q"], *extra)
+        ctx.fmap, ctx.C, ctx.has_state, ctx.window = fmap, i["C"], state is not None, window
         ctx.mark_non_differentiable(new.c)
         ctx.set_materialize_grads(False)
         return out, new.S, new.z, new.c
 
     @staticmethod
     def backward(ctx, g_out, g_S, g_z, _g_c):
-        q, k, v, mask, out, den, prefix, ref, M, U, r, A, decay, phi_q = ctx.saved_tensors
-        fmap, C = ctx.fmap, ctx.C
-        B, H, T, dv = v.shape
+        q, k, v, mask, halo_mask, out, den, prefix, ref, M, U, r, A, decay, phi_q, *win = ctx.saved_tensors
+        fmap, C, w = ctx.fmap, ctx.C, ctx.window
+        B, H, T, _ = q.shape
         n = -(-T // C)
         P = n * C - T
         pad = (lambda x: pad_len(x, 0, P)) if P else (lambda x: x)
-        chunked = lambda x: pad(x).unflatten(2, (n, C))  # [B, H, T, ·] -> [B, H, n, C, ·]
-        if mask is None and P == 0:
-            keep = None
-        else:
-            real = torch.ones(B, T, dtype=torch.bool, device=q.device) if mask is None else mask
-            keep = pad_len(real, 0, P, value=False).unflatten(1, (n, C))[:, None, :, :, None]
+        chunked = lambda x: x.unflatten(2, (n, C))  # [B, H, nC, ·] -> [B, H, n, C, ·]
+        kx, vx = pad(k), pad(v)  # [B, H, w + nC, ·]: key position p at index w + p
+        real = torch.ones(B, T, dtype=torch.bool, device=q.device) if mask is None else mask
+        mx = pad_len(real, 0, P, value=False)  # [B, nC]
+        keep = None if (mask is None and P == 0) else mx.unflatten(1, (n, C))[:, None, :, :, None]
+        if w:
+            mx = torch.cat([halo_mask, mx], 1)  # [B, w + nC]
+            keep_h = mx[:, : n * C].unflatten(1, (n, C))[:, None, :, :w, None]
         cut = lambda x: x.flatten(2, 3)[:, :, :T]  # [B, H, n, C, ·] -> [B, H, T, ·]
-        v1 = with_ones(chunked(v))  # [B, H, n, C, dv + 1]
+        v1 = with_ones(chunked(vx[:, :, w:]))  # [B, H, n, C, dv + 1]
         if g_out is None:
-            G = torch.zeros_like(v1)
+            G, win_grads = torch.zeros_like(v1), None
+        elif w:
+            G, win_grads = _window_grads(pad(g_out), pad(out), pad(q), kx, vx, *win, fmap, chunked, w)
         else:
             g_num = g_out.to(out.dtype) / den[..., None]  # [B, H, T, dv]
-            G = chunked(torch.cat([g_num, -(g_num * out).sum(-1, keepdim=True)], -1))  # [B, H, n, C, dv + 1]
-        Gp = G * torch.exp(-U)[..., None]
+            G = chunked(pad(torch.cat([g_num, -(g_num * out).sum(-1, keepdim=True)], -1)))  # [B, H, n, C, dv + 1]
+            win_grads = None
+        e_u = torch.exp(-U)[..., None]  # [B, H, n, C, 1]
+        Gp = G * e_u
         # the inter-chunk part first (small tensors): dP, then its transpose through the scan
         dP = phi_q.transpose(-1, -2) @ Gp  # [B, H, n, m, dv + 1]
         d_final = None
@@ -101,14 +117,27 @@ class PositiveCausal(torch.autograd.Function):
         del dP
         # the keys' logits once: relative to the running maximum (kf, the chunk summaries' features) and to the
         # chunk's reference and in-chunk bound (phi~(K)); at most ~5 [B, H, L, m] tensors alive from here on
-        lk = chunked(fmap(k)[0])  # [B, H, n, C, m]
+        lk_all = fmap(kx)[0]  # [B, H, w + nC, m]
+        lk = chunked(lk_all[:, :, w:])  # [B, H, n, C, m]
+        ref_c = ref[:, :, :, None]
+        if win_grads is not None:  # the halo's features before lk (a view of lk_all) changes in place
+            phi_h = masked_exp_(_halo(lk_all, chunked, w) - ref_c, keep_h)  # [B, H, n, w, m]
         kf = masked_exp_(lk - M[:, :, 1:, None], keep)
-        phi_k = masked_exp_(lk.sub_(ref[:, :, :, None]).sub_(U[..., None]), keep)
-        del lk
-        dB = (G @ v1.transpose(-1, -2)).mul_(decay)  # [B, H, n, C, C]
+        phi_k = masked_exp_(lk.sub_(ref_c).sub_(U[..., None]), keep)
+        del lk, lk_all
+        dB = G @ v1.transpose(-1, -2)  # [B, H, n, C, C]
+        if win_grads is not None:
+            dB += win_grads["dA"][..., w:]
+        dB.mul_(decay)
         dphi_q = dB @ phi_k  # [B, H, n, C, m], plus (e_u G) P_i^T in place:
         dphi_q.flatten(0, 2).baddbmm_(Gp.flatten(0, 2), prefix.transpose(-1, -2).flatten(0, 2))
-        dq = fmap.logits_vjp(q, cut(dphi_q.mul_(phi_q)), query=True)
+        if win_grads is not None:  # the halo's FAVOR estimates: A_h = (phi~(Q) phi~(K_h)^T) e_u
+            dA_h = win_grads["dA"][..., :w] * e_u  # [B, H, n, C, w]
+            dphi_q.flatten(0, 2).baddbmm_(dA_h.flatten(0, 2), phi_h.flatten(0, 2))
+            dlh = (dA_h.transpose(-1, -2) @ phi_q).mul_(phi_h)  # [B, H, n, w, m]: gradient of the halo's logits
+            del phi_h, dA_h
+        dq = fmap.logits_vjp(q, cut(dphi_q.mul_(phi_q)), query=True,
+                             grad_xt=None if win_grads is None else win_grads["dqt"][:, :, :T])
         del dphi_q, Gp
         dlk = (dB.transpose(-1, -2) @ phi_q).mul_(phi_k)  # dphi~(K) * phi~(K): [B, H, n, C, m]
         del dB, phi_q, phi_k
@@ -116,8 +145,69 @@ class PositiveCausal(torch.autograd.Function):
         dV1 = A.transpose(-1, -2) @ G  # A^T G (A and D kept by the forward: [n, C, C], no second Q K^T)
         dV1 += kf @ dK
         del kf, dK
-        dk = fmap.logits_vjp(k, cut(dlk))
-        dv_ = cut(dV1[..., :-1])
+        if w:  # key rows w + nC: each chunk's halo rows join the previous chunk's (or the incoming window's) keys
+            # (logits_vjp works row by row: the chunks' own rows and their halo rows go through it apart, and only
+            # the [L, d] results are summed into key rows)
+            own = fmap.logits_vjp(kx[:, :, w:], dlk.flatten(2, 3),
+                                  grad_xt=None if win_grads is None else win_grads["dkt_own"])  # [B, H, nC, d]
+            own_v = dV1[..., :-1].flatten(2, 3)
+            if win_grads is None:  # no gradient reached the output: the window's terms have none either
+                dk, dv_ = pad_len(own, w, 0), pad_len(own_v, w, 0)
+            else:
+                # (as [B, H, nw, ·] rows: the feature map's per-head terms broadcast against [B, H, L, ·])
+                halo = fmap.logits_vjp(_halo(kx, chunked, w).flatten(2, 3), dlh.flatten(2, 3),
+                                       grad_xt=win_grads["dkt_h"].flatten(2, 3))  # [B, H, nw, d]
+                dk = _unspan(halo.unflatten(2, (n, w)), chunked(own), w)
+                dv_ = _unspan(win_grads["dv_h"], chunked(own_v + win_grads["dv_own"]), w)
+            dk, dv_ = dk[:, :, : w + T], dv_[:, :, : w + T]
+        else:
+            dk = fmap.logits_vjp(k, cut(dlk))
+            dv_ = cut(dV1[..., :-1])
         if ctx.has_state:
-            return dq, dk, dv_, dS0[..., :-1], dS0[..., -1], None, None, None, None
-        return dq, dk, dv_, None, None, None, None, None, None
+            return dq, dk, dv_, dS0[..., :-1], dS0[..., -1], None, None, None, None, None, None
+        return dq, dk, dv_, None, None, None, None, None, None, None, None
+
+
+def _halo(x: torch.Tensor, chunked, w: int) -> torch.Tensor:
+    """The w key rows before each chunk: x [B, H, w + nC, ·] -> [B, H, n, w, ·] (a view)."""
+    return chunked(x[:, :, : x.shape[2] - w])[:, :, :, :w]
+
+
+def _unspan(halo: torch.Tensor, own: torch.Tensor, w: int) -> torch.Tensor:
+    """Gradients of each chunk's w halo rows [B, H, n, w, ·] and of its own C rows [B, H, n, C, ·] summed into the
+    key rows they came from: [B, H, w + nC, ·] (the inverse of reading them as ``_halo`` and chunk views)."""
+    full = pad_len(own.flatten(2, 3), w, 0)  # [B, H, w + nC, ·], the first w rows 0
+    n, C = own.shape[2], own.shape[3]
+    full[:, :, : n * C].unflatten(2, (n, C))[:, :, :, :w] += halo
+    return full
+
+
+def _window_grads(g_out, out, qx, kx, vx, e, g, coef, kept, total, fmap: FeatureMap, chunked, w: int):
+    """The local window's part of the backward (notation of ``local.combine_window``, all rows padded to nC):
+
+        out = (g num + apply(coef)) / total,   coef = e - g fav,   total = g max(den - sum fav, 0) + sum e,
+        e = exp(exact - s),   exact = q'.k' + |q'|^2 / 2 + const   (the window pairs, masked where not real)
+
+    -> (G [B, H, n, C, dv + 1]: the gradient of FAVOR's [num, den]; a dict with dA [B, H, n, C, w + C] (of the
+    chunk's [halo, own] FAVOR products, from fav), and from the exact terms dqt [B, H, nC, d] (of the transformed
+    queries), dkt_h [B, H, n, w, d] / dkt_own [B, H, nC, d] (of the transformed keys, read as each chunk's halo rows
+    and as its own rows) and dv_h / dv_own (of the values, likewise))."""
+    spans = lambda x: torch.cat([_halo(x, chunked, w), chunked(x[:, :, w:])], 3)  # [B, H, n, w + C, ·]
+    span = w + chunked(qx).shape[3]
+    safe = safe_den(total)
+    d_num = g_out.to(out.dtype) / safe[..., None]  # [B, H, nC, dv]: of g num + apply(coef)
+    d_total = -(d_num * out).sum(-1) * (total != 0)  # [B, H, nC]
+    vs = spans(vx)  # [B, H, n, w + C, dv]
+    d_coef = band(chunked(d_num) @ vs.transpose(-1, -2), w + 1).flatten(2, 3)  # [B, H, nC, w + 1]
+    d_rest = d_total * kept  # of max(den - sum fav, 0), through the clamp
+    G = chunked(torch.cat([g[..., None] * d_num, (g * d_rest)[..., None]], -1))  # [B, H, n, C, dv + 1]
+    d_fav = -g[..., None] * (d_coef + d_rest[..., None])
+    d_exact = (d_coef + d_total[..., None]) * e  # e = 0 where the pair is not real
+    dv_spans = unband(chunked(coef), span).transpose(-1, -2) @ chunked(d_num)  # [B, H, n, w + C, dv]
+    qt, kt = fmap.transform(qx, True), fmap.transform(kx, False)
+    D = unband(chunked(d_exact), span)  # [B, H, n, C, w + C]
+    dqt = (D @ spans(kt)).flatten(2, 3) + d_exact.sum(-1, keepdim=True) * qt  # d(|q'|^2 / 2) = q'
+    dkt_spans = D.transpose(-1, -2) @ chunked(qt)  # [B, H, n, w + C, d]
+    dA = unband(chunked(d_fav), span)  # [B, H, n, C, w + C]
+    return G, {"dA": dA, "dqt": dqt, "dkt_h": dkt_spans[:, :, :, :w], "dkt_own": dkt_spans[:, :, :, w:].flatten(2, 3),
+               "dv_h": dv_spans[:, :, :, :w], "dv_own": dv_spans[:, :, :, w:].flatten(2, 3)}

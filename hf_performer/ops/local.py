@@ -45,20 +45,26 @@ def exact_base(fmap: FeatureMap, qt: torch.Tensor, log_scale: torch.Tensor) -> t
     return -fmap.query_row_terms(qt) - log_scale + math.log(fmap.nb_features)
 
 
-def combine_window(num, den, fav, logits, valid, apply_coef) -> torch.Tensor:
+def combine_window(num, den, fav, logits, valid, apply_coef, internals: dict | None = None) -> torch.Tensor:
     """Replace FAVOR's estimate of each window pair by its exact term.
 
     num [B,H,T,dv], den [B,H,T]: FAVOR's numerator and normaliser over all keys, in the op's scale; fav [B,H,T,W]:
     FAVOR's estimate of each window pair in that scale (0 for padded or missing keys); logits [B,H,T,W]: log of
     the exact terms in that scale; valid [B or 1,1 or H,T,W] bool: the pair's key exists and is real;
     apply_coef(coef [B,H,T,W]) -> [B,H,T,dv]: sum_j coef[..., j] * (value of the pair's key at column j).
-    Returns out [B,H,T,dv]."""
+    Returns out [B,H,T,dv]. ``internals``: a dict that receives e [B,H,T,W] (the exact terms), g [B,H,T] (the
+    per-row rescale), coef = e - g fav, kept [B,H,T] bool (FAVOR's rest was not clamped) and total [B,H,T] (the
+    normaliser, before ``safe_den``): what a hand-written backward needs."""
     exact = torch.where(valid, logits, neg_big(logits.dtype))  # masked before the exponential
     s = exact.detach().amax(-1).clamp_min(0)  # [B, H, T]: a per-row constant, cancels in the ratio
     e = torch.exp(exact - s[..., None])
     g = torch.exp(-s)
-    num = g[..., None] * num + apply_coef(e - g[..., None] * fav)
-    total = g * (den - fav.sum(-1)).clamp_min(0) + e.sum(-1)
+    coef = e - g[..., None] * fav
+    num = g[..., None] * num + apply_coef(coef)
+    rest = den - fav.sum(-1)
+    total = g * rest.clamp_min(0) + e.sum(-1)
+    if internals is not None:
+        internals.update(e=e, g=g, coef=coef, kept=rest >= 0, total=total)  # (clamp_min's gradient passes at 0)
     return num / safe_den(total)[..., None]
 
 
