@@ -95,9 +95,11 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
         mx = torch.cat([halo_mask, mx], 1)
     # kx [B, H, w + nC, d], vx [B, H, w + nC, dv], mx [B, w + nC]: key position p at index w + p
 
-    lk_all, fk_all = fmap(kx)  # [B, H, w + nC, m'], F [.., m] or None
-    lk, mk = chunked(lk_all[:, :, w:]), mx[:, w:].unflatten(1, (n, C))  # [B, H, n, C, m'], [B, n, C]
-    fk = None if fk_all is None else chunked(fk_all[:, :, w:])
+    halo = lambda x: x[:, :, : n * C].unflatten(2, (n, C))[:, :, :, :w]  # the w key rows before each chunk
+    # the chunks' own keys' logits, contiguous (their products then batch without copies), and apart from them the
+    # halo's: each chunk's w key rows before it, as [B, H, nw, ·] rows (w / C more projection work)
+    lk, fk = fmap(kx[:, :, w:])  # [B, H, nC, m'], F [.., m] or None
+    lk, fk, mk = chunked(lk), None if fk is None else chunked(fk), mx[:, w:].unflatten(1, (n, C))
     lq, fq = fmap(qx, query=True)
     lq, fq = chunked(lq), None if fq is None else chunked(fq)
     # [B, 1, n, C, 1], or None when every key is real (no masking work at all)
@@ -121,13 +123,12 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
     v1 = with_ones(chunked(vx[:, :, w:]))  # [B, H, n, C, dv + 1]
     # chunk summaries relative to the running maximum (before lk may be reused in place below)
     K = times(masked_exp_(lk - M[:, :, 1:, None], keep), fk).transpose(-1, -2) @ v1  # [B, H, n, m, dv + 1]
-    if w:  # the halo's features first: lk_all's logits become the chunk's features in place below
-        halo = lambda x: x[:, :, : n * C].unflatten(2, (n, C))[:, :, :, :w]  # the w keys before each chunk
-        fh = None if fk_all is None else halo(fk_all)
-        keep_h = mx[:, : n * C].unflatten(1, (n, C))[:, None, :, :w, None]
-        phi_h = times(masked_exp_(halo(lk_all) - ref_c, keep_h), fh)  # <= 1: before the chunk
-    # without autograd, lk and lq become the features in place (with it, an in-place op on lk, a view of lk_all,
-    # would make autograd copy all of lk_all in the backward)
+    if w:
+        lh, fh = fmap(halo(kx).flatten(2, 3))  # [B, H, nw, m']
+        lh, fh = lh.unflatten(2, (n, w)), None if fh is None else fh.unflatten(2, (n, w))
+        keep_h = halo(mx[:, None, :, None])  # [B, 1, n, w, 1]
+        phi_h = times(masked_exp_(lh.sub_(ref_c), keep_h), fh)  # <= 1: before the chunk
+    # without autograd, lk and lq become the features in place
     inplace = not torch.is_grad_enabled()
     x_k = lk.sub_(ref_c) if inplace else lk - ref_c  # [B, H, n, C, m'] (shifted further in place below)
     x_q = lq.add_(ref_c) if inplace else lq + ref_c

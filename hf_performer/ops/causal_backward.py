@@ -117,14 +117,14 @@ class PositiveCausal(torch.autograd.Function):
         del dP
         # the keys' logits once: relative to the running maximum (kf, the chunk summaries' features) and to the
         # chunk's reference and in-chunk bound (phi~(K)); at most ~5 [B, H, L, m] tensors alive from here on
-        lk_all = fmap(kx)[0]  # [B, H, w + nC, m]
-        lk = chunked(lk_all[:, :, w:])  # [B, H, n, C, m]
+        lk = chunked(fmap(kx[:, :, w:])[0])  # [B, H, n, C, m]
         ref_c = ref[:, :, :, None]
-        if win_grads is not None:  # the halo's features before lk (a view of lk_all) changes in place
-            phi_h = masked_exp_(_halo(lk_all, chunked, w) - ref_c, keep_h)  # [B, H, n, w, m]
+        if win_grads is not None:  # the halo's features: each chunk's w key rows before it ([B, H, nw, d] rows)
+            lh = fmap(_halo(kx, chunked, w).flatten(2, 3))[0].unflatten(2, (n, w))
+            phi_h = masked_exp_(lh.sub_(ref_c), keep_h)  # [B, H, n, w, m]
         kf = masked_exp_(lk - M[:, :, 1:, None], keep)
         phi_k = masked_exp_(lk.sub_(ref_c).sub_(U[..., None]), keep)
-        del lk, lk_all
+        del lk
         dB = G @ v1.transpose(-1, -2)  # [B, H, n, C, C]
         if win_grads is not None:
             dB += win_grads["dA"][..., w:]
