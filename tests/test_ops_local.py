@@ -52,6 +52,9 @@ def test_band_unband_and_rows():
     for i in range(5):
         expected[i, i : i + 5] = m[i, i : i + 5]
     assert torch.equal(unband(b, 9), expected)
+    assert torch.equal(band(m.t().contiguous().t(), 5), b)  # rows not contiguous: copied first
+    with pytest.raises(ValueError, match="width 6 reaches past the 9 columns"):
+        band(m, 6)
     x = torch.arange(7 * 2, dtype=D64).reshape(1, 1, 7, 2)
     for start, count in [(-2, 5), (0, 7), (3, 8), (-1, 10), (2, 3)]:
         got = rows(x, start, count)

@@ -27,9 +27,15 @@ from .common import neg_big, safe_den
 
 
 def band(m: torch.Tensor, width: int) -> torch.Tensor:
-    """[..., C, C + s] -> [..., C, width]: entry (i, j) = m[i, i + j] (a view through padding; width <= s + 1)."""
+    """[..., C, C + s] -> [..., C, width]: entry (i, j) = m[i, i + j] (width <= s + 1, so i + j < C + s always).
+    Row i of the band starts i (C + s + 1) elements into the flattened matrix: the first C - 1 rows are a view of it
+    as rows C + s + 1 long, the last row a slice; only the [C, width] result is written (no padded copy of m)."""
     C, S = m.shape[-2:]
-    return F.pad(m.flatten(-2), (0, C)).unflatten(-1, (C, S + 1))[..., :width]
+    if width > S - C + 1:
+        raise ValueError(f"band: width {width} reaches past the {S} columns of a [{C}, {S}] matrix")
+    flat, step = m.flatten(-2), S + 1
+    head = flat[..., : (C - 1) * step].unflatten(-1, (C - 1, step))[..., :width]
+    return torch.cat([head, flat[..., (C - 1) * step : (C - 1) * step + width].unsqueeze(-2)], -2)
 
 
 def unband(b: torch.Tensor, span: int) -> torch.Tensor:
