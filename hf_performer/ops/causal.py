@@ -73,6 +73,18 @@ def with_halo(k, v, state: FavorState | None, window: int):
     return torch.cat([hk, k], 2), torch.cat([hv, v], 2), hm
 
 
+def halo_rows(x: torch.Tensor, n: int, C: int, w: int) -> torch.Tensor:
+    """The w key rows before each of the n chunks: x [B, H, w + nC, ·] (key position p at row w + p) ->
+    [B, H, n, w, ·], a view."""
+    return x[:, :, : n * C].unflatten(2, (n, C))[:, :, :, :w]
+
+
+def key_spans(x: torch.Tensor, n: int, C: int, w: int) -> torch.Tensor:
+    """Every chunk's w + C key rows, its halo then its own: x [B, H, w + nC, ·] -> [B, H, n, w + C, ·] (a copy; an
+    overlapping ``unfold`` view would cost autograd a slow ``unfold_backward``)."""
+    return torch.cat([halo_rows(x, n, C, w), x[:, :, w:].unflatten(2, (n, C))], 3)
+
+
 def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: FavorState | None,
             internals: dict | None = None, halo_mask: torch.Tensor | None = None):
     """q, k [B,H,T,d], v [B,H,T,dv] in the compute dtype, mask [B,T] bool -> (out [B,H,T,dv], new FavorState).
@@ -95,7 +107,7 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
         mx = torch.cat([halo_mask, mx], 1)
     # kx [B, H, w + nC, d], vx [B, H, w + nC, dv], mx [B, w + nC]: key position p at index w + p
 
-    halo = lambda x: x[:, :, : n * C].unflatten(2, (n, C))[:, :, :, :w]  # the w key rows before each chunk
+    halo = lambda x: halo_rows(x, n, C, w)  # the w key rows before each chunk
     # the chunks' own keys' logits, contiguous (their products then batch without copies), and apart from them the
     # halo's: each chunk's w key rows before it, as [B, H, nw, ·] rows (w / C more projection work)
     lk, fk = fmap(kx[:, :, w:])  # [B, H, nC, m'], F [.., m] or None
@@ -156,10 +168,9 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
         fav = band(A_ext, w + 1).flatten(2, 3)  # [B, H, nC, w + 1]: the pair (t, t - w + j) at column j
         log_scale = (r[..., 0] + U).flatten(2, 3)
         qt, kt = fmap.transform(qx, True), fmap.transform(kx, False)
-        # every chunk's w + C keys (the halo, then its own) [B, H, n, w + C, ·]: the exact dot products of the window
-        # pairs are the same band of one [C, w + C] product per chunk as fav is of A_ext (an overlapping unfold view
-        # instead would cost autograd a slow unfold_backward)
-        spans = lambda x: torch.cat([halo(x), chunked(x[:, :, w:])], 3)  # [B, H, w + nC, ·] -> [B, H, n, w + C, ·]
+        # the exact dot products of the window pairs are the same band of one [C, w + C] product per chunk (its
+        # queries with its halo and own keys) as fav is of A_ext
+        spans = lambda x: key_spans(x, n, C, w)  # [B, H, w + nC, ·] -> [B, H, n, w + C, ·]
         dots = band(chunked(qt) @ spans(kt).transpose(-1, -2), w + 1).flatten(2, 3)  # [B, H, nC, w + 1]
         logits = dots + exact_base(fmap, qt, log_scale)[..., None]  # [B, H, nC, w + 1]
         valid = torch.stack([mx[:, j : j + n * C] for j in range(w + 1)], -1)[:, None]

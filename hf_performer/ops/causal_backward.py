@@ -1,9 +1,9 @@
-"""Hand-written backward of causal FAVOR attention (positive kernels, no local window), in the chunk-parallel shape
-of ``causal._causal``: the forward keeps q, k, v, the output, its normaliser, the stabilisers (ref, M, U, r), the
-query features phi~(Q) [B, H, n, C, m] (one [L, m] tensor: traded for a second query projection and exponential),
-the inter-chunk states P [B, H, n, m, dv + 1], the intra-chunk matrices A and their decay D [B, H, n, C, C] (together
-half an [L, m] feature tensor at C = 64: traded for a second Q K^T product); the backward computes the key logits
-once and runs a fixed number of batched ops, with no second pass through the forward.
+"""Hand-written backward of causal FAVOR attention (positive kernels, with or without the local window), in the
+chunk-parallel shape of ``causal._causal``: the forward keeps q, k, v, the output, its normaliser, the stabilisers
+(ref, M, U, r), the query features phi~(Q) [B, H, n, C, m] (one [L, m] tensor: traded for a second query projection
+and exponential), the inter-chunk states P [B, H, n, m, dv + 1], the intra-chunk matrices A and their decay D
+[B, H, n, C, C] (together half an [L, m] feature tensor at C = 64: traded for a second Q K^T product); the backward
+computes the key logits once and runs a fixed number of batched ops, with no second pass through the forward.
 
 Per chunk i (notation of ``causal``; G = [g / den, -(g . out) / den] [C, dv + 1], e_u = e^{-U}):
 
@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from ..features import FeatureMap
-from .causal import _causal
+from .causal import _causal, halo_rows, key_spans
 from .common import FavorState, masked_exp_, pad_len, safe_den, with_ones
 from .local import band, unband
 from .scan import exclusive_prefix
@@ -71,8 +71,8 @@ class PositiveCausal(torch.autograd.Function):
         out, new = _causal(q, k, v, fmap, mask, chunk, window, state, internals, halo_mask)
         i = internals
         extra = [i["e"], i["g"], i["coef"], i["kept"], i["total"]] if window else []
-        ctx.save_for_backward(q, k, v, mask, halo_mask, out, i["den"], i["prefix"], i["ref"], i["M"], i["U"], i["r"], i["A"],
-                              i["decay"], i["phi_q"], *extra)
+        ctx.save_for_backward(q, k, v, mask, halo_mask, out, i["den"], i["prefix"], i["ref"], i["M"], i["U"], i["r"],
+                              i["A"], i["decay"], i["phi_q"], *extra)
         ctx.fmap, ctx.C, ctx.has_state, ctx.window = fmap, i["C"], state is not None, window
         ctx.mark_non_differentiable(new.c)
         ctx.set_materialize_grads(False)
@@ -120,7 +120,7 @@ class PositiveCausal(torch.autograd.Function):
         lk = chunked(fmap(kx[:, :, w:])[0])  # [B, H, n, C, m]
         ref_c = ref[:, :, :, None]
         if win_grads is not None:  # the halo's features: each chunk's w key rows before it ([B, H, nw, d] rows)
-            lh = fmap(_halo(kx, chunked, w).flatten(2, 3))[0].unflatten(2, (n, w))
+            lh = fmap(halo_rows(kx, n, C, w).flatten(2, 3))[0].unflatten(2, (n, w))
             phi_h = masked_exp_(lh.sub_(ref_c), keep_h)  # [B, H, n, w, m]
         kf = masked_exp_(lk - M[:, :, 1:, None], keep)
         phi_k = masked_exp_(lk.sub_(ref_c).sub_(U[..., None]), keep)
@@ -155,7 +155,7 @@ class PositiveCausal(torch.autograd.Function):
                 dk, dv_ = pad_len(own, w, 0), pad_len(own_v, w, 0)
             else:
                 # (as [B, H, nw, ·] rows: the feature map's per-head terms broadcast against [B, H, L, ·])
-                halo = fmap.logits_vjp(_halo(kx, chunked, w).flatten(2, 3), dlh.flatten(2, 3),
+                halo = fmap.logits_vjp(halo_rows(kx, n, C, w).flatten(2, 3), dlh.flatten(2, 3),
                                        grad_xt=win_grads["dkt_h"].flatten(2, 3))  # [B, H, nw, d]
                 dk = _unspan(halo.unflatten(2, (n, w)), chunked(own), w)
                 dv_ = _unspan(win_grads["dv_h"], chunked(own_v + win_grads["dv_own"]), w)
@@ -168,14 +168,9 @@ class PositiveCausal(torch.autograd.Function):
         return dq, dk, dv_, None, None, None, None, None, None, None, None
 
 
-def _halo(x: torch.Tensor, chunked, w: int) -> torch.Tensor:
-    """The w key rows before each chunk: x [B, H, w + nC, ·] -> [B, H, n, w, ·] (a view)."""
-    return chunked(x[:, :, : x.shape[2] - w])[:, :, :, :w]
-
-
 def _unspan(halo: torch.Tensor, own: torch.Tensor, w: int) -> torch.Tensor:
     """Gradients of each chunk's w halo rows [B, H, n, w, ·] and of its own C rows [B, H, n, C, ·] summed into the
-    key rows they came from: [B, H, w + nC, ·] (the inverse of reading them as ``_halo`` and chunk views)."""
+    key rows they came from: [B, H, w + nC, ·] (the transpose of ``causal.key_spans``)."""
     full = pad_len(own.flatten(2, 3), w, 0)  # [B, H, w + nC, ·], the first w rows 0
     n, C = own.shape[2], own.shape[3]
     full[:, :, : n * C].unflatten(2, (n, C))[:, :, :, :w] += halo
@@ -192,8 +187,9 @@ def _window_grads(g_out, out, qx, kx, vx, e, g, coef, kept, total, fmap: Feature
     chunk's [halo, own] FAVOR products, from fav), and from the exact terms dqt [B, H, nC, d] (of the transformed
     queries), dkt_h [B, H, n, w, d] / dkt_own [B, H, nC, d] (of the transformed keys, read as each chunk's halo rows
     and as its own rows) and dv_h / dv_own (of the values, likewise))."""
-    spans = lambda x: torch.cat([_halo(x, chunked, w), chunked(x[:, :, w:])], 3)  # [B, H, n, w + C, ·]
-    span = w + chunked(qx).shape[3]
+    n, C = chunked(qx).shape[2:4]
+    spans = lambda x: key_spans(x, n, C, w)  # [B, H, n, w + C, ·]
+    span = w + C
     safe = safe_den(total)
     d_num = g_out.to(out.dtype) / safe[..., None]  # [B, H, nC, dv]: of g num + apply(coef)
     d_total = -(d_num * out).sum(-1) * (total != 0)  # [B, H, nC]
