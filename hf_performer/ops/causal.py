@@ -40,6 +40,7 @@ from .common import (
     neg_big,
     no_autocast,
     pad_len,
+    running_max,
     safe_den,
     times,
     with_ones,
@@ -120,7 +121,7 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
     with torch.no_grad():  # stabilisers: constants of the estimator (the exact output does not depend on them)
         chunk_max = (lk if keep is None else torch.where(keep, lk, big)).amax(3)  # [B, H, n, m']
         c0 = torch.full_like(lk[:, :, 0, 0], big) if state is None else state.c.to(lk.dtype)  # [B, H, m']
-        M = torch.cummax(torch.cat([c0[:, :, None], chunk_max], 2), dim=2).values  # [B, H, n + 1, m']
+        M = running_max(torch.cat([c0[:, :, None], chunk_max], 2), 2)  # [B, H, n + 1, m']
         if keep is None:
             first = lk[:, :, :, 0]
         else:  # the first real key of each chunk

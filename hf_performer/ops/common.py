@@ -88,6 +88,12 @@ def masked_exp_(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     return x.exp_()
 
 
+def running_max(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``torch.cummax(x, dim).values``, taken along the last dimension of a transposed view: on a CPU the cumulative
+    maximum along an inner dimension of [B, H, n, m] stabilisers ran 1.6-1.8x slower than along the last one."""
+    return torch.cummax(x.transpose(dim, -1), -1).values.transpose(dim, -1)
+
+
 def times(phi: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
     """phi * factor (the bounded factor F of trig/relu features), or phi when F is None."""
     return phi if factor is None else phi * factor

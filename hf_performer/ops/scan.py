@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import neg_big
+from .common import neg_big, running_max
 
 GROUP = 16  # chunks per group of the in-group matrix form: [G, G] weights per feature and group
 RECURRENCE_MAX = 64  # at most this many chunks run as the in-place recurrence on a CPU (see the module docstring)
@@ -73,7 +73,7 @@ def _recurrence(K: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, reverse
     order = list(range(n - 1, -1, -1)) if reverse else list(range(n))
     with torch.no_grad():
         cs, ts = (x.flip(-2) if reverse else x for x in (c, targets))  # [..., n, m'] in scan order
-        R = torch.cummax(cs, -2).values  # R_p = max of c over scan positions <= p
+        R = running_max(cs, -2)  # R_p = max of c over scan positions <= p
         grow = torch.exp(R[..., :-1, :] - R[..., 1:, :])[..., None]  # e^{R_{p-1} - R_p} <= 1: [..., n - 1, m', 1]
         enter = torch.exp(cs - R)[..., None]  # e^{c_p - R_p} <= 1
         reach = torch.exp((R[..., :-1, :] - ts[..., 1:, :]).clamp_max(0))[..., None]  # e^{R_{p-1} - t_p}
