@@ -134,9 +134,9 @@ def render(doc: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", default="HEAD~1", help="the earlier commit (default HEAD~1)")
-    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192], help="sequence lengths L")
     p.add_argument("--windows", type=int, nargs="+", default=[0, 4], help="local_window values")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="worker processes per cell (the table is their median)")
     p.add_argument("--calls", type=int, default=5, help="interleaved rounds per process after a warm-up (the best counts)")
     p.add_argument("--name", default="side-by-side", help="output file stem in benchmarks/results/")
     p.add_argument("--malloc", choices=["glibc", "retain"], default="glibc",
