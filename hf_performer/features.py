@@ -166,8 +166,12 @@ class FeatureMap:
         return 2 * rows if self.kernel == "trig" else rows
 
     def transform(self, x: torch.Tensor, query: bool) -> torch.Tensor:
+        """The exact input transforms of the fitted statistics: x [..., L, d] (broadcasting against [B, H, L, d])
+        -> q' = q * q_scale (``query``) or k' = k * k_scale - k_shift, in x's dtype (x itself when there are none)."""
         if query:
             return x if self.q_scale is None else x * self.q_scale.to(x.dtype)
+        if self.k_scale is not None and self.k_shift is not None:  # one pass: -shift + x * scale
+            return torch.addcmul(-self.k_shift.to(x.dtype), x, self.k_scale.to(x.dtype))
         if self.k_scale is not None:
             x = x * self.k_scale.to(x.dtype)
         return x if self.k_shift is None else x - self.k_shift.to(x.dtype)

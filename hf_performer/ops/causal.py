@@ -111,9 +111,11 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
     halo = lambda x: halo_rows(x, n, C, w)  # the w key rows before each chunk
     # the chunks' own keys' logits, contiguous (their products then batch without copies), and apart from them the
     # halo's: each chunk's w key rows before it, as [B, H, nw, ·] rows (w / C more projection work)
-    lk, fk = fmap(kx[:, :, w:])  # [B, H, nC, m'], F [.., m] or None
+    # (the input transforms run once: the window's exact terms read the transformed rows too)
+    qt, kt = fmap.transform(qx, True), fmap.transform(kx, False)  # [B, H, nC, d], [B, H, w + nC, d]
+    lk, fk = fmap.logits(kt[:, :, w:])  # [B, H, nC, m'], F [.., m] or None
     lk, fk, mk = chunked(lk), None if fk is None else chunked(fk), mx[:, w:].unflatten(1, (n, C))
-    lq, fq = fmap(qx, query=True)
+    lq, fq = fmap.logits(qt, query=True)
     lq, fq = chunked(lq), None if fq is None else chunked(fq)
     # [B, 1, n, C, 1], or None when every key is real (no masking work at all)
     keep = None if (mask is None and P == 0) else mk[:, None, :, :, None]
@@ -137,7 +139,7 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
     # chunk summaries relative to the running maximum (before lk may be reused in place below)
     K = times(masked_exp_(lk - M[:, :, 1:, None], keep), fk).transpose(-1, -2) @ v1  # [B, H, n, m, dv + 1]
     if w:
-        lh, fh = fmap(halo(kx).flatten(2, 3))  # [B, H, nw, m']
+        lh, fh = fmap.logits(halo(kt).flatten(2, 3))  # [B, H, nw, m']
         lh, fh = lh.unflatten(2, (n, w)), None if fh is None else fh.unflatten(2, (n, w))
         keep_h = halo(mx[:, None, :, None])  # [B, 1, n, w, 1]
         phi_h = times(masked_exp_(lh.sub_(ref_c), keep_h), fh)  # <= 1: before the chunk
@@ -168,7 +170,6 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
         A_ext = torch.cat([(phi_q @ phi_h.transpose(-1, -2)) * e_u, A], -1)  # [B, H, n, C, w + C]
         fav = band(A_ext, w + 1).flatten(2, 3)  # [B, H, nC, w + 1]: the pair (t, t - w + j) at column j
         log_scale = (r[..., 0] + U).flatten(2, 3)
-        qt, kt = fmap.transform(qx, True), fmap.transform(kx, False)
         # the exact dot products of the window pairs are the same band of one [C, w + C] product per chunk (its
         # queries with its halo and own keys) as fav is of A_ext
         spans = lambda x: key_spans(x, n, C, w)  # [B, H, w + nC, ·] -> [B, H, n, w + C, ·]

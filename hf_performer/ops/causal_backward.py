@@ -88,6 +88,7 @@ class PositiveCausal(torch.autograd.Function):
         pad = (lambda x: pad_len(x, 0, P)) if P else (lambda x: x)
         chunked = lambda x: x.unflatten(2, (n, C))  # [B, H, nC, ·] -> [B, H, n, C, ·]
         kx, vx = pad(k), pad(v)  # [B, H, w + nC, ·]: key position p at index w + p
+        qt, kt = fmap.transform(pad(q), True), fmap.transform(kx, False)  # the input transforms, once
         real = torch.ones(B, T, dtype=torch.bool, device=q.device) if mask is None else mask
         mx = pad_len(real, 0, P, value=False)  # [B, nC]
         keep = None if (mask is None and P == 0) else mx.unflatten(1, (n, C))[:, None, :, :, None]
@@ -99,7 +100,7 @@ class PositiveCausal(torch.autograd.Function):
         if g_out is None:
             G, win_grads = torch.zeros_like(v1), None
         elif w:
-            G, win_grads = _window_grads(pad(g_out), pad(out), pad(q), kx, vx, *win, fmap, chunked, w)
+            G, win_grads = _window_grads(pad(g_out), pad(out), qt, kt, vx, *win, chunked, w)
         else:
             g_num = g_out.to(out.dtype) / den[..., None]  # [B, H, T, dv]
             G = chunked(pad(torch.cat([g_num, -(g_num * out).sum(-1, keepdim=True)], -1)))  # [B, H, n, C, dv + 1]
@@ -117,10 +118,10 @@ class PositiveCausal(torch.autograd.Function):
         del dP
         # the keys' logits once: relative to the running maximum (kf, the chunk summaries' features) and to the
         # chunk's reference and in-chunk bound (phi~(K)); at most ~5 [B, H, L, m] tensors alive from here on
-        lk = chunked(fmap(kx[:, :, w:])[0])  # [B, H, n, C, m]
+        lk = chunked(fmap.logits(kt[:, :, w:])[0])  # [B, H, n, C, m]
         ref_c = ref[:, :, :, None]
         if win_grads is not None:  # the halo's features: each chunk's w key rows before it ([B, H, nw, d] rows)
-            lh = fmap(halo_rows(kx, n, C, w).flatten(2, 3))[0].unflatten(2, (n, w))
+            lh = fmap.logits(halo_rows(kt, n, C, w).flatten(2, 3))[0].unflatten(2, (n, w))
             phi_h = masked_exp_(lh.sub_(ref_c), keep_h)  # [B, H, n, w, m]
         kf = masked_exp_(lk - M[:, :, 1:, None], keep)
         phi_k = masked_exp_(lk.sub_(ref_c).sub_(U[..., None]), keep)
@@ -136,7 +137,7 @@ class PositiveCausal(torch.autograd.Function):
             dphi_q.flatten(0, 2).baddbmm_(dA_h.flatten(0, 2), phi_h.flatten(0, 2))
             dlh = (dA_h.transpose(-1, -2) @ phi_q).mul_(phi_h)  # [B, H, n, w, m]: gradient of the halo's logits
             del phi_h, dA_h
-        dq = fmap.logits_vjp(q, cut(dphi_q.mul_(phi_q)), query=True,
+        dq = fmap.logits_vjp(q, cut(dphi_q.mul_(phi_q)), query=True, xt=qt[:, :, :T],
                              grad_xt=None if win_grads is None else win_grads["dqt"][:, :, :T])
         del dphi_q, Gp
         dlk = (dB.transpose(-1, -2) @ phi_q).mul_(phi_k)  # dphi~(K) * phi~(K): [B, H, n, C, m]
@@ -148,7 +149,7 @@ class PositiveCausal(torch.autograd.Function):
         if w:  # key rows w + nC: each chunk's halo rows join the previous chunk's (or the incoming window's) keys
             # (logits_vjp works row by row: the chunks' own rows and their halo rows go through it apart, and only
             # the [L, d] results are summed into key rows)
-            own = fmap.logits_vjp(kx[:, :, w:], dlk.flatten(2, 3),
+            own = fmap.logits_vjp(kx[:, :, w:], dlk.flatten(2, 3), xt=kt[:, :, w:],
                                   grad_xt=None if win_grads is None else win_grads["dkt_own"])  # [B, H, nC, d]
             own_v = dV1[..., :-1].flatten(2, 3)
             if win_grads is None:  # no gradient reached the output: the window's terms have none either
@@ -156,12 +157,13 @@ class PositiveCausal(torch.autograd.Function):
             else:
                 # (as [B, H, nw, ·] rows: the feature map's per-head terms broadcast against [B, H, L, ·])
                 halo = fmap.logits_vjp(halo_rows(kx, n, C, w).flatten(2, 3), dlh.flatten(2, 3),
+                                       xt=halo_rows(kt, n, C, w).flatten(2, 3),
                                        grad_xt=win_grads["dkt_h"].flatten(2, 3))  # [B, H, nw, d]
                 dk = _unspan(halo.unflatten(2, (n, w)), chunked(own), w)
                 dv_ = _unspan(win_grads["dv_h"], chunked(own_v + win_grads["dv_own"]), w)
             dk, dv_ = dk[:, :, : w + T], dv_[:, :, : w + T]
         else:
-            dk = fmap.logits_vjp(k, cut(dlk))
+            dk = fmap.logits_vjp(k, cut(dlk), xt=kt[:, :, :T])
             dv_ = cut(dV1[..., :-1])
         if ctx.has_state:
             return dq, dk, dv_, dS0[..., :-1], dS0[..., -1], None, None, None, None, None, None
@@ -177,8 +179,9 @@ def _unspan(halo: torch.Tensor, own: torch.Tensor, w: int) -> torch.Tensor:
     return full
 
 
-def _window_grads(g_out, out, qx, kx, vx, e, g, coef, kept, total, fmap: FeatureMap, chunked, w: int):
-    """The local window's part of the backward (notation of ``local.combine_window``, all rows padded to nC):
+def _window_grads(g_out, out, qt, kt, vx, e, g, coef, kept, total, chunked, w: int):
+    """The local window's part of the backward (notation of ``local.combine_window``, all rows padded to nC; qt
+    [B, H, nC, d] and kt [B, H, w + nC, d] the transformed queries and keys, vx [B, H, w + nC, dv] the values):
 
         out = (g num + apply(coef)) / total,   coef = e - g fav,   total = g max(den - sum fav, 0) + sum e,
         e = exp(exact - s),   exact = q'.k' + |q'|^2 / 2 + const   (the window pairs, masked where not real)
@@ -187,7 +190,7 @@ def _window_grads(g_out, out, qx, kx, vx, e, g, coef, kept, total, fmap: Feature
     chunk's [halo, own] FAVOR products, from fav), and from the exact terms dqt [B, H, nC, d] (of the transformed
     queries), dkt_h [B, H, n, w, d] / dkt_own [B, H, nC, d] (of the transformed keys, read as each chunk's halo rows
     and as its own rows) and dv_h / dv_own (of the values, likewise))."""
-    n, C = chunked(qx).shape[2:4]
+    n, C = chunked(qt).shape[2:4]
     spans = lambda x: key_spans(x, n, C, w)  # [B, H, n, w + C, ·]
     span = w + C
     safe = safe_den(total)
@@ -200,7 +203,6 @@ def _window_grads(g_out, out, qx, kx, vx, e, g, coef, kept, total, fmap: Feature
     d_fav = -g[..., None] * (d_coef + d_rest[..., None])
     d_exact = (d_coef + d_total[..., None]) * e  # e = 0 where the pair is not real
     dv_spans = unband(chunked(coef), span).transpose(-1, -2) @ chunked(d_num)  # [B, H, n, w + C, dv]
-    qt, kt = fmap.transform(qx, True), fmap.transform(kx, False)
     D = unband(chunked(d_exact), span)  # [B, H, n, C, w + C]
     dqt = (D @ spans(kt)).flatten(2, 3) + d_exact.sum(-1, keepdim=True) * qt  # d(|q'|^2 / 2) = q'
     dkt_spans = D.transpose(-1, -2) @ chunked(qt)  # [B, H, n, w + C, d]
