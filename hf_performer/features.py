@@ -202,10 +202,18 @@ class FeatureMap:
         and ``logits_vjp`` gives the gradient of ``__call__``'s logits by hand."""
         return self.kernel in ("softmax", "favor++")
 
-    def logits(self, xt: torch.Tensor, query: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def logits(self, xt: torch.Tensor, query: bool = False, with_bias: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``__call__`` for rows already through the input transform (``transform(x, query)``): ops that need the
-        transformed rows for other terms too (the exact local window) transform them once."""
-        return self._logits(xt, drop_row_terms=query)
+        transformed rows for other terms too (the exact local window) transform them once. ``with_bias=False``
+        leaves out the per-feature log weights of importance-sampled rows (``feature_bias``): an op that subtracts
+        per-feature stabilisers anyway folds them into those (one pass over [..., L, m] fewer)."""
+        return self._logits(xt, drop_row_terms=query, with_bias=with_bias)
+
+    @property
+    def feature_bias(self) -> torch.Tensor | None:
+        """The per-feature log weights [*P, 1, m] that the softmax logits carry (importance-sampled rows), or None."""
+        return self.bias if self.kernel == "softmax" else None
 
     def logits_vjp(self, x: torch.Tensor, grad: torch.Tensor, query: bool = False, *, xt: torch.Tensor | None = None,
                    grad_xt: torch.Tensor | None = None) -> torch.Tensor:
@@ -235,7 +243,7 @@ class FeatureMap:
             grad_w = grad_w.sum_to_size(x.shape)
         return grad_w.to(x.dtype)
 
-    def _logits(self, x: torch.Tensor, drop_row_terms: bool):
+    def _logits(self, x: torch.Tensor, drop_row_terms: bool, with_bias: bool = True):
         query = drop_row_terms
         w = self.projection.to(x.dtype)
         proj = x @ w.transpose(-1, -2)  # [..., L, rows]; fresh, so the positive kernels finish it in place
@@ -246,7 +254,7 @@ class FeatureMap:
             proj = proj.expand(full).clone()
         if self.kernel == "softmax":
             logits = proj if query else proj.sub_(half_sq)
-            return (logits if self.bias is None else logits.add_(self.bias.to(x.dtype))), None
+            return (logits if self.bias is None or not with_bias else logits.add_(self.bias.to(x.dtype))), None
         if self.kernel == "favor++":
             a = torch.zeros((), dtype=x.dtype, device=x.device) if self.a is None else self.a.to(x.dtype)
             one_m4a = 1 - 4 * a

@@ -102,25 +102,30 @@ def test_matches_reference_with_exact_window_pairs(kernel, causal, window, maske
     assert max_err(plain, ref, valid) > 1e-3
 
 
-# fitted statistics give per-head transforms and aligned per-head projections ([B, H, L, ·] broadcasting): the
-# hand-written backwards must apply them to every key row, the causal window's halo rows included (4 chunks, 3 heads)
-@pytest.mark.parametrize(("recompute", "fitted", "kernel"),
-                         [(False, False, "softmax"), (True, False, "softmax"), (False, True, "softmax"),
-                          (False, True, "favor++")])
+# fitted statistics give per-head transforms, aligned per-head projections and their per-feature log weights
+# ([B, H, L, ·] broadcasting): the hand-written ops must apply them to every key row, the causal window's halo rows
+# included, and fold the log weights into the right references (4 chunks, 3 heads)
+@pytest.mark.parametrize(("recompute", "fitted", "kernel", "window"),
+                         [(False, False, "softmax", 2), (True, False, "softmax", 2), (False, True, "softmax", 2),
+                          (False, True, "favor++", 2), (False, True, "softmax", 0)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_gradients_match_autograd_through_the_reference(causal, recompute, fitted, kernel, monkeypatch):
+def test_values_and_gradients_match_autograd_through_the_reference(causal, recompute, fitted, kernel, window,
+                                                                   monkeypatch):
     monkeypatch.setattr(ops_common, "RECOMPUTE_ABOVE", 0 if recompute else 1 << 40)  # graph recomputed or kept
     q, k, v = (x.requires_grad_(True) for x in qkv(L=30))
     mask = padding_mask(2, 30, left=0)
-    att = attention(2, kernel)
+    att = attention(window, kernel)
     if fitted:
         att.calibrate_statistics(q.detach(), k.detach(), mask, causal=causal)
     fmap = att._prepare(q, k, causal, mask, None)
-    assert not fitted or fmap.k_shift.shape[1] == 3  # per-head terms in play (bidirectional: measured per call too)
+    if fitted:  # per-head terms in play (bidirectional: measured per call without fitting too)
+        assert fmap.k_shift.shape[1] == 3 and (kernel != "softmax" or fmap.feature_bias.shape[0] == 3)
     g = torch.randn(2, 3, 30, 5, dtype=D64) * mask[:, None, :, None]
-    fast = torch.autograd.grad((att(q, k, v, causal=causal, key_padding_mask=mask) * g).sum(), (q, k, v))
-    slow = torch.autograd.grad(
-        (naive_linear_attention(q, k, v, fmap, causal, mask, local_window=2) * g).sum(), (q, k, v))
+    out = att(q, k, v, causal=causal, key_padding_mask=mask)
+    ref = naive_linear_attention(q, k, v, fmap, causal, mask, local_window=window)
+    assert max_err(out, ref, mask[:, None, :, None].expand_as(out)) < 1e-10
+    fast = torch.autograd.grad((out * g).sum(), (q, k, v))
+    slow = torch.autograd.grad((ref * g).sum(), (q, k, v))
     for a, b in zip(fast, slow):
         assert max_err(a, b) < 1e-9
 

@@ -113,40 +113,48 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
     # halo's: each chunk's w key rows before it, as [B, H, nw, ·] rows (w / C more projection work)
     # (the input transforms run once: the window's exact terms read the transformed rows too)
     qt, kt = fmap.transform(qx, True), fmap.transform(kx, False)  # [B, H, nC, d], [B, H, w + nC, d]
-    lk, fk = fmap.logits(kt[:, :, w:])  # [B, H, nC, m'], F [.., m] or None
+    # the logits without the per-feature log weights b of importance-sampled rows: b joins the per-feature
+    # stabilisers instead (exp(lk + b - c) = exp(lk - (c - b))), which the op subtracts anyway
+    b = fmap.feature_bias  # [*P, 1, m] (broadcasting against [B, H, n, m]) or None
+    lk, fk = fmap.logits(kt[:, :, w:], with_bias=False)  # [B, H, nC, m'], F [.., m] or None
     lk, fk, mk = chunked(lk), None if fk is None else chunked(fk), mx[:, w:].unflatten(1, (n, C))
-    lq, fq = fmap.logits(qt, query=True)
+    lq, fq = fmap.logits(qt, query=True, with_bias=False)
     lq, fq = chunked(lq), None if fq is None else chunked(fq)
     # [B, 1, n, C, 1], or None when every key is real (no masking work at all)
     keep = None if (mask is None and P == 0) else mk[:, None, :, :, None]
 
     with torch.no_grad():  # stabilisers: constants of the estimator (the exact output does not depend on them)
         chunk_max = (lk if keep is None else torch.where(keep, lk, big)).amax(3)  # [B, H, n, m']
+        chunk_max = chunk_max if b is None else chunk_max + b.to(lk.dtype)  # (rounding is monotone: still the max)
         c0 = torch.full_like(lk[:, :, 0, 0], big) if state is None else state.c.to(lk.dtype)  # [B, H, m']
         M = running_max(torch.cat([c0[:, :, None], chunk_max], 2), 2)  # [B, H, n + 1, m']
         if keep is None:
-            first = lk[:, :, :, 0]
+            first = lk[:, :, :, 0] if b is None else lk[:, :, :, 0] + b.to(lk.dtype)
         else:  # the first real key of each chunk
             idx = mk.to(torch.int8).argmax(-1)[:, None, :, None, None].expand(B, H, n, 1, lk.shape[-1])
-            first = torch.where(mk.any(-1)[:, None, :, None], lk.gather(3, idx)[:, :, :, 0], big)
+            first = lk.gather(3, idx)[:, :, :, 0]
+            first = torch.where(mk.any(-1)[:, None, :, None], first if b is None else first + b.to(lk.dtype), big)
         # a reference far below the chunk's first key's largest logit would let U grow (keys later in the chunk above
         # it in that feature) until products of small features underflow: no reference sits more than REF_SPREAD
         # below it (still a function of keys up to the chunk's first: nothing looks ahead)
         first = torch.maximum(first, first.amax(-1, keepdim=True) - REF_SPREAD)
         ref = finite_reference(torch.maximum(M[:, :, :-1], first))  # [B, H, n, m']: c_i
         ref_c = ref[:, :, :, None]  # [B, H, n, 1, m']
+        b5 = None if b is None else b.to(lk.dtype).unsqueeze(-3)  # [*P, 1, 1, m]: against [B, H, n, C, m]
+        ref_k, ref_q = (ref_c, ref_c) if b is None else (ref_c - b5, ref_c + b5)  # the unbiased logits' references
+        M_k = M[:, :, 1:, None] if b is None else M[:, :, 1:, None] - b5
     v1 = with_ones(chunked(vx[:, :, w:]))  # [B, H, n, C, dv + 1]
     # chunk summaries relative to the running maximum (before lk may be reused in place below)
-    K = times(masked_exp_(lk - M[:, :, 1:, None], keep), fk).transpose(-1, -2) @ v1  # [B, H, n, m, dv + 1]
+    K = times(masked_exp_(lk - M_k, keep), fk).transpose(-1, -2) @ v1  # [B, H, n, m, dv + 1]
     if w:
-        lh, fh = fmap.logits(halo(kt).flatten(2, 3))  # [B, H, nw, m']
+        lh, fh = fmap.logits(halo(kt).flatten(2, 3), with_bias=False)  # [B, H, nw, m']
         lh, fh = lh.unflatten(2, (n, w)), None if fh is None else fh.unflatten(2, (n, w))
         keep_h = halo(mx[:, None, :, None])  # [B, 1, n, w, 1]
-        phi_h = times(masked_exp_(lh.sub_(ref_c), keep_h), fh)  # <= 1: before the chunk
+        phi_h = times(masked_exp_(lh.sub_(ref_k), keep_h), fh)  # <= 1: before the chunk
     # without autograd, lk and lq become the features in place
     inplace = not torch.is_grad_enabled()
-    x_k = lk.sub_(ref_c) if inplace else lk - ref_c  # [B, H, n, C, m'] (shifted further in place below)
-    x_q = lq.add_(ref_c) if inplace else lq + ref_c
+    x_k = lk.sub_(ref_k) if inplace else lk - ref_k  # [B, H, n, C, m'] (shifted further in place below)
+    x_q = lq.add_(ref_q) if inplace else lq + ref_q
     with torch.no_grad():
         U = x_k.detach().amax(-1)  # [B, H, n, C]
         U = (U if keep is None else torch.where(mk[:, None], U, 0.0)).clamp_min(0).cummax(-1).values

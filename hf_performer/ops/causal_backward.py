@@ -118,13 +118,16 @@ class PositiveCausal(torch.autograd.Function):
         del dP
         # the keys' logits once: relative to the running maximum (kf, the chunk summaries' features) and to the
         # chunk's reference and in-chunk bound (phi~(K)); at most ~5 [B, H, L, m] tensors alive from here on
-        lk = chunked(fmap.logits(kt[:, :, w:])[0])  # [B, H, n, C, m]
-        ref_c = ref[:, :, :, None]
+        # (without the features' log weights b, folded into the references as in the forward)
+        lk = chunked(fmap.logits(kt[:, :, w:], with_bias=False)[0])  # [B, H, n, C, m]
+        b = fmap.feature_bias
+        b5 = 0.0 if b is None else b.to(lk.dtype).unsqueeze(-3)  # [*P, 1, 1, m]
+        ref_k = ref[:, :, :, None] - b5
         if win_grads is not None:  # the halo's features: each chunk's w key rows before it ([B, H, nw, d] rows)
-            lh = fmap.logits(halo_rows(kt, n, C, w).flatten(2, 3))[0].unflatten(2, (n, w))
-            phi_h = masked_exp_(lh.sub_(ref_c), keep_h)  # [B, H, n, w, m]
-        kf = masked_exp_(lk - M[:, :, 1:, None], keep)
-        phi_k = masked_exp_(lk.sub_(ref_c).sub_(U[..., None]), keep)
+            lh = fmap.logits(halo_rows(kt, n, C, w).flatten(2, 3), with_bias=False)[0].unflatten(2, (n, w))
+            phi_h = masked_exp_(lh.sub_(ref_k), keep_h)  # [B, H, n, w, m]
+        kf = masked_exp_(lk - (M[:, :, 1:, None] - b5), keep)
+        phi_k = masked_exp_(lk.sub_(ref_k).sub_(U[..., None]), keep)
         del lk
         dB = G @ v1.transpose(-1, -2)  # [B, H, n, C, C]
         if win_grads is not None:
