@@ -248,13 +248,14 @@ class FeatureMap:
         w = self.projection.to(x.dtype)
         proj = x @ w.transpose(-1, -2)  # [..., L, rows]; fresh, so the positive kernels finish it in place
         half_sq = None if query else 0.5 * (x * x).sum(-1, keepdim=True)  # [..., L, 1]
-        terms = [t for t in (half_sq, self.bias, self.a) if t is not None]
+        bias = self.bias if with_bias else None
+        terms = [t for t in (half_sq, bias, self.a) if t is not None]
         full = _broadcast_shape(proj.shape, *(t.shape for t in terms))
         if full != tuple(proj.shape):
             proj = proj.expand(full).clone()
         if self.kernel == "softmax":
             logits = proj if query else proj.sub_(half_sq)
-            return (logits if self.bias is None or not with_bias else logits.add_(self.bias.to(x.dtype))), None
+            return (logits if bias is None else logits.add_(bias.to(x.dtype))), None
         if self.kernel == "favor++":
             a = torch.zeros((), dtype=x.dtype, device=x.device) if self.a is None else self.a.to(x.dtype)
             one_m4a = 1 - 4 * a

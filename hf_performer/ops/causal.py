@@ -59,6 +59,18 @@ def in_chunk_decay(U: torch.Tensor) -> torch.Tensor:
     return torch.exp(U[..., None, :] - U[..., :, None]).tril_()
 
 
+def unbiased_references(b: torch.Tensor | None, ref: torch.Tensor, M: torch.Tensor):
+    """The chunk references ref [B, H, n, m'] and running maxima M [B, H, n + 1, m'] (of the true key logits) as the
+    op subtracts them from logits computed without the per-feature log weights b [*P, 1, m] (``feature_bias``, in
+    the compute dtype, or None): exp(lk + b - c) = exp(lk - (c - b)). -> (keys' ref - b, queries' ref + b,
+    M_{i+1} - b), each [B, H, n, 1, m'] (b folded in once, on these small tensors, not on [L, m] logits)."""
+    ref_c, M_c = ref[:, :, :, None], M[:, :, 1:, None]
+    if b is None:
+        return ref_c, ref_c, M_c
+    b5 = b.unsqueeze(-3)  # [*P, 1, 1, m]: against [B, H, n, C, m]
+    return ref_c - b5, ref_c + b5, M_c - b5
+
+
 def with_halo(k, v, state: FavorState | None, window: int):
     """The w keys before the sequence joined in front of k [B,H,T,d] and v [B,H,T,dv]: the decoding state's window,
     else missing (zeros, masked). -> k, v [B,H,w+T,·] and the halo's mask [B,w] bool (True = a real key)."""
@@ -109,13 +121,14 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
     # kx [B, H, w + nC, d], vx [B, H, w + nC, dv], mx [B, w + nC]: key position p at index w + p
 
     halo = lambda x: halo_rows(x, n, C, w)  # the w key rows before each chunk
-    # the chunks' own keys' logits, contiguous (their products then batch without copies), and apart from them the
-    # halo's: each chunk's w key rows before it, as [B, H, nw, ·] rows (w / C more projection work)
-    # (the input transforms run once: the window's exact terms read the transformed rows too)
+    # the input transforms run once (the window's exact terms read the transformed rows too)
     qt, kt = fmap.transform(qx, True), fmap.transform(kx, False)  # [B, H, nC, d], [B, H, w + nC, d]
     # the logits without the per-feature log weights b of importance-sampled rows: b joins the per-feature
     # stabilisers instead (exp(lk + b - c) = exp(lk - (c - b))), which the op subtracts anyway
     b = fmap.feature_bias  # [*P, 1, m] (broadcasting against [B, H, n, m]) or None
+    b = None if b is None else b.to(qt.dtype)
+    # the chunks' own keys' logits, contiguous (their products then batch without copies); the halo's come apart
+    # below: each chunk's w key rows before it, as [B, H, nw, ·] rows (w / C more projection work)
     lk, fk = fmap.logits(kt[:, :, w:], with_bias=False)  # [B, H, nC, m'], F [.., m] or None
     lk, fk, mk = chunked(lk), None if fk is None else chunked(fk), mx[:, w:].unflatten(1, (n, C))
     lq, fq = fmap.logits(qt, query=True, with_bias=False)
@@ -125,24 +138,21 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
 
     with torch.no_grad():  # stabilisers: constants of the estimator (the exact output does not depend on them)
         chunk_max = (lk if keep is None else torch.where(keep, lk, big)).amax(3)  # [B, H, n, m']
-        chunk_max = chunk_max if b is None else chunk_max + b.to(lk.dtype)  # (rounding is monotone: still the max)
+        chunk_max = chunk_max if b is None else chunk_max + b  # (rounding is monotone: still the max)
         c0 = torch.full_like(lk[:, :, 0, 0], big) if state is None else state.c.to(lk.dtype)  # [B, H, m']
         M = running_max(torch.cat([c0[:, :, None], chunk_max], 2), 2)  # [B, H, n + 1, m']
         if keep is None:
-            first = lk[:, :, :, 0] if b is None else lk[:, :, :, 0] + b.to(lk.dtype)
+            first = lk[:, :, :, 0] if b is None else lk[:, :, :, 0] + b
         else:  # the first real key of each chunk
             idx = mk.to(torch.int8).argmax(-1)[:, None, :, None, None].expand(B, H, n, 1, lk.shape[-1])
             first = lk.gather(3, idx)[:, :, :, 0]
-            first = torch.where(mk.any(-1)[:, None, :, None], first if b is None else first + b.to(lk.dtype), big)
+            first = torch.where(mk.any(-1)[:, None, :, None], first if b is None else first + b, big)
         # a reference far below the chunk's first key's largest logit would let U grow (keys later in the chunk above
         # it in that feature) until products of small features underflow: no reference sits more than REF_SPREAD
         # below it (still a function of keys up to the chunk's first: nothing looks ahead)
         first = torch.maximum(first, first.amax(-1, keepdim=True) - REF_SPREAD)
         ref = finite_reference(torch.maximum(M[:, :, :-1], first))  # [B, H, n, m']: c_i
-        ref_c = ref[:, :, :, None]  # [B, H, n, 1, m']
-        b5 = None if b is None else b.to(lk.dtype).unsqueeze(-3)  # [*P, 1, 1, m]: against [B, H, n, C, m]
-        ref_k, ref_q = (ref_c, ref_c) if b is None else (ref_c - b5, ref_c + b5)  # the unbiased logits' references
-        M_k = M[:, :, 1:, None] if b is None else M[:, :, 1:, None] - b5
+        ref_k, ref_q, M_k = unbiased_references(b, ref, M)  # what the logits without b are measured against
     v1 = with_ones(chunked(vx[:, :, w:]))  # [B, H, n, C, dv + 1]
     # chunk summaries relative to the running maximum (before lk may be reused in place below)
     K = times(masked_exp_(lk - M_k, keep), fk).transpose(-1, -2) @ v1  # [B, H, n, m, dv + 1]

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from ..features import FeatureMap
-from .causal import _causal, halo_rows, key_spans
+from .causal import _causal, halo_rows, key_spans, unbiased_references
 from .common import FavorState, masked_exp_, pad_len, safe_den, with_ones
 from .local import band, unband
 from .scan import exclusive_prefix
@@ -121,12 +121,11 @@ class PositiveCausal(torch.autograd.Function):
         # (without the features' log weights b, folded into the references as in the forward)
         lk = chunked(fmap.logits(kt[:, :, w:], with_bias=False)[0])  # [B, H, n, C, m]
         b = fmap.feature_bias
-        b5 = 0.0 if b is None else b.to(lk.dtype).unsqueeze(-3)  # [*P, 1, 1, m]
-        ref_k = ref[:, :, :, None] - b5
+        ref_k, _, M_k = unbiased_references(None if b is None else b.to(lk.dtype), ref, M)
         if win_grads is not None:  # the halo's features: each chunk's w key rows before it ([B, H, nw, d] rows)
             lh = fmap.logits(halo_rows(kt, n, C, w).flatten(2, 3), with_bias=False)[0].unflatten(2, (n, w))
             phi_h = masked_exp_(lh.sub_(ref_k), keep_h)  # [B, H, n, w, m]
-        kf = masked_exp_(lk - (M[:, :, 1:, None] - b5), keep)
+        kf = masked_exp_(lk - M_k, keep)
         phi_k = masked_exp_(lk.sub_(ref_k).sub_(U[..., None]), keep)
         del lk
         dB = G @ v1.transpose(-1, -2)  # [B, H, n, C, C]
