@@ -268,6 +268,40 @@ def test_causal_hand_written_backward_matches_autograd(kernel, L, chunk):
     assert torch.equal(fast[1][1, :, -5:], torch.zeros_like(fast[1][1, :, -5:]))  # padded keys: exactly 0
 
 
+@pytest.mark.parametrize("window", [0, 2])
+def test_causal_op_on_the_gpu_scan_form_matches_the_reference(window, monkeypatch):
+    """GPUs combine the chunk summaries with the matrix form of the scan (a CPU runs the recurrence up to
+    RECURRENCE_MAX chunks, so the other tests take that): the whole causal op on the matrix form, values and
+    gradients against autograd through the naive reference, with per-head importance-sampled features, right
+    padding, several scan groups and two calls chained by their state."""
+    from hf_performer.ops import causal_attention, scan
+
+    class Forbidden:
+        @staticmethod
+        def apply(*args):
+            raise AssertionError("the recurrence ran; the matrix form was wanted")
+
+    monkeypatch.setattr(scan, "RECURRENCE_MAX", 0)
+    monkeypatch.setattr(scan, "_Recurrence", Forbidden)
+    fmap = transformed_fmap("softmax", batched=True)
+    L, cut, chunk = 70, 37, 2  # 35 chunks: 3 groups of 16 in the first call
+    q, k, v = (x.requires_grad_(True) for x in qkv(L=L))
+    mask = padding_mask(2, L, left=0, right=5)
+    g = torch.randn(2, 3, L, 5, dtype=D64) * mask[:, None, :, None]
+    part = lambda x, a, b: x[:, :, a:b]  # noqa: E731
+    first, state = causal_attention(part(q, 0, cut), part(k, 0, cut), part(v, 0, cut), fmap, mask[:, :cut], chunk,
+                                    window)
+    second, _ = causal_attention(part(q, cut, L), part(k, cut, L), part(v, cut, L), fmap, mask[:, cut:], chunk,
+                                 window, state=state)
+    out = torch.cat([first, second], 2)
+    ref = naive_linear_attention(q, k, v, fmap, True, mask, local_window=window)
+    assert rel_err(out, ref, mask[:, None, :, None].expand_as(out)) < 1e-10
+    fast = torch.autograd.grad((out * g).sum(), (q, k, v))
+    slow = torch.autograd.grad((ref * g).sum(), (q, k, v))
+    for a, b in zip(fast, slow):
+        assert rel_err(a, b) < 1e-9
+
+
 def test_causal_hand_written_backward_through_the_running_state():
     """Gradients reach an incoming FavorState (decoding, CPU segments) and flow through the returned one: two calls
     chained by the state equal one call, in value and gradient, and gradcheck holds for the state's sums."""
