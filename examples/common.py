@@ -308,7 +308,9 @@ def measure_train_step(model, batch: dict, repeats: int = 2, lr: float = 1e-5, a
         capped = cpu_memory_limit is not None and not cuda and isinstance(exc, RuntimeError)
         if not (_is_oom(exc) or capped):  # under a cap, allocator failures surface as assorted RuntimeErrors
             raise
-        limit = f" (limit {cpu_memory_limit / 2**30:.1f} GiB)" if cpu_memory_limit and not cuda else ""
+        limit = (f" (this run caps a training step at {cpu_memory_limit / 2**30:.1f} GiB above what the process "
+                 "held before it; the refused request came on top of what the step already held)"
+                 if cpu_memory_limit and not cuda else "")
         return {"status": "oom", "error": str(exc).splitlines()[0][:300] + limit}
     finally:
         cap.__exit__(None, None, None)

@@ -128,3 +128,23 @@ def test_convert_trains_on_mixed_lengths_up_to_the_position_limit(tmp_path, caps
     assert all(h["tokens"] <= 256 for h in log["history"])
     assert log["config"]["max_length"] == 64 and log["time_limit_s"] is None  # steps given: no time budget
     assert [v["step"] for v in log["validation"]][:4] == [0, 4, 8, 12] and "best_step" in log
+
+
+def test_warnings_print_above_the_progress_bar_not_into_it(capsys):
+    """A warning raised while the calibration bar is open (the first training step's one-time dropout notice) gets
+    its own line through tqdm.write; closing the bar restores warnings.showwarning."""
+    import warnings
+
+    from hf_performer.conversion.calibrate import _Progress
+
+    before = warnings.showwarning
+    bar = _Progress(CalibrationConfig(steps=3), 0, 0.0, enabled=True)
+    bar.update(1, 0.1, loss="0.5")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("attention-probability dropout is ignored", UserWarning, stacklevel=1)
+    bar.update(2, 0.2, loss="0.4")
+    bar.close()
+    assert warnings.showwarning is before
+    line = next(part for part in capsys.readouterr().err.split("\n") if "dropout is ignored" in part)
+    assert "%|" not in line.split("\r")[-1]  # not appended to the bar's line ("calibration:  33%|###  | 1/3")

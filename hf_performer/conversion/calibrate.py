@@ -39,7 +39,9 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,13 +258,22 @@ def _load_trainable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 class _Progress:
-    """A tqdm bar over steps (a step budget) or over seconds (a time budget only)."""
+    """A tqdm bar over steps (a step budget) or over seconds (a time budget only). While it is open, warnings
+    (e.g. the one-time notice that attention dropout is ignored, raised by the first training step) print above
+    the bar through ``tqdm.write`` instead of into its line; ``close`` restores ``warnings.showwarning``."""
 
     def __init__(self, cfg: CalibrationConfig, start_step: int, start_s: float, enabled: bool):
         self.by_time = cfg.steps is None
         total = int(math.ceil(cfg.time_limit_s)) if self.by_time else cfg.steps
         self.bar = tqdm(total=total, initial=int(start_s) if self.by_time else start_step, desc="calibration",
                         unit="s" if self.by_time else "step", disable=not enabled)
+        self._show = warnings.showwarning
+        if enabled:
+            def show(message, category, filename, lineno, file=None, line=None):
+                text = warnings.formatwarning(message, category, filename, lineno, line)
+                tqdm.write(text.rstrip("\n"), file=sys.stderr if file is None else file)
+
+            warnings.showwarning = show
 
     def update(self, step: int, elapsed_s: float, **postfix) -> None:
         self.bar.update(min(int(elapsed_s), self.bar.total) - self.bar.n if self.by_time else 1)
@@ -270,6 +281,7 @@ class _Progress:
 
     def close(self) -> None:
         self.bar.close()
+        warnings.showwarning = self._show
 
 
 def calibrate(
