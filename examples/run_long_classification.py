@@ -94,7 +94,7 @@ def _measure_one(which, path, perf_args, bench, device, dtype, checkpointing, li
     try:
         model = build(path, perf_args, bench.benchmark_length, num_labels, which)
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()
         model.to(device)
         g = torch.Generator().manual_seed(0)
         vocab = model.config.vocab_size
