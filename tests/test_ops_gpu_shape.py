@@ -46,6 +46,39 @@ def test_op_count_is_bounded_whatever_the_length(causal, window):
     assert long <= 2 * short, (short, long)  # only the log-depth cross-group scan and recomputation may grow
 
 
+# feature projections x' W^T ([.., 64] @ [64, 256]) per forward and per backward: what each op recomputes
+# (DESIGN.md, "Backward, positive kernels"): the pure bidirectional backward recomputes both sides; causal and the
+# bidirectional window keep phi~(Q) and recompute the keys only (the causal window also its halo rows)
+PROJECTIONS = {(False, 0): (2, 2), (False, 4): (2, 1), (True, 0): (2, 1), (True, 4): (3, 2)}
+
+
+@pytest.mark.parametrize(("causal", "window"), list(PROJECTIONS))
+def test_backward_recomputes_only_what_the_design_says(causal, window):
+    # chunks of 32 and values 32 wide, so that no other product has a [64, 256] right operand
+    config = PerformerConfig(nb_features=256, local_window=window, chunk_size=32)
+    att = FavorAttention(64, config, num_heads=8).to("meta")
+    q, k, v = (torch.randn(1, 8, 2048, dv, device="meta", requires_grad=True) for dv in (64, 64, 32))
+    projections = lambda d: sum(n for f, n in d.shapes.items() if f[1][-2:] == (64, 256))  # noqa: E731
+    with ShapedDispatch() as fwd:
+        out = att(q, k, v, causal=causal)
+    with ShapedDispatch() as bwd:
+        out.sum().backward()
+    assert (projections(fwd), projections(bwd)) == PROJECTIONS[causal, window]
+
+
+class ShapedDispatch(TorchDispatchMode):
+    """Counts the matrix products dispatched inside the block by (op, shape of the right operand)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.bmm.default):
+            self.shapes[func, tuple(args[1].shape)] += 1
+        return func(*args, **(kwargs or {}))
+
+
 def _qkv(L=23, H=2, d=8, dv=6, dtype=torch.float32, grad=False):
     g = torch.Generator().manual_seed(0)
     return [torch.randn(2, H, L, x, generator=g, dtype=dtype).requires_grad_(grad) for x in (d, d, dv)]
