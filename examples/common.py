@@ -17,6 +17,7 @@ import copy
 import gc
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -308,10 +309,12 @@ def measure_train_step(model, batch: dict, repeats: int = 2, lr: float = 1e-5, a
         capped = cpu_memory_limit is not None and not cuda and isinstance(exc, RuntimeError)
         if not (_is_oom(exc) or capped):  # under a cap, allocator failures surface as assorted RuntimeErrors
             raise
-        limit = (f" (this run caps a training step at {cpu_memory_limit / 2**30:.1f} GiB above what the process "
-                 "held before it; the refused request came on top of what the step already held)"
+        limit = (f" (this run caps the step's address space, RLIMIT_AS, at {cpu_memory_limit / 2**30:.1f} GiB above "
+                 "the process's size before it; the refused request came on top of what the step already held)"
                  if cpu_memory_limit and not cuda else "")
-        return {"status": "oom", "error": str(exc).splitlines()[0][:300] + limit}
+        # torch's allocator message without its C++ assertion prefix ("[enforce fail at alloc_cpu.cpp:N] err == 0.")
+        text = re.sub(r"^\[enforce fail at [^\]]*\]\s*(err == 0\.\s*)?", "", str(exc).splitlines()[0])
+        return {"status": "oom", "error": text[:300] + limit}
     finally:
         cap.__exit__(None, None, None)
         opt.state.clear()

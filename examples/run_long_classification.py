@@ -177,7 +177,9 @@ def render(r: dict) -> str:
                      f"{cell(x, 'peak_bytes', lambda v: f'{v / 2**20:.0f} MiB')} |")
     for name, x in r["results"].items():
         if x.get("status") != "ok":
-            lines += ["", f"{name}: {x.get('status')}: {x.get('error', '')}"]
+            why = (" With attention dropout, SDPA on a CPU materialises each layer's [batch, heads, L, L] attention "
+                   "probabilities." if name == STOCK and x.get("status") == "oom" else "")
+            lines += ["", f"{name}: {x.get('status')}: {x.get('error', '')}{why}"]
     for stock, suffix in ((STOCK, ""), (STOCK_NO_DROPOUT, "_no_dropout")):
         if r.get("time_ratio" + suffix) is not None:
             lines += ["", f"Performer / {stock}: time {r['time_ratio' + suffix]:.2f}x (target <= 0.5x), peak memory "

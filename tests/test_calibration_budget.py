@@ -131,8 +131,8 @@ def test_convert_trains_on_mixed_lengths_up_to_the_position_limit(tmp_path, caps
 
 
 def test_warnings_print_above_the_progress_bar_not_into_it(capsys):
-    """A warning raised while the calibration bar is open (the first training step's one-time dropout notice) gets
-    its own line through tqdm.write; closing the bar restores warnings.showwarning."""
+    """A warning raised while the calibration bar is open (any library's, in a training step) gets its own line
+    through tqdm.write; closing the bar restores warnings.showwarning."""
     import warnings
 
     from hf_performer.conversion.calibrate import _Progress
@@ -142,9 +142,9 @@ def test_warnings_print_above_the_progress_bar_not_into_it(capsys):
     bar.update(1, 0.1, loss="0.5")
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        warnings.warn("attention-probability dropout is ignored", UserWarning, stacklevel=1)
+        warnings.warn("this argument is deprecated", FutureWarning, stacklevel=1)
     bar.update(2, 0.2, loss="0.4")
     bar.close()
     assert warnings.showwarning is before
-    line = next(part for part in capsys.readouterr().err.split("\n") if "dropout is ignored" in part)
+    line = next(part for part in capsys.readouterr().err.split("\n") if "is deprecated" in part)
     assert "%|" not in line.split("\r")[-1]  # not appended to the bar's line ("calibration:  33%|###  | 1/3")

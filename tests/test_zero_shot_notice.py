@@ -89,3 +89,26 @@ def test_notice_from_a_command_line_script():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "torch.Size([1, 3, 8])" in run.stdout and run.stderr.count(NOTICE) == 1
+
+
+def test_notices_print_above_an_open_progress_bar(capsys, monkeypatch):
+    """A forward inside a progress bar (the Trainer's first training step) prints its notices, the zero-shot one
+    and the ignored dropout's, on their own lines: the bar is cleared first and redrawn after."""
+    from tqdm.auto import tqdm
+
+    from hf_performer.integration import attention_function
+
+    monkeypatch.setattr(attention_function, "_DROPOUT_WARNED", False)  # once per process: make it due again
+    printed = lambda m, c, f, n, file=None, line=None: sys.stderr.write(warnings.formatwarning(m, c, f, n, line))  # noqa: E731
+    monkeypatch.setattr(warnings, "showwarning", printed)  # printed as Python does outside pytest
+    model = converted(tf.BertModel, bert_cfg).train()  # attention dropout 0.1: ignored, so the notice is due
+    bar = tqdm(total=2, desc="training")
+    bar.update(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        model(**inputs_for(model))
+    bar.update(1)
+    bar.close()
+    lines = [part for part in capsys.readouterr().err.split("\n") if "UserWarning" in part]
+    assert len(lines) == 2  # both notices
+    assert all("%|" not in part.split("\r")[-1] for part in lines)  # neither written after the bar's text

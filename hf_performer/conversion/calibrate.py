@@ -258,9 +258,10 @@ def _load_trainable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 class _Progress:
-    """A tqdm bar over steps (a step budget) or over seconds (a time budget only). While it is open, warnings
-    (e.g. the one-time notice that attention dropout is ignored, raised by the first training step) print above
-    the bar through ``tqdm.write`` instead of into its line; ``close`` restores ``warnings.showwarning``."""
+    """A tqdm bar over steps (a step budget) or over seconds (a time budget only). While it is open, any warning
+    (a library's deprecation notice in the first step, say; hf_performer's own notices clear every bar themselves,
+    ``integration.caller.above_progress_bars``) prints above the bar through ``tqdm.write`` instead of into its
+    line; ``close`` restores ``warnings.showwarning``."""
 
     def __init__(self, cfg: CalibrationConfig, start_step: int, start_s: float, enabled: bool):
         self.by_time = cfg.steps is None

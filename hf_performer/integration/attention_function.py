@@ -20,7 +20,7 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import bidirectional_mask_function, causal_mask_function
 
-from .caller import caller_stacklevel
+from .caller import above_progress_bars, caller_stacklevel
 from .grouped import fold_groups, query_groups, unfold_groups
 from .local_exact import sliding_window_attention
 from .zero_shot import notice_uncalibrated
@@ -36,12 +36,14 @@ def warn_ignored_dropout(p: float) -> None:
     global _DROPOUT_WARNED
     if p > 0 and not _DROPOUT_WARNED:
         _DROPOUT_WARNED = True
-        warnings.warn(
-            f"Performer FAVOR+ attention ignores attention-probability dropout (p={p}): there is no attention "
-            "matrix to drop entries from. Hidden-state dropout still applies. This warning is shown once.",
-            UserWarning,
-            stacklevel=caller_stacklevel(),
-        )
+        level = caller_stacklevel()
+        with above_progress_bars():  # (the first training step runs inside the Trainer's bar)
+            warnings.warn(
+                f"Performer FAVOR+ attention ignores attention-probability dropout (p={p}): there is no attention "
+                "matrix to drop entries from. Hidden-state dropout still applies. This warning is shown once.",
+                UserWarning,
+                stacklevel=level,
+            )
 
 
 def reject_attention_weights(requested: bool | None = False) -> None:

@@ -1,9 +1,12 @@
-"""The user's frame: warnings raised deep inside a forward are attributed to the line that ran the model."""
+"""The user's frame: warnings raised deep inside a forward are attributed to the line that ran the model, and
+printed on their own line even when a progress bar (the Trainer's, the calibration's) is on the terminal."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 
 
 def _library_prefixes() -> tuple[str, ...]:
@@ -36,3 +39,17 @@ def caller_stacklevel(prefixes: tuple[str, ...] | None = None) -> int:
     frame outside ``prefixes`` (default: hf_performer, transformers, torch, accelerate): the user's line
     that called the model, ``Trainer.train`` or ``generate``. The last frame when every frame is inside."""
     return user_frame(prefixes, depth=2)[1]
+
+
+@contextlib.contextmanager
+def above_progress_bars() -> Iterator[None]:
+    """While the block runs (a warning raised inside a forward: the first training step's, mid-epoch), every tqdm
+    progress bar on the terminal is cleared, and redrawn afterwards: the warning gets its own line instead of
+    landing inside the Trainer's or the calibration's bar (``tqdm.external_write_mode``)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        yield
+        return
+    with tqdm.external_write_mode(file=sys.stderr):
+        yield

@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Iterator
 
 from ..attention import FavorAttention
-from .caller import user_frame
+from .caller import above_progress_bars, user_frame
 
 _IN_STATISTICS_STEP = contextvars.ContextVar("hf_performer_statistics_step", default=False)
 
@@ -48,10 +48,11 @@ class ZeroShotNotice:
         missing = flags.count(False)
         if missing:
             frame = user_frame()[0]  # the user's line that ran the model, not torch's or transformers' internals
-            warnings.warn_explicit(  # no registry: Python's once-per-location filter would hide other models' notices
-                MESSAGE.format(n=missing, total=len(flags)), UserWarning, frame.f_code.co_filename, frame.f_lineno,
-                module=frame.f_globals.get("__name__"), registry=None,  # (module_globals breaks `python -c`)
-            )
+            with above_progress_bars():  # (a first forward may run inside the Trainer's bar)
+                warnings.warn_explicit(  # no registry: the once-per-location filter would hide other models' notices
+                    MESSAGE.format(n=missing, total=len(flags)), UserWarning, frame.f_code.co_filename,
+                    frame.f_lineno, module=frame.f_globals.get("__name__"), registry=None,  # (module_globals breaks
+                )  # `python -c`)
 
 
 def share_notice(layers: list[FavorAttention]) -> None:
