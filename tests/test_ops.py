@@ -42,6 +42,16 @@ def rel_err(a, b, valid=None):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+def assert_values_and_gradients(out, ref, inputs, g, valid=None, tol=1e-10, grad_tol=1e-9):
+    """out against its reference ref (relative error on ``valid``), and the gradients of (out * g).sum() and
+    (ref * g).sum() with respect to ``inputs``."""
+    assert rel_err(out, ref, valid) < tol
+    fast = torch.autograd.grad((out * g).sum(), inputs)
+    slow = torch.autograd.grad((ref * g).sum(), inputs)
+    for a, b in zip(fast, slow):
+        assert rel_err(a, b) < grad_tol
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
@@ -295,11 +305,7 @@ def test_causal_op_on_the_gpu_scan_form_matches_the_reference(window, monkeypatc
                                  window, state=state)
     out = torch.cat([first, second], 2)
     ref = naive_linear_attention(q, k, v, fmap, True, mask, local_window=window)
-    assert rel_err(out, ref, mask[:, None, :, None].expand_as(out)) < 1e-10
-    fast = torch.autograd.grad((out * g).sum(), (q, k, v))
-    slow = torch.autograd.grad((ref * g).sum(), (q, k, v))
-    for a, b in zip(fast, slow):
-        assert rel_err(a, b) < 1e-9
+    assert_values_and_gradients(out, ref, (q, k, v), g, mask[:, None, :, None].expand_as(out))
 
 
 def test_causal_hand_written_backward_through_the_running_state():
