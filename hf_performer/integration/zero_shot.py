@@ -48,11 +48,12 @@ class ZeroShotNotice:
         missing = flags.count(False)
         if missing:
             frame = user_frame()[0]  # the user's line that ran the model, not torch's or transformers' internals
+            # no registry: Python's once-per-location filter would hide other models' notices; no module_globals:
+            # it breaks `python -c`
             with above_progress_bars():  # (a first forward may run inside the Trainer's bar)
-                warnings.warn_explicit(  # no registry: the once-per-location filter would hide other models' notices
-                    MESSAGE.format(n=missing, total=len(flags)), UserWarning, frame.f_code.co_filename,
-                    frame.f_lineno, module=frame.f_globals.get("__name__"), registry=None,  # (module_globals breaks
-                )  # `python -c`)
+                warnings.warn_explicit(MESSAGE.format(n=missing, total=len(flags)), UserWarning,
+                                       frame.f_code.co_filename, frame.f_lineno,
+                                       module=frame.f_globals.get("__name__"), registry=None)
 
 
 def share_notice(layers: list[FavorAttention]) -> None:
