@@ -46,10 +46,11 @@ def test_op_count_is_bounded_whatever_the_length(causal, window):
     assert long <= 2 * short, (short, long)  # only the log-depth cross-group scan and recomputation may grow
 
 
-# feature projections x' W^T ([.., 64] @ [64, 256]) per forward and per backward: what each op recomputes
-# (DESIGN.md, "Backward, positive kernels"): the pure bidirectional backward recomputes both sides; causal and the
-# bidirectional window keep phi~(Q) and recompute the keys only (the causal window also its halo rows)
-PROJECTIONS = {(False, 0): (2, 2), (False, 4): (2, 1), (True, 0): (2, 1), (True, 4): (3, 2)}
+# feature projections x' W^T ([.., 64] @ [64, 256]) per forward and per backward in one pass (GPUs): what each op
+# recomputes (DESIGN.md, "Backward, positive kernels"): the bidirectional backwards both sides once (with the window:
+# the keys with their neighbours, not a second time for their own share), causal keeps phi~(Q) and recomputes the
+# keys only (its window also the halo rows)
+PROJECTIONS = {(False, 0): (2, 2), (False, 4): (2, 2), (True, 0): (2, 1), (True, 4): (3, 2)}
 
 
 @pytest.mark.parametrize(("causal", "window"), list(PROJECTIONS))

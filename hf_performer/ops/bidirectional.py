@@ -182,8 +182,7 @@ def favor_bidirectional(
         args = (q.to(ct), k.to(ct), v.to(ct))
         seg = cpu_segment(q, max(L, k.shape[2]), fmap.nb_features)
         if local_window:  # hand-written backward (positive kernels only)
-            keep = torch.is_grad_enabled() and any(t.requires_grad for t in args)  # will a backward run?
-            out = PositiveWindow.apply(*args, fmap, key_padding_mask, local_window, seg, keep)
+            out = PositiveWindow.apply(*args, fmap, key_padding_mask, local_window, seg)
         elif fmap.exponential:  # hand-written backward
             out = _PositiveBidirectional.apply(*args, fmap, key_padding_mask, seg)
         elif seg:  # a CPU and a long input: segment by segment (see common.cpu_segment)
