@@ -98,6 +98,25 @@ def key_spans(x: torch.Tensor, n: int, C: int, w: int) -> torch.Tensor:
     return torch.cat([halo_rows(x, n, C, w), x[:, :, w:].unflatten(2, (n, C))], 3)
 
 
+def halo_features(fmap: FeatureMap, kt: torch.Tensor, mx: torch.Tensor, ref_k: torch.Tensor, n: int, C: int,
+                  w: int) -> torch.Tensor:
+    """phi~ of each chunk's w halo keys, [B, H, n, w, m] (<= 1: they come before the chunk), from the transformed key
+    rows kt [B, H, w + nC, d], their mask mx [B, w + nC] bool and the chunks' key references ref_k [B, H, n, 1, m']
+    (``unbiased_references``: the logits leave out the feature bias); the forward's and the backward's."""
+    lh, fh = fmap.logits(halo_rows(kt, n, C, w).flatten(2, 3), with_bias=False)  # [B, H, nw, m']
+    lh, fh = lh.unflatten(2, (n, w)), None if fh is None else fh.unflatten(2, (n, w))
+    keep = halo_rows(mx[:, None, :, None], n, C, w)  # [B, 1, n, w, 1]
+    return times(masked_exp_(lh.sub_(ref_k), keep), fh)
+
+
+def carry_window(state: FavorState, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, T: int, w: int):
+    """Give ``state`` the window a later call continues from: the last w keys and values of k, v [B, H, w + T (+ any
+    padding), ·] (the w keys before the sequence in front, ``with_halo``) and their mask [B, w + T (+ padding)] bool,
+    kept in k's dtype. Returns ``state``."""
+    state.wk, state.wv, state.wm = k[:, :, T : T + w], v[:, :, T : T + w], mask[:, T : T + w].to(k.dtype)
+    return state
+
+
 def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: FavorState | None,
             internals: dict | None = None, halo_mask: torch.Tensor | None = None):
     """q, k [B,H,T,d], v [B,H,T,dv] in the compute dtype, mask [B,T] bool -> (out [B,H,T,dv], new FavorState).
@@ -119,8 +138,6 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
     if w:
         mx = torch.cat([halo_mask, mx], 1)
     # kx [B, H, w + nC, d], vx [B, H, w + nC, dv], mx [B, w + nC]: key position p at index w + p
-
-    halo = lambda x: halo_rows(x, n, C, w)  # the w key rows before each chunk
     # the input transforms run once (the window's exact terms read the transformed rows too)
     qt, kt = fmap.transform(qx, True), fmap.transform(kx, False)  # [B, H, nC, d], [B, H, w + nC, d]
     # the logits without the per-feature log weights b of importance-sampled rows: b joins the per-feature
@@ -157,10 +174,7 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
     # chunk summaries relative to the running maximum (before lk may be reused in place below)
     K = times(masked_exp_(lk - M_k, keep), fk).transpose(-1, -2) @ v1  # [B, H, n, m, dv + 1]
     if w:
-        lh, fh = fmap.logits(halo(kt).flatten(2, 3), with_bias=False)  # [B, H, nw, m']
-        lh, fh = lh.unflatten(2, (n, w)), None if fh is None else fh.unflatten(2, (n, w))
-        keep_h = halo(mx[:, None, :, None])  # [B, 1, n, w, 1]
-        phi_h = times(masked_exp_(lh.sub_(ref_k), keep_h), fh)  # <= 1: before the chunk
+        phi_h = halo_features(fmap, kt, mx, ref_k, n, C, w)  # [B, H, n, w, m]
     # without autograd, lk and lq become the features in place
     inplace = not torch.is_grad_enabled()
     x_k = lk.sub_(ref_k) if inplace else lk - ref_k  # [B, H, n, C, m'] (shifted further in place below)
@@ -209,7 +223,7 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
     final = prefix[:, :, -1] * torch.exp((ref[:, :, -1] - M[:, :, -1]).clamp_max(0))[..., None] + K[:, :, -1]
     new = FavorState(S=final[..., :-1], z=final[..., -1], c=M[:, :, -1])
     if w:
-        new.wk, new.wv, new.wm = kx[:, :, T : T + w], vx[:, :, T : T + w], mx[:, T : T + w].to(q.dtype)
+        carry_window(new, kx, vx, mx, T, w)
     return out[:, :, :T], new
 
 
@@ -244,8 +258,7 @@ def causal_attention(q, k, v, fmap: FeatureMap, key_padding_mask=None, chunk_siz
                 state = FavorState(S=S, z=z, c=c)
                 if w:
                     t, real = out.shape[2], torch.ones_like(out[:, 0, :, 0], dtype=torch.bool) if m is None else m
-                    state.wk, state.wv = ks[:, :, t : t + w], vs[:, :, t : t + w]
-                    state.wm = torch.cat([hm, real], 1)[:, t : t + w].to(q.dtype)
+                    carry_window(state, ks, vs, torch.cat([hm, real], 1), t, w)
             else:
                 fn = lambda q, k, v, m=m, state=state: _causal(q, k, v, fmap, m, chunk_size, local_window, state)
                 out, state = maybe_checkpoint(fn, cut(q), cut(k), cut(v), size=B * H * T * fmap.nb_features)

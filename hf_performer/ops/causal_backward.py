@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from ..features import FeatureMap
-from .causal import _causal, halo_rows, key_spans, unbiased_references
+from .causal import _causal, halo_features, halo_rows, key_spans, unbiased_references
 from .common import FavorState, masked_exp_, pad_len, safe_den, with_ones
 from .local import band, unband
 from .scan import exclusive_prefix
@@ -94,7 +94,6 @@ class PositiveCausal(torch.autograd.Function):
         keep = None if (mask is None and P == 0) else mx.unflatten(1, (n, C))[:, None, :, :, None]
         if w:
             mx = torch.cat([halo_mask, mx], 1)  # [B, w + nC]
-            keep_h = mx[:, : n * C].unflatten(1, (n, C))[:, None, :, :w, None]
         cut = lambda x: x.flatten(2, 3)[:, :, :T]  # [B, H, n, C, ·] -> [B, H, T, ·]
         v1 = with_ones(chunked(vx[:, :, w:]))  # [B, H, n, C, dv + 1]
         if g_out is None:
@@ -122,9 +121,8 @@ class PositiveCausal(torch.autograd.Function):
         lk = chunked(fmap.logits(kt[:, :, w:], with_bias=False)[0])  # [B, H, n, C, m]
         b = fmap.feature_bias
         ref_k, _, M_k = unbiased_references(None if b is None else b.to(lk.dtype), ref, M)
-        if win_grads is not None:  # the halo's features: each chunk's w key rows before it ([B, H, nw, d] rows)
-            lh = fmap.logits(halo_rows(kt, n, C, w).flatten(2, 3), with_bias=False)[0].unflatten(2, (n, w))
-            phi_h = masked_exp_(lh.sub_(ref_k), keep_h)  # [B, H, n, w, m]
+        if win_grads is not None:  # the halo's features, as the forward computed them
+            phi_h = halo_features(fmap, kt, mx, ref_k, n, C, w)  # [B, H, n, w, m]
         kf = masked_exp_(lk - M_k, keep)
         phi_k = masked_exp_(lk.sub_(ref_k).sub_(U[..., None]), keep)
         del lk
