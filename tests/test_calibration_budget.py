@@ -130,13 +130,16 @@ def test_convert_trains_on_mixed_lengths_up_to_the_position_limit(tmp_path, caps
     assert [v["step"] for v in log["validation"]][:4] == [0, 4, 8, 12] and "best_step" in log
 
 
-def test_warnings_print_above_the_progress_bar_not_into_it(capsys):
-    """A warning raised while the calibration bar is open (any library's, in a training step) gets its own line
-    through tqdm.write; closing the bar restores warnings.showwarning."""
+def test_warnings_print_above_the_progress_bar_not_into_it(capsys, monkeypatch):
+    """A warning raised while the calibration bar is open (any library's, in a training step) gets its own line:
+    the bar is cleared while it prints; closing the bar restores warnings.showwarning."""
+    import sys
     import warnings
 
     from hf_performer.conversion.calibrate import _Progress
 
+    printed = lambda m, c, f, n, file=None, line=None: sys.stderr.write(warnings.formatwarning(m, c, f, n, line))  # noqa: E731
+    monkeypatch.setattr(warnings, "showwarning", printed)  # printed as Python does outside pytest
     before = warnings.showwarning
     bar = _Progress(CalibrationConfig(steps=3), 0, 0.0, enabled=True)
     bar.update(1, 0.1, loss="0.5")

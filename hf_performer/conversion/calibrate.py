@@ -39,7 +39,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -50,6 +49,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..integration.caller import above_progress_bars
 from .capture import (
     attention_inputs,
     attention_names,
@@ -259,22 +259,22 @@ def _load_trainable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 class _Progress:
     """A tqdm bar over steps (a step budget) or over seconds (a time budget only). While it is open, any warning
-    (a library's deprecation notice in the first step, say; hf_performer's own notices clear every bar themselves,
-    ``integration.caller.above_progress_bars``) prints above the bar through ``tqdm.write`` instead of into its
-    line; ``close`` restores ``warnings.showwarning``."""
+    (a library's deprecation notice in the first step, say) prints above the bar instead of into its line, through
+    the mechanism hf_performer's own notices use (``integration.caller.above_progress_bars``); ``close`` restores
+    ``warnings.showwarning``."""
 
     def __init__(self, cfg: CalibrationConfig, start_step: int, start_s: float, enabled: bool):
         self.by_time = cfg.steps is None
         total = int(math.ceil(cfg.time_limit_s)) if self.by_time else cfg.steps
         self.bar = tqdm(total=total, initial=int(start_s) if self.by_time else start_step, desc="calibration",
                         unit="s" if self.by_time else "step", disable=not enabled)
-        self._show = warnings.showwarning
+        self._show = show = warnings.showwarning
         if enabled:
-            def show(message, category, filename, lineno, file=None, line=None):
-                text = warnings.formatwarning(message, category, filename, lineno, line)
-                tqdm.write(text.rstrip("\n"), file=sys.stderr if file is None else file)
+            def above(*args, **kwargs):
+                with above_progress_bars():
+                    show(*args, **kwargs)
 
-            warnings.showwarning = show
+            warnings.showwarning = above
 
     def update(self, step: int, elapsed_s: float, **postfix) -> None:
         self.bar.update(min(int(elapsed_s), self.bar.total) - self.bar.n if self.by_time else 1)
