@@ -27,7 +27,10 @@ imports stays within 8 minutes on a CUDA machine):
              Stock GPT-2 with SDPA and its KV cache against the converted model with its FavorCache
              (constant-size recurrent state): decode tokens/s, prefill time, cache bytes, peak memory.
   compile    (--compile, on by default on CUDA) torch.compile(FavorAttention) (mode "default") in bfloat16,
-             as extra rows of the attention table, with the time left: compiling is slow, so it runs last.
+             as extra rows of the attention table, with the time left: compiling is slow, so it runs last;
+             then transformers' compiled decoding of both GPT-2 models, generate(cache_implementation="static")
+             with the decoding step compiled (mode "reduce-overhead": CUDA graphs), at the shortest and the
+             longest context: median ms between generated tokens (bench_generation.measure_compiled).
 
 Budget: each section gets a deadline (its share of the time left, unused time passes to the next section);
 a cell that would start after its deadline is recorded as "skipped: time budget". Results are rewritten
@@ -448,17 +451,67 @@ def _cache(output):
     return cache if cache is not None else output.past_key_values
 
 
-def run_decode(args, device, budget: Budget) -> dict:
+def _decode_config(args):
+    from transformers import GPT2Config
+
+    return GPT2Config(**args.gpt2, n_positions=max(args.contexts) + args.new_tokens + 8,
+                      bos_token_id=args.gpt2["vocab_size"] - 1, eos_token_id=args.gpt2["vocab_size"] - 1)
+
+
+def _decode_models(cfg, dtype, device) -> dict:
+    """{DECODE_MODELS[0]: stock GPT-2 with SDPA, DECODE_MODELS[1]: its FAVOR+ conversion, calibrated}."""
     import torch
-    from bench_generation import cache_bytes
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
     from hf_performer import PerformerConfig, convert_to_performer
 
+    torch.manual_seed(0)
+    with torch.device(device):
+        stock = GPT2LMHeadModel._from_config(cfg, attn_implementation="sdpa")
+    stock = stock.to(dtype).eval()
+    favor = convert_to_performer(copy.deepcopy(stock), PerformerConfig(nb_features=NB_FEATURES)).eval()
+    calibrate_like_a_conversion(favor, 0, cfg.vocab_size, min(128, cfg.n_positions))
+    return dict(zip(DECODE_MODELS, (stock, favor)))
+
+
+def run_decode_compiled(args, device, budget: Budget) -> dict:
+    """transformers' compiled decoding of both models (see the module docstring): rows of ms per token."""
+    import torch
+    from bench_generation import measure_compiled
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cfg = _decode_config(args)
+    contexts = sorted({min(args.contexts), max(args.contexts)})
+    rows = []
+    info = {"contexts": contexts, "rows": rows, "status": "ok"}
+    try:
+        models = _decode_models(cfg, dtype, device)
+    except Exception as exc:
+        info["status"] = _status(exc)
+        return info
+    for context in contexts:
+        for name, model in models.items():
+            row = {"model": name, "context": context}
+            rows.append(row)
+            if budget.expired(reserve=COMPILE_RESERVE_S):
+                row["status"] = SKIPPED
+                continue
+            try:
+                ms = measure_compiled(model, context, args.new_tokens, cfg.vocab_size, device)["ms_per_token"]
+                row.update(status="ok", ms_per_token=ms, tokens_per_s=1e3 / ms)
+            except Exception as exc:
+                row["status"] = _status(exc)
+            _free(device)
+    return info
+
+
+def run_decode(args, device, budget: Budget) -> dict:
+    import torch
+    from bench_generation import cache_bytes
+
     budget.start_section("decode")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cfg = GPT2Config(**args.gpt2, n_positions=max(args.contexts) + args.new_tokens + 8,
-                     bos_token_id=args.gpt2["vocab_size"] - 1, eos_token_id=args.gpt2["vocab_size"] - 1)
+    cfg = _decode_config(args)
     rows = []
     info = {"config": {**args.gpt2, "n_positions": cfg.n_positions}, "weights": "random (seed 0)",
             "dtype": str(dtype).removeprefix("torch."), "new_tokens": args.new_tokens, "nb_features": NB_FEATURES,
@@ -468,16 +521,10 @@ def run_decode(args, device, budget: Budget) -> dict:
         info["status"] = SKIPPED
         return info
     try:
-        torch.manual_seed(0)
-        with torch.device(device):
-            stock = GPT2LMHeadModel._from_config(cfg, attn_implementation="sdpa")
-        stock = stock.to(dtype).eval()
-        favor = convert_to_performer(copy.deepcopy(stock), PerformerConfig(nb_features=NB_FEATURES)).eval()
-        calibrate_like_a_conversion(favor, 0, cfg.vocab_size, min(128, cfg.n_positions))
+        models = _decode_models(cfg, dtype, device)
     except Exception as exc:
         info["status"] = _status(exc)
         return info
-    models = dict(zip(DECODE_MODELS, (stock, favor)))
 
     @torch.no_grad()
     def generate(model, context: int, new_tokens: int) -> dict:
@@ -640,6 +687,16 @@ def render_markdown(doc: dict) -> str:
             cells += [_cell(r, "tokens_per_s", 1, "{:.1f}"), _cell(r, "prefill_ms", 1, "{:.1f}"),
                       _cell(r, "cache_bytes", 2**-20, "{:.1f}"), _cell(r, "peak_bytes", 2**-20, "{:.0f}")]
         lines.append("| " + " | ".join(cells) + " |")
+    dcc = doc.get("decode_compiled")
+    if dcc:
+        lines += ["", "### Compiled decoding", "",
+                  "`generate(cache_implementation=\"static\")` with the decoding step compiled (mode \"reduce-overhead\": "
+                  f"CUDA graphs on CUDA); tokens/s from the median time between generated tokens; status {dcc.get('status')}.", "",
+                  "| context | stock tok/s | FAVOR+ tok/s |", "|---:|---:|---:|"]
+        byc = {(r["model"], r["context"]): r for r in dcc.get("rows", [])}
+        for ctx in dcc.get("contexts", []):
+            lines.append(f"| {ctx} | " + " | ".join(_cell(byc.get((name, ctx)), "tokens_per_s", 1, "{:.1f}")
+                                                    for name in DECODE_MODELS) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -774,6 +831,10 @@ def main(argv=None) -> int:
             doc["attention"]["compile_status"] = _status(exc)
         write()
         print("compile: done", flush=True)
+    if args.compile and "decode" in args.sections:
+        doc["decode_compiled"] = timed("decode_compiled", run_decode_compiled, args, device, budget)
+        write()
+        print(f"compiled decoding: {doc['decode_compiled']['status']}", flush=True)
     doc["meta"]["complete"] = True
     write()
     print(f"wrote {paths[0]} and {paths[1]} in {time.monotonic() - T0:.0f} s", flush=True)

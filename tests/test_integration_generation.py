@@ -199,3 +199,56 @@ def test_cache_layer_batch_operations_follow_the_rows():
     assert cache.get_seq_length() == 5
     cache.reset()
     assert layer.state is None and cache.get_seq_length() == 0
+
+
+@pytest.mark.parametrize("local_window", [0, 3])
+def test_static_cache_generation_compiles_and_keeps_its_state_in_place(local_window):
+    """generate(cache_implementation="static") with a CompileConfig compiles the decoding step in one graph (no
+    graph break, fullgraph) and gives the eager tokens; the state tensors keep their addresses from step to step
+    (copied into in place), which a CUDA graph needs. Without that the layer would not be compileable and
+    transformers would decode eagerly (so the compiled call would not exist)."""
+    import torch._dynamo.utils as dynamo_utils
+
+    model, (ids, mask) = gpt2(local_window), left_padded_prompts()
+    eager = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, **COMMON)
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    config = tf.CompileConfig(fullgraph=True, backend="aot_eager", mode=None)
+    config._compile_all_devices = True  # transformers compiles only on accelerators unless asked
+    layers, addresses = [], []
+    real_init = FavorCacheLayer.__init__
+
+    def init(self, *args, **kwargs):  # the cache's layers, as generate builds them
+        real_init(self, *args, **kwargs)
+        layers.append(self)
+
+    def record(input_ids, scores):  # a logits processor: runs eagerly after every forward
+        addresses.append(tuple(t.data_ptr() for t in (layers[0].state.S, layers[0].state.z, layers[0].state.c)))
+        return scores
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(FavorCacheLayer, "__init__", init)
+        compiled = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, cache_implementation="static",
+                                  compile_config=config, logits_processor=tf.LogitsProcessorList([record]), **COMMON)
+    assert hasattr(model, "_compiled_call")  # transformers took the compiled path
+    assert torch.equal(compiled, eager)
+    assert dynamo_utils.counters["stats"]["unique_graphs"] <= 2  # the first step, then the growing mask as dynamic
+    assert len(addresses) == NEW and len(set(addresses)) == 1  # prefill's tensors, updated in place ever after
+
+
+def test_cached_steps_under_autograd_backpropagate_like_the_full_forward():
+    """Steps that carry gradients through the state (the state is replaced, not overwritten in place, once it
+    carries a gradient): the gradient of the stepped logits with respect to the stepped tokens' embeddings equals
+    the full forward's (the prefix's state is a constant for them in both)."""
+    model = gpt2()
+    ids = torch.randint(3, V, (2, 8), generator=torch.Generator().manual_seed(6))
+    embeds = model.transformer.wte(ids).detach().requires_grad_()
+    full = model(inputs_embeds=embeds, use_cache=False).logits[:, 4:]
+    (ref,) = torch.autograd.grad(full.square().sum(), embeds)
+    cache = I.FavorCache()
+    model(inputs_embeds=embeds[:, :4], cache=cache, use_cache=True)
+    steps = [model(inputs_embeds=embeds[:, t:t + 2], cache=cache, use_cache=True).logits for t in (4, 6)]
+    (got,) = torch.autograd.grad(torch.cat(steps, 1).square().sum(), embeds)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+    assert ref[:, 4:].abs().sum() > 0
+    torch.testing.assert_close(got[:, 4:], ref[:, 4:], rtol=1e-4, atol=1e-6)

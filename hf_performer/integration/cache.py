@@ -9,9 +9,16 @@ masks). Cross-attention layers attend to a fixed encoder output, so a layer used
 Performer configs set ``layer_types = ["favor_attention", ...]``; this module registers that layer
 type, so ``DynamicCache(config=...)`` (what ``generate()`` builds) is made of FavorCacheLayers.
 A running sum cannot be cropped: assisted decoding and anything else that calls ``crop`` is refused.
+
+The state is fixed in size, and each step copies the new state into the layer's tensors in place (their addresses
+stay fixed, as in transformers' static and linear-attention cache layers), so the layer is compileable:
+``generate(cache_implementation="static")`` compiles the decoding step (on CUDA by default, with CUDA graphs; on
+other devices when a ``CompileConfig`` asks for it), in one graph without breaks.
 """
 
 from __future__ import annotations
+
+from dataclasses import fields
 
 import torch
 from transformers import configuration_utils
@@ -27,7 +34,9 @@ class FavorCacheLayer(DynamicLayer):
     """One layer's cache: a recurrent FAVOR+ state (self-attention) or keys/values (cross-attention)."""
 
     _layer_type = LAYER_TYPE  # registers the layer type with transformers' DynamicCache
-    is_compileable = False
+    # fixed-size state, updated in place (``_keep``): generate(cache_implementation="static") compiles the decoding
+    # step (by default on CUDA, with CUDA graphs; elsewhere with a CompileConfig that asks for it)
+    is_compileable = True
     supports_early_init = False  # the state is sized by the first step
 
     def __init__(self, **kwargs):
@@ -59,9 +68,28 @@ class FavorCacheLayer(DynamicLayer):
             out, state = favor.step(q, k, v, state, key_padding_mask=key_padding_mask, scale=scale)
         if groups > 1:  # every row of a group absorbed the same keys: keep one state per key/value head
             state = state.index_select(torch.arange(0, B * groups, groups, device=out.device))
-        self.state = state
+        self._keep(state)
         self.seen_tokens += q.shape[2]
         return unfold_groups(out, groups)
+
+    def _keep(self, state: FavorState) -> None:
+        """Make ``state`` this layer's state. Its tensors are copied into the ones the layer holds, in place, when
+        they match in shape, dtype and device (and carry no gradient), so their addresses stay fixed from step to step (what a compiled
+        decoding step and a CUDA graph capture, like transformers' static and linear-attention cache layers); the
+        first step's state (or one of another shape or device: a batch expanded for beams, an offload) becomes
+        the layer's tensors instead, marked as static addresses for ``torch.compile``."""
+        old = self.state
+        pairs = [] if old is None else [(getattr(old, f.name), getattr(state, f.name)) for f in fields(state)]
+        if old is not None and all(_copyable(a, b) for a, b in pairs):
+            for a, b in pairs:
+                if a is not None:
+                    a.copy_(b)
+            return
+        self.state = state
+        if not torch.compiler.is_compiling():
+            for a in (getattr(state, f.name) for f in fields(state)):
+                if a is not None:
+                    torch._dynamo.mark_static_address(a)
 
     # ------------------------------------------------------------------ key/value mode (cross-attention)
     def update(self, key_states, value_states, *args, **kwargs):
@@ -89,7 +117,7 @@ class FavorCacheLayer(DynamicLayer):
 
     def _map_state(self, fn) -> None:
         if self.state is not None:
-            self.state = fn(self.state)
+            self._keep(fn(self.state))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.recurrent:
@@ -142,6 +170,15 @@ class FavorCache(Cache):
             super().__init__(layer_class_to_replicate=FavorCacheLayer)
         else:
             super().__init__(layers=[FavorCacheLayer() for _ in range(num_layers)])
+
+
+def _copyable(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Both None, or tensors of one shape, dtype and device outside autograd (``b`` can be copied into ``a`` in
+    place; a state that carries gradients is never overwritten: autograd may have saved it)."""
+    if a is None or b is None:
+        return a is None and b is None
+    grad = a.requires_grad or b.requires_grad
+    return not grad and a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
 
 
 def register_favor_layer_type() -> None:
