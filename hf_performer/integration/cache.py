@@ -74,10 +74,12 @@ class FavorCacheLayer(DynamicLayer):
 
     def _keep(self, state: FavorState) -> None:
         """Make ``state`` this layer's state. Its tensors are copied into the ones the layer holds, in place, when
-        they match in shape, dtype and device (and carry no gradient), so their addresses stay fixed from step to step (what a compiled
-        decoding step and a CUDA graph capture, like transformers' static and linear-attention cache layers); the
-        first step's state (or one of another shape or device: a batch expanded for beams, an offload) becomes
-        the layer's tensors instead, marked as static addresses for ``torch.compile``."""
+        they match in shape, dtype and device and carry no gradient (``_copyable``), so their addresses stay fixed
+        from step to step: what a compiled decoding step and a CUDA graph capture, as with transformers' static and
+        linear-attention cache layers. The first step's state (or one of another shape or device, a batch expanded
+        for beams, an offload, or one under autograd) becomes the layer's tensors instead, marked as static
+        addresses for ``torch.compile``. A ``FavorState`` read from the layer earlier therefore changes with the
+        next step: copy it to keep it."""
         old = self.state
         pairs = [] if old is None else [(getattr(old, f.name), getattr(state, f.name)) for f in fields(state)]
         if old is not None and all(_copyable(a, b) for a, b in pairs):
