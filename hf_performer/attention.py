@@ -64,7 +64,7 @@ class FavorAttention(nn.Module):
         self.register_buffer("log_qk_scale", torch.zeros(num_heads, **f32))
         self.register_buffer("oprf_rho", torch.zeros(num_heads, **f32))
         self.register_buffer("stats_calibrated", torch.zeros((), dtype=torch.bool))
-        self._calibrated_seen = (id(self.stats_calibrated), self.stats_calibrated._version, False)
+        self._remember_calibrated(False)
         # importance-sampled ("aligned") features, filled by calibrate_statistics
         rows = projection_rows(self.config)
         self.register_buffer("proposal_centers", torch.zeros(num_heads, NB_CENTERS, head_dim, **f32))
@@ -89,10 +89,16 @@ class FavorAttention(nn.Module):
         value last seen in eager mode is used."""
         buf, seen = self.stats_calibrated, self._calibrated_seen
         if torch.compiler.is_compiling() or buf.is_meta:
-            return seen[2]
+            return self._calibrated_flag  # a plain bool: compiled code guards on it, not on this module's buffer
         if seen[:2] != (id(buf), buf._version):
-            self._calibrated_seen = (id(buf), buf._version, bool(buf))
-        return self._calibrated_seen[2]
+            self._remember_calibrated(bool(buf))
+        return self._calibrated_flag
+
+    def _remember_calibrated(self, value: bool) -> None:
+        """Record ``value`` as the calibrated flag of the current ``stats_calibrated`` tensor (its identity and
+        version: ``calibrated`` re-reads the buffer once either changes)."""
+        self._calibrated_seen = (id(self.stats_calibrated), self.stats_calibrated._version)
+        self._calibrated_flag = value
 
     @property
     def aligned(self) -> bool:
@@ -125,11 +131,10 @@ class FavorAttention(nn.Module):
     def _apply(self, fn, recurse=True):
         # keep the projection and statistics in float32 when the model is cast to half precision
         keep = {n: self._buffers[n] for n in _FP32_BUFFERS}
-        calibrated = self._calibrated_seen[2] if self._calibrated_seen[0] == id(self.stats_calibrated) else None
+        calibrated = self._calibrated_flag if self._calibrated_seen[0] == id(self.stats_calibrated) else None
         super()._apply(fn, recurse)
-        buf = self.stats_calibrated
         if calibrated is not None:  # same value in a new tensor (device/dtype moves): no re-read needed
-            self._calibrated_seen = (id(buf), buf._version, calibrated)
+            self._remember_calibrated(calibrated)
         for name, old in keep.items():
             new = self._buffers[name]
             if new.dtype != torch.float32:
@@ -237,7 +242,7 @@ class FavorAttention(nn.Module):
         k = k.to(ct) * (root / a) - (shift / a if self.config.center_keys else 0)
         self.proposal_centers.copy_(self._sample_pair_sums(q, k, qmask, mask, causal).to(self.proposal_centers))
         self.stats_calibrated.fill_(True)
-        self._calibrated_seen = (id(self.stats_calibrated), self.stats_calibrated._version, True)
+        self._remember_calibrated(True)
         if self.aligned:
             self._draw_aligned()
 

@@ -252,3 +252,24 @@ def test_cached_steps_under_autograd_backpropagate_like_the_full_forward():
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
     assert ref[:, 4:].abs().sum() > 0
     torch.testing.assert_close(got[:, 4:], ref[:, 4:], rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_decoding_of_a_second_model_reuses_the_graphs():
+    """The compiled decoding step guards on nothing that is one model's own (the calibrated flag is read as a
+    plain bool under torch.compile): a second model of the same configuration decodes with the graphs the first
+    compiled, so a process that compiles several models does not run into torch's recompile limit."""
+    import torch._dynamo.utils as dynamo_utils
+
+    config = tf.CompileConfig(fullgraph=True, backend="aot_eager", mode=None)
+    config._compile_all_devices = True
+    ids, mask = left_padded_prompts()
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    graphs = []
+    for seed in (1, 2):
+        model = gpt2()
+        model.transformer.h[0].attn.c_attn.weight.data.normal_(generator=torch.Generator().manual_seed(seed))
+        model.generate(input_ids=ids, attention_mask=mask, do_sample=False, cache_implementation="static",
+                       compile_config=config, **COMMON)
+        graphs.append(dynamo_utils.counters["stats"]["unique_graphs"])
+    assert graphs[0] >= 1 and graphs[1] == graphs[0]
