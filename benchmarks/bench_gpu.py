@@ -451,6 +451,9 @@ def _cache(output):
     return cache if cache is not None else output.past_key_values
 
 
+_DECODE_MODELS_BUILT: dict = {}  # (device, GPT-2 config) -> (cfg, dtype, models): built once per run
+
+
 def _decode_config(args):
     from transformers import GPT2Config
 
@@ -458,34 +461,43 @@ def _decode_config(args):
                       bos_token_id=args.gpt2["vocab_size"] - 1, eos_token_id=args.gpt2["vocab_size"] - 1)
 
 
-def _decode_models(cfg, dtype, device) -> dict:
-    """{DECODE_MODELS[0]: stock GPT-2 with SDPA, DECODE_MODELS[1]: its FAVOR+ conversion, calibrated}."""
+def _decode_dtype(device):
+    import torch
+
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _decode_models(args, device):
+    """(the GPT-2 config, the dtype, {DECODE_MODELS[0]: stock GPT-2 with SDPA, DECODE_MODELS[1]: its FAVOR+
+    conversion, calibrated}), built once per device and configuration: the decode and the compiled-decoding
+    sections share them."""
     import torch
     from transformers import GPT2LMHeadModel
 
     from hf_performer import PerformerConfig, convert_to_performer
 
-    torch.manual_seed(0)
-    with torch.device(device):
-        stock = GPT2LMHeadModel._from_config(cfg, attn_implementation="sdpa")
-    stock = stock.to(dtype).eval()
-    favor = convert_to_performer(copy.deepcopy(stock), PerformerConfig(nb_features=NB_FEATURES)).eval()
-    calibrate_like_a_conversion(favor, 0, cfg.vocab_size, min(128, cfg.n_positions))
-    return dict(zip(DECODE_MODELS, (stock, favor)))
+    cfg, dtype = _decode_config(args), _decode_dtype(device)
+    key = (str(device), cfg.to_json_string())
+    if key not in _DECODE_MODELS_BUILT:
+        torch.manual_seed(0)
+        with torch.device(device):
+            stock = GPT2LMHeadModel._from_config(cfg, attn_implementation="sdpa")
+        stock = stock.to(dtype).eval()
+        favor = convert_to_performer(copy.deepcopy(stock), PerformerConfig(nb_features=NB_FEATURES)).eval()
+        calibrate_like_a_conversion(favor, 0, cfg.vocab_size, min(128, cfg.n_positions))
+        _DECODE_MODELS_BUILT[key] = (cfg, dtype, dict(zip(DECODE_MODELS, (stock, favor))))
+    return _DECODE_MODELS_BUILT[key]
 
 
 def run_decode_compiled(args, device, budget: Budget) -> dict:
     """transformers' compiled decoding of both models (see the module docstring): rows of ms per token."""
-    import torch
     from bench_generation import measure_compiled
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cfg = _decode_config(args)
     contexts = sorted({min(args.contexts), max(args.contexts)})
     rows = []
     info = {"contexts": contexts, "rows": rows, "status": "ok"}
     try:
-        models = _decode_models(cfg, dtype, device)
+        cfg, _, models = _decode_models(args, device)
     except Exception as exc:
         info["status"] = _status(exc)
         return info
@@ -510,8 +522,7 @@ def run_decode(args, device, budget: Budget) -> dict:
     from bench_generation import cache_bytes
 
     budget.start_section("decode")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cfg = _decode_config(args)
+    cfg, dtype = _decode_config(args), _decode_dtype(device)
     rows = []
     info = {"config": {**args.gpt2, "n_positions": cfg.n_positions}, "weights": "random (seed 0)",
             "dtype": str(dtype).removeprefix("torch."), "new_tokens": args.new_tokens, "nb_features": NB_FEATURES,
@@ -521,7 +532,7 @@ def run_decode(args, device, budget: Budget) -> dict:
         info["status"] = SKIPPED
         return info
     try:
-        models = _decode_models(cfg, dtype, device)
+        models = _decode_models(args, device)[2]
     except Exception as exc:
         info["status"] = _status(exc)
         return info
