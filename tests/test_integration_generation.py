@@ -201,6 +201,14 @@ def test_cache_layer_batch_operations_follow_the_rows():
     assert layer.state is None and cache.get_seq_length() == 0
 
 
+def compile_anywhere():
+    """A CompileConfig for generate() that compiles on a CPU too (transformers compiles only on accelerators unless
+    asked), the whole forward as one graph; aot_eager: a fast compile that still traces and functionalises."""
+    config = tf.CompileConfig(fullgraph=True, backend="aot_eager", mode=None)
+    config._compile_all_devices = True
+    return config
+
+
 @pytest.mark.parametrize("local_window", [0, 3])
 def test_static_cache_generation_compiles_and_keeps_its_state_in_place(local_window):
     """generate(cache_implementation="static") with a CompileConfig compiles the decoding step in one graph (no
@@ -213,8 +221,7 @@ def test_static_cache_generation_compiles_and_keeps_its_state_in_place(local_win
     eager = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, **COMMON)
     torch._dynamo.reset()
     dynamo_utils.counters.clear()
-    config = tf.CompileConfig(fullgraph=True, backend="aot_eager", mode=None)
-    config._compile_all_devices = True  # transformers compiles only on accelerators unless asked
+    config = compile_anywhere()
     layers, addresses = [], []
     real_init = FavorCacheLayer.__init__
 
@@ -260,8 +267,7 @@ def test_compiled_decoding_of_a_second_model_reuses_the_graphs():
     compiled, so a process that compiles several models does not run into torch's recompile limit."""
     import torch._dynamo.utils as dynamo_utils
 
-    config = tf.CompileConfig(fullgraph=True, backend="aot_eager", mode=None)
-    config._compile_all_devices = True
+    config = compile_anywhere()
     ids, mask = left_padded_prompts()
     torch._dynamo.reset()
     dynamo_utils.counters.clear()
