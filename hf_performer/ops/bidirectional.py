@@ -24,6 +24,7 @@ from .common import (
     compute_dtype,
     cpu_segment,
     finite_reference,
+    mask_bias,
     masked_exp_,
     maybe_checkpoint,
     neg_big,
@@ -40,11 +41,14 @@ def _key_side(k, v, fmap: FeatureMap, mask):
     [B,H,1,m'] (-big without a real key; c is that or 0)) for k [B,H,Lk,d], v [B,H,Lk,dv]."""
     keep = None if mask is None else mask[:, None, :, None]
     lk, fk = fmap(k)  # [B, H, Lk, m']
-    with torch.no_grad():  # the stabilisers are constants of the estimator
-        top = (lk if keep is None else torch.where(keep, lk, neg_big(lk.dtype))).amax(2, keepdim=True)
-        c = finite_reference(top)  # [B, H, 1, m']
     # without autograd (inference, the hand-written backward's forward) lk itself becomes the features
-    phi_k = times(masked_exp_(lk - c if torch.is_grad_enabled() else lk.sub_(c), keep), fk)  # [B, H, Lk, m]
+    inplace = not torch.is_grad_enabled()
+    with torch.no_grad():  # the stabilisers are constants of the estimator
+        if keep is not None:  # dropped keys below every real one (in place: masked_exp_ zeroes them below)
+            real = lk.add_(mask_bias(keep, lk.dtype)) if inplace else torch.where(keep, lk, neg_big(lk.dtype))
+        top = (lk if keep is None else real).amax(2, keepdim=True)
+        c = finite_reference(top)  # [B, H, 1, m']
+    phi_k = times(masked_exp_(lk.sub_(c) if inplace else lk - c, keep), fk)  # [B, H, Lk, m]
     return phi_k, phi_k.transpose(-1, -2) @ with_ones(v), c, top
 
 

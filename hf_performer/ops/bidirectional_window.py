@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..features import FeatureMap
-from .common import cat_len, finite_reference, neg_big, safe_den, spans, with_ones
+from .common import cat_len, finite_reference, mask_bias, masked_exp_, neg_big, safe_den, spans, with_ones
 from .local import band_apply, exact_base, flip_band, near, rows, window_block
 
 
@@ -54,31 +54,61 @@ def _pad_rows(x: torch.Tensor, before: int, P: int) -> torch.Tensor:
     return F.pad(x, (0, 0, *pad)) if x.dim() == 4 else F.pad(x, pad)
 
 
-def _query_features(fmap: FeatureMap, qt: torch.Tensor, c: torch.Tensor, r: torch.Tensor | None = None):
+def _query_features(fmap: FeatureMap, qt: torch.Tensor, c: torch.Tensor, r: torch.Tensor | None = None,
+                    outside: tuple[int, int] = (0, 0)):
     """(phi~(Q) [B,H,P,m], r [B,H,P,1]) for the transformed query rows qt [B,H,P,d] and the key stabiliser c
     (``FeatureMap.logits`` of the transformed rows: the transform, needed for the exact terms too, runs once).
-    r: the row maxima when known (the backward has the forward's), else computed."""
+    r: the row maxima when known (the backward has the forward's), else computed. ``outside``: how many rows at the
+    start and at the end have no r (positions outside the sequence): their features are 1, finite, for products
+    whose coefficients there are 0 (a placeholder r would take torch.exp's slow path, ``common.masked_exp_``)."""
     x = fmap.logits(qt, query=True)[0].add_(c)
     r = x.amax(-1, keepdim=True) if r is None else r
-    return x.sub_(r).exp_(), r
+    x.sub_(r)
+    before, after = outside
+    if before:
+        x[:, :, :before] = 0
+    if after:
+        x[:, :, x.shape[2] - after :] = 0
+    return x.exp_(), r
 
 
-def _key_logits(fmap: FeatureMap, kt: torch.Tensor, real: torch.Tensor | None, start: int, L: int, top: bool = True):
-    """(Lg(K) [B,H,P,m] of the transformed key rows kt [B,H,P,d] at positions start .. start + P - 1, -big where
-    the row is not a real key, and its maximum over the rows [B,H,1,m], or None when not ``top``: the backward
-    knows c). real [B,P] bool: the padding mask of the rows, or None (no padding: only rows outside 0 .. L - 1
-    are masked, by slices instead of a full-size mask)."""
+def _outside(start: int, P: int, L: int) -> tuple[int, int]:
+    """How many of the P rows at positions start .. start + P - 1 lie before 0 and after L - 1."""
+    return max(0, -start), max(0, start + P - L)
+
+
+def _key_logits(fmap: FeatureMap, kt: torch.Tensor, real: torch.Tensor | None, start: int, L: int):
+    """(Lg(K) [B,H,P,m] of the transformed key rows kt [B,H,P,d] at positions start .. start + P - 1, -big where the
+    row is not a real key, and its maximum over the rows [B,H,1,m]). real [B,P] bool: the padding mask of the rows,
+    or None (no padding: only rows outside 0 .. L - 1 are masked, by slices instead of a full-size mask)."""
     lk = fmap.logits(kt)[0]
     big = neg_big(lk.dtype)
     if real is not None:
-        lk.masked_fill_(~real[:, None, :, None], big)
+        lk.add_(mask_bias(real[:, None, :, None], lk.dtype))
     else:
-        before, after = max(0, -start), max(0, start + kt.shape[2] - L)
+        before, after = _outside(start, kt.shape[2], L)
         if before:
             lk[:, :, :before] = big
         if after:
             lk[:, :, kt.shape[2] - after :] = big
-    return lk, lk.amax(2, keepdim=True) if top else None
+    return lk, lk.amax(2, keepdim=True)
+
+
+def _key_features_(x: torch.Tensor, real: torch.Tensor | None, start: int, L: int) -> torch.Tensor:
+    """phi~(K) = exp(x) in place for x = Lg(K) - c [B,H,P,m] (rows as in ``_key_logits``), exactly 0 on the rows that
+    are not real keys; those rows never reach exp() with their own value (``common.masked_exp_``: a -big argument
+    takes torch.exp's slow path on a CPU)."""
+    if real is not None:
+        return masked_exp_(x, real[:, None, :, None])
+    before, after = _outside(start, x.shape[2], L)
+    edges = [e for e in (x[:, :, :before] if before else None, x[:, :, x.shape[2] - after :] if after else None)
+             if e is not None]
+    for e in edges:
+        e.zero_()
+    x.exp_()
+    for e in edges:
+        e.zero_()
+    return x
 
 
 def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -98,20 +128,21 @@ class PositiveWindow(torch.autograd.Function):
         B, H, L, _ = q.shape
         w, block = window, window_block(window)
         real = torch.ones(B, L, dtype=torch.bool, device=q.device) if mask is None else mask
-        parts = []  # per segment: key rows, their mask, their logits
+        parts = []  # per segment: key rows, which are real keys, their logits and maximum, their padding mask
         for a, b in spans(L, seg):
             n, P = _layout(a, b, block, w)
             kt = fmap.transform(rows(k, a - w, P), False)
-            lk, top = _key_logits(fmap, kt, None if mask is None else rows(mask, a - w, P), a - w, L)
-            parts.append((kt, rows(real, a - w, P), lk, top))
+            km = None if mask is None else rows(mask, a - w, P)
+            lk, top = _key_logits(fmap, kt, km, a - w, L)
+            parts.append((kt, rows(real, a - w, P), lk, top, km))
         c = finite_reference(parts[0][3] if len(parts) == 1 else torch.stack([p[3] for p in parts]).amax(0))
         S = 0
-        for (a, b), (_, _, lk, _) in zip(spans(L, seg), parts):
-            phi_k = lk.sub_(c).exp_()  # in place: the key features, 0 for rows that are not real keys
+        for (a, b), (_, _, lk, _, km) in zip(spans(L, seg), parts):
+            phi_k = _key_features_(lk.sub_(c), km, a - w, L)  # in place: 0 for rows that are not real keys
             S = S + phi_k[:, :, w : w + b - a].transpose(-1, -2) @ with_ones(v[:, :, a:b])  # own keys only
         outs, saved = [], []
         for i, (a, b) in enumerate(spans(L, seg)):
-            kt, rx, phi_k, _ = parts[i]
+            kt, rx, phi_k, _, _ = parts[i]
             parts[i] = None  # this segment's key features are not needed after its queries
             n, P = _layout(a, b, block, w)
             qt = fmap.transform(rows(q, a, P), True)  # rows past the segment: scratch (results dropped)
@@ -123,7 +154,7 @@ class PositiveWindow(torch.autograd.Function):
             valid = F.pad(rx, (0, 2 * w), value=False).unfold(1, 2 * w + 1, 1)[:, None]  # [B, 1, P, 2w + 1]
             exact = torch.where(valid, logits, neg_big(logits.dtype))
             s = exact.amax(-1).clamp_min(0)  # [B, H, P]
-            e = torch.exp(exact - s[..., None])
+            e = masked_exp_(exact.sub_(s[..., None]), valid)  # 0 where the pair is not real
             g = torch.exp(-s)
             coef = e - g[..., None] * fav
             num = band_apply(coef, rows(v, a - w, P), block, w, out=total[..., :-1] * g[..., None])
@@ -158,11 +189,12 @@ class PositiveWindow(torch.autograd.Function):
             pad = lambda x, a=a, b=b, P=P: _pad_rows(x[:, :, a:b], block, P)  # noqa: E731
             dNx, dTx, gx = pad(dN), pad(dT), pad(g)
             G = torch.cat([dNx, dTx[..., None]], -1).mul_(gx[..., None])  # [B, H, P, dv + 1], 0 off the segment
-            # the forward's row maxima; rows outside the sequence get +big: their features are 0
-            rq = F.pad(r[:, :, max(s0, 0) : s0 + P], (max(-s0, 0), max(s0 + P - L, 0)), value=-neg_big(r.dtype))
-            phi_q, _ = _query_features(fmap, qt, c, rq[..., None])
+            # the forward's row maxima (rows outside the sequence: features 1, against coefficients 0)
+            outside = _outside(s0, P, L)
+            rq = F.pad(r[:, :, max(s0, 0) : s0 + P], outside)
+            phi_q, _ = _query_features(fmap, qt, c, rq[..., None], outside)
             dS += phi_q.transpose(-1, -2) @ G
-            phi_k = _key_logits(fmap, kt, None if mask is None else rx, s0 - w, L, top=False)[0].sub_(c).exp_()
+            phi_k = _key_features_(fmap.logits(kt)[0].sub_(c), None if mask is None else rx, s0 - w, L)
             A = near(dNx, vx, block, w).add_(dTx[..., None])  # [B, H, P, 2w + 1], 0 off the segment
             dl = A * pad(e)
             dfav = A.mul_(-gx[..., None])
@@ -186,8 +218,8 @@ class PositiveWindow(torch.autograd.Function):
             n, s0, R = b - a, a - block, kx.shape[2] - 2 * w
             own = slice(block - w, block - w + n)  # share rows of the segment's keys
             if phi_k is None:  # the segment's own key features, recomputed
-                phi = _key_logits(fmap, kt[:, :, block + w : block + w + n], None if mask is None else mask[:, a:b],
-                                  a, L, top=False)[0].sub_(c).exp_()
+                phi = _key_features_(fmap.logits(kt[:, :, block + w : block + w + n])[0].sub_(c),
+                                     None if mask is None else mask[:, a:b], a, L)
             else:  # or the first pass's (one pass: nothing else is held across segments)
                 phi = phi_k[:, :, block + w : block + w + n]
             d_logits[:, :, own].addcmul_(with_ones(v[:, :, a:b]) @ dSt, phi)  # ([v, 1] dS^T) * phi~(K)

@@ -35,6 +35,7 @@ from .common import (
     compute_dtype,
     cpu_segment,
     finite_reference,
+    mask_bias,
     masked_exp_,
     maybe_checkpoint,
     neg_big,
@@ -153,8 +154,12 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
     # [B, 1, n, C, 1], or None when every key is real (no masking work at all)
     keep = None if (mask is None and P == 0) else mk[:, None, :, :, None]
 
+    # without autograd, lk and lq become the features in place
+    inplace = not torch.is_grad_enabled()
     with torch.no_grad():  # stabilisers: constants of the estimator (the exact output does not depend on them)
-        chunk_max = (lk if keep is None else torch.where(keep, lk, big)).amax(3)  # [B, H, n, m']
+        if keep is not None:  # dropped keys below every real one (in place: masked_exp_ zeroes them below)
+            real = lk.add_(mask_bias(keep, lk.dtype)) if inplace else torch.where(keep, lk, big)
+        chunk_max = (lk if keep is None else real).amax(3)  # [B, H, n, m']
         chunk_max = chunk_max if b is None else chunk_max + b  # (rounding is monotone: still the max)
         c0 = torch.full_like(lk[:, :, 0, 0], big) if state is None else state.c.to(lk.dtype)  # [B, H, m']
         M = running_max(torch.cat([c0[:, :, None], chunk_max], 2), 2)  # [B, H, n + 1, m']
@@ -175,8 +180,6 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
     K = times(masked_exp_(lk - M_k, keep), fk).transpose(-1, -2) @ v1  # [B, H, n, m, dv + 1]
     if w:
         phi_h = halo_features(fmap, kt, mx, ref_k, n, C, w)  # [B, H, n, w, m]
-    # without autograd, lk and lq become the features in place
-    inplace = not torch.is_grad_enabled()
     x_k = lk.sub_(ref_k) if inplace else lk - ref_k  # [B, H, n, C, m'] (shifted further in place below)
     x_q = lq.add_(ref_q) if inplace else lq + ref_q
     with torch.no_grad():

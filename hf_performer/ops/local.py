@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..features import FeatureMap
-from .common import neg_big, safe_den
+from .common import masked_exp_, neg_big, safe_den
 
 
 def band(m: torch.Tensor, width: int) -> torch.Tensor:
@@ -63,7 +63,7 @@ def combine_window(num, den, fav, logits, valid, apply_coef, internals: dict | N
     normaliser, before ``safe_den``): what a hand-written backward needs."""
     exact = torch.where(valid, logits, neg_big(logits.dtype))  # masked before the exponential
     s = exact.detach().amax(-1).clamp_min(0)  # [B, H, T]: a per-row constant, cancels in the ratio
-    e = torch.exp(exact - s[..., None])
+    e = masked_exp_(exact - s[..., None], valid)  # 0 where the pair is not real
     g = torch.exp(-s)
     coef = e - g[..., None] * fav
     num = g[..., None] * num + apply_coef(coef)
