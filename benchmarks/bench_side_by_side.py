@@ -15,10 +15,13 @@ temporaries in again (8-27k page faults per causal forward at 2k tokens here, 10
 kernel allocates next to nothing). PyTorch's own CPU launcher (``python -m torch.backends.xeon.run_cpu``) preloads
 tcmalloc or jemalloc configured to keep memory; these tunables are the same for glibc.
 
-Shapes: batch 1, 8 heads, head_dim 64, nb_features 256, statistics fitted on the first 512 tokens, float32.
-Output: benchmarks/results/side-by-side.json and .md (median of --repeats, milliseconds), written atomically.
+Shapes: batch 1 (``--batch``), 8 heads, head_dim 64, nb_features 256, statistics fitted on the first 512 tokens,
+float32; ``--padding F`` makes a fraction F of the batch's tokens right padding (a key padding mask; SDPA gets it as
+its boolean attn_mask). Output: benchmarks/results/side-by-side.json and .md (median of --repeats, milliseconds),
+written atomically.
 
     python benchmarks/bench_side_by_side.py --base 4f27964 --lengths 1024 2048 4096 8192
+    python benchmarks/bench_side_by_side.py --batch 4 --padding 0.25 --lengths 1024 --name side-by-side-padded
 """
 
 from __future__ import annotations
@@ -40,21 +43,31 @@ WORKER = r"""
 import json, sys, time, torch
 import torch.nn.functional as F
 L, window, causal, calls, base_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4]), sys.argv[5]
+batch, padding = int(sys.argv[6]), float(sys.argv[7])
 sys.path.insert(0, base_dir)
 import hfp_base
 import hf_performer
 torch.manual_seed(0)
-q, k, v = (torch.randn(1, 8, L, 64) for _ in range(3))
+q, k, v = (torch.randn(batch, 8, L, 64) for _ in range(3))
+# right padding: row i keeps L (1 - 2 padding i / (batch - 1)) tokens, so that a fraction `padding` of all is padding
+lengths = [max(1, round(L * (1 - 2 * padding * i / max(batch - 1, 1)))) for i in range(batch)]
+mask = (torch.arange(L)[None] < torch.tensor(lengths)[:, None]) if padding else None
+sdpa_mask = None if mask is None else mask[:, None, None, :] & (torch.ones(L, L, dtype=torch.bool).tril() if causal else True)
 
 
 def favor(pkg, w):
     att = pkg.FavorAttention(64, pkg.PerformerConfig(nb_features=256, local_window=w), num_heads=8)
-    att.calibrate_statistics(q[:, :, :512], k[:, :, :512], causal=causal)
-    return lambda a, b, c: att(a, b, c, causal=causal)
+    att.calibrate_statistics(q[:1, :, :512], k[:1, :, :512], causal=causal)
+    return lambda a, b, c: att(a, b, c, causal=causal, key_padding_mask=mask)
 
 
-impls = {"sdpa": lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=causal),
-         "base": favor(hfp_base, window), "now": favor(hf_performer, window)}
+def sdpa(a, b, c):
+    if sdpa_mask is None:
+        return F.scaled_dot_product_attention(a, b, c, is_causal=causal)
+    return F.scaled_dot_product_attention(a, b, c, attn_mask=sdpa_mask)
+
+
+impls = {"sdpa": sdpa, "base": favor(hfp_base, window), "now": favor(hf_performer, window)}
 if window:
     impls["pure"] = favor(hf_performer, 0)
 out = {}
@@ -84,13 +97,16 @@ print(json.dumps(out))
 RETAIN_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456"
 
 
-def run_worker(base_dir: Path, L: int, window: int, causal: bool, calls: int, malloc: str = "glibc") -> dict:
+def run_worker(base_dir: Path, L: int, window: int, causal: bool, calls: int, malloc: str = "glibc", batch: int = 1,
+               padding: float = 0.0) -> dict:
     """{pass: {implementation: best ms}} from one worker process, or {"error": ...}. ``malloc``: "glibc" (the
-    defaults) or "retain" (``RETAIN_TUNABLES``)."""
+    defaults) or "retain" (``RETAIN_TUNABLES``); ``batch`` rows, a fraction ``padding`` of their tokens padding
+    (right padding, a key padding mask; SDPA gets it as its boolean attn_mask)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     if malloc == "retain":
         env["GLIBC_TUNABLES"] = RETAIN_TUNABLES
-    args = [sys.executable, "-c", WORKER, str(L), str(window), "1" if causal else "0", str(calls), str(base_dir)]
+    args = [sys.executable, "-c", WORKER, str(L), str(window), "1" if causal else "0", str(calls), str(base_dir),
+            str(batch), str(padding)]
     done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     if done.returncode:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
@@ -112,7 +128,10 @@ def render(doc: dict) -> str:
              f"{doc['machine']}; {doc['threads']} threads; load average {doc['loadavg']:.1f} at start; {doc['date']}. "
              f"Median over {doc['repeats']} processes of each implementation's best of {doc['calls']} interleaved "
              "rounds (all implementations in one process, called in turn), ms. Window rows: \"now / pure\" is this "
-             f"tree's window against its own pure FAVOR+, timed in the same process. Allocator: {malloc}", ""]
+             f"tree's window against its own pure FAVOR+, timed in the same process. Allocator: {malloc} "
+             f"Batch {doc.get('batch', 1)}"
+             + (f", {doc['padding']:.0%} of the tokens right padding (a key padding mask)." if doc.get("padding") else ".")
+             , ""]
     for mode in ("bidirectional", "causal"):
         for window in doc["windows"]:
             extra = " now / pure |" if window else ""
@@ -139,9 +158,14 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="worker processes per cell (the table is their median)")
     p.add_argument("--calls", type=int, default=5, help="interleaved rounds per process after a warm-up (the best counts)")
     p.add_argument("--name", default="side-by-side", help="output file stem in benchmarks/results/")
+    p.add_argument("--batch", type=int, default=1, help="batch rows (default 1)")
+    p.add_argument("--padding", type=float, default=0.0,
+                   help="fraction of the batch's tokens that are padding, 0 <= F < 0.5 with --batch > 1 (default 0)")
     p.add_argument("--malloc", choices=["glibc", "retain"], default="glibc",
                    help="glibc: its defaults; retain: keep freed memory in the heap between calls (RETAIN_TUNABLES)")
     args = p.parse_args(argv)
+    if not 0 <= args.padding < 0.5 or (args.padding and args.batch < 2):
+        p.error(f"--padding {args.padding}: use 0 <= F < 0.5 with --batch 2 or more (row 0 is never padded)")
     base = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=ROOT, capture_output=True, text=True,
                           check=True).stdout.strip()
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
@@ -150,7 +174,7 @@ def main(argv=None) -> int:
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
                                  ":(exclude)benchmarks/results"], cwd=ROOT, capture_output=True, text=True).stdout.strip())
     doc = {"base": base, "head": head + ("+dirty" if dirty else ""), "repeats": args.repeats, "calls": args.calls,
-           "windows": args.windows, "malloc": args.malloc,
+           "windows": args.windows, "malloc": args.malloc, "batch": args.batch, "padding": args.padding,
            "machine": os.uname().machine, "threads": os.environ.get("OMP_NUM_THREADS", "2"),
            "loadavg": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": []}
     with tempfile.TemporaryDirectory(prefix="hfp-base-") as tmp:
@@ -158,8 +182,8 @@ def main(argv=None) -> int:
         for L in args.lengths:
             for mode in ("bidirectional", "causal"):
                 for window in args.windows:
-                    runs = [run_worker(base_dir, L, window, mode == "causal", args.calls, args.malloc)
-                            for _ in range(args.repeats)]
+                    runs = [run_worker(base_dir, L, window, mode == "causal", args.calls, args.malloc, args.batch,
+                                       args.padding) for _ in range(args.repeats)]
                     for pass_ in ("fwd", "fwd+bwd"):
                         row = {"L": L, "mode": mode, "window": window, "pass": pass_}
                         for key in ("sdpa", "base", "now", "pure"):
