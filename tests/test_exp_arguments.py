@@ -14,7 +14,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_performer import FavorAttention, PerformerConfig
-from hf_performer.ops import common
+from hf_performer.features import FeatureMap, draw_projection
+from hf_performer.ops import common, favor_bidirectional, favor_causal, naive_linear_attention
 
 EXP = {torch.ops.aten.exp.default, torch.ops.aten.exp_.default, torch.ops.aten.exp.out}
 LOW, HIGH = math.log(torch.finfo(torch.float32).tiny), math.log(torch.finfo(torch.float32).max)
@@ -65,3 +66,23 @@ def test_exponentials_stay_in_range_with_padding(causal, window, kind, segment, 
     assert seen.ranges  # the feature exponentials were seen
     bad = [r for r in seen.ranges if not (LOW <= r[0] and r[1] <= HIGH)]
     assert not bad, bad
+
+
+@pytest.mark.parametrize("window", [0, 2])
+@pytest.mark.parametrize("causal", [False, True])
+def test_wide_logit_spreads_stay_in_range_and_accurate(causal, window):
+    # keys of large norm, as real checkpoints have (the first layer of all-MiniLM-L6-v2 reaches arguments of -242):
+    # most features of those keys lie far more than 87 below their stabilisers; on a CPU they are clamped there
+    d, m = 16, 64
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 2, 48, d, generator=g, dtype=torch.float64) for _ in range(3))
+    k[:, :, ::5] *= 8.0
+    fmap = FeatureMap("softmax", draw_projection(m, d, seed=0).to(torch.float64))
+    op = favor_causal if causal else favor_bidirectional
+    x = [t.float().requires_grad_(True) for t in (q, k, v)]
+    with ExpArguments(2 * 2 * 48) as seen:
+        out = op(*x, fmap, None, local_window=window)
+        out.backward(torch.ones_like(out))
+    assert not [r for r in seen.ranges if not (LOW <= r[0] and r[1] <= HIGH)], seen.ranges
+    ref = naive_linear_attention(q, k, v, fmap, causal=causal, local_window=window)
+    assert ((out.double() - ref).abs().max() / ref.abs().max()).item() < 1e-4

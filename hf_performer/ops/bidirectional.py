@@ -20,6 +20,7 @@ import torch
 from ..features import FeatureMap
 from .bidirectional_window import PositiveWindow
 from .common import (
+    bounded_exp_,
     cat_len,
     compute_dtype,
     cpu_segment,
@@ -32,6 +33,7 @@ from .common import (
     safe_den,
     spans,
     times,
+    weights,
     with_ones,
 )
 
@@ -58,7 +60,7 @@ def _query_side(q, S, c, fmap: FeatureMap):
     x_q = lq + c if torch.is_grad_enabled() else lq.add_(c)
     with torch.no_grad():
         r = x_q.detach().amax(-1, keepdim=True)  # [B, H, Lq, 1]
-    phi_q = times(x_q.sub_(r).exp_(), fq)
+    phi_q = times(bounded_exp_(x_q.sub_(r)), fq)
     return phi_q, r, phi_q @ S
 
 
@@ -82,7 +84,7 @@ def _segment_sums(k, v, fmap: FeatureMap, mask, seg: int, size: int):
         c_seg = torch.stack([c_j for c_j, _ in refs])  # [segments, B, H, 1, m']
         c = finite_reference(torch.stack([top for _, top in refs]).amax(0))  # the maximum over all real keys
         # <= 1; a segment without a real key (c_j = 0, S_j = 0) gets 1 instead of a possible overflow
-        factors = torch.exp((c_seg - c).clamp_max(0)).transpose(-1, -2)  # [segments, B, H, m', 1]
+        factors = weights(c_seg - c).transpose(-1, -2)  # [segments, B, H, m', 1]
     return sum(S_j * f for S_j, f in zip(sums, factors)), c
 
 
@@ -133,7 +135,7 @@ class _PositiveBidirectional(torch.autograd.Function):
         dS, dq = torch.zeros_like(S), []
         for a, b in spans(q.shape[2], seg):  # queries: dq, and the gradient reaching S
             lq, _ = fmap(q[:, :, a:b], query=True)
-            phi_q = lq.add_(c).sub_(r[:, :, a:b]).exp_()  # [B, H, s, m]
+            phi_q = bounded_exp_(lq.add_(c).sub_(r[:, :, a:b]))  # [B, H, s, m]
             dS += phi_q.transpose(-1, -2) @ G[:, :, a:b]
             dq.append(fmap.logits_vjp(q[:, :, a:b], (G[:, :, a:b] @ S.transpose(-1, -2)).mul_(phi_q), query=True))
             del lq, phi_q

@@ -37,7 +37,18 @@ import torch
 import torch.nn.functional as F
 
 from ..features import FeatureMap
-from .common import cat_len, finite_reference, mask_bias, masked_exp_, neg_big, safe_den, spans, with_ones
+from .common import (
+    bounded_exp_,
+    cat_len,
+    finite_reference,
+    mask_bias,
+    masked_exp_,
+    neg_big,
+    safe_den,
+    spans,
+    weights,
+    with_ones,
+)
 from .local import band_apply, exact_base, flip_band, near, rows, window_block
 
 
@@ -69,7 +80,7 @@ def _query_features(fmap: FeatureMap, qt: torch.Tensor, c: torch.Tensor, r: torc
         x[:, :, :before] = 0
     if after:
         x[:, :, x.shape[2] - after :] = 0
-    return x.exp_(), r
+    return bounded_exp_(x), r
 
 
 def _outside(start: int, P: int, L: int) -> tuple[int, int]:
@@ -105,7 +116,7 @@ def _key_features_(x: torch.Tensor, real: torch.Tensor | None, start: int, L: in
              if e is not None]
     for e in edges:
         e.zero_()
-    x.exp_()
+    bounded_exp_(x)
     for e in edges:
         e.zero_()
     return x
@@ -155,7 +166,7 @@ class PositiveWindow(torch.autograd.Function):
             exact = torch.where(valid, logits, neg_big(logits.dtype))
             s = exact.amax(-1).clamp_min(0)  # [B, H, P]
             e = masked_exp_(exact.sub_(s[..., None]), valid)  # 0 where the pair is not real
-            g = torch.exp(-s)
+            g = weights(-s)
             coef = e - g[..., None] * fav
             num = band_apply(coef, rows(v, a - w, P), block, w, out=total[..., :-1] * g[..., None])
             T = safe_den(g * (total[..., -1] - fav.sum(-1)).clamp_min(0) + e.sum(-1))

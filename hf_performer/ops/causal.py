@@ -32,6 +32,7 @@ import torch
 from ..features import FeatureMap
 from .common import (
     FavorState,
+    bounded_exp_,
     compute_dtype,
     cpu_segment,
     finite_reference,
@@ -44,6 +45,7 @@ from .common import (
     running_max,
     safe_den,
     times,
+    weights,
     with_ones,
 )
 from .local import band, combine_window, exact_base, unband
@@ -55,9 +57,9 @@ REF_SPREAD = 20.0  # at most this far (in log units) below the chunk's first key
 def in_chunk_decay(U: torch.Tensor) -> torch.Tensor:
     """D [B, H, n, C, C] with D[t, s] = e^{U_s - U_t} for s <= t, else 0, from the in-chunk bounds U [B, H, n, C]
     (non-decreasing along C; the factor that turns the products of the bounded in-chunk features into the intra-chunk matrix)."""
-    # U is non-decreasing along the chunk (a cummax), so U_s - U_t <= 0 on and below the diagonal; above it the
-    # exponential may overflow to inf, which tril_ overwrites with 0 (no arithmetic touches it)
-    return torch.exp(U[..., None, :] - U[..., :, None]).tril_()
+    # U is non-decreasing along the chunk (a cummax), so U_s - U_t <= 0 on and below the diagonal; above it
+    # ``weights`` clamps the logs to 0 (no overflow) and tril_ overwrites the 1s with 0
+    return weights(U[..., None, :] - U[..., :, None]).tril_()
 
 
 def unbiased_references(b: torch.Tensor | None, ref: torch.Tensor, M: torch.Tensor):
@@ -187,16 +189,16 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
         U = (U if keep is None else torch.where(mk[:, None], U, 0.0)).clamp_min(0).cummax(-1).values
         r = x_q.detach().amax(-1, keepdim=True)  # [B, H, n, C, 1] query row maxima
         decay = in_chunk_decay(U)  # [B, H, n, C, C]
-        e_u = torch.exp(-U)[..., None]  # [B, H, n, C, 1]
+        e_u = weights(-U)[..., None]  # [B, H, n, C, 1]
 
     phi_k = times(masked_exp_(x_k.sub_(U[..., None]), keep), fk)  # [B, H, n, C, m]
-    phi_q = times(x_q.sub_(r).exp_(), fq)  # [B, H, n, C, m]
+    phi_q = times(bounded_exp_(x_q.sub_(r)), fq)  # [B, H, n, C, m]
 
     # the state entering each chunk
     prefix = exclusive_prefix(K, M[:, :, 1:], ref)  # [B, H, n, m, dv + 1]
     if state is not None:  # the decoding state is the summary ahead of chunk 0 (reference c0 <= every c_i)
         S0 = torch.cat([state.S, state.z[..., None]], -1)
-        prefix = prefix + S0[:, :, None] * torch.exp(c0[:, :, None] - ref)[..., None]
+        prefix = prefix + S0[:, :, None] * weights(c0[:, :, None] - ref)[..., None]
 
     A = (phi_q @ phi_k.transpose(-1, -2)).mul_(decay)  # [B, H, n, C, C]
     total = (phi_q @ prefix) * e_u + A @ v1  # [B, H, n, C, dv + 1]
@@ -223,7 +225,7 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
                          phi_q=phi_q)
     # the state after the last chunk, relative to the running maximum M_n (K_{n-1} already is); c_{n-1} <= M_n
     # except where no real key was seen at all (c = 0 > M = -big, and the sums are 0)
-    final = prefix[:, :, -1] * torch.exp((ref[:, :, -1] - M[:, :, -1]).clamp_max(0))[..., None] + K[:, :, -1]
+    final = prefix[:, :, -1] * weights(ref[:, :, -1] - M[:, :, -1])[..., None] + K[:, :, -1]
     new = FavorState(S=final[..., :-1], z=final[..., -1], c=M[:, :, -1])
     if w:
         carry_window(new, kx, vx, mx, T, w)

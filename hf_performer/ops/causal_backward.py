@@ -30,7 +30,7 @@ import torch
 
 from ..features import FeatureMap
 from .causal import _causal, halo_features, halo_rows, key_spans, unbiased_references
-from .common import FavorState, masked_exp_, pad_len, safe_den, with_ones
+from .common import FavorState, masked_exp_, pad_len, safe_den, weights, with_ones
 from .local import band, unband
 from .scan import exclusive_prefix
 
@@ -47,11 +47,11 @@ def _reverse_prefix(dP, d_final, ref, M, with_state: bool):
     (weights <= 1, since ref_i >= M_{j+1} for i > j)."""
     c0, Mn = M[:, :, :1], M[:, :, -1:]  # [B, H, 1, m']
     dK = exclusive_prefix(dP, -ref, -M[:, :, 1:], reverse=True)
-    dS0 = (dP * torch.exp((c0 - ref).clamp_max(0))[..., None]).sum(2) if with_state else None
+    dS0 = (dP * weights(c0 - ref)[..., None]).sum(2) if with_state else None
     if d_final is not None:
-        dK += d_final[:, :, None] * torch.exp((M[:, :, 1:] - Mn).clamp_max(0))[..., None]
+        dK += d_final[:, :, None] * weights(M[:, :, 1:] - Mn)[..., None]
         if with_state:
-            dS0 += d_final * torch.exp((c0 - Mn).clamp_max(0))[:, :, 0, :, None]
+            dS0 += d_final * weights(c0 - Mn)[:, :, 0, :, None]
     return dK, dS0
 
 
@@ -104,7 +104,7 @@ class PositiveCausal(torch.autograd.Function):
             g_num = g_out.to(out.dtype) / den[..., None]  # [B, H, T, dv]
             G = chunked(pad(torch.cat([g_num, -(g_num * out).sum(-1, keepdim=True)], -1)))  # [B, H, n, C, dv + 1]
             win_grads = None
-        e_u = torch.exp(-U)[..., None]  # [B, H, n, C, 1]
+        e_u = weights(-U)[..., None]  # [B, H, n, C, 1]
         Gp = G * e_u
         # the inter-chunk part first (small tensors): dP, then its transpose through the scan
         dP = phi_q.transpose(-1, -2) @ Gp  # [B, H, n, m, dv + 1]

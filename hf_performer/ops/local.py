@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..features import FeatureMap
-from .common import masked_exp_, neg_big, safe_den
+from .common import masked_exp_, neg_big, safe_den, weights
 
 
 def band(m: torch.Tensor, width: int) -> torch.Tensor:
@@ -64,7 +64,7 @@ def combine_window(num, den, fav, logits, valid, apply_coef, internals: dict | N
     exact = torch.where(valid, logits, neg_big(logits.dtype))  # masked before the exponential
     s = exact.detach().amax(-1).clamp_min(0)  # [B, H, T]: a per-row constant, cancels in the ratio
     e = masked_exp_(exact - s[..., None], valid)  # 0 where the pair is not real
-    g = torch.exp(-s)
+    g = weights(-s)
     coef = e - g[..., None] * fav
     num = g[..., None] * num + apply_coef(coef)
     rest = den - fav.sum(-1)

@@ -25,6 +25,7 @@ from .common import (
     no_autocast,
     safe_den,
     times,
+    weights,
 )
 
 
@@ -43,7 +44,7 @@ def _one_token(q, k, v, fmap: FeatureMap, state: FavorState | None, mask) -> tup
         c = state.c[:, :, None, :]  # [B, H, 1, m']
         real_lk = lk if keep is None else torch.where(keep, lk, neg_big(ct))
         c_new = torch.maximum(c, real_lk)  # the running maximum of the real key logits
-        decay = torch.exp(c - c_new)  # <= 1 (1 while no real key has been seen: the sums are still 0)
+        decay = weights(c - c_new)  # <= 1 (1 while no real key has been seen: the sums are still 0)
         phi_k = times(masked_exp_(lk - c_new, keep), fk)  # [B, H, 1, m]
         S = state.S * decay.transpose(-1, -2) + phi_k.transpose(-1, -2) * v  # [B, H, m, dv]
         z = state.z * decay[:, :, 0] + phi_k[:, :, 0]  # [B, H, m]

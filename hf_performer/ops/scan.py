@@ -37,17 +37,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import exp_floor, neg_big, running_max
+from .common import neg_big, running_max
+from .common import weights as _weight
 
 GROUP = 16  # chunks per group of the in-group matrix form: [G, G] weights per feature and group
 RECURRENCE_MAX = 64  # at most this many chunks run as the in-place recurrence on a CPU (see the module docstring)
-
-
-def _weight(log_w: torch.Tensor) -> torch.Tensor:
-    """e^{log_w} for the logs of weights <= 1, clamped to [log(tiny), 0] first: a -big reference (no real key yet,
-    so its sums are 0, or a padded position) would send torch.exp down its slow path on a CPU
-    (``common.masked_exp_``), and a weight below tiny multiplies sums that are 0 or negligible."""
-    return torch.exp(log_w.clamp(exp_floor(log_w.dtype), 0))
 
 
 def _shift(x: torch.Tensor, step: int, dim: int, reverse: bool, value=0.0) -> torch.Tensor:
