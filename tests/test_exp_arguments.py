@@ -3,9 +3,10 @@
 On a CPU ``torch.exp`` takes a slow path for every argument whose result underflows (below log(tiny) = -87.3 in
 float32) or overflows (above 88.7): 18-60x slower per element. The ops once masked dropped keys with a -big
 placeholder before the exponential, which made a batch with 25% padding 1.3-1.75x slower than the same batch
-without a mask (``common.masked_exp_``). Structural check, no timing: every exponential of a per-token tensor
-(at least B·H·L elements) in forward and backward gets arguments inside that range, on inputs of moderate size
-(so that only masking could push them out)."""
+without a mask (``common.masked_exp_``), and real checkpoints' keys of large norm put feature logits hundreds of
+nats below their stabilisers (``common.bounded_exp_``). Structural check, no timing: every exponential of a per-token
+tensor (at least B·H·L elements) in forward and backward gets arguments inside that range: with padding on inputs of
+moderate size (so that only masking could push them out), and with keys of large norm."""
 
 import math
 

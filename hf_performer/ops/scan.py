@@ -37,8 +37,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import neg_big, running_max
-from .common import weights as _weight
+from .common import neg_big, running_max, weights
 
 GROUP = 16  # chunks per group of the in-group matrix form: [G, G] weights per feature and group
 RECURRENCE_MAX = 64  # at most this many chunks run as the in-place recurrence on a CPU (see the module docstring)
@@ -61,7 +60,7 @@ def _scan(K: torch.Tensor, c: torch.Tensor, reverse: bool) -> tuple[torch.Tensor
         K_prev = _shift(K, step, -3, reverse)
         c_prev = _shift(c, step, -2, reverse, value=neg_big(c.dtype))
         c_new = torch.maximum(c, c_prev)
-        K = K * _weight(c - c_new)[..., None] + K_prev * _weight(c_prev - c_new)[..., None]
+        K = K * weights(c - c_new)[..., None] + K_prev * weights(c_prev - c_new)[..., None]
         c, step = c_new, 2 * step
     return K, c
 
@@ -75,9 +74,9 @@ def _recurrence(K: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, reverse
     with torch.no_grad():
         cs, ts = (x.flip(-2) if reverse else x for x in (c, targets))  # [..., n, m'] in scan order
         R = running_max(cs, -2)  # R_p = max of c over scan positions <= p
-        grow = _weight(R[..., :-1, :] - R[..., 1:, :])[..., None]  # e^{R_{p-1} - R_p} <= 1: [..., n - 1, m', 1]
-        enter = _weight(cs - R)[..., None]  # e^{c_p - R_p} <= 1
-        reach = _weight(R[..., :-1, :] - ts[..., 1:, :])[..., None]  # e^{R_{p-1} - t_p}
+        grow = weights(R[..., :-1, :] - R[..., 1:, :])[..., None]  # e^{R_{p-1} - R_p} <= 1: [..., n - 1, m', 1]
+        enter = weights(cs - R)[..., None]  # e^{c_p - R_p} <= 1
+        reach = weights(R[..., :-1, :] - ts[..., 1:, :])[..., None]  # e^{R_{p-1} - t_p}
         out = torch.empty_like(K)
         out.select(-3, order[0]).zero_()  # nothing comes before the first chunk in scan order
         Q = K.select(-3, order[0]) * enter[..., 0, :, :]  # [..., m, e]
@@ -139,18 +138,18 @@ def exclusive_prefix(K: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, gr
     with torch.no_grad():  # cg, tg: [..., ng, m', G]
         ones = torch.ones(G, G, dtype=torch.bool, device=K.device)
         reach = ones.triu(1) if reverse else ones.tril(-1)  # [i, j]: j after i (reverse) / before i
-        w = _weight(cg[..., None, :] - tg[..., :, None])  # [..., ng, m', G(i), G(j)]
+        w = weights(cg[..., None, :] - tg[..., :, None])  # [..., ng, m', G(i), G(j)]
         w = w.masked_fill_(~reach, 0.0)
         if ng > 1:  # one more row: each group's total relative to its reference (its largest c)
             ref = cg.amax(-1)  # [..., ng, m']
-            w = torch.cat([w, _weight(cg - ref[..., None])[..., None, :]], -2)  # [..., ng, m', G + 1, G]
+            w = torch.cat([w, weights(cg - ref[..., None])[..., None, :]], -2)  # [..., ng, m', G + 1, G]
     local = w @ Kg  # [..., ng, m, G (+ 1), e]: the chunks of the same group that reach each one (and the total)
     if ng > 1:
         inclusive, inc_ref = _scan(local[..., G, :], ref, reverse)  # [..., ng, m, e]
         into = _shift(inclusive, 1, -3, reverse)  # the groups before g (after g when reverse)
         into_ref = _shift(inc_ref, 1, -2, reverse, value=neg_big(c.dtype))
         with torch.no_grad():
-            scale = _weight(into_ref[..., None] - tg).expand(*lead, ng, m, G)  # [..., ng, m, G]
+            scale = weights(into_ref[..., None] - tg).expand(*lead, ng, m, G)  # [..., ng, m, G]
         # local += scale (x) into, as one rank-1 update per (group, feature) in place (no full-size temporaries)
         local = local[..., :G, :]
         local.view(-1, G, e).baddbmm_(scale.reshape(-1, G, 1), into.reshape(-1, 1, e))
