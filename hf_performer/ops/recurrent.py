@@ -18,6 +18,7 @@ from ..features import FeatureMap
 from .causal import causal_attention
 from .common import (
     FavorState,
+    bounded_exp_,
     compute_dtype,
     finite_reference,
     masked_exp_,
@@ -50,7 +51,7 @@ def _one_token(q, k, v, fmap: FeatureMap, state: FavorState | None, mask) -> tup
         z = state.z * decay[:, :, 0] + phi_k[:, :, 0]  # [B, H, m]
         lq, fq = fmap(q, query=True)
         x_q = lq + finite_reference(c_new)
-        phi_q = times(x_q.sub_(x_q.amax(-1, keepdim=True)).exp_(), fq)  # [B, H, 1, m], <= 1
+        phi_q = times(bounded_exp_(x_q.sub_(x_q.amax(-1, keepdim=True))), fq)  # [B, H, 1, m], <= 1
         num = phi_q @ S  # [B, H, 1, dv]
         den = (phi_q * z[:, :, None]).sum(-1, keepdim=True)
         out = num / safe_den(den)
