@@ -1,5 +1,4 @@
-"""A real checkpoint on real text: the converted all-MiniLM-L6-v2 timed on the repository's corpus, against an
-earlier commit.
+"""Time a real checkpoint on real text: the converted all-MiniLM-L6-v2 on this repository's corpus, vs a commit.
 
 Random normal inputs (the other benchmarks) keep every feature logit within a few nats of its stabiliser; a real
 checkpoint does not (keys of large norm), and some costs depend on the data: on a CPU ``torch.exp`` is 18-60x slower
@@ -110,7 +109,8 @@ def run(package_dir: Path, cases: list[str], longest: int, calls: int) -> dict:
 
 def render(doc: dict) -> str:
     lines = [f"# A real checkpoint on real text: FAVOR+ at {doc['head']} vs {doc['base']} (CPU)", "",
-             f"all-MiniLM-L6-v2 converted (m = 256), calibrated on 16 documents of the repository's corpus, train mode; "
+             f"all-MiniLM-L6-v2 converted (m = 256), calibrated on 16 documents of the repository's corpus, in train mode "
+             "(dropout on, as in fine-tuning); "
              f"{doc['threads']} threads; {doc['date']}; load average {doc['loadavg']:.1f} at start. Median over "
              f"{doc['repeats']} processes per tree (alternating), each the best of {doc['calls']} calls after a "
              "warm-up, ms. fwd: a forward without autograd; step: forward + backward.", "",
@@ -126,11 +126,12 @@ def render(doc: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--base", default="HEAD~1", help="the earlier commit (default HEAD~1)")
+    p.add_argument("--base", default="HEAD~1", help="the earlier commit to compare with (default HEAD~1)")
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 2048], help="tokens of the unpadded texts")
     p.add_argument("--no-padded", action="store_true", help="leave out the padded batch of 16 documents")
     p.add_argument("--repeats", type=int, default=3, help="processes per tree (the tables give their median)")
-    p.add_argument("--calls", type=int, default=3, help="timed calls per process after a warm-up (the best counts)")
+    p.add_argument("--calls", type=int, default=3,
+                   help="timed calls per process after a warm-up; each process keeps its fastest")
     p.add_argument("--name", default="real-text", help="output file stem in benchmarks/results/")
     args = p.parse_args(argv)
     if min(args.lengths) < 1 or args.repeats < 1 or args.calls < 1:
@@ -147,10 +148,11 @@ def main(argv=None) -> int:
                                  check=True).stdout
         subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
         runs = {"base": [], "now": []}
-        for _ in range(args.repeats):
+        for i in range(args.repeats):
             for tree, folder in (("base", Path(tmp)), ("now", ROOT)):
                 runs[tree].append(run(folder, cases, max(args.lengths), args.calls))
-                print(tree, json.dumps(runs[tree][-1]), flush=True)
+                print(f"{tree} ({base if tree == 'base' else head}): process {i + 1} of {args.repeats} done",
+                      flush=True)
     for case in cases:
         first = runs["now"][0][case]
         row = {"case": case, "shape": first["shape"], "tokens": first["tokens"], "padding": first["padding"]}
