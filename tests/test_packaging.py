@@ -66,15 +66,8 @@ def test_ci_runs_make_test():
     assert [line for line in text.splitlines() if line.strip() and not line.startswith("#")][-1] == "make test"
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_attention", ROOT / "benchmarks" / "bench_attention.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_bench_flops_and_markdown():
-    bench = _bench()
+def test_bench_flops_and_markdown(load_benchmark):
+    bench = load_benchmark("bench_attention")
     L, m, d, C = 1024, 256, 64, 128
     bidir = bench.favor_flops(L, m, d, d, causal=False, chunk=C)
     assert bidir == 4 * L * m * d + 4 * L * m * (d + 1)
@@ -97,8 +90,8 @@ def test_bench_flops_and_markdown():
     assert md.count("| L |") == 4 and "FAVOR+ ms" in md and "10.0" in md
 
 
-def test_bench_atomic_write(tmp_path):
-    bench = _bench()
+def test_bench_atomic_write(tmp_path, load_benchmark):
+    bench = load_benchmark("bench_attention")
     target = tmp_path / "out.json"
     bench.atomic_write(target, "{}\n")
     assert target.read_text() == "{}\n"
