@@ -52,7 +52,7 @@ from .common import (
 from .local import band_apply, exact_base, flip_band, near, rows, window_block
 
 
-def _layout(a: int, b: int, block: int, window: int) -> tuple[int, int]:
+def _layout(a: int, b: int, block: int) -> tuple[int, int]:
     """(n, P) of the query segment a .. b - 1: its n queries padded to P = (ceil(n / block) + 1) block rows, the
     last block scratch (see ``local``); key row i holds position a - w + i."""
     n = b - a
@@ -74,13 +74,7 @@ def _query_features(fmap: FeatureMap, qt: torch.Tensor, c: torch.Tensor, r: torc
     whose coefficients there are 0 (a placeholder r would take torch.exp's slow path, ``common.masked_exp_``)."""
     x = fmap.logits(qt, query=True)[0].add_(c)
     r = x.amax(-1, keepdim=True) if r is None else r
-    x.sub_(r)
-    before, after = outside
-    if before:
-        x[:, :, :before] = 0
-    if after:
-        x[:, :, x.shape[2] - after :] = 0
-    return bounded_exp_(x), r
+    return bounded_exp_(_fill_rows_(x.sub_(r), outside, 0.0)), r
 
 
 def _outside(start: int, P: int, L: int) -> tuple[int, int]:
@@ -88,20 +82,26 @@ def _outside(start: int, P: int, L: int) -> tuple[int, int]:
     return max(0, -start), max(0, start + P - L)
 
 
+def _fill_rows_(x: torch.Tensor, outside: tuple[int, int], value: float) -> torch.Tensor:
+    """x [B, H, P, ·] with its first ``outside[0]`` and last ``outside[1]`` rows set to ``value``, in place (slices:
+    no full-size mask)."""
+    before, after = outside
+    if before:
+        x[:, :, :before] = value
+    if after:
+        x[:, :, x.shape[2] - after :] = value
+    return x
+
+
 def _key_logits(fmap: FeatureMap, kt: torch.Tensor, real: torch.Tensor | None, start: int, L: int):
     """(Lg(K) [B,H,P,m] of the transformed key rows kt [B,H,P,d] at positions start .. start + P - 1, -big where the
     row is not a real key, and its maximum over the rows [B,H,1,m]). real [B,P] bool: the padding mask of the rows,
     or None (no padding: only rows outside 0 .. L - 1 are masked, by slices instead of a full-size mask)."""
     lk = fmap.logits(kt)[0]
-    big = neg_big(lk.dtype)
     if real is not None:
         lk.add_(mask_bias(real[:, None, :, None], lk.dtype))
     else:
-        before, after = _outside(start, kt.shape[2], L)
-        if before:
-            lk[:, :, :before] = big
-        if after:
-            lk[:, :, kt.shape[2] - after :] = big
+        _fill_rows_(lk, _outside(start, kt.shape[2], L), neg_big(lk.dtype))
     return lk, lk.amax(2, keepdim=True)
 
 
@@ -111,15 +111,9 @@ def _key_features_(x: torch.Tensor, real: torch.Tensor | None, start: int, L: in
     takes torch.exp's slow path on a CPU)."""
     if real is not None:
         return masked_exp_(x, real[:, None, :, None])
-    before, after = _outside(start, x.shape[2], L)
-    edges = [e for e in (x[:, :, :before] if before else None, x[:, :, x.shape[2] - after :] if after else None)
-             if e is not None]
-    for e in edges:
-        e.zero_()
-    bounded_exp_(x)
-    for e in edges:
-        e.zero_()
-    return x
+    outside = _outside(start, x.shape[2], L)
+    x = bounded_exp_(_fill_rows_(x, outside, 0.0))  # those rows reach exp() as 0, not as -big
+    return _fill_rows_(x, outside, 0.0)  # and their features are 0
 
 
 def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -141,7 +135,7 @@ class PositiveWindow(torch.autograd.Function):
         real = torch.ones(B, L, dtype=torch.bool, device=q.device) if mask is None else mask
         parts = []  # per segment: key rows, which are real keys, their logits and maximum, their padding mask
         for a, b in spans(L, seg):
-            n, P = _layout(a, b, block, w)
+            n, P = _layout(a, b, block)
             kt = fmap.transform(rows(k, a - w, P), False)
             km = None if mask is None else rows(mask, a - w, P)
             lk, top = _key_logits(fmap, kt, km, a - w, L)
@@ -155,7 +149,7 @@ class PositiveWindow(torch.autograd.Function):
         for i, (a, b) in enumerate(spans(L, seg)):
             kt, rx, phi_k, _, _ = parts[i]
             parts[i] = None  # this segment's key features are not needed after its queries
-            n, P = _layout(a, b, block, w)
+            n, P = _layout(a, b, block)
             qt = fmap.transform(rows(q, a, P), True)  # rows past the segment: scratch (results dropped)
             phi_q, r = _query_features(fmap, qt, c)
             total = phi_q @ S  # [B, H, P, dv + 1]
@@ -193,7 +187,7 @@ class PositiveWindow(torch.autograd.Function):
         # rows: queries at a - block + i (a scratch block first, 0 coefficients), keys at a - block - w + i, and the
         # keys' gradients at a - block + w + i (``flip_band``: the transposed products as forward-shaped ones)
         for a, b in spans(L, seg):  # queries with their key rows: dq, dS and the window's share of dk, dv
-            n, P = _layout(a, b, block, w)
+            n, P = _layout(a, b, block)
             P, s0 = P + block, a - block
             kx, qx, vx, rx = rows(k, s0 - w, P), rows(q, s0, P), rows(v, s0 - w, P), rows(real, s0 - w, P)
             qt, kt = fmap.transform(qx, True), fmap.transform(kx, False)
