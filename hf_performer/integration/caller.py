@@ -46,7 +46,10 @@ def above_progress_bars() -> Iterator[None]:
     """While the block runs (a warning raised inside a forward: the first training step's, mid-epoch), every tqdm
     progress bar on the terminal is cleared, and redrawn afterwards: the warning gets its own line instead of
     landing inside the Trainer's or the calibration's bar (``tqdm.external_write_mode``)."""
-    from tqdm.auto import tqdm  # (a dependency; imported when a notice is shown, not at start-up)
-
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # portable remote code (integration.portable) may run where tqdm is not installed
+        yield
+        return
     with tqdm.external_write_mode(file=sys.stderr):
         yield
