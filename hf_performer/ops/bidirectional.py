@@ -25,6 +25,7 @@ from .common import (
     compute_dtype,
     cpu_segment,
     finite_reference,
+    fold_bias,
     mask_bias,
     masked_exp_,
     maybe_checkpoint,
@@ -42,22 +43,26 @@ def _key_side(k, v, fmap: FeatureMap, mask):
     """(phi~(K) [B,H,Lk,m], S = phi~(K)^T [V, 1] [B,H,m,dv+1], c [B,H,1,m'], the real keys' maximum logit
     [B,H,1,m'] (-big without a real key; c is that or 0)) for k [B,H,Lk,d], v [B,H,Lk,dv]."""
     keep = None if mask is None else mask[:, None, :, None]
-    lk, fk = fmap(k)  # [B, H, Lk, m']
+    lk, fk = fmap.logits(fmap.transform(k, False), with_bias=False)  # [B, H, Lk, m'] (b: ``fold_bias``)
     # without autograd (inference, the hand-written backward's forward) lk itself becomes the features
     inplace = not torch.is_grad_enabled()
     with torch.no_grad():  # the stabilisers are constants of the estimator
         if keep is not None:  # dropped keys below every real one (in place: masked_exp_ zeroes them below)
             real = lk.add_(mask_bias(keep, lk.dtype)) if inplace else torch.where(keep, lk, neg_big(lk.dtype))
         top = (lk if keep is None else real).amax(2, keepdim=True)
+        b = fmap.feature_bias
+        top = top if b is None else top + b.to(top.dtype)  # the maximum of the true logits
         c = finite_reference(top)  # [B, H, 1, m']
-    phi_k = times(masked_exp_(lk.sub_(c) if inplace else lk - c, keep), fk)  # [B, H, Lk, m]
+        c_k = fold_bias(fmap, c)[0]
+    phi_k = times(masked_exp_(lk.sub_(c_k) if inplace else lk - c_k, keep), fk)  # [B, H, Lk, m]
     return phi_k, phi_k.transpose(-1, -2) @ with_ones(v), c, top
 
 
 def _query_side(q, S, c, fmap: FeatureMap):
     """(phi~(Q) [B,H,Lq,m], its row maxima r [B,H,Lq,1], phi~(Q) S [B,H,Lq,dv+1]) for q [B,H,Lq,d]."""
-    lq, fq = fmap(q, query=True)
-    x_q = lq + c if torch.is_grad_enabled() else lq.add_(c)
+    lq, fq = fmap.logits(fmap.transform(q, True), query=True, with_bias=False)
+    c_q = fold_bias(fmap, c)[1]
+    x_q = lq + c_q if torch.is_grad_enabled() else lq.add_(c_q)
     with torch.no_grad():
         r = x_q.detach().amax(-1, keepdim=True)  # [B, H, Lq, 1]
     phi_q = times(bounded_exp_(x_q.sub_(r)), fq)
@@ -133,22 +138,24 @@ class _PositiveBidirectional(torch.autograd.Function):
         g_num = grad_out.to(out.dtype) / den[..., None]  # [B, H, Lq, dv]
         G = torch.cat([g_num, -(g_num * out).sum(-1, keepdim=True)], -1)  # [B, H, Lq, dv + 1]
         dS, dq = torch.zeros_like(S), []
+        c_k, c_q = fold_bias(fmap, c)
         for a, b in spans(q.shape[2], seg):  # queries: dq, and the gradient reaching S
-            lq, _ = fmap(q[:, :, a:b], query=True)
-            phi_q = bounded_exp_(lq.add_(c).sub_(r[:, :, a:b]))  # [B, H, s, m]
+            lq, _ = fmap.logits(fmap.transform(q[:, :, a:b], True), query=True, with_bias=False)
+            phi_q = bounded_exp_(lq.add_(c_q).sub_(r[:, :, a:b]))  # [B, H, s, m]
             dS += phi_q.transpose(-1, -2) @ G[:, :, a:b]
             dq.append(fmap.logits_vjp(q[:, :, a:b], (G[:, :, a:b] @ S.transpose(-1, -2)).mul_(phi_q), query=True))
             del lq, phi_q
         dk, dv = [], []
         for a, b in spans(k.shape[2], seg):  # keys and values
             keep = None if mask is None else mask[:, None, a:b, None]
-            lk, _ = fmap(k[:, :, a:b])
-            phi_k = masked_exp_(lk.sub_(c), keep)  # [B, H, s, m]
+            kt = fmap.transform(k[:, :, a:b], False)
+            lk, _ = fmap.logits(kt, with_bias=False)
+            phi_k = masked_exp_(lk.sub_(c_k), keep)  # [B, H, s, m]
             dv.append(phi_k @ dS[..., :-1])
             d_phi = v[:, :, a:b] @ dS[..., :-1].transpose(-1, -2)
             d_phi += dS[..., -1][:, :, None, :]
-            dk.append(fmap.logits_vjp(k[:, :, a:b], d_phi.mul_(phi_k)))
-            del lk, phi_k, d_phi
+            dk.append(fmap.logits_vjp(k[:, :, a:b], d_phi.mul_(phi_k), xt=kt))
+            del kt, lk, phi_k, d_phi
         return cat_len(dq), cat_len(dk), cat_len(dv), None, None, None
 
 

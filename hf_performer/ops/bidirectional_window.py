@@ -41,6 +41,7 @@ from .common import (
     bounded_exp_,
     cat_len,
     finite_reference,
+    fold_bias,
     mask_bias,
     masked_exp_,
     neg_big,
@@ -72,7 +73,7 @@ def _query_features(fmap: FeatureMap, qt: torch.Tensor, c: torch.Tensor, r: torc
     r: the row maxima when known (the backward has the forward's), else computed. ``outside``: how many rows at the
     start and at the end have no r (positions outside the sequence): their features are 1, finite, for products
     whose coefficients there are 0 (a placeholder r would take torch.exp's slow path, ``common.masked_exp_``)."""
-    x = fmap.logits(qt, query=True)[0].add_(c)
+    x = fmap.logits(qt, query=True, with_bias=False)[0].add_(fold_bias(fmap, c)[1])
     r = x.amax(-1, keepdim=True) if r is None else r
     return bounded_exp_(_fill_rows_(x.sub_(r), outside, 0.0)), r
 
@@ -94,19 +95,22 @@ def _fill_rows_(x: torch.Tensor, outside: tuple[int, int], value: float) -> torc
 
 
 def _key_logits(fmap: FeatureMap, kt: torch.Tensor, real: torch.Tensor | None, start: int, L: int):
-    """(Lg(K) [B,H,P,m] of the transformed key rows kt [B,H,P,d] at positions start .. start + P - 1, -big where the
-    row is not a real key, and its maximum over the rows [B,H,1,m]). real [B,P] bool: the padding mask of the rows,
-    or None (no padding: only rows outside 0 .. L - 1 are masked, by slices instead of a full-size mask)."""
-    lk = fmap.logits(kt)[0]
+    """(Lg(K) [B,H,P,m] of the transformed key rows kt [B,H,P,d] at positions start .. start + P - 1 without the
+    per-feature log weights b (``common.fold_bias``), -big where the row is not a real key, and the maximum of the
+    true logits over the rows [B,H,1,m]). real [B,P] bool: the padding mask of the rows, or None (no padding: only
+    rows outside 0 .. L - 1 are masked, by slices instead of a full-size mask)."""
+    lk = fmap.logits(kt, with_bias=False)[0]
     if real is not None:
         lk.add_(mask_bias(real[:, None, :, None], lk.dtype))
     else:
         _fill_rows_(lk, _outside(start, kt.shape[2], L), neg_big(lk.dtype))
-    return lk, lk.amax(2, keepdim=True)
+    b = fmap.feature_bias
+    top = lk.amax(2, keepdim=True)
+    return lk, top if b is None else top + b.to(top.dtype)
 
 
 def _key_features_(x: torch.Tensor, real: torch.Tensor | None, start: int, L: int) -> torch.Tensor:
-    """phi~(K) = exp(x) in place for x = Lg(K) - c [B,H,P,m] (rows as in ``_key_logits``), exactly 0 on the rows that
+    """phi~(K) = exp(x) in place for x = Lg(K) - c [B,H,P,m] (``_key_logits``' Lg(K), c - b: ``common.fold_bias``) (rows as in ``_key_logits``), exactly 0 on the rows that
     are not real keys; those rows never reach exp() with their own value (``common.masked_exp_``: a -big argument
     takes torch.exp's slow path on a CPU)."""
     if real is not None:
@@ -141,9 +145,9 @@ class PositiveWindow(torch.autograd.Function):
             lk, top = _key_logits(fmap, kt, km, a - w, L)
             parts.append((kt, rows(real, a - w, P), lk, top, km))
         c = finite_reference(parts[0][3] if len(parts) == 1 else torch.stack([p[3] for p in parts]).amax(0))
-        S = 0
+        S, c_k = 0, fold_bias(fmap, c)[0]
         for (a, b), (_, _, lk, _, km) in zip(spans(L, seg), parts):
-            phi_k = _key_features_(lk.sub_(c), km, a - w, L)  # in place: 0 for rows that are not real keys
+            phi_k = _key_features_(lk.sub_(c_k), km, a - w, L)  # in place: 0 for rows that are not real keys
             S = S + phi_k[:, :, w : w + b - a].transpose(-1, -2) @ with_ones(v[:, :, a:b])  # own keys only
         outs, saved = [], []
         for i, (a, b) in enumerate(spans(L, seg)):
@@ -181,7 +185,7 @@ class PositiveWindow(torch.autograd.Function):
         real = torch.ones(B, L, dtype=torch.bool, device=q.device) if mask is None else mask
         dN = grad_out.to(out.dtype) / T[..., None]  # [B, H, L, dv]
         dT = -(dN * out).sum(-1)  # [B, H, L]
-        dS, dq = torch.zeros_like(S), []
+        dS, dq, c_k = torch.zeros_like(S), [], fold_bias(fmap, c)[0]
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)
         parts = []
         # rows: queries at a - block + i (a scratch block first, 0 coefficients), keys at a - block - w + i, and the
@@ -199,7 +203,7 @@ class PositiveWindow(torch.autograd.Function):
             rq = F.pad(r[:, :, max(s0, 0) : s0 + P], outside)
             phi_q, _ = _query_features(fmap, qt, c, rq[..., None], outside)
             dS += phi_q.transpose(-1, -2) @ G
-            phi_k = _key_features_(fmap.logits(kt)[0].sub_(c), None if mask is None else rx, s0 - w, L)
+            phi_k = _key_features_(fmap.logits(kt, with_bias=False)[0].sub_(c_k), None if mask is None else rx, s0 - w, L)
             A = near(dNx, vx, block, w).add_(dTx[..., None])  # [B, H, P, 2w + 1], 0 off the segment
             dl = A * pad(e)
             dfav = A.mul_(-gx[..., None])
@@ -223,7 +227,7 @@ class PositiveWindow(torch.autograd.Function):
             n, s0, R = b - a, a - block, kx.shape[2] - 2 * w
             own = slice(block - w, block - w + n)  # share rows of the segment's keys
             if phi_k is None:  # the segment's own key features, recomputed
-                phi = _key_features_(fmap.logits(kt[:, :, block + w : block + w + n])[0].sub_(c),
+                phi = _key_features_(fmap.logits(kt[:, :, block + w : block + w + n], with_bias=False)[0].sub_(c_k),
                                      None if mask is None else mask[:, a:b], a, L)
             else:  # or the first pass's (one pass: nothing else is held across segments)
                 phi = phi_k[:, :, block + w : block + w + n]

@@ -155,6 +155,20 @@ def with_ones(v: torch.Tensor) -> torch.Tensor:
     return torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
 
 
+def fold_bias(fmap, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c - b, c + b): a per-feature key stabiliser c [B, H, 1, m'] as the ops subtract it from key logits and add it
+    to query logits computed without the feature map's per-feature log weights b [*P, 1, m] (``feature_bias``, the
+    importance-sampled rows' weights: ``FeatureMap.logits(with_bias=False)``); (c, c) when there are none.
+    exp(lk + b - c) = exp(lk - (c - b)) and exp(lq + b + c - r) = exp(lq + (c + b) - r): b joins the small
+    stabiliser instead of costing a pass over each [B, H, L, m] logit tensor. (A maximum of the true key logits
+    over rows is the maximum of the unbiased ones plus b: b is constant along the rows.)"""
+    b = fmap.feature_bias
+    if b is None:
+        return c, c
+    b = b.to(c.dtype)
+    return c - b, c + b
+
+
 def finite_reference(c: torch.Tensor) -> torch.Tensor:
     """A stabiliser that saw no real key (still the -big placeholder) becomes 0: every key it scales is
     padding (features exactly 0), and queries then see finite logits instead of -big cancellations."""
