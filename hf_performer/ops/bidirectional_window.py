@@ -110,9 +110,9 @@ def _key_logits(fmap: FeatureMap, kt: torch.Tensor, real: torch.Tensor | None, s
 
 
 def _key_features_(x: torch.Tensor, real: torch.Tensor | None, start: int, L: int) -> torch.Tensor:
-    """phi~(K) = exp(x) in place for x = Lg(K) - c [B,H,P,m] (``_key_logits``' Lg(K), c - b: ``common.fold_bias``) (rows as in ``_key_logits``), exactly 0 on the rows that
-    are not real keys; those rows never reach exp() with their own value (``common.masked_exp_``: a -big argument
-    takes torch.exp's slow path on a CPU)."""
+    """phi~(K) = exp(x) in place for x = Lg(K) - (c - b) [B,H,P,m] (rows and logits as in ``_key_logits``; c - b:
+    ``common.fold_bias``), exactly 0 on the rows that are not real keys; those rows never reach exp() with their own
+    value (``common.masked_exp_``: a -big argument takes torch.exp's slow path on a CPU)."""
     if real is not None:
         return masked_exp_(x, real[:, None, :, None])
     outside = _outside(start, x.shape[2], L)
@@ -203,7 +203,8 @@ class PositiveWindow(torch.autograd.Function):
             rq = F.pad(r[:, :, max(s0, 0) : s0 + P], outside)
             phi_q, _ = _query_features(fmap, qt, c, rq[..., None], outside)
             dS += phi_q.transpose(-1, -2) @ G
-            phi_k = _key_features_(fmap.logits(kt, with_bias=False)[0].sub_(c_k), None if mask is None else rx, s0 - w, L)
+            phi_k = _key_features_(fmap.logits(kt, with_bias=False)[0].sub_(c_k), None if mask is None else rx,
+                                   s0 - w, L)
             A = near(dNx, vx, block, w).add_(dTx[..., None])  # [B, H, P, 2w + 1], 0 off the segment
             dl = A * pad(e)
             dfav = A.mul_(-gx[..., None])
