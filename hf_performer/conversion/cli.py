@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import re
 import shlex
 import sys
 
@@ -152,6 +153,9 @@ def _convert_parser(sub) -> argparse.ArgumentParser:
                    help="continue an interrupted calibration (default state folder: .<output>.calibration next to it)")
     g.add_argument("--keep-calibration-state", action="store_true", help="keep the resumable state after success")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    # each option's dest -> its flag, for errors that name a setting (``_in_flags``)
+    p.set_defaults(flag_names={a.dest: next(o for o in a.option_strings if o.startswith("--")) for a in p._actions
+                               if a.option_strings})
     return p
 
 
@@ -211,6 +215,11 @@ def _run_convert(args, argv) -> None:
               if summary.get("sentence_transformers") else "") + ")")
     if est["note"]:
         print(f"hf-performer: note: {est['note']}")
+    if summary["statistics"] is None:
+        print("hf-performer: note: no --calibration-data, so no statistics step: a zero-shot conversion, which the "
+              "model says at its first forward. The step takes seconds without training and brings the model much "
+              "closer to the original: convert again with --calibration-data texts.txt (a few dozen texts of the "
+              "kind the model will see).")
 
 
 def _run_report(args) -> None:
@@ -222,6 +231,21 @@ def _run_report(args) -> None:
                progress=not args.no_progress)
     end = ", ".join(f"{k} {v:.4f}" for k, v in r["end_to_end"].items() if isinstance(v, float))
     print(f"hf-performer: report in {r['out_dir']}: {end}")
+
+
+def _in_flags(message: str, flags: dict[str, str]) -> str:
+    """A settings error in the command line's terms (the Python API's errors name the fields; the command's name the
+    flags that set them): ``PerformerConfig.nb_features=0`` -> ``--nb-features 0``, and in a ``calibration ...``
+    error each CalibrationConfig field, ``min_length=40`` -> ``--min-length 40``. flags: argument dest -> flag."""
+    def swap(name: str, text: str) -> str:
+        return f"{flags[name]} " if name in flags else text
+
+    message = re.sub(r"PerformerConfig\.(\w+)=", lambda m: swap(m[1], m[0]), message)
+    if message.startswith("calibration "):
+        fields = {f.name for f in dataclasses.fields(CalibrationConfig)}
+        message = re.sub(r"\b(\w+)=", lambda m: swap(_CALIBRATION_DESTS.get(m[1], m[1]), m[0]) if m[1] in fields
+                         else m[0], message.removeprefix("calibration "))
+    return message
 
 
 class _StderrHandler(logging.Handler):
@@ -252,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _run_report(args)
     except ConversionError as e:
-        print(f"hf-performer: error: {e}", file=sys.stderr)
+        print(f"hf-performer: error: {_in_flags(str(e), getattr(args, 'flag_names', {}))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("hf-performer: interrupted; nothing was written (a calibration keeps its state: rerun with --resume).",
