@@ -110,6 +110,9 @@ def test_refuses_overwrite(tmp_path, capsys):
         (["--calibration-data", "{txt}", "--calibrate", "--eval-every", "0"], "--eval-every 0 is invalid"),
         (["--calibration-data", "{txt}", "--calibrate", "--batch-tokens", "0"], "--batch-tokens 0 is invalid"),
         (["--calibration-data", "{txt}", "--calibrate", "--max-time", "-1"], "--max-time -1.0 is invalid"),
+        (["--calibration-data", "{txt}", "--calibrate", "--max-time", "inf"], "--max-time inf is invalid: expected a finite"),
+        (["--calibration-data", "{txt}", "--calibrate", "--calibration-steps", "-1"], "an integer >= 0 or no flag"),
+        (["--calibration-data", "{txt}", "--statistics-batches", "0"], "--statistics-batches 0: expected a positive"),
         (["--calibration-data", "{txt}", "--eval-every", "5"], "--eval-every only apply to attention"),
     ],
 )
@@ -121,6 +124,7 @@ def test_bad_flags_leave_nothing(tmp_path, capsys, flags, message):
     assert run("convert", src, tmp_path / "out" / "nested", *flags, "--no-progress") == 2
     err = capsys.readouterr().err
     assert err.startswith("hf-performer: error:") and message in err and err.count("\n") == 1
+    assert "PerformerConfig." not in err and " or None" not in err  # flags, not Python fields or values
     assert listing(tmp_path) == before
 
 

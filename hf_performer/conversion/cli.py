@@ -82,6 +82,12 @@ def _add_performer_flags(parser: argparse.ArgumentParser) -> list[str]:
     return names
 
 
+def _flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Each option's dest -> its long flag, for errors that name a setting (``_in_flags``)."""
+    return {a.dest: next(o for o in a.option_strings if o.startswith("--")) for a in parser._actions
+            if a.option_strings and a.dest != "help"}
+
+
 def _convert_parser(sub) -> argparse.ArgumentParser:
     from hf_performer.integration.convert import supported_model_types
 
@@ -153,9 +159,7 @@ def _convert_parser(sub) -> argparse.ArgumentParser:
                    help="continue an interrupted calibration (default state folder: .<output>.calibration next to it)")
     g.add_argument("--keep-calibration-state", action="store_true", help="keep the resumable state after success")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    # each option's dest -> its flag, for errors that name a setting (``_in_flags``)
-    p.set_defaults(flag_names={a.dest: next(o for o in a.option_strings if o.startswith("--")) for a in p._actions
-                               if a.option_strings})
+    p.set_defaults(flag_names=_flag_names(p))
     return p
 
 
@@ -177,6 +181,7 @@ def _report_parser(sub) -> argparse.ArgumentParser:
                         "converted model's position limit; '' = none)")
     p.add_argument("--repeats", type=int, default=3, help="timed forward passes per length, median (default 3)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(flag_names=_flag_names(p))
     return p
 
 
@@ -234,18 +239,18 @@ def _run_report(args) -> None:
 
 
 def _in_flags(message: str, flags: dict[str, str]) -> str:
-    """A settings error in the command line's terms (the Python API's errors name the fields; the command's name the
-    flags that set them): ``PerformerConfig.nb_features=0`` -> ``--nb-features 0``, and in a ``calibration ...``
-    error each CalibrationConfig field, ``min_length=40`` -> ``--min-length 40``. flags: argument dest -> flag."""
+    """A settings error in the command line's terms (the Python API's errors name the fields and their values; the
+    command's name the flags that set them): ``PerformerConfig.nb_features=0`` -> ``--nb-features 0``,
+    ``calibration min_length=40 ... max_length=20`` -> ``--min-length 40 ... --max-length 20``,
+    ``statistics_batches=0`` -> ``--statistics-batches 0``, and "or None" (which no flag can pass) -> "or no flag".
+    flags: the subcommand's argument dest -> flag; names that are not a flag's dest stay as they are."""
     def swap(name: str, text: str) -> str:
         return f"{flags[name]} " if name in flags else text
 
     message = re.sub(r"PerformerConfig\.(\w+)=", lambda m: swap(m[1], m[0]), message)
-    if message.startswith("calibration "):
-        fields = {f.name for f in dataclasses.fields(CalibrationConfig)}
-        message = re.sub(r"\b(\w+)=", lambda m: swap(_CALIBRATION_DESTS.get(m[1], m[1]), m[0]) if m[1] in fields
-                         else m[0], message.removeprefix("calibration "))
-    return message
+    message = re.sub(r"^calibration (\w+)=", lambda m: swap(_CALIBRATION_DESTS.get(m[1], m[1]), m[0]), message)
+    message = re.sub(r"(?<![\w.-])(\w+)=", lambda m: swap(m[1], m[0]), message)
+    return message.replace(" or None", " or no flag")
 
 
 class _StderrHandler(logging.Handler):

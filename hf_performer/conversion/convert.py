@@ -240,9 +240,10 @@ def convert(
         sequences = mixed_length_sequences(texts, tokenizer, length, shortest, cal_cfg.seed)
         held_out = held_out_sequences(sequences, cal_cfg.seed) if calibrate_model else []
         if calibrate_model and not held_out:
-            logger.warning("the calibration text gives only %d sequences: none is held out, so calibration runs "
-                           "without early stopping or keeping its best state (--eval-every and --patience do "
-                           "nothing); give more text.", len(sequences))
+            logger.warning("the calibration text gives only %d sequence%s (20 or more are needed to hold some out): "
+                           "none is held out, so calibration runs without early stopping or keeping its best state "
+                           "(--eval-every and --patience do nothing); give more text.", len(sequences),
+                           "" if len(sequences) == 1 else "s")
         hold = set(held_out)
         schedule = BatchSchedule([s for i, s in enumerate(sequences) if i not in hold] or sequences,
                                  cal_cfg.batch_size, pad_id(tokenizer), cal_cfg.seed, max_tokens=cal_cfg.batch_tokens)
