@@ -92,7 +92,7 @@ class PerformerConfig:
         if not is_int(self.seed) or self.seed < 0:
             _fail("seed", self.seed, "expected an integer >= 0")
         if not is_int(self.chunk_size) or self.chunk_size < 1:
-            _fail("chunk_size", self.chunk_size, "expected a positive integer such as 128")
+            _fail("chunk_size", self.chunk_size, "expected a positive integer such as 64 (the default)")
         if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0 < self.eps < 1:
             _fail("eps", self.eps, "expected a float in (0, 1) such as 1e-6")
         for name in ("center_keys", "balance_qk", "aligned_features"):

@@ -79,8 +79,11 @@ def test_refuses_overwrite(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert listing(out) == ["keep.txt"]
     assert run("convert", src, out, "--nb-features", 8, "--overwrite", "--no-progress") == 0
-    # without --calibration-data the command says, as it ends, that the conversion is zero-shot and how to fix it
-    assert "no --calibration-data, so no statistics step" in capsys.readouterr().out
+    # without --calibration-data the command says, as it ends, that the conversion is zero-shot and how to fix it;
+    # every run says how to load what it wrote
+    printed = capsys.readouterr().out
+    assert "no --calibration-data, so no statistics step" in printed
+    assert f"load it with AutoModelForMaskedLM.from_pretrained({str(out)!r})" in printed
     assert "keep.txt" not in listing(out) and "model.safetensors" in listing(out)
     assert listing(tmp_path) == ["out", "src"]
 

@@ -221,10 +221,13 @@ def _run_convert(args, argv) -> None:
     if est["note"]:
         print(f"hf-performer: note: {est['note']}")
     if summary["statistics"] is None:
-        print("hf-performer: note: no --calibration-data, so no statistics step: a zero-shot conversion, which the "
-              "model says at its first forward. The step takes seconds without training and brings the model much "
-              "closer to the original: convert again with --calibration-data texts.txt (a few dozen texts of the "
-              "kind the model will see).")
+        print("hf-performer: note: no --calibration-data, so no statistics step ran: a zero-shot conversion (the "
+              "model warns at its first forward). The step takes seconds, without training, and brings the model "
+              "much closer to the original: convert again with --calibration-data texts.txt --overwrite (a few "
+              "dozen texts of the kind the model will see).")
+    auto = summary.get("auto_class") or "AutoModel"
+    print(f"hf-performer: load it with {auto}.from_pretrained({str(args.output)!r}) after `import hf_performer`, or "
+          f"with trust_remote_code=True where hf-performer is not installed ({args.output}/README.md has more).")
 
 
 def _run_report(args) -> None:
