@@ -61,6 +61,16 @@ def test_card_metadata_parses_and_its_snippet_runs(tmp_path, capsys):
     assert {v.split(".")[0] + ".py" for v in auto_map.values()} <= set(listing(out))
 
 
+@pytest.mark.parametrize("source_card", [SOURCE_CARD, None])
+def test_a_local_source_is_named_by_its_card_title_else_its_folder(tmp_path, capsys, source_card):
+    src, out = tiny_bert(tmp_path / "model"), tmp_path / "out"  # a folder named like the one a package ships
+    if source_card:
+        (src / "README.md").write_text(source_card)
+    assert main([str(a) for a in ("convert", src, out, "--nb-features", 8, "--no-progress")]) == 0, capsys.readouterr()
+    title = "tiny source" if source_card else "model"
+    assert f"\n# {title} with Performer FAVOR+ attention\n" in (out / "README.md").read_text()
+
+
 def _bert(kernel):
     torch.manual_seed(0)
     cfg = tf.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,

@@ -32,7 +32,9 @@ LOSS_TERMS = {
 
 def source_card_metadata(location: str, is_local: bool) -> dict:
     """``license`` / ``license_name`` / ``license_link`` / ``language`` / ``pipeline_tag`` of the source's model card
-    (its README.md: in the folder, or from the Hub or its cache). {} when there is no readable card."""
+    (its README.md: in the folder, or from the Hub or its cache), and ``title``: its first level-1 heading when that
+    is a short name (a local folder called ``model`` may hold a card titled ``all-MiniLM-L6-v2``: the converted card's
+    title then names the model, not the folder). {} when there is no readable card."""
     path = Path(location) / "README.md"
     if is_local and not path.is_file():
         return {}
@@ -42,7 +44,11 @@ def source_card_metadata(location: str, is_local: bool) -> dict:
         return {}
     data = card.data.to_dict()
     keys = ("license", "license_name", "license_link", "language", "pipeline_tag")
-    return {k: data[k] for k in keys if data.get(k)}
+    found = {k: data[k] for k in keys if data.get(k)}
+    title = next((ln[2:].strip() for ln in card.text.splitlines() if ln.startswith("# ")), "")
+    if title and len(title) <= 80 and "`" not in title and "[" not in title:
+        found["title"] = title
+    return found
 
 
 def effective_estimator(performer: dict, statistics: bool, causal: bool) -> str:
@@ -175,7 +181,7 @@ def model_card(summary: dict) -> str:
     s = summary
     perf = s["performer"]
     base = s.get("base_model")
-    name = base.rpartition("/")[2] if base else s["source_name"]
+    name = base.rpartition("/")[2] if base else (s.get("source_card") or {}).get("title") or s["source_name"]
     origin = f"[`{base}`](https://huggingface.co/{base})" if base else f"`{s['source']}`"
     lines = ["---", _yaml(s).rstrip("\n"), "---", "", f"# {name} with Performer FAVOR+ attention", ""]
     lines += [
