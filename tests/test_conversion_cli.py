@@ -83,7 +83,7 @@ def test_refuses_overwrite(tmp_path, capsys):
     # every run says how to load what it wrote
     printed = capsys.readouterr().out
     assert "no --calibration-data, so no statistics step" in printed
-    assert f"load it with AutoModelForMaskedLM.from_pretrained({str(out)!r})" in printed
+    assert f"load it with AutoModelForMaskedLM.from_pretrained({str(out)!r}) (and AutoTokenizer" in printed
     assert "keep.txt" not in listing(out) and "model.safetensors" in listing(out)
     assert listing(tmp_path) == ["out", "src"]
 

@@ -48,6 +48,7 @@ def test_card_metadata_parses_and_its_snippet_runs(tmp_path, capsys):
     assert "# tiny-bert with Performer" in card.text and "(https://huggingface.co/someone/tiny-bert)" in card.text
     # the estimator the model really uses after the statistics step (test below), not just the kernel flag
     assert "no longer changes the estimator" in card.text and "importance-sampled" in card.text
+    assert "takes effect at the statistics step" not in card.text  # it ran
     # the card's first snippet loads the folder (the placeholder replaced by the path)
     snippet = re.search(r"```python\n(.*?)```", card.text, re.S).group(1).replace("path/or/hub-id", str(out))
     assert "import hf_performer" in snippet and "AutoModelForMaskedLM" in snippet
@@ -68,7 +69,10 @@ def test_a_local_source_is_named_by_its_card_title_else_its_folder(tmp_path, cap
         (src / "README.md").write_text(source_card)
     assert main([str(a) for a in ("convert", src, out, "--nb-features", 8, "--no-progress")]) == 0, capsys.readouterr()
     title = "tiny source" if source_card else "model"
-    assert f"\n# {title} with Performer FAVOR+ attention\n" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert f"\n# {title} with Performer FAVOR+ attention\n" in card
+    # no statistics step ran: the settings table says that aligned_features has not taken effect yet
+    assert "| `aligned_features` | `true` (takes effect at the statistics step, which has not run" in card
 
 
 def _bert(kernel):

@@ -225,9 +225,10 @@ def _run_convert(args, argv) -> None:
               "model warns at its first forward). The step takes seconds, without training, and brings the model "
               "much closer to the original: convert again with --calibration-data texts.txt --overwrite (a few "
               "dozen texts of the kind the model will see).")
-    auto = summary.get("auto_class") or "AutoModel"
-    print(f"hf-performer: load it with {auto}.from_pretrained({str(args.output)!r}) after `import hf_performer`, or "
-          f"with trust_remote_code=True where hf-performer is not installed ({args.output}/README.md has more).")
+    auto, out = summary.get("auto_class") or "AutoModel", repr(str(args.output))
+    print(f"hf-performer: load it with {auto}.from_pretrained({out}) (and AutoTokenizer.from_pretrained({out})) after "
+          "`import hf_performer`, or pass trust_remote_code=True to both where hf-performer is not installed "
+          f"({args.output}/README.md has more).")
 
 
 def _run_report(args) -> None:

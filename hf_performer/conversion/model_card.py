@@ -204,7 +204,9 @@ def model_card(summary: dict) -> str:
         "| setting | value |",
         "| --- | --- |",
     ]
-    lines += [f"| `{k}` | `{json.dumps(v)}` |" for k, v in perf.items()]
+    pending = " (takes effect at the statistics step, which has not run: see below)"  # the setting, not yet applied
+    lines += [f"| `{k}` | `{json.dumps(v)}`{pending if k == 'aligned_features' and v and not s.get('statistics') else ''} |"
+              for k, v in perf.items()]
     if perf.get("local_window"):
         lines += ["", f"Local window: each query attends to its {perf['local_window']} nearest keys on each side "
                   "(causal: the previous ones) exactly, with softmax terms, and to all other keys through FAVOR+, in one "
