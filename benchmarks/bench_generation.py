@@ -126,6 +126,9 @@ def table(rows: list[dict]) -> str:
             cells += [f"{r['ms_per_token']:.1f}" if (r := by.get((name + " compiled", c))) else "n/a"
                       for name in ("stock", "favor")]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Decode peak: how much the process's peak memory grew while decoding the new tokens after the prefill "
+              "(the cache's growth over those tokens plus the step's temporaries; on a CPU the resident-set high-water "
+              "mark, in whole pages, so small values are coarse), not the cache's size."]
     return "\n".join(lines)
 
 
