@@ -184,8 +184,13 @@ def render(r: dict) -> str:
         if r.get("time_ratio" + suffix) is not None:
             lines += ["", f"Performer / {stock}: time {r['time_ratio' + suffix]:.2f}x (target <= 0.5x), peak memory "
                           f"{r['memory_ratio' + suffix]:.2f}x (target <= 1.5x)."]
+    if r.get("memory_ratio_no_dropout") is not None:
+        lines += ["", "Without attention dropout SDPA runs its flash kernel, which keeps nothing L x L either: both "
+                      "models' memory is then linear in L and mostly the model's activations, FAVOR+ adding its [L, m] "
+                      "features on top (about as much, or a little more). The difference is time: FAVOR+'s grows "
+                      "linearly in L, flash's quadratically."]
     if r["results"][PERFORMER].get("method"):
-        lines += ["", f"Memory: {r['results'][PERFORMER]['method']}."]
+        lines += ["", f"Memory: one step's peak above the memory in use before it ({r['results'][PERFORMER]['method']})."]
     return "\n".join(lines)
 
 
