@@ -176,14 +176,15 @@ class FeatureMap:
             x = x * self.k_scale.to(x.dtype)
         return x if self.k_shift is None else x - self.k_shift.to(x.dtype)
 
-    def __call__(self, x: torch.Tensor, query: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __call__(self, x: torch.Tensor, query: bool = False, with_bias: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: [..., d] (a query or key, before the input transform) -> (logits [..., m] or [..., 1],
         factor [..., m] or None).
 
         ``query=True`` applies the query transform and drops the terms that are constant along a row
         (-|x|^2/2 and favor++'s log D): the ops normalise every query row, so they cancel exactly,
-        value and gradient alike."""
-        return self.logits(self.transform(x, query), query)
+        value and gradient alike. ``with_bias``: as in ``logits``."""
+        return self.logits(self.transform(x, query), query, with_bias)
 
     def query_row_terms(self, x: torch.Tensor) -> torch.Tensor:
         """The terms ``__call__(x, query=True)`` drops from every logit of a query row, for the *transformed*

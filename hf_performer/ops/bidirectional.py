@@ -35,6 +35,7 @@ from .common import (
     spans,
     times,
     weights,
+    with_feature_bias,
     with_ones,
 )
 
@@ -43,15 +44,13 @@ def _key_side(k, v, fmap: FeatureMap, mask):
     """(phi~(K) [B,H,Lk,m], S = phi~(K)^T [V, 1] [B,H,m,dv+1], c [B,H,1,m'], the real keys' maximum logit
     [B,H,1,m'] (-big without a real key; c is that or 0)) for k [B,H,Lk,d], v [B,H,Lk,dv]."""
     keep = None if mask is None else mask[:, None, :, None]
-    lk, fk = fmap.logits(fmap.transform(k, False), with_bias=False)  # [B, H, Lk, m'] (b: ``fold_bias``)
+    lk, fk = fmap(k, with_bias=False)  # [B, H, Lk, m'] (b: ``fold_bias``)
     # without autograd (inference, the hand-written backward's forward) lk itself becomes the features
     inplace = not torch.is_grad_enabled()
     with torch.no_grad():  # the stabilisers are constants of the estimator
         if keep is not None:  # dropped keys below every real one (in place: masked_exp_ zeroes them below)
             real = lk.add_(mask_bias(keep, lk.dtype)) if inplace else torch.where(keep, lk, neg_big(lk.dtype))
-        top = (lk if keep is None else real).amax(2, keepdim=True)
-        b = fmap.feature_bias
-        top = top if b is None else top + b.to(top.dtype)  # the maximum of the true logits
+        top = with_feature_bias(fmap, (lk if keep is None else real).amax(2, keepdim=True))  # of the true logits
         c = finite_reference(top)  # [B, H, 1, m']
         c_k = fold_bias(fmap, c)[0]
     phi_k = times(masked_exp_(lk.sub_(c_k) if inplace else lk - c_k, keep), fk)  # [B, H, Lk, m]
@@ -60,7 +59,7 @@ def _key_side(k, v, fmap: FeatureMap, mask):
 
 def _query_side(q, S, c, fmap: FeatureMap):
     """(phi~(Q) [B,H,Lq,m], its row maxima r [B,H,Lq,1], phi~(Q) S [B,H,Lq,dv+1]) for q [B,H,Lq,d]."""
-    lq, fq = fmap.logits(fmap.transform(q, True), query=True, with_bias=False)
+    lq, fq = fmap(q, query=True, with_bias=False)
     c_q = fold_bias(fmap, c)[1]
     x_q = lq + c_q if torch.is_grad_enabled() else lq.add_(c_q)
     with torch.no_grad():
@@ -140,7 +139,7 @@ class _PositiveBidirectional(torch.autograd.Function):
         dS, dq = torch.zeros_like(S), []
         c_k, c_q = fold_bias(fmap, c)
         for a, b in spans(q.shape[2], seg):  # queries: dq, and the gradient reaching S
-            lq, _ = fmap.logits(fmap.transform(q[:, :, a:b], True), query=True, with_bias=False)
+            lq, _ = fmap(q[:, :, a:b], query=True, with_bias=False)
             phi_q = bounded_exp_(lq.add_(c_q).sub_(r[:, :, a:b]))  # [B, H, s, m]
             dS += phi_q.transpose(-1, -2) @ G[:, :, a:b]
             dq.append(fmap.logits_vjp(q[:, :, a:b], (G[:, :, a:b] @ S.transpose(-1, -2)).mul_(phi_q), query=True))

@@ -48,6 +48,7 @@ from .common import (
     safe_den,
     spans,
     weights,
+    with_feature_bias,
     with_ones,
 )
 from .local import band_apply, exact_base, flip_band, near, rows, window_block
@@ -104,9 +105,7 @@ def _key_logits(fmap: FeatureMap, kt: torch.Tensor, real: torch.Tensor | None, s
         lk.add_(mask_bias(real[:, None, :, None], lk.dtype))
     else:
         _fill_rows_(lk, _outside(start, kt.shape[2], L), neg_big(lk.dtype))
-    b = fmap.feature_bias
-    top = lk.amax(2, keepdim=True)
-    return lk, top if b is None else top + b.to(top.dtype)
+    return lk, with_feature_bias(fmap, lk.amax(2, keepdim=True))
 
 
 def _key_features_(x: torch.Tensor, real: torch.Tensor | None, start: int, L: int) -> torch.Tensor:
@@ -118,6 +117,13 @@ def _key_features_(x: torch.Tensor, real: torch.Tensor | None, start: int, L: in
     outside = _outside(start, x.shape[2], L)
     x = bounded_exp_(_fill_rows_(x, outside, 0.0))  # those rows reach exp() as 0, not as -big
     return _fill_rows_(x, outside, 0.0)  # and their features are 0
+
+
+def _recomputed_key_features(fmap: FeatureMap, kt: torch.Tensor, c_k: torch.Tensor, real: torch.Tensor | None,
+                             start: int, L: int) -> torch.Tensor:
+    """The backward's phi~(K) [B,H,P,m] of the transformed key rows kt [B,H,P,d] at positions start ..
+    start + P - 1, from the forward's stabiliser as c_k = c - b (``common.fold_bias``); real: as in ``_key_logits``."""
+    return _key_features_(fmap.logits(kt, with_bias=False)[0].sub_(c_k), real, start, L)
 
 
 def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -203,8 +209,7 @@ class PositiveWindow(torch.autograd.Function):
             rq = F.pad(r[:, :, max(s0, 0) : s0 + P], outside)
             phi_q, _ = _query_features(fmap, qt, c, rq[..., None], outside)
             dS += phi_q.transpose(-1, -2) @ G
-            phi_k = _key_features_(fmap.logits(kt, with_bias=False)[0].sub_(c_k), None if mask is None else rx,
-                                   s0 - w, L)
+            phi_k = _recomputed_key_features(fmap, kt, c_k, None if mask is None else rx, s0 - w, L)
             A = near(dNx, vx, block, w).add_(dTx[..., None])  # [B, H, P, 2w + 1], 0 off the segment
             dl = A * pad(e)
             dfav = A.mul_(-gx[..., None])
@@ -228,8 +233,8 @@ class PositiveWindow(torch.autograd.Function):
             n, s0, R = b - a, a - block, kx.shape[2] - 2 * w
             own = slice(block - w, block - w + n)  # share rows of the segment's keys
             if phi_k is None:  # the segment's own key features, recomputed
-                phi = _key_features_(fmap.logits(kt[:, :, block + w : block + w + n], with_bias=False)[0].sub_(c_k),
-                                     None if mask is None else mask[:, a:b], a, L)
+                phi = _recomputed_key_features(fmap, kt[:, :, block + w : block + w + n], c_k,
+                                               None if mask is None else mask[:, a:b], a, L)
             else:  # or the first pass's (one pass: nothing else is held across segments)
                 phi = phi_k[:, :, block + w : block + w + n]
             d_logits[:, :, own].addcmul_(with_ones(v[:, :, a:b]) @ dSt, phi)  # ([v, 1] dS^T) * phi~(K)

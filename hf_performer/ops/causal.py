@@ -46,6 +46,7 @@ from .common import (
     safe_den,
     times,
     weights,
+    with_feature_bias,
     with_ones,
 )
 from .local import band, combine_window, exact_base, unband
@@ -162,7 +163,7 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
         if keep is not None:  # dropped keys below every real one (in place: masked_exp_ zeroes them below)
             real = lk.add_(mask_bias(keep, lk.dtype)) if inplace else torch.where(keep, lk, big)
         chunk_max = (lk if keep is None else real).amax(3)  # [B, H, n, m']
-        chunk_max = chunk_max if b is None else chunk_max + b  # (rounding is monotone: still the max)
+        chunk_max = with_feature_bias(fmap, chunk_max)  # (rounding is monotone: still the max)
         c0 = torch.full_like(lk[:, :, 0, 0], big) if state is None else state.c.to(lk.dtype)  # [B, H, m']
         M = running_max(torch.cat([c0[:, :, None], chunk_max], 2), 2)  # [B, H, n + 1, m']
         if keep is None:

@@ -169,6 +169,14 @@ def fold_bias(fmap, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return c - b, c + b
 
 
+def with_feature_bias(fmap, top: torch.Tensor) -> torch.Tensor:
+    """top + b: the maximum over rows of the true key logits from that of logits computed without the per-feature
+    log weights b (``fold_bias``; b is constant along the rows, so the maximum moves by b exactly); top itself when
+    the feature map has no such weights. top: [B, H, 1 or n, m'] (bidirectional: over all rows; causal: per chunk)."""
+    b = fmap.feature_bias
+    return top if b is None else top + b.to(top.dtype)
+
+
 def finite_reference(c: torch.Tensor) -> torch.Tensor:
     """A stabiliser that saw no real key (still the -big placeholder) becomes 0: every key it scales is
     padding (features exactly 0), and queries then see finite logits instead of -big cancellations."""
