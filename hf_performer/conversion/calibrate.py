@@ -133,8 +133,8 @@ class CalibrationConfig:
         need(is_int(self.seed) and self.seed >= 0, "seed", "expected an integer >= 0")
         need(is_int(self.save_every) and self.save_every >= 1, "save_every", "expected a positive integer")
         need(isinstance(self.teacher_forced, bool), "teacher_forced", "expected True or False")
-        need(self.max_time_s is None or (isinstance(self.max_time_s, (int, float)) and not isinstance(self.max_time_s, bool)
-                                         and math.isfinite(self.max_time_s) and self.max_time_s > 0),
+        t = self.max_time_s
+        need(t is None or (isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t > 0),
              "max_time_s", "expected a finite number of seconds > 0 or None")
         if self.train != "lora":
             for name in ("lora_rank", "lora_alpha"):

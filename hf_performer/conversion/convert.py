@@ -49,12 +49,13 @@ def performer_settings(settings: PerformerConfig | dict | None) -> PerformerConf
 
 
 MAX_HELD_OUT = 24  # validation sequences at most: validation runs every eval_every steps, it must stay cheap
+MIN_TO_HOLD_OUT = 20  # fewer calibration sequences than this: none is held out
 
 
 def held_out_sequences(sequences: list, seed: int, max_held_out: int = MAX_HELD_OUT) -> list[int]:
     """Indices of calibration sequences kept out of training to validate it (early stopping, keeping the best
-    state): ~10%, at most ``max_held_out``, none when there are fewer than 20 sequences."""
-    if len(sequences) < 20:
+    state): ~10%, at most ``max_held_out``, none when there are fewer than MIN_TO_HOLD_OUT sequences."""
+    if len(sequences) < MIN_TO_HOLD_OUT:
         return []
     n = min(max(2, len(sequences) // 10), max_held_out)
     return sorted(random.Random(seed).sample(range(len(sequences)), n))
@@ -240,10 +241,10 @@ def convert(
         sequences = mixed_length_sequences(texts, tokenizer, length, shortest, cal_cfg.seed)
         held_out = held_out_sequences(sequences, cal_cfg.seed) if calibrate_model else []
         if calibrate_model and not held_out:
-            logger.warning("the calibration text gives only %d sequence%s (20 or more are needed to hold some out): "
+            logger.warning("the calibration text gives only %d sequence%s (%d or more are needed to hold some out): "
                            "none is held out, so calibration runs without early stopping or keeping its best state "
                            "(--eval-every and --patience do nothing); give more text.", len(sequences),
-                           "" if len(sequences) == 1 else "s")
+                           "" if len(sequences) == 1 else "s", MIN_TO_HOLD_OUT)
         hold = set(held_out)
         schedule = BatchSchedule([s for i, s in enumerate(sequences) if i not in hold] or sequences,
                                  cal_cfg.batch_size, pad_id(tokenizer), cal_cfg.seed, max_tokens=cal_cfg.batch_tokens)

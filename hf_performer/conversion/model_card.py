@@ -204,9 +204,10 @@ def model_card(summary: dict) -> str:
         "| setting | value |",
         "| --- | --- |",
     ]
-    pending = " (takes effect at the statistics step, which has not run: see below)"  # the setting, not yet applied
-    lines += [f"| `{k}` | `{json.dumps(v)}`{pending if k == 'aligned_features' and v and not s.get('statistics') else ''} |"
-              for k, v in perf.items()]
+    # aligned_features is a setting until the statistics step applies it
+    pending = {"aligned_features": " (takes effect at the statistics step, which has not run: see below)"}
+    pending = {} if s.get("statistics") else pending
+    lines += [f"| `{k}` | `{json.dumps(v)}`{pending.get(k, '') if v else ''} |" for k, v in perf.items()]
     if perf.get("local_window"):
         lines += ["", f"Local window: each query attends to its {perf['local_window']} nearest keys on each side "
                   "(causal: the previous ones) exactly, with softmax terms, and to all other keys through FAVOR+, in one "
