@@ -37,6 +37,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 CORPUS = ROOT / "examples" / "data" / "pydoc_chapters.jsonl"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attention import atomic_write  # noqa: E402
+from bench_side_by_side import export_package  # noqa: E402
 
 
 def worker(cases: list[str], longest: int, calls: int) -> dict:
@@ -144,12 +145,10 @@ def main(argv=None) -> int:
            "threads": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count())), "loadavg": os.getloadavg()[0],
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": []}
     with tempfile.TemporaryDirectory(prefix="hfp-real-") as tmp:
-        archive = subprocess.run(["git", "archive", base, "hf_performer"], cwd=ROOT, capture_output=True,
-                                 check=True).stdout
-        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        base_dir = export_package(base, Path(tmp))  # keeps its name: each process imports one tree
         runs = {"base": [], "now": []}
         for i in range(args.repeats):
-            for tree, folder in (("base", Path(tmp)), ("now", ROOT)):
+            for tree, folder in (("base", base_dir), ("now", ROOT)):
                 runs[tree].append(run(folder, cases, max(args.lengths), args.calls))
                 print(f"{tree} ({base if tree == 'base' else head}): process {i + 1} of {args.repeats} done",
                       flush=True)

@@ -113,11 +113,17 @@ def run_worker(base_dir: Path, L: int, window: int, causal: bool, calls: int, ma
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def export_base(base: str, folder: Path) -> Path:
-    """The earlier commit's package as ``folder/hfp_base`` (git archive: no worktree, no checkout)."""
+def export_package(base: str, folder: Path) -> Path:
+    """The package ``hf_performer`` of commit ``base`` as ``folder/hf_performer`` (git archive: no worktree, no
+    checkout). Returns folder."""
     archive = subprocess.run(["git", "archive", base, "hf_performer"], cwd=ROOT, capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
-    (folder / "hf_performer").rename(folder / "hfp_base")
+    return folder
+
+
+def export_base(base: str, folder: Path) -> Path:
+    """The earlier commit's package as ``folder/hfp_base`` (``export_package``, renamed: one process imports both)."""
+    (export_package(base, folder) / "hf_performer").rename(folder / "hfp_base")
     return folder
 
 
