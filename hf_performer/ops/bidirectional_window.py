@@ -24,10 +24,10 @@ their key spans; the transposed ones through ``local.flip_band``), a fixed numbe
 Kept for the backward: q, k, v, the mask, S, c, out, T, g and e, coef [B, H, L, 2w + 1], the row maxima
 r [B, H, L]; nothing [B, H, L, m] is kept between forward and backward (a model keeps per layer what it would
 without the window, plus those [L, 2w + 1] terms). The backward recomputes the query features once (with the
-forward's r) and the key features once with the window's neighbours; it holds the window's share of the keys'
-logit gradient until dS is complete, and in one pass (GPUs, short inputs) the key features with it; over CPU
-segments (``common.cpu_segment``, long inputs) it recomputes the segment's own key features instead of holding
-them. The forward holds every segment's key logits until the global stabiliser c is known, and frees each
+forward's r) and the key features once with the window's neighbours; it holds the window's share of d phi~(K)
+until dS is complete (then the FAVOR share joins it, and one product with phi~(K) makes it d logits), and in one
+pass (GPUs, short inputs) the key features with it; over CPU segments (``common.cpu_segment``, long inputs) it
+recomputes those key features instead of holding them. The forward holds every segment's key logits until the global stabiliser c is known, and frees each
 segment's features once its queries are done.
 """
 
@@ -217,29 +217,31 @@ class PositiveWindow(torch.autograd.Function):
             dqt = band_apply(dl, kt, block, w).add_(dl.sum(-1, keepdim=True) * qt)
             dqx = fmap.logits_vjp(qx, d_phi.mul_(phi_q), True, xt=qt, grad_xt=dqt)
             dq.append(dqx[:, :, block : block + n])
-            R = P - 2 * w  # share row r: the key at s0 + w + r, feature row r + 2w
+            # share row r: the key at s0 + w + r (feature row r + 2w); d phi~(K) of the window's pairs, its product
+            # with phi~(K) taken below, once with the FAVOR part
             share = band_apply(flip_band(dfav, w), phi_q, block, w, into=d_phi)  # d_phi's storage is free again
-            share[:, :, :R].mul_(phi_k[:, :, 2 * w :])  # the window's share of the keys' logit gradient
             shares = [band_apply(flip_band(x, w), y, block, w) for x, y in ((dl, qt), (pad(coef), dNx))]
-            # the window's shares of d logits(K), dk', dv; in one pass also the key features (over CPU segments the
-            # own keys' are recomputed below instead: two [B, H, L, m] tensors held across segments would cost more
-            # memory than the second projection costs time)
-            parts.append((kx, kt, share, *shares, phi_k if seg is None else None))
+            # the window's shares of d phi~(K), dk', dv; in one pass also the key features (over CPU segments they are
+            # recomputed below instead: two [B, H, L, m] tensors held across segments would cost more memory than the
+            # second projection costs time)
+            parts.append((kx, kt, rx, share, *shares, phi_k if seg is None else None))
             del phi_q, phi_k, d_phi
         dSv, dSt = dS[..., :-1], dS.transpose(-1, -2)
         for i, (a, b) in enumerate(spans(L, seg)):  # keys: the FAVOR shares added
-            kx, kt, d_logits, dkt, dvx, phi_k = parts[i]
+            kx, kt, rx, d_phi, dkt, dvx, phi_k = parts[i]
             parts[i] = None
             n, s0, R = b - a, a - block, kx.shape[2] - 2 * w
             own = slice(block - w, block - w + n)  # share rows of the segment's keys
-            if phi_k is None:  # the segment's own key features, recomputed
-                phi = _recomputed_key_features(fmap, kt[:, :, block + w : block + w + n], c_k,
-                                               None if mask is None else mask[:, a:b], a, L)
+            d_phi = d_phi[:, :, :R]
+            if phi_k is None:  # the key features of the share rows, recomputed
+                phi = _recomputed_key_features(fmap, kt[:, :, 2 * w :], c_k, None if mask is None else rx[:, 2 * w :],
+                                               s0 + w, L)
             else:  # or the first pass's (one pass: nothing else is held across segments)
-                phi = phi_k[:, :, block + w : block + w + n]
-            d_logits[:, :, own].addcmul_(with_ones(v[:, :, a:b]) @ dSt, phi)  # ([v, 1] dS^T) * phi~(K)
-            _add_product(dvx[:, :, own], phi, dSv)
-            dkx = fmap.logits_vjp(kx[:, :, 2 * w :], d_logits[:, :, :R], xt=kt[:, :, 2 * w :], grad_xt=dkt[:, :, :R])
+                phi = phi_k[:, :, 2 * w :]
+            _add_product(d_phi[:, :, own], with_ones(v[:, :, a:b]), dSt)  # + [v, 1] dS^T for the own keys
+            d_logits = d_phi.mul_(phi)
+            _add_product(dvx[:, :, own], phi[:, :, own], dSv)
+            dkx = fmap.logits_vjp(kx[:, :, 2 * w :], d_logits, xt=kt[:, :, 2 * w :], grad_xt=dkt[:, :, :R])
             lo, hi = max(s0 + w, 0), min(s0 + w + R, L)  # rows -> positions, the overlaps added
             dk[:, :, lo:hi] += dkx[:, :, lo - s0 - w : hi - s0 - w]
             dv[:, :, lo:hi] += dvx[:, :, lo - s0 - w : hi - s0 - w]

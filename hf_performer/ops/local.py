@@ -28,14 +28,13 @@ from .common import masked_exp_, neg_big, safe_den, weights
 
 def band(m: torch.Tensor, width: int) -> torch.Tensor:
     """[..., C, C + s] -> [..., C, width]: entry (i, j) = m[i, i + j] (width <= s + 1, so i + j < C + s always).
-    Row i of the band starts i (C + s + 1) elements into the flattened matrix: the first C - 1 rows are a view of it
-    as rows C + s + 1 long, the last row a slice; only the [C, width] result is written (no padded copy of m)."""
+    Row i of the band starts i (C + s + 1) elements into the flattened matrix, so the band is a strided view of m
+    (of a contiguous copy when m is not contiguous): no copy, one op (the consumer's reshape or pad copies once)."""
     C, S = m.shape[-2:]
     if width > S - C + 1:
         raise ValueError(f"band: width {width} reaches past the {S} columns of a [{C}, {S}] matrix")
-    flat, step = m.flatten(-2), S + 1
-    head = flat[..., : (C - 1) * step].unflatten(-1, (C - 1, step))[..., :width]
-    return torch.cat([head, flat[..., (C - 1) * step : (C - 1) * step + width].unsqueeze(-2)], -2)
+    m = m.contiguous()  # the last row's band ends at (C - 1)(S + 1) + width - 1 <= C S - 1: inside m
+    return m.as_strided((*m.shape[:-2], C, width), (*m.stride()[:-2], S + 1, 1))  # (from m's own offset)
 
 
 def unband(b: torch.Tensor, span: int) -> torch.Tensor:
@@ -155,8 +154,9 @@ def flip_band(coef: torch.Tensor, window: int) -> torch.Tensor:
     """The band seen from the keys: coef [B, H, P, 2w + 1] (query row i, key row i + j) -> [B, H, P, 2w + 1] whose
     row r, column u holds coef[r + u, 2w - u] (0 past P): the coefficient between key row r + 2w and query row
     r + u. ``band_apply(flip_band(coef), x)`` is then the transposed product sum_i coef[i, j - i] x_i for key row
-    j = r + 2w, as one [block, block + 2w] product per block like the forward's (no [block + 2w, block] one)."""
+    j = r + 2w, as one [block, block + 2w] product per block like the forward's (no [block + 2w, block] one).
+    One padded copy of coef and a strided view of it: (r, u) sits at (r + u)(2w + 1) + 2w - u = r (2w + 1) + u 2w
+    + 2w elements into the padded rows."""
     w2 = 2 * window
-    padded = F.pad(coef, (0, 0, 0, w2))
-    P = coef.shape[2]
-    return torch.stack([padded[:, :, u : u + P, w2 - u] for u in range(w2 + 1)], -1)
+    padded = F.pad(coef, (0, 0, 0, w2))  # [B, H, P + 2w, 2w + 1]: fresh and contiguous, offset 0
+    return padded.as_strided(coef.shape, (*padded.stride()[:2], w2 + 1, w2), w2)
