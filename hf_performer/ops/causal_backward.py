@@ -142,7 +142,7 @@ class PositiveCausal(torch.autograd.Function):
         del dphi_q, Gp
         dlk = (dB.transpose(-1, -2) @ phi_q).mul_(phi_k)  # dphi~(K) * phi~(K): [B, H, n, C, m]
         del dB, phi_q, phi_k
-        dlk += (v1 @ dK.transpose(-1, -2)).mul_(kf)
+        dlk.addcmul_(v1 @ dK.transpose(-1, -2), kf)  # + d kf * kf, one pass
         dV1 = A.transpose(-1, -2) @ G  # A^T G (A and D kept by the forward: [n, C, C], no second Q K^T)
         dV1 += kf @ dK
         del kf, dK
