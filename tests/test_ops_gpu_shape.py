@@ -163,7 +163,7 @@ def test_converted_models_forward_without_host_sync_or_graph_break():
 
 @pytest.mark.parametrize(
     ("causal", "window", "backend"),
-    [(False, 0, "inductor"), (True, 0, "aot_eager"), (False, 2, "aot_eager"), (True, 2, "inductor")],
+    [(False, 0, "inductor"), (True, 0, "aot_eager"), (False, 2, "aot_eager"), (False, 2, "inductor"), (True, 2, "inductor")],
 )
 def test_torch_compile_fullgraph_matches_eager(causal, window, backend):
     torch._dynamo.reset()

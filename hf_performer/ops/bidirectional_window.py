@@ -27,8 +27,8 @@ without the window, plus those [L, 2w + 1] terms). The backward recomputes the q
 forward's r) and the key features once with the window's neighbours; it holds the window's share of d phi~(K)
 until dS is complete (then the FAVOR share joins it, and one product with phi~(K) makes it d logits), and in one
 pass (GPUs, short inputs) the key features with it; over CPU segments (``common.cpu_segment``, long inputs) it
-recomputes those key features instead of holding them. The forward holds every segment's key logits until the global stabiliser c is known, and frees each
-segment's features once its queries are done.
+recomputes those key features instead of holding them. The forward holds every segment's key logits until the
+global stabiliser c is known, and frees each segment's features once its queries are done.
 """
 
 from __future__ import annotations
@@ -228,18 +228,18 @@ class PositiveWindow(torch.autograd.Function):
             del phi_q, phi_k, d_phi
         dSv, dSt = dS[..., :-1], dS.transpose(-1, -2)
         for i, (a, b) in enumerate(spans(L, seg)):  # keys: the FAVOR shares added
-            kx, kt, rx, d_phi, dkt, dvx, phi_k = parts[i]
+            kx, kt, rx, share, dkt, dvx, phi_k = parts[i]
             parts[i] = None
             n, s0, R = b - a, a - block, kx.shape[2] - 2 * w
             own = slice(block - w, block - w + n)  # share rows of the segment's keys
-            d_phi = d_phi[:, :, :R]
+            share = share[:, :, :R]  # d phi~(K) of the R key rows this segment's queries reach
             if phi_k is None:  # the key features of the share rows, recomputed
                 phi = _recomputed_key_features(fmap, kt[:, :, 2 * w :], c_k, None if mask is None else rx[:, 2 * w :],
                                                s0 + w, L)
             else:  # or the first pass's (one pass: nothing else is held across segments)
                 phi = phi_k[:, :, 2 * w :]
-            _add_product(d_phi[:, :, own], with_ones(v[:, :, a:b]), dSt)  # + [v, 1] dS^T for the own keys
-            d_logits = d_phi.mul_(phi)
+            _add_product(share[:, :, own], with_ones(v[:, :, a:b]), dSt)  # + [v, 1] dS^T for the own keys
+            d_logits = share.mul_(phi)
             _add_product(dvx[:, :, own], phi[:, :, own], dSv)
             dkx = fmap.logits_vjp(kx[:, :, 2 * w :], d_logits, xt=kt[:, :, 2 * w :], grad_xt=dkt[:, :, :R])
             lo, hi = max(s0 + w, 0), min(s0 + w + R, L)  # rows -> positions, the overlaps added
