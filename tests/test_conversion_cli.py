@@ -131,11 +131,28 @@ def test_bad_flags_leave_nothing(tmp_path, capsys, flags, message):
     assert listing(tmp_path) == before
 
 
-def test_argparse_rejects_bad_choice(tmp_path):
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["convert", "{src}", "{out}", "--kernel", "cosine"], "argument --kernel: invalid choice: 'cosine'"),
+        (["convert", "{src}", "{out}", "--nb-features", "abc"], "argument --nb-features: invalid int value: 'abc'"),
+        (["convert", "{src}"], "the following arguments are required: output"),
+        (["report", "{src}", "{out}", "--max-texts", "x"], "argument --max-texts: invalid int value: 'x'"),
+        (["transform", "{src}"], "argument command: invalid choice: 'transform'"),
+    ],
+)
+def test_values_argparse_rejects_print_one_line(tmp_path, capsys, argv, message):
+    """Types, choices and missing arguments (argparse's own checks) fail like the command's: one line naming the
+    subcommand's --help, exit status 2, nothing written."""
     src = tiny_bert(tmp_path / "src")
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        run("convert", src, tmp_path / "out", "--kernel", "cosine")
+        run(*(a.replace("{src}", str(src)).replace("{out}", str(tmp_path / "out")) for a in argv))
     assert e.value.code == 2
+    err = capsys.readouterr().err
+    sub = "" if argv[0] == "transform" else f" {argv[0]}"
+    assert err.startswith(f"hf-performer: error: {message}") and err.count("\n") == 1
+    assert err.rstrip().endswith(f"(see `hf-performer{sub} --help`)")
     assert listing(tmp_path) == ["src"]
 
 

@@ -185,8 +185,17 @@ def _report_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with the command's error format: a value argparse itself rejects (a type, a choice, a missing
+    argument) prints one ``hf-performer: error: ...`` line that names the subcommand's ``--help``, like the command's
+    own checks, instead of the whole usage text before it. Subparsers are made of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"hf-performer: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-performer", description="Performer FAVOR+ conversion tools.")
+    parser = _Parser(prog="hf-performer", description="Performer FAVOR+ conversion tools.")
     sub = parser.add_subparsers(dest="command", required=True)
     _convert_parser(sub)
     _report_parser(sub)
