@@ -52,7 +52,7 @@ def _key_side(k, v, fmap: FeatureMap, mask):
             real = lk.add_(mask_bias(keep, lk.dtype)) if inplace else torch.where(keep, lk, neg_big(lk.dtype))
         top = with_feature_bias(fmap, (lk if keep is None else real).amax(2, keepdim=True))  # of the true logits
         c = finite_reference(top)  # [B, H, 1, m']
-        c_k = fold_bias(fmap, c)[0]
+        c_k = fold_bias(fmap, c, query=False)
     phi_k = times(masked_exp_(lk.sub_(c_k) if inplace else lk - c_k, keep), fk)  # [B, H, Lk, m]
     return phi_k, phi_k.transpose(-1, -2) @ with_ones(v), c, top
 
@@ -60,7 +60,7 @@ def _key_side(k, v, fmap: FeatureMap, mask):
 def _query_side(q, S, c, fmap: FeatureMap):
     """(phi~(Q) [B,H,Lq,m], its row maxima r [B,H,Lq,1], phi~(Q) S [B,H,Lq,dv+1]) for q [B,H,Lq,d]."""
     lq, fq = fmap(q, query=True, with_bias=False)
-    c_q = fold_bias(fmap, c)[1]
+    c_q = fold_bias(fmap, c, query=True)
     x_q = lq + c_q if torch.is_grad_enabled() else lq.add_(c_q)
     with torch.no_grad():
         r = x_q.detach().amax(-1, keepdim=True)  # [B, H, Lq, 1]
@@ -84,6 +84,8 @@ def _segment_sums(k, v, fmap: FeatureMap, mask, seg: int, size: int):
                                        v[:, :, a : a + seg], size=size)
         sums.append(S)
         refs.append((c_j, top))
+    if len(sums) == 1:  # one segment (GPUs, short inputs): its c is the maximum over all keys, its weight 1 exactly
+        return sums[0], refs[0][0]
     with torch.no_grad():
         c_seg = torch.stack([c_j for c_j, _ in refs])  # [segments, B, H, 1, m']
         c = finite_reference(torch.stack([top for _, top in refs]).amax(0))  # the maximum over all real keys
@@ -136,12 +138,13 @@ class _PositiveBidirectional(torch.autograd.Function):
         fmap, seg = ctx.fmap, ctx.seg
         g_num = grad_out.to(out.dtype) / den[..., None]  # [B, H, Lq, dv]
         G = torch.cat([g_num, -(g_num * out).sum(-1, keepdim=True)], -1)  # [B, H, Lq, dv + 1]
-        dS, dq = torch.zeros_like(S), []
-        c_k, c_q = fold_bias(fmap, c)
+        dS, dq = None, []
+        c_k, c_q = fold_bias(fmap, c, query=False), fold_bias(fmap, c, query=True)
         for a, b in spans(q.shape[2], seg):  # queries: dq, and the gradient reaching S
             lq, _ = fmap(q[:, :, a:b], query=True, with_bias=False)
             phi_q = bounded_exp_(lq.add_(c_q).sub_(r[:, :, a:b]))  # [B, H, s, m]
-            dS += phi_q.transpose(-1, -2) @ G[:, :, a:b]
+            part = phi_q.transpose(-1, -2) @ G[:, :, a:b]
+            dS = part if dS is None else dS.add_(part)  # (one segment: no zero fill and sum)
             dq.append(fmap.logits_vjp(q[:, :, a:b], (G[:, :, a:b] @ S.transpose(-1, -2)).mul_(phi_q), query=True))
             del lq, phi_q
         dk, dv = [], []

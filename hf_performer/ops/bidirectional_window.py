@@ -74,7 +74,7 @@ def _query_features(fmap: FeatureMap, qt: torch.Tensor, c: torch.Tensor, r: torc
     r: the row maxima when known (the backward has the forward's), else computed. ``outside``: how many rows at the
     start and at the end have no r (positions outside the sequence): their features are 1, finite, for products
     whose coefficients there are 0 (a placeholder r would take torch.exp's slow path, ``common.masked_exp_``)."""
-    x = fmap.logits(qt, query=True, with_bias=False)[0].add_(fold_bias(fmap, c)[1])
+    x = fmap.logits(qt, query=True, with_bias=False)[0].add_(fold_bias(fmap, c, query=True))
     r = x.amax(-1, keepdim=True) if r is None else r
     return bounded_exp_(_fill_rows_(x.sub_(r), outside, 0.0)), r
 
@@ -151,7 +151,7 @@ class PositiveWindow(torch.autograd.Function):
             lk, top = _key_logits(fmap, kt, km, a - w, L)
             parts.append((kt, rows(real, a - w, P), lk, top, km))
         c = finite_reference(parts[0][3] if len(parts) == 1 else torch.stack([p[3] for p in parts]).amax(0))
-        S, c_k = 0, fold_bias(fmap, c)[0]
+        S, c_k = 0, fold_bias(fmap, c, query=False)
         for (a, b), (_, _, lk, _, km) in zip(spans(L, seg), parts):
             phi_k = _key_features_(lk.sub_(c_k), km, a - w, L)  # in place: 0 for rows that are not real keys
             S = S + phi_k[:, :, w : w + b - a].transpose(-1, -2) @ with_ones(v[:, :, a:b])  # own keys only
@@ -191,7 +191,7 @@ class PositiveWindow(torch.autograd.Function):
         real = torch.ones(B, L, dtype=torch.bool, device=q.device) if mask is None else mask
         dN = grad_out.to(out.dtype) / T[..., None]  # [B, H, L, dv]
         dT = -(dN * out).sum(-1)  # [B, H, L]
-        dS, dq, c_k = torch.zeros_like(S), [], fold_bias(fmap, c)[0]
+        dS, dq, c_k = torch.zeros_like(S), [], fold_bias(fmap, c, query=False)
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)
         parts = []
         # rows: queries at a - block + i (a scratch block first, 0 coefficients), keys at a - block - w + i, and the

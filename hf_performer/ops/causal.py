@@ -220,10 +220,11 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
 
         out = combine_window(num, den, fav, logits, valid, apply_coef, internals)
     else:
-        out = num / safe_den(den)[..., None]
+        den = safe_den(den)  # (guarded once: the backward reads it too)
+        out = num / den[..., None]
     if internals is not None:  # what the backward reads: the estimator's constants, the sums, A, D and phi~(Q)
-        internals.update(ref=ref, M=M, U=U, r=r, prefix=prefix, den=safe_den(den)[:, :, :T], C=C, A=A, decay=decay,
-                         phi_q=phi_q)
+        den = safe_den(den) if w else den
+        internals.update(ref=ref, M=M, U=U, r=r, prefix=prefix, den=den[:, :, :T], C=C, A=A, decay=decay, phi_q=phi_q)
     # the state after the last chunk, relative to the running maximum M_n (K_{n-1} already is); c_{n-1} <= M_n
     # except where no real key was seen at all (c = 0 > M = -big, and the sums are 0)
     final = prefix[:, :, -1] * weights(ref[:, :, -1] - M[:, :, -1])[..., None] + K[:, :, -1]

@@ -31,7 +31,7 @@ def no_autocast(device: torch.device):
 
 def safe_den(den: torch.Tensor) -> torch.Tensor:
     """Guard a normaliser that underflowed to exactly 0 (no real key seen): the output becomes 0."""
-    return torch.where(den == 0, torch.ones_like(den), den)
+    return torch.where(den == 0, 1.0, den)
 
 
 @dataclass
@@ -155,18 +155,18 @@ def with_ones(v: torch.Tensor) -> torch.Tensor:
     return torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
 
 
-def fold_bias(fmap, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(c - b, c + b): a per-feature key stabiliser c [B, H, 1, m'] as the ops subtract it from key logits and add it
-    to query logits computed without the feature map's per-feature log weights b [*P, 1, m] (``feature_bias``, the
-    importance-sampled rows' weights: ``FeatureMap.logits(with_bias=False)``); (c, c) when there are none.
+def fold_bias(fmap, c: torch.Tensor, query: bool) -> torch.Tensor:
+    """c - b (keys) or c + b (``query``): a per-feature key stabiliser c [B, H, 1, m'] as the ops subtract it from key
+    logits or add it to query logits computed without the feature map's per-feature log weights b [*P, 1, m]
+    (``feature_bias``, the importance-sampled rows' weights: ``FeatureMap.logits(with_bias=False)``); c itself when
+    there are none (one small op for the side asked, none for the other).
     exp(lk + b - c) = exp(lk - (c - b)) and exp(lq + b + c - r) = exp(lq + (c + b) - r): b joins the small
     stabiliser instead of costing a pass over each [B, H, L, m] logit tensor. (A maximum of the true key logits
     over rows is the maximum of the unbiased ones plus b: b is constant along the rows.)"""
     b = fmap.feature_bias
     if b is None:
-        return c, c
-    b = b.to(c.dtype)
-    return c - b, c + b
+        return c
+    return c + b.to(c.dtype) if query else c - b.to(c.dtype)
 
 
 def with_feature_bias(fmap, top: torch.Tensor) -> torch.Tensor:
@@ -180,7 +180,7 @@ def with_feature_bias(fmap, top: torch.Tensor) -> torch.Tensor:
 def finite_reference(c: torch.Tensor) -> torch.Tensor:
     """A stabiliser that saw no real key (still the -big placeholder) becomes 0: every key it scales is
     padding (features exactly 0), and queries then see finite logits instead of -big cancellations."""
-    return torch.where(c > neg_big(c.dtype) / 2, c, torch.zeros_like(c))
+    return torch.where(c > neg_big(c.dtype) / 2, c, 0.0)
 
 
 CPU_SEGMENT_BYTES = 16 << 20  # largest [B, H, S, m] feature tensor per segment of a long input on a CPU
