@@ -171,7 +171,7 @@ class FavorAttention(nn.Module):
             log_a = self._per_head(self.log_qk_scale, H).to(dt)[None, :, None, None]
             rho = self._per_head(self.oprf_rho, H).to(dt)[None, :, None, None]
         elif causal:
-            scalar = torch.tensor(root, dtype=dt, device=q.device)
+            scalar = q.new_full((), root, dtype=dt)  # filled on the device: no copy from the host (a sync on CUDA)
             return self._feature_map(None, dt, q_scale=scalar, k_scale=scalar)
         else:
             qmask = mask if (mask is not None and q.shape[2] == k.shape[2]) else None

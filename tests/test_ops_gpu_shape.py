@@ -5,6 +5,7 @@ from collections import Counter
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_performer import FavorAttention, PerformerConfig, convert_to_performer
@@ -149,6 +150,41 @@ def test_no_host_sync_in_forward_backward_or_step(causal, window, calibrated):
         for a, b in [(0, 1), (1, 9), (9, 10)]:
             _, state = att.step(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], state, key_padding_mask=mask[:, a:b])
     assert steps.ops[SYNC] == 0 and steps.total > 0
+
+
+class FromHost(TorchFunctionMode):
+    """Records every tensor built from host data inside the block (``torch.tensor``/``as_tensor``/``from_numpy``):
+    on a GPU that is a copy from pageable host memory, which waits for the stream (a host sync) and cannot be captured
+    in a CUDA graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.tensor, torch.as_tensor, torch.from_numpy):
+            self.calls.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+def test_no_tensor_from_host_data_in_forward_backward_or_step(causal, calibrated):
+    """On the meta device (shapes only, as on a GPU): forward, backward and decoding steps build nothing from Python
+    data (the uncalibrated causal feature map used to make its scale with torch.tensor on every call)."""
+    att = FavorAttention(8, PerformerConfig(nb_features=16, chunk_size=4, local_window=2), num_heads=2)
+    if calibrated:
+        att.calibrate_statistics(*_qkv()[:2], causal=causal)
+    att = att.to("meta")
+    q, k, v = (x.to("meta").requires_grad_() for x in _qkv())
+    mask = torch.ones(2, 23, dtype=torch.bool, device="meta")
+    with FromHost() as host:
+        att(q, k, v, causal=causal, key_padding_mask=mask).sum().backward()
+        with torch.no_grad():
+            state = None
+            for a, b in [(0, 1), (1, 9)]:
+                _, state = att.step(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], state, key_padding_mask=mask[:, a:b])
+    assert host.calls == []
 
 
 def test_a_read_of_the_calibrated_flag_is_a_host_sync_only_after_the_buffer_changes():

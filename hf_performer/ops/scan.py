@@ -136,10 +136,8 @@ def exclusive_prefix(K: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, gr
     Kg = K.unflatten(-3, (ng, G)).movedim(-2, -3)  # [..., ng, m, G, e] (a view)
     cg, tg = c.unflatten(-2, (ng, G)).transpose(-1, -2), targets.unflatten(-2, (ng, G)).transpose(-1, -2)
     with torch.no_grad():  # cg, tg: [..., ng, m', G]
-        ones = torch.ones(G, G, dtype=torch.bool, device=K.device)
-        reach = ones.triu(1) if reverse else ones.tril(-1)  # [i, j]: j after i (reverse) / before i
         w = weights(cg[..., None, :] - tg[..., :, None])  # [..., ng, m', G(i), G(j)]
-        w = w.masked_fill_(~reach, 0.0)
+        w = w.triu_(1) if reverse else w.tril_(-1)  # [i, j]: only a chunk j after i (reverse) / before i reaches i
         if ng > 1:  # one more row: each group's total relative to its reference (its largest c)
             ref = cg.amax(-1)  # [..., ng, m']
             w = torch.cat([w, weights(cg - ref[..., None])[..., None, :]], -2)  # [..., ng, m', G + 1, G]
