@@ -181,14 +181,20 @@ def test_no_look_ahead_with_a_huge_future_key():
         assert not torch.equal(out[:, :, t:], base[:, :, t:])
 
 
+MIXED_STEPS = [(0, 1), (1, 2), (2, 9), (9, 10), (10, 23), (23, 29)]
+
+
+@pytest.mark.parametrize("steps", [MIXED_STEPS, [(t, t + 1) for t in range(29)]], ids=["mixed", "one_token_each"])
 @pytest.mark.parametrize("kernel", ["softmax", "favor++"])
-def test_decoding_steps_equal_the_causal_pass_and_keep_a_constant_state(kernel):
+def test_decoding_steps_equal_the_causal_pass_and_keep_a_constant_state(kernel, steps):
+    """Steps of several tokens run the causal op from the state; single tokens the short path of
+    ``recurrent._one_token`` (generate's every step), whose window is the state's last w keys and the new one."""
     q, k, v = qkv(L=29)
     mask = padding_mask(2, 29, left=5, right=0)
     att = attention(3, kernel, chunk=4)
     full = att(q, k, v, causal=True, key_padding_mask=mask)
     state, outs, sizes = None, [], []
-    for a, b in [(0, 1), (1, 2), (2, 9), (9, 10), (10, 23), (23, 29)]:
+    for a, b in steps:
         out, state = att.step(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], state, key_padding_mask=mask[:, a:b])
         outs.append(out)
         sizes.append(state.nbytes)

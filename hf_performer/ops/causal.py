@@ -81,9 +81,10 @@ def with_halo(k, v, state: FavorState | None, window: int):
     B, H, T, _ = k.shape
     w = window
     if state is not None and state.wk is not None:
-        have = state.wk.shape[2]
-        hk, hv = pad_len(state.wk.to(k.dtype), w - have, 0), pad_len(state.wv.to(v.dtype), w - have, 0)
-        hm = pad_len(state.wm > 0, w - have, 0, value=False)
+        hk, hv, hm = state.wk.to(k.dtype), state.wv.to(v.dtype), state.wm > 0
+        if state.wk.shape[2] < w:  # fewer than w keys seen so far: missing ones in front (no copy once it is full)
+            have = state.wk.shape[2]
+            hk, hv, hm = pad_len(hk, w - have, 0), pad_len(hv, w - have, 0), pad_len(hm, w - have, 0, value=False)
     else:
         hk, hv = k.new_zeros(B, H, w, k.shape[-1]), v.new_zeros(B, H, w, v.shape[-1])
         hm = torch.zeros(B, w, dtype=torch.bool, device=k.device)

@@ -3,11 +3,13 @@
 The state is a layer's running sums (S: m×dv, z: m, stabiliser c: m per head), so its size does not depend on
 how many tokens were seen; with a local window it also holds the last w keys and values (still a constant size).
 A step of T tokens is the causal chunk-parallel op started from the state (the state is the summary ahead of
-chunk 0), so it equals the causal pass over the whole sequence position by position. A single token without a
-window (every step of ``generate``) takes a short path with the same arithmetic: the running maximum grows to
-c' = max(c, Lg(k)), the sums are rescaled by e^{c - c'} and the key added (arXiv:2009.14794, sec. 2.3, with the
-exact stabiliser of docs/DESIGN.md), about 25 ops instead of ~150. For a given T the shapes are fixed and there is
-no host synchronisation, so static caches and CUDA graphs can capture a step.
+chunk 0), so it equals the causal pass over the whole sequence position by position. A single token (every step
+of ``generate``) takes a short path with the same arithmetic: the running maximum grows to c' = max(c, Lg(k)), the
+sums are rescaled by e^{c - c'} and the key added (arXiv:2009.14794, sec. 2.3, with the exact stabiliser of
+docs/DESIGN.md); with a window, the state's last w keys and the new one get their exact terms in place of FAVOR's
+estimates (``local.combine_window``). A calibrated layer launches 41 kernels per step that way (87 with a window of
+4, against 154 through the chunked op). For a given T the shapes are fixed and there is no host synchronisation, so
+static caches and CUDA graphs can capture a step.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..features import FeatureMap
-from .causal import causal_attention
+from .causal import carry_window, causal_attention, with_halo
 from .common import (
     FavorState,
     bounded_exp_,
@@ -28,14 +30,26 @@ from .common import (
     times,
     weights,
 )
+from .local import combine_window, exact_base
 
 
-def _one_token(q, k, v, fmap: FeatureMap, state: FavorState | None, mask) -> tuple[torch.Tensor, FavorState]:
-    """One new token (T = 1), no window: q, k [B,H,1,d], v [B,H,1,dv], mask [B,1] bool or None."""
+def _one_token(q, k, v, fmap: FeatureMap, state: FavorState | None, mask, window: int = 0
+               ) -> tuple[torch.Tensor, FavorState]:
+    """One new token (T = 1): q, k [B,H,1,d], v [B,H,1,dv], mask [B,1] bool or None. With a local window w the
+    state's last w keys and the new one (``causal.with_halo``) are the window: their FAVOR estimates are taken out
+    of the sums' and their exact terms put in (``local.combine_window``), in the scale of the sums (keys relative to
+    the running maximum c', which bounds the window's keys too: they were seen before or are the new one)."""
     ct, out_dtype = compute_dtype(q.dtype), v.dtype
+    w = window
     with no_autocast(q.device):
         q, k, v = q.to(ct), k.to(ct), v.to(ct)
-        lk, fk = fmap(k)  # [B, H, 1, m']
+        if w:  # the window's keys, the new one last: [B, H, w + 1, ·], one projection for all of them
+            k, v, halo_mask = with_halo(k, v, state, w)
+            real = torch.ones_like(halo_mask[:, :1]) if mask is None else mask
+            window_mask = torch.cat([halo_mask, real], 1)  # [B, w + 1]
+        kt = fmap.transform(k, False)
+        lk_all, fk_all = fmap.logits(kt)  # [B, H, 1 or w + 1, m']
+        lk, fk = lk_all[:, :, -1:], None if fk_all is None else fk_all[:, :, -1:]  # the new key
         keep = None if mask is None else mask[:, None, :, None]
         B, H, _, width = lk.shape
         if state is None:
@@ -47,15 +61,24 @@ def _one_token(q, k, v, fmap: FeatureMap, state: FavorState | None, mask) -> tup
         c_new = torch.maximum(c, real_lk)  # the running maximum of the real key logits
         decay = weights(c - c_new)  # <= 1 (1 while no real key has been seen: the sums are still 0)
         phi_k = times(masked_exp_(lk - c_new, keep), fk)  # [B, H, 1, m]
-        S = state.S * decay.transpose(-1, -2) + phi_k.transpose(-1, -2) * v  # [B, H, m, dv]
+        S = state.S * decay.transpose(-1, -2) + phi_k.transpose(-1, -2) * v[:, :, -1:]  # [B, H, m, dv]
         z = state.z * decay[:, :, 0] + phi_k[:, :, 0]  # [B, H, m]
-        lq, fq = fmap(q, query=True)
+        qt = fmap.transform(q, True)
+        lq, fq = fmap.logits(qt, query=True)
         x_q = lq + finite_reference(c_new)
-        phi_q = times(bounded_exp_(x_q.sub_(x_q.amax(-1, keepdim=True))), fq)  # [B, H, 1, m], <= 1
+        r = x_q.amax(-1, keepdim=True)  # [B, H, 1, 1]
+        phi_q = times(bounded_exp_(x_q.sub_(r)), fq)  # [B, H, 1, m], <= 1
         num = phi_q @ S  # [B, H, 1, dv]
-        den = (phi_q * z[:, :, None]).sum(-1, keepdim=True)
-        out = num / safe_den(den)
-    return out.to(out_dtype), FavorState(S=S, z=z, c=c_new[:, :, 0])
+        den = (phi_q * z[:, :, None]).sum(-1)  # [B, H, 1]
+        new = FavorState(S=S, z=z, c=c_new[:, :, 0])
+        if not w:
+            return (num / safe_den(den)[..., None]).to(out_dtype), new
+        keep_w = window_mask[:, None, :, None]  # [B, 1, w + 1, 1]
+        phi_w = times(masked_exp_(lk_all - finite_reference(c_new), keep_w), fk_all)  # [B, H, w + 1, m]
+        fav = phi_q @ phi_w.transpose(-1, -2)  # [B, H, 1, w + 1]: FAVOR's estimates of the window's pairs
+        logits = qt @ kt.transpose(-1, -2) + exact_base(fmap, qt, r[..., 0])[..., None]
+        out = combine_window(num, den, fav, logits, window_mask[:, None, None, :], lambda coef: coef @ v)
+        return out.to(out_dtype), carry_window(new, k, v, window_mask, 1, w)
 
 
 def favor_step(
@@ -70,6 +93,6 @@ def favor_step(
 ) -> tuple[torch.Tensor, FavorState]:
     """q, k [B,H,T,d] (already scaled), v [B,H,T,dv] for T new tokens, the state after the earlier tokens (None at
     the start), key_padding_mask [B,T] bool (True = real) -> (out [B,H,T,dv], the new state)."""
-    if q.shape[2] == 1 and not local_window:
-        return _one_token(q, k, v, fmap, state, key_padding_mask)
+    if q.shape[2] == 1:
+        return _one_token(q, k, v, fmap, state, key_padding_mask, local_window)
     return causal_attention(q, k, v, fmap, key_padding_mask, chunk_size, local_window, state)
