@@ -65,6 +65,7 @@ class FavorAttention(nn.Module):
         self.register_buffer("oprf_rho", torch.zeros(num_heads, **f32))
         self.register_buffer("stats_calibrated", torch.zeros((), dtype=torch.bool))
         self._remember_calibrated(False)
+        self._transforms_cache = None  # see _stored_transforms
         # importance-sampled ("aligned") features, filled by calibrate_statistics
         rows = projection_rows(self.config)
         self.register_buffer("proposal_centers", torch.zeros(num_heads, NB_CENTERS, head_dim, **f32))
@@ -167,24 +168,43 @@ class FavorAttention(nn.Module):
         c, H, dt = self.config, q.shape[1], compute_dtype(q.dtype)
         root = math.sqrt(self.head_dim**-0.5 if scale is None else float(scale))
         if self.calibrated:
-            shift = self._per_head(self.key_shift, H).to(dt)[None, :, None, :]
-            log_a = self._per_head(self.log_qk_scale, H).to(dt)[None, :, None, None]
-            rho = self._per_head(self.oprf_rho, H).to(dt)[None, :, None, None]
+            transforms, favor_a = self._stored_transforms(H, dt, root)
         elif causal:
             scalar = q.new_full((), root, dtype=dt)  # filled on the device: no copy from the host (a sync on CUDA)
             return self._feature_map(None, dt, q_scale=scalar, k_scale=scalar)
         else:
             qmask = mask if (mask is not None and q.shape[2] == k.shape[2]) else None
-            shift, log_a, rho = self._statistics(q, k, qmask, mask, root, reduce_batch=False)
-        a = log_a.exp() if c.balance_qk else torch.ones_like(log_a)
-        q_scale, k_scale = root * a, root / a
-        k_shift = shift / a if c.center_keys else None
+            transforms, favor_a = self._transforms(*self._statistics(q, k, qmask, mask, root, reduce_batch=False), root)
         if self.aligned:
             w = self._per_head(self.aligned_projection, H).to(dt)
             b = self._per_head(self.aligned_bias, H).to(dt)
-            return FeatureMap("softmax", w, c.eps, bias=b, q_scale=q_scale, k_scale=k_scale, k_shift=k_shift)
-        favor_a = oprf_a(rho) if c.kernel == "favor++" else None
-        return self._feature_map(favor_a, dt, q_scale=q_scale, k_scale=k_scale, k_shift=k_shift)
+            return FeatureMap("softmax", w, c.eps, bias=b, **transforms)
+        return self._feature_map(favor_a, dt, **transforms)
+
+    def _transforms(self, shift, log_a, rho, root: float):
+        """({q_scale, k_scale, k_shift}, favor++'s A or None) from the statistics shift [·, H, 1, d], log_a and rho
+        [·, H, 1, 1] (``_statistics``' shapes): q' = q·root·a, k' = (k·root − c)/a, a = e^{log_a}."""
+        c = self.config
+        a = log_a.exp() if c.balance_qk else torch.ones_like(log_a)
+        transforms = dict(q_scale=root * a, k_scale=root / a, k_shift=shift / a if c.center_keys else None)
+        return transforms, (oprf_a(rho) if c.kernel == "favor++" else None)
+
+    def _stored_transforms(self, H: int, dt: torch.dtype, root: float):
+        """``_transforms`` of the stored statistics, computed once and reused while the statistics buffers stay the
+        same tensors at the same version (and H, dtype and scale do not change): about 5 small kernels fewer per
+        call (a GPU decoding step launches 41 in all). Under ``torch.compile`` they are computed in the graph."""
+        bufs = (self.key_shift, self.log_qk_scale, self.oprf_rho)
+        c = self.config
+        key = (H, dt, root, c.balance_qk, c.center_keys, c.kernel, tuple(b._version for b in bufs))
+        cached = self._transforms_cache
+        compiling = torch.compiler.is_compiling()
+        if not compiling and cached is not None and cached[0] == key and all(x is y for x, y in zip(cached[1], bufs)):
+            return cached[2]
+        shift, log_a, rho = (self._per_head(b, H).to(dt)[None, :, None] for b in bufs)  # [1, H, 1, d] / [1, H, 1]
+        value = self._transforms(shift, log_a[..., None], rho[..., None], root)
+        if not compiling:  # (the buffers themselves, not their ids: a freed tensor's id can come back)
+            self._transforms_cache = (key, bufs, value)
+        return value
 
     def _statistics(self, q, k, qmask, kmask, root: float, reduce_batch: bool):
         """Key shift c, log balance factor and favor++ rho of the scaled q·root, k·root, from first and

@@ -128,6 +128,42 @@ def test_redraw_is_deterministic_across_instances_and_survives_state_dict():
     assert torch.equal(a.projection, c.projection)  # a resumed module continues the same sequence
 
 
+@pytest.mark.parametrize("kernel", ["softmax", "favor++"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_stored_transforms_follow_the_statistics_buffers(causal, kernel):
+    """A calibrated layer reuses the transforms of its stored statistics between calls; every way the statistics
+    change (another calibration, a checkpoint load, an in-place edit, a move to another dtype) must reach the next
+    call: its output equals a fresh module's with the same buffers."""
+    cfg = PerformerConfig(nb_features=32, kernel=kernel, seed=1)
+    q, k, v = qkv(B=1, H=4, L=24, d=16)
+    att = FavorAttention(16, cfg, num_heads=4).double()
+
+    def fresh():
+        other = FavorAttention(16, cfg, num_heads=4).double()
+        other.load_state_dict(att.state_dict())
+        return other(q, k, v, causal=causal)
+
+    att.calibrate_statistics(q, k, causal=causal)
+    att(q, k, v, causal=causal)  # the transforms are now cached
+    att.calibrate_statistics(q * 1.5, k + 0.3, causal=causal)
+    assert torch.equal(att(q, k, v, causal=causal), fresh())
+    donor = FavorAttention(16, cfg, num_heads=4).double()
+    donor.calibrate_statistics(q + 0.2, k * 0.7, causal=causal)
+    att.load_state_dict(donor.state_dict())
+    assert torch.equal(att(q, k, v, causal=causal), fresh())
+    with torch.no_grad():
+        att.key_shift.add_(0.1)
+        att.log_qk_scale.mul_(0.5)
+        att.oprf_rho.add_(0.05)
+    assert torch.equal(att(q, k, v, causal=causal), fresh())
+    for _ in range(2):  # buffers replaced by new tensors (version 0 both times: only their identity differs)
+        att.key_shift, att.log_qk_scale = torch.randn_like(att.key_shift) * 0.1, torch.randn_like(att.log_qk_scale) * 0.1
+        assert torch.equal(att(q, k, v, causal=causal), fresh())
+    att.float()
+    out = att(q.float(), k.float(), v.float(), causal=causal)
+    assert out.dtype == torch.float32 and (out.double() - fresh()).abs().max() < 1e-4
+
+
 def test_half_precision_casts_keep_projection_fp32():
     attn = FavorAttention(16, PerformerConfig(nb_features=32)).to(torch.bfloat16)
     assert attn.projection.dtype == torch.float32

@@ -7,7 +7,7 @@ chunk 0), so it equals the causal pass over the whole sequence position by posit
 of ``generate``) takes a short path with the same arithmetic: the running maximum grows to c' = max(c, Lg(k)), the
 sums are rescaled by e^{c - c'} and the key added (arXiv:2009.14794, sec. 2.3, with the exact stabiliser of
 docs/DESIGN.md); with a window, the state's last w keys and the new one get their exact terms in place of FAVOR's
-estimates (``local.combine_window``). A calibrated layer launches 41 kernels per step that way (87 with a window of
+estimates (``local.combine_window``). A calibrated layer launches 36 kernels per step that way (82 with a window of
 4, against 154 through the chunked op). For a given T the shapes are fixed and there is no host synchronisation, so
 static caches and CUDA graphs can capture a step.
 """
