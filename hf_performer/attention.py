@@ -183,28 +183,34 @@ class FavorAttention(nn.Module):
 
     def _transforms(self, shift, log_a, rho, root: float):
         """({q_scale, k_scale, k_shift}, favor++'s A or None) from the statistics shift [·, H, 1, d], log_a and rho
-        [·, H, 1, 1] (``_statistics``' shapes): q' = q·root·a, k' = (k·root − c)/a, a = e^{log_a}."""
+        [·, H, 1, 1] or [·, H, 1] (``_statistics``' shapes, or the stored buffers'): q' = q·root·a,
+        k' = (k·root − c)/a, a = e^{log_a}."""
         c = self.config
+        log_a, rho = (x if x.dim() == 4 else x[..., None] for x in (log_a, rho))
         a = log_a.exp() if c.balance_qk else torch.ones_like(log_a)
         transforms = dict(q_scale=root * a, k_scale=root / a, k_shift=shift / a if c.center_keys else None)
         return transforms, (oprf_a(rho) if c.kernel == "favor++" else None)
 
     def _stored_transforms(self, H: int, dt: torch.dtype, root: float):
         """``_transforms`` of the stored statistics, computed once and reused while the statistics buffers stay the
-        same tensors at the same version (and H, dtype and scale do not change): about 5 small kernels fewer per
-        call (a GPU decoding step launches 41 in all). Under ``torch.compile`` they are computed in the graph."""
+        same tensors at the same version (and H, dtype, scale and the kernel settings do not change): 5 small
+        kernels fewer per call (a decoding step launches 36 with them, 41 without). Under ``torch.compile`` they are
+        computed in the graph (the cache is not read there: compiled code would guard on it)."""
         bufs = (self.key_shift, self.log_qk_scale, self.oprf_rho)
+
+        def compute():
+            shift, log_a, rho = (self._per_head(b, H).to(dt)[None, :, None] for b in bufs)  # [1, H, 1, d], [1, H, 1]
+            return self._transforms(shift, log_a, rho, root)
+
+        if torch.compiler.is_compiling():
+            return compute()
         c = self.config
         key = (H, dt, root, c.balance_qk, c.center_keys, c.kernel, tuple(b._version for b in bufs))
         cached = self._transforms_cache
-        compiling = torch.compiler.is_compiling()
-        if not compiling and cached is not None and cached[0] == key and all(x is y for x, y in zip(cached[1], bufs)):
-            return cached[2]
-        shift, log_a, rho = (self._per_head(b, H).to(dt)[None, :, None] for b in bufs)  # [1, H, 1, d] / [1, H, 1]
-        value = self._transforms(shift, log_a[..., None], rho[..., None], root)
-        if not compiling:  # (the buffers themselves, not their ids: a freed tensor's id can come back)
-            self._transforms_cache = (key, bufs, value)
-        return value
+        if cached is None or cached[0] != key or not all(x is y for x, y in zip(cached[1], bufs)):
+            # (the buffers themselves, not their ids: a freed tensor's id can come back)
+            self._transforms_cache = cached = (key, bufs, compute())
+        return cached[2]
 
     def _statistics(self, q, k, qmask, kmask, root: float, reduce_batch: bool):
         """Key shift c, log balance factor and favor++ rho of the scaled q·root, k·root, from first and
