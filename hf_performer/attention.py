@@ -205,7 +205,9 @@ class FavorAttention(nn.Module):
         if torch.compiler.is_compiling():
             return compute()
         c = self.config
-        key = (H, dt, root, c.balance_qk, c.center_keys, c.kernel, tuple(b._version for b in bufs))
+        # (inference mode: tensors made there cannot be saved for a later backward, so they serve only inference)
+        key = (H, dt, root, c.balance_qk, c.center_keys, c.kernel, torch.is_inference_mode_enabled(),
+               tuple(b._version for b in bufs))
         cached = self._transforms_cache
         if cached is None or cached[0] != key or not all(x is y for x, y in zip(cached[1], bufs)):
             # (the buffers themselves, not their ids: a freed tensor's id can come back)

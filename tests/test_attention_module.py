@@ -164,6 +164,21 @@ def test_stored_transforms_follow_the_statistics_buffers(causal, kernel):
     assert out.dtype == torch.float32 and (out.double() - fresh()).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("kernel", ["relu", "trig", "softmax"])
+def test_a_call_in_inference_mode_does_not_break_a_later_backward(kernel):
+    """Transforms cached in ``torch.inference_mode`` (an evaluation) are inference tensors, which autograd cannot
+    save: training after it must not reuse them (relu and trig differentiate through the transforms by autograd)."""
+    att = FavorAttention(16, PerformerConfig(nb_features=32, kernel=kernel), num_heads=2)
+    q, k, v = qkv(B=1, H=2, L=10, d=16, dtype=torch.float32)
+    att.calibrate_statistics(q, k)
+    with torch.inference_mode():
+        expected = att(q, k, v)
+    x = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = att(*x)
+    out.sum().backward()
+    assert torch.equal(out.detach(), expected) and all(t.grad is not None for t in x)
+
+
 def test_half_precision_casts_keep_projection_fp32():
     attn = FavorAttention(16, PerformerConfig(nb_features=32)).to(torch.bfloat16)
     assert attn.projection.dtype == torch.float32
