@@ -62,9 +62,9 @@ class Launches(TorchDispatchMode):
 def test_a_calibrated_bidirectional_layer_launches_few_kernels_at_any_length():
     """Short inputs are launch-bound on a GPU (the H200 run: stock attention faster below 4k tokens), so the kernels
     of one calibrated bidirectional layer, forward + backward in one pass (meta tensors, as on a GPU), are counted:
-    the same at 512 and 4096 tokens, and at most 75 (67 at this writing; 88 before a one-segment sum skipped its
-    combination of segment sums, the unused side of the folded importance weights was no longer computed and the
-    transforms of the stored statistics were reused between calls)."""
+    the same at 512 and 4096 tokens, and at most 75 (67 at this writing; 87 at 4ad0971, before a one-segment sum
+    skipped its combination of segment sums, the unused side of the folded importance weights was no longer computed
+    and the transforms of the stored statistics were reused between calls)."""
     counts = []
     for L in (512, 4096):
         att = FavorAttention(64, PerformerConfig(nb_features=256), num_heads=8)
