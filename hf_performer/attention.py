@@ -183,10 +183,8 @@ class FavorAttention(nn.Module):
 
     def _transforms(self, shift, log_a, rho, root: float):
         """({q_scale, k_scale, k_shift}, favor++'s A or None) from the statistics shift [·, H, 1, d], log_a and rho
-        [·, H, 1, 1] or [·, H, 1] (``_statistics``' shapes, or the stored buffers'): q' = q·root·a,
-        k' = (k·root − c)/a, a = e^{log_a}."""
+        [·, H, 1, 1] (``_statistics``' shapes): q' = q·root·a, k' = (k·root − c)/a, a = e^{log_a}."""
         c = self.config
-        log_a, rho = (x if x.dim() == 4 else x[..., None] for x in (log_a, rho))
         a = log_a.exp() if c.balance_qk else torch.ones_like(log_a)
         transforms = dict(q_scale=root * a, k_scale=root / a, k_shift=shift / a if c.center_keys else None)
         return transforms, (oprf_a(rho) if c.kernel == "favor++" else None)
@@ -199,8 +197,8 @@ class FavorAttention(nn.Module):
         bufs = (self.key_shift, self.log_qk_scale, self.oprf_rho)
 
         def compute():
-            shift, log_a, rho = (self._per_head(b, H).to(dt)[None, :, None] for b in bufs)  # [1, H, 1, d], [1, H, 1]
-            return self._transforms(shift, log_a, rho, root)
+            shift, log_a, rho = (self._per_head(b, H).to(dt) for b in bufs)  # [H, d], [H], [H]
+            return self._transforms(shift[None, :, None, :], log_a[None, :, None, None], rho[None, :, None, None], root)
 
         if torch.compiler.is_compiling():
             return compute()

@@ -191,7 +191,7 @@ class PositiveWindow(torch.autograd.Function):
         real = torch.ones(B, L, dtype=torch.bool, device=q.device) if mask is None else mask
         dN = grad_out.to(out.dtype) / T[..., None]  # [B, H, L, dv]
         dT = -(dN * out).sum(-1)  # [B, H, L]
-        dS, dq, c_k = torch.zeros_like(S), [], fold_bias(fmap, c, query=False)
+        dS, dq, c_k = None, [], fold_bias(fmap, c, query=False)
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)
         parts = []
         # rows: queries at a - block + i (a scratch block first, 0 coefficients), keys at a - block - w + i, and the
@@ -208,7 +208,8 @@ class PositiveWindow(torch.autograd.Function):
             outside = _outside(s0, P, L)
             rq = F.pad(r[:, :, max(s0, 0) : s0 + P], outside)
             phi_q, _ = _query_features(fmap, qt, c, rq[..., None], outside)
-            dS += phi_q.transpose(-1, -2) @ G
+            part = phi_q.transpose(-1, -2) @ G
+            dS = part if dS is None else dS.add_(part)  # (one segment: no zero fill and sum)
             phi_k = _recomputed_key_features(fmap, kt, c_k, None if mask is None else rx, s0 - w, L)
             A = near(dNx, vx, block, w).add_(dTx[..., None])  # [B, H, P, 2w + 1], 0 off the segment
             dl = A * pad(e)
