@@ -123,8 +123,9 @@ def carry_window(state: FavorState, k: torch.Tensor, v: torch.Tensor, mask: torc
 
 
 def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: FavorState | None,
-            internals: dict | None = None, halo_mask: torch.Tensor | None = None):
-    """q, k [B,H,T,d], v [B,H,T,dv] in the compute dtype, mask [B,T] bool -> (out [B,H,T,dv], new FavorState).
+            internals: dict | None = None, halo_mask: torch.Tensor | None = None, with_state: bool = True):
+    """q, k [B,H,T,d], v [B,H,T,dv] in the compute dtype, mask [B,T] bool -> (out [B,H,T,dv], new FavorState, or
+    None when not ``with_state``: a full pass that nothing continues skips the final sums).
     ``internals``: a dict that receives what the hand-written backward needs (``causal_backward``).
     ``halo_mask`` [B, w]: k and v already carry the w keys before the sequence in front ([B, H, w + T, ·],
     ``with_halo``) and this is their mask; when None, they are taken from ``state``."""
@@ -226,6 +227,8 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
     if internals is not None:  # what the backward reads: the estimator's constants, the sums, A, D and phi~(Q)
         den = safe_den(den) if w else den
         internals.update(ref=ref, M=M, U=U, r=r, prefix=prefix, den=den[:, :, :T], C=C, A=A, decay=decay, phi_q=phi_q)
+    if not with_state:
+        return out[:, :, :T], None
     # the state after the last chunk, relative to the running maximum M_n (K_{n-1} already is); c_{n-1} <= M_n
     # except where no real key was seen at all (c = 0 > M = -big, and the sums are 0)
     final = prefix[:, :, -1] * weights(ref[:, :, -1] - M[:, :, -1])[..., None] + K[:, :, -1]
@@ -236,13 +239,15 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
 
 
 def causal_attention(q, k, v, fmap: FeatureMap, key_padding_mask=None, chunk_size: int = 64, local_window: int = 0,
-                     state: FavorState | None = None) -> tuple[torch.Tensor, FavorState]:
+                     state: FavorState | None = None, with_state: bool = True
+                     ) -> tuple[torch.Tensor, FavorState | None]:
     """Causal FAVOR attention (optionally from a decoding state, optionally with an exact local window).
 
     q, k [B,H,T,d] (already scaled), v [B,H,T,dv], any float dtype (half inputs compute in float32);
     key_padding_mask [B,T] bool (True = real) or None; chunk_size C of the chunk-parallel form (the intra-chunk
     matrices are [C, C]); local_window w >= 0 (softmax/favor++ kernels only). Returns (out [B,H,T,dv] in v's
-    dtype, the FavorState after the T keys). Position t attends to s <= t (and to every key in ``state``)."""
+    dtype, the FavorState after the T keys, or None when not ``with_state``: a pass that no later call continues
+    skips the final sums, 5 kernels). Position t attends to s <= t (and to every key in ``state``)."""
     ct, out_dtype = compute_dtype(q.dtype), v.dtype
     B, H, T, _ = q.shape
     with no_autocast(q.device):
@@ -255,6 +260,7 @@ def causal_attention(q, k, v, fmap: FeatureMap, key_padding_mask=None, chunk_siz
         for a in range(0, T, seg):
             cut = lambda x, a=a: x[:, :, a : a + seg]
             m = None if key_padding_mask is None else key_padding_mask[:, a : a + seg]
+            keep = with_state or a + seg < T  # the next segment starts from this one's state
             if fmap.exponential and torch.is_grad_enabled():  # hand-written backward
                 from .causal_backward import PositiveCausal
 
@@ -262,13 +268,14 @@ def causal_attention(q, k, v, fmap: FeatureMap, key_padding_mask=None, chunk_siz
                 ks, vs, hm, w = cut(k), cut(v), None, local_window
                 if w:  # the w keys before the segment ride in front of its keys (their gradients flow back)
                     ks, vs, hm = with_halo(ks, vs, state, w)
-                out, S, z, c = PositiveCausal.apply(cut(q), ks, vs, S0, z0, c0, fmap, m, hm, chunk_size, w)
-                state = FavorState(S=S, z=z, c=c)
-                if w:
+                out = PositiveCausal.apply(cut(q), ks, vs, S0, z0, c0, fmap, m, hm, chunk_size, w, keep)
+                out, state = (out[0], FavorState(*out[1:])) if keep else (out, None)
+                if w and keep:
                     t, real = out.shape[2], torch.ones_like(out[:, 0, :, 0], dtype=torch.bool) if m is None else m
                     carry_window(state, ks, vs, torch.cat([hm, real], 1), t, w)
             else:
-                fn = lambda q, k, v, m=m, state=state: _causal(q, k, v, fmap, m, chunk_size, local_window, state)
+                fn = lambda q, k, v, m=m, state=state, keep=keep: _causal(q, k, v, fmap, m, chunk_size, local_window,
+                                                                          state, with_state=keep)
                 out, state = maybe_checkpoint(fn, cut(q), cut(k), cut(v), size=B * H * T * fmap.nb_features)
             outs.append(out)
         out = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
@@ -278,4 +285,4 @@ def causal_attention(q, k, v, fmap: FeatureMap, key_padding_mask=None, chunk_siz
 def favor_causal(q, k, v, fmap: FeatureMap, key_padding_mask=None, chunk_size: int = 64, local_window: int = 0):
     """q, k [B,H,L,d] (already scaled), v [B,H,L,dv] -> [B,H,L,dv]; position t attends to s <= t.
     See ``causal_attention`` for the arguments."""
-    return causal_attention(q, k, v, fmap, key_padding_mask, chunk_size, local_window)[0]
+    return causal_attention(q, k, v, fmap, key_padding_mask, chunk_size, local_window, with_state=False)[0]

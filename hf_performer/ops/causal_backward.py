@@ -62,24 +62,28 @@ class PositiveCausal(torch.autograd.Function):
     forward(q [B,H,T,d], k [B,H,w+T,d], v [B,H,w+T,dv] in the compute dtype (with a window, the w keys before the
     sequence in front: ``causal.with_halo``), S0 [B,H,m,dv], z0 [B,H,m], c0 [B,H,m] (the incoming state, or three
     Nones), fmap, mask [B,T] bool or None, halo_mask [B,w] bool (None without a window), chunk, window)
-    -> (out [B,H,T,dv], S [B,H,m,dv], z [B,H,m], c [B,H,m]); c is not differentiable."""
+    -> (out [B,H,T,dv], S [B,H,m,dv], z [B,H,m], c [B,H,m]); c is not differentiable. With ``with_state`` False
+    only out (no None outputs: dynamo cannot trace those)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, S0, z0, c0, fmap: FeatureMap, mask, halo_mask, chunk: int, window: int = 0):
+    def forward(ctx, q, k, v, S0, z0, c0, fmap: FeatureMap, mask, halo_mask, chunk: int, window: int = 0,
+                with_state: bool = True):
         state = None if S0 is None else FavorState(S=S0, z=z0, c=c0)
         internals = {}
-        out, new = _causal(q, k, v, fmap, mask, chunk, window, state, internals, halo_mask)
+        out, new = _causal(q, k, v, fmap, mask, chunk, window, state, internals, halo_mask, with_state)
         i = internals
         extra = [i["e"], i["g"], i["coef"], i["kept"], i["total"]] if window else []
         ctx.save_for_backward(q, k, v, mask, halo_mask, out, i["den"], i["prefix"], i["ref"], i["M"], i["U"], i["r"],
                               i["A"], i["decay"], i["phi_q"], *extra)
         ctx.fmap, ctx.C, ctx.has_state, ctx.window = fmap, i["C"], state is not None, window
-        ctx.mark_non_differentiable(new.c)
         ctx.set_materialize_grads(False)
+        if new is None:  # no state wanted (``with_state``): the final sums were skipped, out is the only output
+            return out
+        ctx.mark_non_differentiable(new.c)
         return out, new.S, new.z, new.c
 
     @staticmethod
-    def backward(ctx, g_out, g_S, g_z, _g_c):
+    def backward(ctx, g_out, g_S=None, g_z=None, _g_c=None):
         q, k, v, mask, halo_mask, out, den, prefix, ref, M, U, r, A, decay, phi_q, *win = ctx.saved_tensors
         fmap, C, w = ctx.fmap, ctx.C, ctx.window
         B, H, T, _ = q.shape
@@ -166,8 +170,8 @@ class PositiveCausal(torch.autograd.Function):
             dk = fmap.logits_vjp(k, cut(dlk), xt=kt[:, :, :T])
             dv_ = cut(dV1[..., :-1])
         if ctx.has_state:
-            return dq, dk, dv_, dS0[..., :-1], dS0[..., -1], None, None, None, None, None, None
-        return dq, dk, dv_, None, None, None, None, None, None, None, None
+            return dq, dk, dv_, dS0[..., :-1], dS0[..., -1], None, None, None, None, None, None, None
+        return dq, dk, dv_, None, None, None, None, None, None, None, None, None
 
 
 def _unspan(halo: torch.Tensor, own: torch.Tensor, w: int) -> torch.Tensor:
