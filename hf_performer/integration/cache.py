@@ -43,6 +43,11 @@ class FavorCacheLayer(DynamicLayer):
         super().__init__()
         self.state: FavorState | None = None  # recurrent mode: running sums of the keys seen
         self.seen_tokens = 0  # recurrent mode: tokens absorbed (padding included, like a key cache)
+        # the same count as a 0-d long tensor on the state's device, advanced in place (its address fixed, like
+        # transformers' StaticLayer.cumulative_length): what a compiled step reads and advances, so the graph holds
+        # no Python int that changes every token (a recompile, or a new CUDA graph recording per token)
+        self.cumulative_length: torch.Tensor | None = None
+        self._count_behind = False  # compiled steps advanced only cumulative_length
         self.recurrent = False
 
     # ------------------------------------------------------------------ recurrent FAVOR+ state
@@ -69,8 +74,20 @@ class FavorCacheLayer(DynamicLayer):
         if groups > 1:  # every row of a group absorbed the same keys: keep one state per key/value head
             state = state.index_select(torch.arange(0, B * groups, groups, device=out.device))
         self._keep(state)
-        self.seen_tokens += q.shape[2]
+        self._count(q.shape[2], out.device)
         return unfold_groups(out, groups)
+
+    def _count(self, tokens: int, device: torch.device) -> None:
+        """Add ``tokens`` to the count: the tensor always (in place), the Python int outside torch.compile."""
+        if self.cumulative_length is None:  # filled on the device: no copy from the host
+            self.cumulative_length = torch.full((), self.seen_tokens, dtype=torch.long, device=device)
+            if not torch.compiler.is_compiling():
+                torch._dynamo.mark_static_address(self.cumulative_length)
+        self.cumulative_length.add_(tokens)
+        if torch.compiler.is_compiling():
+            self._count_behind = True
+        else:
+            self.seen_tokens += tokens
 
     def _keep(self, state: FavorState) -> None:
         """Make ``state`` this layer's state. Its tensors are copied into the ones the layer holds, in place, when
@@ -87,11 +104,13 @@ class FavorCacheLayer(DynamicLayer):
                 if a is not None:
                     a.copy_(b)
             return
+        if not torch.compiler.is_compiling() and not any(t.requires_grad for t in _tensors(state)):
+            # tensors of their own (the op's S and z are views of one tensor, c of the running maxima): state tensors
+            # that a compiled step mutates must not alias one another
+            state = FavorState(**{f.name: _own(getattr(state, f.name)) for f in fields(state)})
+            for a in _tensors(state):
+                torch._dynamo.mark_static_address(a)
         self.state = state
-        if not torch.compiler.is_compiling():
-            for a in (getattr(state, f.name) for f in fields(state)):
-                if a is not None:
-                    torch._dynamo.mark_static_address(a)
 
     # ------------------------------------------------------------------ key/value mode (cross-attention)
     def update(self, key_states, value_states, *args, **kwargs):
@@ -107,14 +126,27 @@ class FavorCacheLayer(DynamicLayer):
     def is_croppable(self) -> bool:
         return not self.recurrent
 
-    def get_seq_length(self) -> int:
-        return self.seen_tokens if self.recurrent else super().get_seq_length()
+    def get_seq_length(self) -> int | torch.Tensor:
+        """Tokens absorbed: an int, or under torch.compile the 0-d tensor ``cumulative_length`` (as transformers'
+        StaticLayer returns), so a compiled step neither guards on nor takes as input a count that changes every
+        token."""
+        if not self.recurrent:
+            return super().get_seq_length()
+        if torch.compiler.is_compiling():
+            return self.cumulative_length
+        if self._count_behind:  # after compiled steps: read the tensor once
+            self.seen_tokens, self._count_behind = int(self.cumulative_length), False
+        return self.seen_tokens
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return (self.seen_tokens + query_length, 0) if self.recurrent else super().get_mask_sizes(query_length)
+        # a step reads the padding mask of its new tokens only (``attention_function.key_padding_mask``): a mask of
+        # the query's width, the same shape at every decoding step (a compiled step then sees no growing input)
+        return (query_length, 0) if self.recurrent else super().get_mask_sizes(query_length)
 
     def reset(self) -> None:
-        self.state, self.seen_tokens, self.recurrent = None, 0, False
+        self.state, self.seen_tokens, self.recurrent, self._count_behind = None, 0, False, False
+        if self.cumulative_length is not None:
+            self.cumulative_length.zero_()  # (in place: its address stays fixed)
         super().reset()
 
     def _map_state(self, fn) -> None:
@@ -172,6 +204,15 @@ class FavorCache(Cache):
             super().__init__(layer_class_to_replicate=FavorCacheLayer)
         else:
             super().__init__(layers=[FavorCacheLayer() for _ in range(num_layers)])
+
+
+def _tensors(state: FavorState) -> list[torch.Tensor]:
+    return [t for t in (getattr(state, f.name) for f in fields(state)) if t is not None]
+
+
+def _own(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t as a contiguous tensor with storage of its own (a copy), or None."""
+    return None if t is None else t.clone(memory_format=torch.contiguous_format)
 
 
 def _copyable(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:

@@ -194,9 +194,20 @@ class PerformerModelMixin:
 
 
 class PerformerGenerationMixin:
-    """Generation guards: the FAVOR state is a running sum, it cannot be rolled back (cropped)."""
+    """Generation guards: the FAVOR state is a running sum, it cannot be rolled back (cropped); and the mask
+    ``generate`` hands each step."""
 
     _is_stateful = True  # transformers refuses assisted generation for stateful models
+
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask=None, cache=None, **kwargs):
+        """The mask ``generate`` builds for a step, outside the model's (possibly compiled) forward: the 2D padding
+        mask [B, T] of the step's T new tokens, the only columns FAVOR+ reads with a cache (its keys are the new
+        tokens; the past is in the state). A compiled decoding step then takes the same shapes at every token; with
+        the whole mask, one column wider per token, it would compile (or record a CUDA graph) again for each. Any
+        other mask is returned as it is; the forward makes its own mask from this one as without generate."""
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2 and cache is not None:
+            return attention_mask[:, -inputs_embeds.shape[1] :]
+        return attention_mask
 
     def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):
         if generation_mode in (GenerationMode.ASSISTED_GENERATION, GenerationMode.CONTRASTIVE_SEARCH):
