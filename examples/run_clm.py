@@ -61,7 +61,8 @@ def sample(model, tokenizer, gen: GenerationArguments, seed: int) -> list[dict]:
         out = model.generate(**batch, max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample, top_p=gen.top_p,
                              temperature=gen.temperature, pad_token_id=tokenizer.pad_token_id,
                              return_dict_in_generate=True)
-    cache = out.past_key_values
+    cache = getattr(out, "cache", None)  # the name in transformers >= 5.2x (past_key_values before, deprecated since)
+    cache = out.past_key_values if cache is None else cache
     layers = getattr(cache, "layers", [])
     kinds = sorted({type(layer).__name__ for layer in layers}) or [type(cache).__name__]
     texts = tokenizer.batch_decode(out.sequences[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
