@@ -244,3 +244,45 @@ def test_statistics_step_samples_pairs_by_attention_beyond_2_to_the_24_pairs():
     first = centers[:, 0]
     assert ((first - with_key0).abs() < (first - with_other).abs()).all()
     assert (first - with_key0).abs().max() < 0.5 * abs(with_key0 - with_other)
+
+
+@pytest.mark.parametrize(("causal", "window"), [(False, 0), (False, 2), (True, 0), (True, 2)])
+def test_backward_inside_autocast_equals_backward_outside(causal, window):
+    """A training loop may call backward() inside its autocast region (it then runs in that region's autocast state):
+    the hand-written backwards run without autocast, as their forwards do, so the gradients are those of a backward
+    outside the region (before, the causal and window backwards failed on mixed dtypes in baddbmm_, and the
+    bidirectional one lost its float32 products)."""
+    att = FavorAttention(16, PerformerConfig(nb_features=32, chunk_size=8, local_window=window), num_heads=2)
+    q, k, v = (torch.randn(2, 2, 40, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    att.calibrate_statistics(q, k, causal=causal)
+    grads = []
+    for inside in (False, True):
+        x = [t.clone().requires_grad_() for t in (q, k, v)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = att(*(t.bfloat16() for t in x), causal=causal).float().square().sum()
+            if inside:
+                loss.backward()
+        if not inside:
+            loss.backward()
+        grads.append([t.grad for t in x])
+    for outside, inside in zip(*grads):
+        torch.testing.assert_close(inside, outside, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_float16_autocast_does_not_reach_the_statistics(causal):
+    """Under float16 autocast the statistics (moments of q and k, the calibration's q k^T for its pair sampling) stay
+    in float32: |q|^2 of large queries exceeds float16's range (inf: NaN statistics, NaN outputs before), and the
+    results equal those without autocast."""
+    q, k, v = (torch.randn(1, 2, 24, 16, generator=torch.Generator().manual_seed(i)) * 80 for i in range(3))
+    results = []
+    for autocast in (False, True):
+        att = FavorAttention(16, PerformerConfig(nb_features=32), num_heads=2)
+        with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+            uncalibrated = att(q, k, v)  # bidirectional: statistics measured on the sequence
+            att.calibrate_statistics(q, k, causal=causal)
+            calibrated = att(q, k, v, causal=causal)
+        results.append([uncalibrated, calibrated, att.key_shift, att.log_qk_scale, att.proposal_centers])
+    assert all(torch.isfinite(t).all() for t in results[1])
+    for plain, autocast in zip(*results):
+        torch.testing.assert_close(autocast, plain, rtol=0, atol=0)

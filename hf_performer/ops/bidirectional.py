@@ -37,6 +37,7 @@ from .common import (
     weights,
     with_feature_bias,
     with_ones,
+    without_autocast,
 )
 
 
@@ -133,6 +134,7 @@ class _PositiveBidirectional(torch.autograd.Function):
         return out
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_out):
         q, k, v, mask, S, c, out, den, r = ctx.saved_tensors
         fmap, seg = ctx.fmap, ctx.seg

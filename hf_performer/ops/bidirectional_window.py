@@ -50,6 +50,7 @@ from .common import (
     weights,
     with_feature_bias,
     with_ones,
+    without_autocast,
 )
 from .local import band_apply, exact_base, flip_band, near, rows, window_block
 
@@ -183,6 +184,7 @@ class PositiveWindow(torch.autograd.Function):
         return out
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_out):
         q, k, v, mask, S, c, out, T, g, e, coef, r = ctx.saved_tensors
         fmap, w, seg = ctx.fmap, ctx.window, ctx.seg

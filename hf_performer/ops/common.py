@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass, fields
 
@@ -27,6 +28,21 @@ def no_autocast(device: torch.device):
     if device.type in ("cuda", "cpu", "xpu", "mps"):
         return torch.autocast(device_type=device.type, enabled=False)
     return contextlib.nullcontext()
+
+
+def without_autocast(backward):
+    """Decorate the ``backward`` of an autograd.Function whose forward runs under ``no_autocast``: run it without
+    autocast too. A backward called inside an autocast region runs in that region's autocast state (autograd hands
+    the caller's state to the backward), which would make the backward's products half precision and mix dtypes in
+    its in-place ones (``baddbmm_``: an error)."""
+
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        device = next((g.device for g in grads if isinstance(g, torch.Tensor)), None)
+        with contextlib.nullcontext() if device is None else no_autocast(device):
+            return backward(ctx, *grads)
+
+    return run
 
 
 def safe_den(den: torch.Tensor) -> torch.Tensor:
