@@ -216,16 +216,28 @@ def test_a_read_of_the_calibrated_flag_is_a_host_sync_only_after_the_buffer_chan
 
 
 def _tiny_models():
-    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+    from transformers import (
+        BertConfig,
+        BertModel,
+        GPT2Config,
+        GPT2LMHeadModel,
+        ModernBertConfig,
+        ModernBertModel,
+    )
 
     torch.manual_seed(0)
     bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                                 vocab_size=100))
     gpt = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, bos_token_id=0,
                                      eos_token_id=0))
+    # a global layer (FAVOR+) and a local one the conversion keeps exact (its sliding-window mask is the padding mask)
+    modernbert = ModernBertModel(ModernBertConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                                  num_hidden_layers=2, num_attention_heads=4,
+                                                  global_attn_every_n_layers=2, local_attention=4, pad_token_id=0))
     return {
         "bert": convert_to_performer(bert, PerformerConfig(nb_features=16, local_window=1)).eval(),
         "gpt2": convert_to_performer(gpt, PerformerConfig(nb_features=16, chunk_size=4)).eval(),
+        "modernbert": convert_to_performer(modernbert, PerformerConfig(nb_features=16)).eval(),
     }
 
 

@@ -112,8 +112,13 @@ def _is_bidirectional_band(mask_function, kwargs) -> bool:
     |i − j| ≤ local_size; ModernBERT's local layers). Such layers keep exact attention in linear memory
     (``local_exact``), which takes the window from its ``sliding_window`` argument: the mask is the padding mask."""
     w = kwargs.get("local_size")
-    if not isinstance(w, int) or kwargs.get("use_vmap"):
+    if not isinstance(w, int) or kwargs.get("use_vmap"):  # (use_vmap: custom and/or mask functions joined)
         return False
+    if "allow_is_bidirectional_skip" in kwargs:  # the one mask maker that passes both: no probe (a host read per
+        return True  # forward, and a graph break under torch.compile)
+    if torch.compiler.is_compiling():
+        return False
+    # transformers releases without that keyword: probe the mask function
     t = lambda i: torch.tensor(i)  # noqa: E731
     try:
         probe = [bool(mask_function(t(0), t(0), t(q), t(kv))) for q, kv in ((w, 0), (0, w), (w + 1, 0), (0, w + 1))]
