@@ -124,7 +124,7 @@ class FavorAttention(nn.Module):
     def _draw_aligned(self) -> None:
         w, b = draw_aligned_projection(
             self.proposal_centers, self.aligned_projection.shape[1], width=ALIGNED_WIDTH,
-            seed=self.config.seed, layer_id=self.layer_id, draw=int(self.draw_count),
+            seed=self.config.seed, layer_id=self.layer_id, draw=self.draws,
         )
         self.aligned_projection.copy_(w.to(self.aligned_projection))
         self.aligned_bias.copy_(b.to(self.aligned_bias))
@@ -133,15 +133,27 @@ class FavorAttention(nn.Module):
     def rederive_features(self) -> None:
         """Recompute the current draw's features from (seed, layer_id, draw_count) and, for aligned
         features, the stored proposal: restores them exactly (e.g. after loading without them)."""
-        self.projection.copy_(self._draw(int(self.draw_count)).to(self.projection))
+        self.projection.copy_(self._draw(self.draws).to(self.projection))
         if self.aligned:
             self._draw_aligned()
 
     @torch.no_grad()
     def redraw_features(self) -> None:
         """Draw the next features of this layer's sequence (seed, layer_id, draw_count + 1)."""
+        draws = self.draws
         self.draw_count += 1
+        self._draws_seen = (id(self.draw_count), self.draw_count._version, draws + 1)
         self.rederive_features()
+
+    @property
+    def draws(self) -> int:
+        """``draw_count`` as a Python int, re-read from the buffer only when it changed (another tensor, or an
+        in-place write such as a checkpoint load), like ``calibrated``: a redraw schedule asks after every optimizer
+        step, and each read of a GPU tensor would wait for the step's queued work (a host synchronisation)."""
+        buf, seen = self.draw_count, getattr(self, "_draws_seen", None)
+        if seen is None or seen[:2] != (id(buf), buf._version):
+            self._draws_seen = seen = (id(buf), buf._version, int(buf))
+        return seen[2]
 
     def _apply(self, fn, recurse=True):
         # keep the projection and statistics in float32 when the model is cast to half precision

@@ -150,3 +150,26 @@ def test_checkpoint_holds_draw_count(tmp_path):
     assert feature_draw_counts(back) == [3] * len(back.favor_modules())
     for a, b in zip(model.favor_modules(), back.favor_modules()):
         assert torch.equal(a.projection, b.projection)
+
+
+def test_the_redraw_schedule_reads_no_device_value_between_redraws():
+    """maybe_redraw_features runs after every optimizer step: it keeps each layer's draw count as a Python int and
+    reads the buffer only after it changed (a redraw, a checkpoint load), since each read of a GPU tensor waits for
+    the step's queued work. The schedule itself still follows the buffer: a loaded count is honoured."""
+    from test_ops_gpu_shape import SYNC, Dispatched
+
+    model = tiny_model(redraw_interval=3)
+    modules = model.favor_modules()
+    I.maybe_redraw_features(model, 0)  # the first call reads each layer's count once
+    reads = []
+    for step in range(1, 8):
+        with Dispatched() as d:
+            I.maybe_redraw_features(model, step)
+        reads.append(d.ops[SYNC])
+    assert reads == [0] * 7 and feature_draw_counts(model) == [2] * len(modules)
+    for m in modules:
+        m.draw_count.fill_(5)  # as a checkpoint load writes it
+    assert not I.maybe_redraw_features(model, 8)  # draw 5 is past step 8's draw 2: nothing to do
+    assert I.maybe_redraw_features(model, 18) and feature_draw_counts(model) == [6] * len(modules)
+    for m in modules:
+        torch.testing.assert_close(m.projection, expected_projection(m, 6), rtol=0, atol=0)

@@ -153,7 +153,7 @@ def maybe_redraw_features(model: nn.Module, optimizer_step: int) -> bool:
     redrew = False
     for m in redraw_schedule(model):
         target = int(optimizer_step) // m.config.redraw_interval
-        while int(m.draw_count) < target:
+        while m.draws < target:  # (a Python int: no host read per step)
             m.redraw_features()
             redrew = True
     return redrew
