@@ -171,7 +171,10 @@ def test_exclusive_prefix_of_chunk_summaries_matches_the_explicit_sum(n, group, 
         reach = range(i + 1, n) if reverse else range(i)
         ref = sum((K[:, j] * torch.exp(c[:, j] - t[:, i])[..., None] for j in reach), torch.zeros_like(K[:, 0]))
         assert rel_err(out[:, i], ref) < 1e-12 if len(reach) else torch.equal(out[:, i], ref)
-    assert torch.autograd.gradcheck(lambda K: exclusive_prefix(K, c, t, group=group, reverse=reverse, form=form), (K,))
+    # (the prefix is linear in K: for the longer scans a random projection of its Jacobian, gradcheck's fast mode,
+    # checks the transpose; the full Jacobian took ~10 s a case, 420 columns of 70-step recurrences)
+    assert torch.autograd.gradcheck(lambda K: exclusive_prefix(K, c, t, group=group, reverse=reverse, form=form), (K,),
+                                    fast_mode=n > 5)
 
 
 def test_exclusive_prefix_picks_its_form_by_device_and_length(monkeypatch):
