@@ -114,8 +114,10 @@ def _is_bidirectional_band(mask_function, kwargs) -> bool:
     w = kwargs.get("local_size")
     if not isinstance(w, int) or kwargs.get("use_vmap"):  # (use_vmap: custom and/or mask functions joined)
         return False
-    if "allow_is_bidirectional_skip" in kwargs:  # the one mask maker that passes both: no probe (a host read per
-        return True  # forward, and a graph break under torch.compile)
+    # the one mask maker that passes both keywords: known without a probe (which reads tensors on the host every
+    # forward, and breaks the graph under torch.compile)
+    if "allow_is_bidirectional_skip" in kwargs:
+        return True
     if torch.compiler.is_compiling():
         return False
     # transformers releases without that keyword: probe the mask function
