@@ -4,7 +4,8 @@ One process, in this order, under one wall-time budget (--budget-s, 420 s by def
 imports stays within 8 minutes on a CUDA machine):
 
   check      CUDA outputs and gradients of FavorAttention (bidirectional and causal, local_window 0 and 4,
-             uncalibrated and calibrated, a padding mask, float32 and bfloat16 inputs) against the CPU float64
+             uncalibrated and calibrated, a padding mask, float32 and bfloat16 inputs, and bfloat16 with forward
+             and backward() both inside bfloat16 autocast) against the CPU float64
              computation of a copy of the same module (the same random features and statistics). Reports the
              max relative error max|x - ref| / max|ref| of the output and of dq, dk, dv; a value above the
              tolerance (--tol-fp32, --tol-bf16) makes the script exit with status 1, after writing the results.
@@ -209,10 +210,13 @@ def run_check(args, device, budget: Budget) -> dict:
             base = make_attention(window, torch.device("cpu"), (q, k) if calibrated else None)
             ref_mod = copy.deepcopy(base).double()  # buffers the module keeps in float32 stay float32: same features
             dev_mod = copy.deepcopy(base).to(device)
+            cases = [(dtype, False) for dtype in args.dtypes]
+            if "bfloat16" in args.dtypes:  # + forward and backward() both inside bf16 autocast, as training loops may
+                cases.append(("bfloat16", True))
             for mode in ("bidirectional", "causal"):
-                for dtype in args.dtypes:
+                for dtype, autocast in cases:
                     row = {"mode": mode, "local_window": window, "calibrated": calibrated, "dtype": dtype,
-                           "L": L, "batch": B, "padding": True, "tolerance": tol[dtype]}
+                           "autocast": autocast, "L": L, "batch": B, "padding": True, "tolerance": tol[dtype]}
                     rows.append(row)
                     if budget.expired():
                         row["status"] = SKIPPED
@@ -226,8 +230,9 @@ def run_check(args, device, budget: Budget) -> dict:
                         causal = mode == "causal"
                         ref = ref_mod(*ref_in, causal=causal, key_padding_mask=mask)
                         ref.backward(grad)
-                        out = dev_mod(*dev_in, causal=causal, key_padding_mask=mask.to(device))
-                        out.backward(grad.to(device, dt))
+                        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                            out = dev_mod(*dev_in, causal=causal, key_padding_mask=mask.to(device))
+                            out.backward(grad.to(device, dt))
                         errs = {"out": rel_err(out, ref)}
                         errs.update({f"d{n}": rel_err(a.grad, b.grad) for n, a, b in zip("qkv", dev_in, ref_in)})
                         finite = all(math.isfinite(e) for e in errs.values())
@@ -509,8 +514,9 @@ def run_decode_compiled(args, device, budget: Budget) -> dict:
                 row["status"] = SKIPPED
                 continue
             try:
-                ms = measure_compiled(model, context, args.new_tokens, cfg.vocab_size, device)["ms_per_token"]
-                row.update(status="ok", ms_per_token=ms, tokens_per_s=1e3 / ms)
+                m = measure_compiled(model, context, args.new_tokens, cfg.vocab_size, device)
+                row.update(status="ok", ms_per_token=m["ms_per_token"], tokens_per_s=1e3 / m["ms_per_token"],
+                           graphs=m["graphs"])
             except Exception as exc:
                 row["status"] = _status(exc)
             _free(device)
@@ -637,7 +643,8 @@ def render_markdown(doc: dict) -> str:
     for r in c.get("rows", []):
         e = r.get("rel_err")
         errs = [f"{e[x]:.1e}" for x in ("out", "dq", "dk", "dv")] if e else [r["status"]] * 4
-        lines.append(f"| {r['mode']} | {r['local_window']} | {r['calibrated']} | {r['dtype']} | "
+        dtype = r["dtype"] + (" (autocast)" if r.get("autocast") else "")
+        lines.append(f"| {r['mode']} | {r['local_window']} | {r['calibrated']} | {dtype} | "
                      + " | ".join(errs) + f" | {r.get('ok', 'n/a')} |")
     rows = doc["attention"]["rows"]
     index = {(r["impl"], r["dtype"], r["mode"], r["pass"], r["L"]): r for r in rows}
@@ -703,11 +710,12 @@ def render_markdown(doc: dict) -> str:
         lines += ["", "### Compiled decoding", "",
                   "`generate(cache_implementation=\"static\")` with the decoding step compiled (mode \"reduce-overhead\": "
                   f"CUDA graphs on CUDA); tokens/s from the median time between generated tokens; status {dcc.get('status')}.", "",
-                  "| context | stock tok/s | FAVOR+ tok/s |", "|---:|---:|---:|"]
+                  "| context | stock tok/s | FAVOR+ tok/s | graphs compiled, stock / FAVOR+ |", "|---:|---:|---:|---:|"]
         byc = {(r["model"], r["context"]): r for r in dcc.get("rows", [])}
         for ctx in dcc.get("contexts", []):
+            graphs = " / ".join(_cell(byc.get((name, ctx)), "graphs", 1, "{:.0f}") for name in DECODE_MODELS)
             lines.append(f"| {ctx} | " + " | ".join(_cell(byc.get((name, ctx)), "tokens_per_s", 1, "{:.1f}")
-                                                    for name in DECODE_MODELS) + " |")
+                                                    for name in DECODE_MODELS) + f" | {graphs} |")
     return "\n".join(lines) + "\n"
 
 

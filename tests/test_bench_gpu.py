@@ -32,6 +32,8 @@ def test_quick_cpu_run_writes_every_section(bench, tmp_path, monkeypatch):
     assert check["ok"] is True and check["complete"] is True
     combos = {(r["mode"], r["local_window"], r["calibrated"], r["dtype"]) for r in check["rows"]}
     assert len(combos) == 2 * 2 * 2 * 2  # modes x windows x calibrated x dtypes
+    # bfloat16 also with forward and backward() inside autocast
+    assert [r["autocast"] for r in check["rows"]].count(True) == 2 * 2 * 2
     for r in check["rows"]:
         assert r["status"] == "ok" and set(r["rel_err"]) == {"out", "dq", "dk", "dv"}
         assert 0 < max(r["rel_err"].values()) <= r["tolerance"]  # float32/bfloat16 differ from float64
