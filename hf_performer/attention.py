@@ -16,7 +16,6 @@ importance-sampled ("aligned") features concentrated where the layer's q + k fal
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -31,7 +30,7 @@ from .features import (
     projection_rows,
 )
 from .ops import FavorState, favor_bidirectional, favor_causal, favor_step
-from .ops.common import compute_dtype, no_autocast
+from .ops.common import compute_dtype, without_autocast
 from .settings import ALIGNED_ESTIMATOR, PerformerConfig
 
 _FP32_BUFFERS = (
@@ -40,19 +39,6 @@ _FP32_BUFFERS = (
 NB_CENTERS = 1024  # q + k pairs kept per head for the importance-sampling proposal
 ALIGNED_WIDTH = 1.0  # std of each proposal component (the integrand of one pair is N(q + k, I))
 MAX_CALIBRATION_QUERIES = 512  # queries per batch row whose attention is sampled during calibration
-
-
-def _without_autocast(method):
-    """Run a FavorAttention method that takes q first without autocast on q's device: the statistics are moments and
-    products of q and k that autocast would compute in half precision (float16 overflows past |q|^2 = 65504: NaN
-    statistics, NaN outputs), and the ops run without it anyway (``ops.common.no_autocast``)."""
-
-    @functools.wraps(method)
-    def run(self, q, *args, **kwargs):
-        with no_autocast(q.device):
-            return method(self, q, *args, **kwargs)
-
-    return run
 
 
 class FavorAttention(nn.Module):
@@ -183,7 +169,7 @@ class FavorAttention(nn.Module):
         return buf
 
     @torch.no_grad()
-    @_without_autocast
+    @without_autocast  # (float16 statistics overflow for large queries: NaN)
     def _prepare(self, q, k, causal: bool, mask, scale) -> FeatureMap:
         """The feature map, with the exact input transforms q' = q·√scale·a, k' = (k·√scale − c)/a.
 
@@ -273,7 +259,7 @@ class FavorAttention(nn.Module):
         return shift[:, :, None, :].to(dt), log_a[..., None, None].to(dt), rho[..., None, None].to(dt)
 
     @torch.no_grad()
-    @_without_autocast
+    @without_autocast  # (float16 statistics overflow for large queries: NaN)
     def calibrate_statistics(self, q, k, key_padding_mask=None, scale=None, causal: bool = False) -> None:
         """Fit this layer's statistics on q, k [B,H,L,d] of a representative batch (no training).
 

@@ -30,17 +30,18 @@ def no_autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def without_autocast(backward):
-    """Decorate the ``backward`` of an autograd.Function whose forward runs under ``no_autocast``: run it without
-    autocast too. A backward called inside an autocast region runs in that region's autocast state (autograd hands
-    the caller's state to the backward), which would make the backward's products half precision and mix dtypes in
-    its in-place ones (``baddbmm_``: an error)."""
+def without_autocast(fn):
+    """Decorate a method (``self`` or ``ctx`` first) to run without autocast on the device of its first tensor
+    argument. For an autograd.Function's ``backward`` whose forward runs under ``no_autocast``: a backward called
+    inside an autocast region runs in that region's autocast state (autograd hands the caller's state to the
+    backward), which would make its products half precision and mix dtypes in its in-place ones (``baddbmm_``: an
+    error). For ``FavorAttention``'s statistics: moments and products of q and k, which float16 would overflow."""
 
-    @functools.wraps(backward)
-    def run(ctx, *grads):
-        device = next((g.device for g in grads if isinstance(g, torch.Tensor)), None)
+    @functools.wraps(fn)
+    def run(first, *args, **kwargs):
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
         with contextlib.nullcontext() if device is None else no_autocast(device):
-            return backward(ctx, *grads)
+            return fn(first, *args, **kwargs)
 
     return run
 
