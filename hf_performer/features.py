@@ -248,14 +248,15 @@ class FeatureMap:
         query = drop_row_terms
         w = self.projection.to(x.dtype)
         proj = x @ w.transpose(-1, -2)  # [..., L, rows]; fresh, so the positive kernels finish it in place
-        half_sq = None if query else 0.5 * (x * x).sum(-1, keepdim=True)  # [..., L, 1]
+        # |x|^2 [..., L, 1]; its half is subtracted with alpha = 0.5 (exact: one kernel fewer than halving first)
+        sq = None if query else (x * x).sum(-1, keepdim=True)
         bias = self.bias if with_bias else None
-        terms = [t for t in (half_sq, bias, self.a) if t is not None]
+        terms = [t for t in (sq, bias, self.a) if t is not None]
         full = _broadcast_shape(proj.shape, *(t.shape for t in terms))
         if full != tuple(proj.shape):
             proj = proj.expand(full).clone()
         if self.kernel == "softmax":
-            logits = proj if query else proj.sub_(half_sq)
+            logits = proj if query else proj.sub_(sq, alpha=0.5)
             return (logits if bias is None else logits.add_(bias.to(x.dtype))), None
         if self.kernel == "favor++":
             a = torch.zeros((), dtype=x.dtype, device=x.device) if self.a is None else self.a.to(x.dtype)
@@ -263,9 +264,9 @@ class FeatureMap:
             logits = proj.mul_(torch.sqrt(one_m4a)).add_(a * self.sq_norms.to(x.dtype))
             if query:
                 return logits, None
-            return logits.sub_(half_sq).add_(0.25 * x.shape[-1] * torch.log(one_m4a)), None
+            return logits.sub_(sq, alpha=0.5).add_(0.25 * x.shape[-1] * torch.log(one_m4a)), None
         if self.kernel == "trig":
-            logits = torch.zeros_like(proj[..., :1]) if query else half_sq
+            logits = torch.zeros_like(proj[..., :1]) if query else 0.5 * sq
             return logits, torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1)
         if self.kernel == "relu":
             return torch.zeros_like(proj[..., :1]), torch.relu(proj) + self.eps

@@ -217,8 +217,8 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
         logits = dots + exact_base(fmap, qt, log_scale)[..., None]  # [B, H, nC, w + 1]
         valid = torch.stack([mx[:, j : j + n * C] for j in range(w + 1)], -1)[:, None]
 
-        def apply_coef(coef):  # [B, H, nC, w + 1] -> sum over the window of coef * v, one product per chunk
-            return (unband(chunked(coef), C + w) @ spans(vx)).flatten(2, 3)
+        def apply_coef(coef, start):  # start + the sum over the window of coef * v, one product per chunk
+            return (unband(chunked(coef), C + w) @ spans(vx)).flatten(2, 3).add_(start)
 
         out = combine_window(num, den, fav, logits, valid, apply_coef, internals)
     else:

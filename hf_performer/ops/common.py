@@ -47,8 +47,9 @@ def without_autocast(fn):
 
 
 def safe_den(den: torch.Tensor) -> torch.Tensor:
-    """Guard a normaliser that underflowed to exactly 0 (no real key seen): the output becomes 0."""
-    return torch.where(den == 0, 1.0, den)
+    """Guard a normaliser that underflowed to exactly 0 (no real key seen): the output becomes 0. (``masked_fill``:
+    two kernels, where ``torch.where`` with a Python scalar launches a third to make the scalar a tensor.)"""
+    return den.masked_fill(den == 0, 1.0)
 
 
 @dataclass
@@ -197,7 +198,7 @@ def with_feature_bias(fmap, top: torch.Tensor) -> torch.Tensor:
 def finite_reference(c: torch.Tensor) -> torch.Tensor:
     """A stabiliser that saw no real key (still the -big placeholder) becomes 0: every key it scales is
     padding (features exactly 0), and queries then see finite logits instead of -big cancellations."""
-    return torch.where(c > neg_big(c.dtype) / 2, c, 0.0)
+    return c.masked_fill(c <= neg_big(c.dtype) / 2, 0.0)  # (two kernels: ``safe_den``)
 
 
 CPU_SEGMENT_BYTES = 16 << 20  # largest [B, H, S, m] feature tensor per segment of a long input on a CPU

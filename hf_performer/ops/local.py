@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..features import FeatureMap
-from .common import masked_exp_, neg_big, safe_den, weights
+from .common import bounded_exp_, masked_exp_, neg_big, safe_den
 
 
 def band(m: torch.Tensor, width: int) -> torch.Tensor:
@@ -47,27 +47,30 @@ def exact_base(fmap: FeatureMap, qt: torch.Tensor, log_scale: torch.Tensor) -> t
     """What turns q'.k' into the log of the exact term in the op's scale: [B, H, T] for transformed queries qt
     [B,H,T,d] and the op's log_scale [B,H,T]. The query features drop their row terms and carry 1/m less than
     the exact kernel (arXiv:2009.14794, eq. 5: phi(x) has a 1/sqrt(m) factor on each side)."""
-    return -fmap.query_row_terms(qt) - log_scale + math.log(fmap.nb_features)
+    return (math.log(fmap.nb_features) - log_scale).sub_(fmap.query_row_terms(qt))
 
 
-def combine_window(num, den, fav, logits, valid, apply_coef, internals: dict | None = None) -> torch.Tensor:
+def combine_window(num, den, fav, logits, valid, apply_coef, internals: dict | None = None,
+                   factor: torch.Tensor | None = None) -> torch.Tensor:
     """Replace FAVOR's estimate of each window pair by its exact term.
 
     num [B,H,T,dv], den [B,H,T]: FAVOR's numerator and normaliser over all keys, in the op's scale; fav [B,H,T,W]:
     FAVOR's estimate of each window pair in that scale (0 for padded or missing keys); logits [B,H,T,W]: log of
     the exact terms in that scale; valid [B or 1,1 or H,T,W] bool: the pair's key exists and is real;
-    apply_coef(coef [B,H,T,W]) -> [B,H,T,dv]: sum_j coef[..., j] * (value of the pair's key at column j).
+    apply_coef(coef [B,H,T,W], start [B,H,T,dv]) -> start + sum_j coef[..., j] * (value of the pair's key at
+    column j), [B,H,T,dv] (one fused product where the caller can: ``torch.baddbmm``);
+    factor: ``valid`` as 1.0 / 0.0 in the logits' dtype, when the caller has it (else converted here).
     Returns out [B,H,T,dv]. ``internals``: a dict that receives e [B,H,T,W] (the exact terms), g [B,H,T] (the
     per-row rescale), coef = e - g fav, kept [B,H,T] bool (FAVOR's rest was not clamped) and total [B,H,T] (the
     normaliser, before ``safe_den``): what a hand-written backward needs."""
     exact = torch.where(valid, logits, neg_big(logits.dtype))  # masked before the exponential
     s = exact.detach().amax(-1).clamp_min(0)  # [B, H, T]: a per-row constant, cancels in the ratio
-    e = masked_exp_(exact - s[..., None], valid)  # 0 where the pair is not real
-    g = weights(-s)
+    e = masked_exp_(exact - s[..., None], valid if factor is None else factor)  # 0 where the pair is not real
+    g = bounded_exp_(s.neg())  # <= 1 (s >= 0)
     coef = e - g[..., None] * fav
-    num = g[..., None] * num + apply_coef(coef)
+    num = apply_coef(coef, g[..., None] * num)
     rest = den - fav.sum(-1)
-    total = g * rest.clamp_min(0) + e.sum(-1)
+    total = torch.addcmul(e.sum(-1), g, rest.clamp_min(0))  # sum e + g max(rest, 0)
     if internals is not None:
         internals.update(e=e, g=g, coef=coef, kept=rest >= 0, total=total)  # (clamp_min's gradient passes at 0)
     return num / safe_den(total)[..., None]
