@@ -78,14 +78,34 @@ def test_refuses_overwrite(tmp_path, capsys):
     assert run("convert", src, out, "--nb-features", 8, "--no-progress") == 2
     assert "--overwrite" in capsys.readouterr().err
     assert listing(out) == ["keep.txt"]
-    assert run("convert", src, out, "--nb-features", 8, "--overwrite", "--no-progress") == 0
-    # without --calibration-data the command says, as it ends, that the conversion is zero-shot and how to fix it;
-    # every run says how to load what it wrote
+    assert run("convert", src, out, "--nb-features", 8, "--zero-shot", "--overwrite", "--no-progress") == 0
+    # with --zero-shot the command says, as it ends, that no statistics step ran and how to run it; every run says how
+    # to load what it wrote
     printed = capsys.readouterr().out
-    assert "no --calibration-data, so no statistics step" in printed
+    assert "--zero-shot, so no statistics step ran" in printed and "--calibration-data" in printed
     assert f"load it with AutoModelForMaskedLM.from_pretrained({str(out)!r}) (and AutoTokenizer" in printed
     assert "keep.txt" not in listing(out) and "model.safetensors" in listing(out)
     assert listing(tmp_path) == ["out", "src"]
+
+
+def test_without_calibration_data_the_statistics_step_reads_the_builtin_text(tmp_path, capsys):
+    """No --calibration-data: the statistics step reads python-docs, the English prose Python ships (offline), and
+    the command says so and how to use text of the model's own kind; the same as a .txt file of those paragraphs."""
+    from hf_performer.conversion.corpus import pydoc_paragraphs
+
+    src, txt = tiny_bert(tmp_path / "src"), tmp_path / "docs.txt"
+    txt.write_text("\n\n".join(pydoc_paragraphs("all")))
+    assert run("convert", src, tmp_path / "default", "--nb-features", 8, "--no-progress") == 0
+    printed = capsys.readouterr().out
+    assert "read the built-in English text (python-docs" in printed and "--calibration-data texts.txt" in printed
+    summary = json.loads((tmp_path / "default" / "conversion.json").read_text())
+    assert summary["calibration_data"] == "python-docs" and summary["statistics"]["batches"] == 4
+    assert "(English prose: the documentation Python ships)" in (tmp_path / "default" / "README.md").read_text()
+    assert run("convert", src, tmp_path / "file", "--nb-features", 8, "--calibration-data", txt, "--no-progress") == 0
+    default, file = (tf.AutoModelForMaskedLM.from_pretrained(tmp_path / d) for d in ("default", "file"))
+    assert all(bool(f.stats_calibrated) for f in default.favor_modules())
+    state, other = default.state_dict(), file.state_dict()
+    assert state.keys() == other.keys() and all(torch.equal(state[k], other[k]) for k in state)
 
 
 @pytest.mark.parametrize(
@@ -95,15 +115,17 @@ def test_refuses_overwrite(tmp_path, capsys):
         (["--nb-features", "0"], "--nb-features 0 is invalid: expected a positive integer"),
         (["--chunk-size", "-1"], "--chunk-size -1 is invalid"),
         (["--max-position-embeddings", "16"], "can only grow"),
-        (["--calibrate"], "--calibration-data"),
+        (["--zero-shot", "--calibrate"], "--calibrate needs text to calibrate on, and --zero-shot gives none"),
+        (["--zero-shot", "--calibration-data", "{txt}"], "--zero-shot runs no statistics step"),
         (["--calibration-data", "missing.txt"], "no such file"),
         (["--calibrate", "--calibration-data", "{txt}", "--lr", "5"], "lr"),
         (["--resume"], "--calibrate"),
         (["--model-class", "GPT2Model"], "not supported"),
         (["--base-model", "not a hub id"], "--base-model"),
         # a flag that the requested steps would never read is refused, not ignored
-        (["--calibration-steps", "5"], "--calibration-steps would do nothing without --calibration-data"),
-        (["--statistics-batches", "2"], "--statistics-batches would do nothing without --calibration-data"),
+        (["--zero-shot", "--calibration-steps", "5"], "--calibration-steps would do nothing with --zero-shot"),
+        (["--zero-shot", "--statistics-batches", "2"], "--statistics-batches would do nothing with --zero-shot"),
+        (["--calibration-steps", "5"], "--calibration-steps only apply to attention-transfer calibration"),
         (["--calibration-data", "{txt}", "--lr", "0.01", "--max-time", "9"], "--lr, --max-time only apply to attention"),
         (["--calibration-data", "{txt}", "--keep-calibration-state"], "--keep-calibration-state only apply"),
         (["--calibration-data", "{txt}", "--calibrate", "--calibration-steps", "0"], "would train nothing"),
@@ -200,7 +222,11 @@ TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "vocab.txt", "spec
 def test_source_without_tokenizer_writes_none_and_says_so(tmp_path, capsys):
     src, out = _no_tokenizer_source(tmp_path / "src"), tmp_path / "out"
     capsys.readouterr()
-    assert run("convert", src, out, "--nb-features", 8, "--no-progress") == 0
+    # the default statistics step needs a tokenizer to read its text: one error naming both ways out
+    assert run("convert", src, out, "--nb-features", 8, "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert "no usable tokenizer" in err and "--tokenizer" in err and "--zero-shot" in err and not out.exists()
+    assert run("convert", src, out, "--nb-features", 8, "--zero-shot", "--no-progress") == 0
     err = capsys.readouterr().err
     assert "hf-performer: warning:" in err and "no tokenizer" in err and "--tokenizer" in err
     assert not TOKENIZER_FILES & set(listing(out))  # never an empty tokenizer
@@ -308,7 +334,8 @@ def test_causal_favorpp_without_statistics_is_recorded_as_softmax(tmp_path, caps
     src = tiny_gpt2(tmp_path / "src")
     logits = {}
     for kernel in ("softmax", "favor++"):
-        assert run("convert", src, tmp_path / kernel, "--kernel", kernel, "--nb-features", 8, "--no-progress") == 0
+        assert run("convert", src, tmp_path / kernel, "--kernel", kernel, "--nb-features", 8, "--zero-shot",
+                   "--no-progress") == 0
         est = json.loads((tmp_path / kernel / "conversion.json").read_text())["estimator"]
         assert est == {"kernel": kernel, "effective": "softmax", "note": None}
         with torch.no_grad():

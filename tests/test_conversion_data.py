@@ -27,6 +27,21 @@ def test_text_file_lines_paragraphs_and_folder(tmp_path):
         read_texts(tmp_path / "missing.txt")
 
 
+def test_builtin_text_is_the_python_docs_corpus_unless_a_path_has_its_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert read_texts("python-docs") == pydoc_paragraphs("all")  # offline, whatever the working directory
+    (tmp_path / "python-docs").write_text("a file of my own\n")
+    assert read_texts("python-docs") == ["a file of my own"]  # a path of that name is read as a path
+
+
+def test_builtin_text_without_pydoc_data_names_the_fix(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pydoc_data.topics", None)  # as in Python builds that leave it out
+    with pytest.raises(ConversionError, match="pydoc_data.*--calibration-data.*--zero-shot"):
+        read_texts("python-docs")
+
+
 @pytest.mark.slow
 def test_dataset_name_offline_fails_clearly(monkeypatch):
     datasets = pytest.importorskip("datasets")

@@ -55,7 +55,8 @@ def test_uncalibrated_model_says_once_how_to_calibrate(stock_cls, make_cfg):
     assert warning.filename == __file__  # it points at the caller's line, not at library internals
     assert "2 of the 2 FAVOR+ layers" in message
     assert 'calibrate_feature_statistics(model, tokenizer(texts, padding=True, return_tensors="pt"))' in message
-    assert "hf-performer convert SOURCE OUT --calibration-data" in message and "0.89" in message
+    assert "hf-performer convert SOURCE OUT" in message and "--calibration-data texts.txt" in message
+    assert "0.89" in message
     assert notices(lambda: model(**batch)) == []  # once per model
     assert len(notices(lambda: converted(stock_cls, make_cfg)(**batch))) == 1  # every model says it once
 

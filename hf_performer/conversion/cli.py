@@ -22,6 +22,7 @@ import sys
 from hf_performer.settings import FEATURE_NORMS, KERNELS, PerformerConfig
 
 from .calibrate import DEFAULT_MAX_TIME_S, DEFAULT_MIN_LENGTH, MIXED_PRECISION, CalibrationConfig
+from .data import BUILTIN_TEXT
 from .errors import ConversionError
 from .lora import DEFAULT_RANK
 from .params import TRAIN_CHOICES
@@ -115,9 +116,13 @@ def _convert_parser(sub) -> argparse.ArgumentParser:
     d = CalibrationConfig()
     g = p.add_argument_group("statistics and calibration")
     g.add_argument("--calibration-data", metavar="TEXT",
-                   help=".txt file (lines or blank-line paragraphs), folder of .txt files, or datasets NAME[:CONFIG][:SPLIT]")
+                   help=".txt file (lines or blank-line paragraphs), folder of .txt files, datasets NAME[:CONFIG][:SPLIT], "
+                        f"or {BUILTIN_TEXT} (English prose of the documentation Python ships, offline) (default "
+                        f"{BUILTIN_TEXT}: text of the kind the model will see fits it best)")
+    g.add_argument("--zero-shot", action="store_true",
+                   help="no statistics step: keep the untuned random features (the model warns at its first forward)")
     g.add_argument("--statistics-batches", type=int, help="batches for the statistics step (default 4)")
-    g.add_argument("--calibrate", action="store_true", help="attention-transfer calibration (needs --calibration-data)")
+    g.add_argument("--calibrate", action="store_true", help="attention-transfer calibration on --calibration-data")
     # unset flags stay None: convert() refuses a flag that the requested steps would not read
     g.add_argument("--calibration-steps", dest="steps", type=int, metavar="N",
                    help="optimizer steps (default: no step limit, the time budget --max-time decides)")
@@ -213,9 +218,12 @@ def _run_convert(args, argv) -> None:
     dest = lambda name: _CALIBRATION_DESTS.get(name, name)  # noqa: E731
     calibration = {f.name: getattr(args, dest(f.name)) for f in dataclasses.fields(CalibrationConfig)
                    if getattr(args, dest(f.name), None) is not None}
+    if args.zero_shot and args.calibration_data is not None:
+        raise ConversionError("--zero-shot runs no statistics step, so it reads no --calibration-data: drop one of them.")
+    data = None if args.zero_shot else (args.calibration_data or BUILTIN_TEXT)
     summary = convert(
         args.source, args.output, performer, max_position_embeddings=args.max_position_embeddings,
-        calibration_data=args.calibration_data, calibrate_model=args.calibrate, calibration=calibration,
+        calibration_data=data, calibrate_model=args.calibrate, calibration=calibration,
         statistics_batches=args.statistics_batches, model_class=args.model_class, tokenizer=args.tokenizer,
         overwrite=args.overwrite,
         resume=args.resume, keep_calibration_state=args.keep_calibration_state, progress=not args.no_progress,
@@ -230,10 +238,15 @@ def _run_convert(args, argv) -> None:
     if est["note"]:
         print(f"hf-performer: note: {est['note']}")
     if summary["statistics"] is None:
-        print("hf-performer: note: no --calibration-data, so no statistics step ran: a zero-shot conversion (the "
-              "model warns at its first forward). The step takes seconds, without training, and brings the model "
-              "much closer to the original: convert again with --calibration-data texts.txt --overwrite (a few "
-              "dozen texts of the kind the model will see).")
+        print("hf-performer: note: --zero-shot, so no statistics step ran (the model warns at its first forward). The "
+              "step takes seconds, without training, and brings the model much closer to the original: convert again "
+              "without --zero-shot, with --calibration-data texts.txt (a few dozen texts of the kind the model will "
+              "see) --overwrite.")
+    elif args.calibration_data is None:
+        print(f"hf-performer: note: the statistics step{' and calibration' if summary['calibration'] else ''} read "
+              f"the built-in English text ({BUILTIN_TEXT}: the documentation Python ships). For a model of another "
+              "language or domain, convert again with --calibration-data texts.txt --overwrite (text of the kind "
+              "the model will see).")
     auto, out = summary.get("auto_class") or "AutoModel", repr(str(args.output))
     print(f"hf-performer: load it with {auto}.from_pretrained({out}) (and AutoTokenizer.from_pretrained({out})) after "
           "`import hf_performer`, or pass trust_remote_code=True to both where hf-performer is not installed "

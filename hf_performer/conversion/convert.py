@@ -29,7 +29,7 @@ from hf_performer.integration.portable import auto_class_name
 from hf_performer.settings import ALIGNED_ESTIMATOR, ALIGNED_KERNELS
 
 from .calibrate import DEFAULT_MIN_LENGTH, CalibrationConfig, calibrate
-from .data import BatchSchedule, mixed_length_sequences, pad_id, read_texts
+from .data import BUILTIN_TEXT, BatchSchedule, mixed_length_sequences, pad_id, read_texts
 from .errors import ConversionError
 from .model_card import model_card, source_card_metadata
 from .positions import check_extension, extend_positions, max_tokens
@@ -118,8 +118,8 @@ def _check_unused_settings(data, calibrate_model, given, statistics_batches, kee
     if data is None:
         unused = [flag(f) for f in given] + (["--statistics-batches"] if statistics_batches is not None else [])
         if unused:
-            raise ConversionError(f"{', '.join(unused)} would do nothing without --calibration-data (no statistics step "
-                                  "or calibration runs without text): pass --calibration-data or drop them.")
+            raise ConversionError(f"{', '.join(unused)} would do nothing with --zero-shot (no statistics step or "
+                                  "calibration runs without --calibration-data): drop them or --zero-shot.")
     if not calibrate_model:
         unused = [flag(f) for f in given if f not in STATISTICS_FIELDS] + (
             ["--keep-calibration-state"] if keep_state else [])
@@ -155,7 +155,9 @@ def convert(
     Args:
         performer: the FAVOR+ settings (PerformerConfig or its dict).
         max_position_embeddings: grow learned absolute positions to this many tokens (tiling).
-        calibration_data: text for the statistics step and calibration (.txt file, folder, datasets name).
+        calibration_data: text for the statistics step and calibration (.txt file, folder, datasets name, or
+            ``"python-docs"``: the English prose of the documentation Python ships, offline; the CLI's default).
+            None: no statistics step (zero-shot; the CLI's ``--zero-shot``).
         calibrate_model: run attention-transfer calibration (needs ``calibration_data``).
         calibration: CalibrationConfig (or its dict of the fields to change): steps, lr, batch_size, max_length,
             train, ... (batch_size, max_length and seed also shape the statistics step's batches).
@@ -187,7 +189,8 @@ def convert(
     if not isinstance(statistics_batches, int) or statistics_batches < 1:
         raise ConversionError(f"statistics_batches={statistics_batches!r}: expected a positive integer.")
     if calibrate_model and calibration_data is None:
-        raise ConversionError("--calibrate needs --calibration-data (a .txt file, a folder of .txt files or a datasets name).")
+        raise ConversionError("--calibrate needs text to calibrate on, and --zero-shot gives none: drop --zero-shot "
+                              f"(--calibration-data: a .txt file, a folder of .txt files, a datasets name or {BUILTIN_TEXT}).")
     if resume and not calibrate_model:
         raise ConversionError("--resume continues a calibration: pass --calibrate as well.")
     if base_model is not None:

@@ -4,7 +4,10 @@ Text sources (``read_texts``):
   * a ``.txt`` file: blank-line separated paragraphs if the file has blank lines, else one document per line;
   * a folder: every ``*.txt`` file below it (sorted), each read as above;
   * a ``datasets`` name ``NAME[:CONFIG][:SPLIT]`` (default split ``train``, column ``text``), loaded with
-    ``datasets.load_dataset``: needs the Hub (or a local datasets cache); offline it fails with a clear error.
+    ``datasets.load_dataset``: needs the Hub (or a local datasets cache); offline it fails with a clear error;
+  * ``python-docs`` (``BUILTIN_TEXT``, unless a file or folder of that name exists): the English prose of the
+    documentation every Python ships (``corpus.pydoc_paragraphs``, 571 paragraphs, ~28k words), offline. The
+    CLI's statistics step reads it when no other text is given.
 
 Documents longer than ``max_length`` tokens are cut into consecutive windows (each with the tokenizer's
 special tokens), so long documents are used whole. ``mixed_length_sequences`` instead packs the token stream
@@ -26,6 +29,8 @@ from pathlib import Path
 import torch
 
 from .errors import ConversionError
+
+BUILTIN_TEXT = "python-docs"  # the text source name of the offline English corpus (``corpus.pydoc_paragraphs``)
 
 
 def _split_documents(text: str) -> list[str]:
@@ -72,8 +77,12 @@ def _load_dataset(spec: str) -> list[str]:
 
 
 def read_texts(spec: str | os.PathLike) -> list[str]:
-    """Documents (whitespace-normalised strings) from a .txt file, a folder of .txt files or a datasets name."""
+    """Documents (whitespace-normalised strings) from a .txt file, a folder of .txt files, ``python-docs`` (the
+    built-in corpus) or a datasets name. Raises ConversionError naming the source when it holds no text or cannot
+    be read."""
     path = Path(os.path.expanduser(str(spec)))
+    if str(spec) == BUILTIN_TEXT and not path.exists():
+        return _builtin_texts()
     if path.is_file():
         texts = _read_file(path)
     elif path.is_dir():
@@ -88,6 +97,16 @@ def read_texts(spec: str | os.PathLike) -> list[str]:
     if not texts:
         raise ConversionError(f"text data {str(spec)!r} holds no text.")
     return texts
+
+
+def _builtin_texts() -> list[str]:
+    from .corpus import pydoc_paragraphs
+
+    try:
+        return pydoc_paragraphs("all")
+    except ImportError as e:  # some minimal Python builds leave pydoc_data out
+        raise ConversionError(f"text data {BUILTIN_TEXT!r} is the documentation Python ships (pydoc_data), which this "
+                              "Python lacks: pass --calibration-data with a .txt file of your own, or --zero-shot.") from e
 
 
 def tokenize(texts: list[str], tokenizer, max_length: int, min_length: int = 2) -> list[list[int]]:

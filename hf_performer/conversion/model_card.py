@@ -12,6 +12,8 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from .data import BUILTIN_TEXT
+
 TAGS = ["hf-performer", "performer", "favor+", "linear-attention", "custom_code"]
 # the transformers pipeline each Auto class serves
 PIPELINES = {
@@ -228,7 +230,9 @@ def model_card(summary: dict) -> str:
     if stats:
         lines.append(f"- Per-head FAVOR+ statistics (key shift, balance, the proposal of the data-aligned features; causal "
                      "attention and decoding use them) measured on "
-                     f"{stats['batches']} batches ({stats['tokens']} tokens) of `{s.get('calibration_data')}`.")
+                     f"{stats['batches']} batches ({stats['tokens']} tokens) of `{s.get('calibration_data')}`"
+                     + (" (English prose: the documentation Python ships)." if s.get("calibration_data") == BUILTIN_TEXT
+                        else "."))
     else:
         lines.append("- No text was given: per-head statistics are at their identity values and the features are not "
                      "data-aligned (less accurate until `hf_performer.calibrate_feature_statistics` runs).")

@@ -215,14 +215,16 @@ def guidance(r: dict) -> list[str]:
                  "column adds what earlier layers pass on.")
     todo = []
     if not r["statistics_calibrated"]:
-        todo.append("`hf-performer convert SOURCE OUT --calibration-data TEXT`: the statistics step (seconds, no "
-                    "training; MiniLM on text like its calibration text, 128 tokens: 0.81 → 0.89 cosine).")
+        todo.append("`hf-performer convert SOURCE OUT` without `--zero-shot`: the statistics step (seconds, no "
+                    "training; on built-in English text, or `--calibration-data TEXT` of the model's own kind; MiniLM "
+                    "on text like its calibration text, 128 tokens: 0.81 → 0.89 cosine).")
     if not p.get("local_window"):
         todo.append("`--local-window 4`: each query's nearest keys exactly (MiniLM zero-shot on other text at 512 tokens: "
                     "0.85 → 0.90 cosine, 0.94 with a window of 32; the window of 4 costs 1.5x pure FAVOR+'s attention "
                     "time at 8k tokens on a CPU).")
     if not r.get("calibration_steps"):
-        todo.append("`--calibrate --calibration-data TEXT`: attention-transfer calibration, minutes on a CPU "
+        todo.append("`--calibrate` (on `--calibration-data TEXT`, or the built-in text): attention-transfer "
+                    "calibration, minutes on a CPU "
                     "(MiniLM on other text at 512 tokens, 10 minutes of a shared CPU: 0.85 → 0.87–0.88; 0.90 → 0.93 with the "
                     "window).")
     todo.append(f"`--nb-features {max(1024, 2 * m)}`: the estimator's variance falls like 1/m, its cost grows like m "

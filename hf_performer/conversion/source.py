@@ -148,7 +148,7 @@ def load_tokenizer(source: Source, required: bool, tokenizer: str | os.PathLike 
             raise ConversionError(
                 f"source {source.spec!r} has no usable tokenizer ({problem}); the statistics and calibration steps "
                 "need one to read --calibration-data. Pass --tokenizer NAME_OR_FOLDER (the tokenizer the model was "
-                "trained with)."
+                "trained with), or --zero-shot for no statistics step."
             )
         return None
     vocab = getattr(source.config, "vocab_size", None)

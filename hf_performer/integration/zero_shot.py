@@ -28,7 +28,8 @@ MESSAGE = (
     "with it; the README's quality tables give causal models' numbers). "
     "Run it once on a few dozen texts of the kind the model will see, then save the model:\n"
     "    hf_performer.calibrate_feature_statistics(model, tokenizer(texts, padding=True, return_tensors=\"pt\"))\n"
-    "or convert with `hf-performer convert SOURCE OUT --calibration-data texts.txt`. "
+    "or convert with `hf-performer convert SOURCE OUT` (without --zero-shot: its statistics step reads built-in "
+    "English text, or your own with --calibration-data texts.txt). "
     "This warning is shown once per model."
 )
 
