@@ -7,7 +7,9 @@ ops, features and attention import each other relatively, so the copy runs its o
 mode and window a fresh process builds FAVOR+ of both trees (and, with a window, this tree's pure FAVOR+) and
 SDPA, then calls them in turn, round after round (``--calls`` rounds after a warm-up), keeping each one's best.
 ``--repeats`` such processes per cell; the table is their median. Forward (no grad) and forward + backward,
-bidirectional and causal, with and without the local window.
+bidirectional and causal, with and without the local window; causal also "step": ms per one-token decoding step
+after an L-token context (``FavorAttention.step`` from the context's state, with the one-column padding mask
+``generate`` passes; SDPA: the token against a key/value cache of the context).
 
 ``--malloc retain`` runs the workers with glibc's heap kept between calls (``RETAIN_TUNABLES``): by default glibc
 hands freed blocks above its trim threshold back to the kernel and every call faults the pages of its [L, m]
@@ -55,10 +57,38 @@ mask = (torch.arange(L)[None] < torch.tensor(lengths)[:, None]) if padding else 
 sdpa_mask = None if mask is None else mask[:, None, None, :] & (torch.ones(L, L, dtype=torch.bool).tril() if causal else True)
 
 
-def favor(pkg, w):
+def layer(pkg, w):
     att = pkg.FavorAttention(64, pkg.PerformerConfig(nb_features=256, local_window=w), num_heads=8)
     att.calibrate_statistics(q[:1, :, :512], k[:1, :, :512], causal=causal)
+    return att
+
+
+def favor(pkg, w):
+    att = layer(pkg, w)
     return lambda a, b, c: att(a, b, c, causal=causal, key_padding_mask=mask)
+
+
+STEPS = 16  # one-token decoding steps per call of the "step" pass
+q1, k1, v1 = (t[:, :, -1:].clone() for t in (q, k, v))  # the token after the L-token context
+m1 = torch.ones(batch, 1, dtype=torch.bool)  # its padding mask, as generate passes one
+
+
+def favor_steps(pkg, w):  # STEPS single tokens, each from the state after the L-token context (as generate's steps)
+    att = layer(pkg, w)
+    with torch.no_grad():
+        _, state = att.step(q, k, v, key_padding_mask=mask)
+
+    def call():
+        for _ in range(STEPS):
+            att.step(q1, k1, v1, state, key_padding_mask=m1)
+    return call
+
+
+def sdpa_steps():  # the same tokens attending to a key/value cache of the context and themselves
+    kc, vc = torch.cat([k, k1], 2), torch.cat([v, v1], 2)
+    keep = None if mask is None else torch.cat([mask, m1], 1)[:, None, None, :]
+    for _ in range(STEPS):
+        F.scaled_dot_product_attention(q1, kc, vc, attn_mask=keep)
 
 
 def sdpa(a, b, c):
@@ -71,8 +101,12 @@ impls = {"sdpa": sdpa, "base": favor(hfp_base, window), "now": favor(hf_performe
 if window:
     impls["pure"] = favor(hf_performer, 0)
 out = {}
-for name, bwd in (("fwd", False), ("fwd+bwd", True)):
-    x = [t.clone().requires_grad_(bwd) for t in (q, k, v)]
+for name, bwd in (("fwd", False), ("fwd+bwd", True)) + ((("step", None),) if causal else ()):
+    x = [t.clone().requires_grad_(bool(bwd)) for t in (q, k, v)]
+    if bwd is None:  # ms per decoding step
+        impls = {"sdpa": sdpa_steps, "base": favor_steps(hfp_base, window), "now": favor_steps(hf_performer, window)}
+        if window:
+            impls["pure"] = favor_steps(hf_performer, 0)
     best = {}
     for round_ in range(calls + 1):  # round 0 warms up; each round calls every implementation once, in turn
         order = list(impls.items())
@@ -82,11 +116,15 @@ for name, bwd in (("fwd", False), ("fwd+bwd", True)):
             if bwd:
                 o = fn(*x)
                 o.backward(torch.ones_like(o))
+            elif bwd is None:
+                with torch.no_grad():
+                    fn()
             else:
                 with torch.no_grad():
                     fn(*x)
             if round_:
-                best[key] = min(best.get(key, float("inf")), (time.perf_counter() - t0) * 1000)
+                per = (time.perf_counter() - t0) * 1000 / (STEPS if bwd is None else 1)
+                best[key] = min(best.get(key, float("inf")), per)
     out[name] = best
 print(json.dumps(out))
 """
@@ -190,7 +228,7 @@ def main(argv=None) -> int:
                 for window in args.windows:
                     runs = [run_worker(base_dir, L, window, mode == "causal", args.calls, args.malloc, args.batch,
                                        args.padding) for _ in range(args.repeats)]
-                    for pass_ in ("fwd", "fwd+bwd"):
+                    for pass_ in ("fwd", "fwd+bwd") + (("step",) if mode == "causal" else ()):
                         row = {"L": L, "mode": mode, "window": window, "pass": pass_}
                         for key in ("sdpa", "base", "now", "pure"):
                             vals = [r[pass_][key] for r in runs if key in r.get(pass_, {})]
