@@ -186,7 +186,7 @@ def render(doc: dict) -> str:
                 if row["mode"] != mode or row["window"] != window:
                     continue
                 s, b, n, pure = row.get("sdpa"), row.get("base"), row.get("now"), row.get("pure")
-                f = lambda x: "n/a" if x is None else f"{x:.0f}"
+                f = lambda x: "n/a" if x is None else f"{x:.0f}" if x >= 10 else f"{x:.2f}"  # (steps: under 1 ms)
                 r = lambda a, c: "n/a" if a is None or c is None else f"{a / c:.2f}"
                 lines.append(f"| {row['L']} | {row['pass']} | {f(s)} | {f(b)} | {f(n)} | {r(n, b)} | {r(s, n)} |"
                              + (f" {r(n, pure)} |" if window else ""))
