@@ -118,7 +118,7 @@ def _convert_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--calibration-data", metavar="TEXT",
                    help=".txt file (lines or blank-line paragraphs), folder of .txt files, datasets NAME[:CONFIG][:SPLIT], "
                         f"or {BUILTIN_TEXT} (English prose of the documentation Python ships, offline) (default "
-                        f"{BUILTIN_TEXT}: text of the kind the model will see fits it best)")
+                        f"{BUILTIN_TEXT}; text of the kind the model will see fits it better)")
     g.add_argument("--zero-shot", action="store_true",
                    help="no statistics step: keep the untuned random features (the model warns at its first forward)")
     g.add_argument("--statistics-batches", type=int, help="batches for the statistics step (default 4)")
