@@ -100,7 +100,9 @@ def test_without_calibration_data_the_statistics_step_reads_the_builtin_text(tmp
     assert "read the built-in English text (python-docs" in printed and "--calibration-data texts.txt" in printed
     summary = json.loads((tmp_path / "default" / "conversion.json").read_text())
     assert summary["calibration_data"] == "python-docs" and summary["statistics"]["batches"] == 4
-    assert "(English prose: the documentation Python ships)" in (tmp_path / "default" / "README.md").read_text()
+    card = (tmp_path / "default" / "README.md").read_text()
+    assert "(English prose: the documentation Python ships)" in card
+    assert "Zero-shot" not in card and "No attention-transfer calibration (`--calibrate`)" in card
     assert run("convert", src, tmp_path / "file", "--nb-features", 8, "--calibration-data", txt, "--no-progress") == 0
     default, file = (tf.AutoModelForMaskedLM.from_pretrained(tmp_path / d) for d in ("default", "file"))
     assert all(bool(f.stats_calibrated) for f in default.favor_modules())

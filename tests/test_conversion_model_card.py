@@ -74,6 +74,7 @@ def test_a_local_source_is_named_by_its_card_title_else_its_folder(tmp_path, cap
     assert f"\n# {title} with Performer FAVOR+ attention\n" in card
     # no statistics step ran: the settings table says that aligned_features has not taken effect yet
     assert "| `aligned_features` | `true` (takes effect at the statistics step, which has not run" in card
+    assert "- Zero-shot (`--zero-shot`, no statistics step)" in card
 
 
 def _bert(kernel):

@@ -240,8 +240,8 @@ def _run_convert(args, argv) -> None:
     if summary["statistics"] is None:
         print("hf-performer: note: --zero-shot, so no statistics step ran (the model warns at its first forward). The "
               "step takes seconds, without training, and brings the model much closer to the original: convert again "
-              "without --zero-shot, with --calibration-data texts.txt (a few dozen texts of the kind the model will "
-              "see) --overwrite.")
+              "without --zero-shot, with --overwrite (the step then reads built-in English text, or yours with "
+              "--calibration-data texts.txt: a few dozen texts of the kind the model will see).")
     elif args.calibration_data is None:
         print(f"hf-performer: note: the statistics step{' and calibration' if summary['calibration'] else ''} read "
               f"the built-in English text ({BUILTIN_TEXT}: the documentation Python ships). For a model of another "

@@ -234,8 +234,9 @@ def model_card(summary: dict) -> str:
                      + (" (English prose: the documentation Python ships)." if s.get("calibration_data") == BUILTIN_TEXT
                         else "."))
     else:
-        lines.append("- No text was given: per-head statistics are at their identity values and the features are not "
-                     "data-aligned (less accurate until `hf_performer.calibrate_feature_statistics` runs).")
+        lines.append("- Zero-shot (`--zero-shot`, no statistics step): per-head statistics are at their identity values "
+                     "and the features are not data-aligned (less accurate until "
+                     "`hf_performer.calibrate_feature_statistics` runs).")
     cal = s.get("calibration")
     if cal:
         lines += _calibration_lines(cal)
@@ -243,7 +244,7 @@ def model_card(summary: dict) -> str:
             lines.append("- Note: `redraw_interval` > 0 redraws the random features during fine-tuning; calibration fitted the "
                          "current draw, so a redraw loses part of its gain.")
     else:
-        lines.append("- Not calibrated: zero-shot conversion. FAVOR+ is an approximation; check fidelity with "
-                     "`hf-performer report`.")
+        lines.append("- No attention-transfer calibration (`--calibrate`): no weight was trained. FAVOR+ is an "
+                     "approximation; check fidelity with `hf-performer report`.")
     lines.append("")
     return "\n".join(lines)
