@@ -184,21 +184,23 @@ def test_no_look_ahead_with_a_huge_future_key():
 MIXED_STEPS = [(0, 1), (1, 2), (2, 9), (9, 10), (10, 23), (23, 29)]
 
 
+@pytest.mark.parametrize("masked", [True, False], ids=["left_padded", "no_mask"])
 @pytest.mark.parametrize("steps", [MIXED_STEPS, [(t, t + 1) for t in range(29)]], ids=["mixed", "one_token_each"])
 @pytest.mark.parametrize("kernel", ["softmax", "favor++"])
-def test_decoding_steps_equal_the_causal_pass_and_keep_a_constant_state(kernel, steps):
+def test_decoding_steps_equal_the_causal_pass_and_keep_a_constant_state(kernel, steps, masked):
     """Steps of several tokens run the causal op from the state; single tokens the short path of
     ``recurrent._one_token`` (generate's every step), whose window is the state's last w keys and the new one."""
     q, k, v = qkv(L=29)
-    mask = padding_mask(2, 29, left=5, right=0)
+    mask = padding_mask(2, 29, left=5, right=0) if masked else None
     att = attention(3, kernel, chunk=4)
     full = att(q, k, v, causal=True, key_padding_mask=mask)
     state, outs, sizes = None, [], []
     for a, b in steps:
-        out, state = att.step(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], state, key_padding_mask=mask[:, a:b])
+        out, state = att.step(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], state,
+                              key_padding_mask=None if mask is None else mask[:, a:b])
         outs.append(out)
         sizes.append(state.nbytes)
-    valid = mask[:, None, :, None].expand_as(full)
+    valid = None if mask is None else mask[:, None, :, None].expand_as(full)
     assert max_err(torch.cat(outs, 2), full, valid) < 1e-10
     assert state.wk.shape == (2, 3, 3, 8) and state.wv.shape == (2, 3, 3, 5)
     assert len(set(sizes[2:])) == 1  # constant once the window is full

@@ -82,7 +82,7 @@ def _one_token(q, k, v, fmap: FeatureMap, state: FavorState | None, mask, window
         qt = fmap.transform(q, True)
         lq, fq = fmap.logits(qt, query=True)
         x_q = lq + ref
-        r = x_q.amax(-1, keepdim=True)  # [B, H, 1, 1]
+        r = x_q.detach().amax(-1, keepdim=True)  # [B, H, 1, 1]: a constant (cancels in the ratio, as in the chunked op)
         phi_q = times(bounded_exp_(x_q.sub_(r)), fq)  # [B, H, 1, m], <= 1
         num = phi_q @ S  # [B, H, 1, dv]
         den = (phi_q @ z[..., None])[..., 0]  # [B, H, 1]
