@@ -220,7 +220,7 @@ def _run_convert(args, argv) -> None:
                    if getattr(args, dest(f.name), None) is not None}
     if args.zero_shot and args.calibration_data is not None:
         raise ConversionError("--zero-shot runs no statistics step, so it reads no --calibration-data: drop one of them.")
-    data = None if args.zero_shot else (args.calibration_data or BUILTIN_TEXT)
+    data = None if args.zero_shot else BUILTIN_TEXT if args.calibration_data is None else args.calibration_data
     summary = convert(
         args.source, args.output, performer, max_position_embeddings=args.max_position_embeddings,
         calibration_data=data, calibrate_model=args.calibrate, calibration=calibration,
