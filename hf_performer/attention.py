@@ -64,7 +64,11 @@ class FavorAttention(nn.Module):
         self.register_buffer("log_qk_scale", torch.zeros(num_heads, **f32))
         self.register_buffer("oprf_rho", torch.zeros(num_heads, **f32))
         self.register_buffer("stats_calibrated", torch.zeros((), dtype=torch.bool))
-        self._remember_calibrated(False)
+        # see _buffer_value: each 0-d buffer's Python value, and the (identity, version) of the tensor it was read from
+        self._buffer_values: dict[str, object] = {}
+        self._buffer_seen: dict[str, tuple[int, int]] = {}
+        self._remember("draw_count", 0)
+        self._remember("stats_calibrated", False)
         self._transforms_cache = None  # see _stored_transforms
         # importance-sampled ("aligned") features, filled by calibrate_statistics
         rows = projection_rows(self.config)
@@ -80,26 +84,32 @@ class FavorAttention(nn.Module):
             seed=c.seed, layer_id=self.layer_id, draw=draw,
         )
 
-    @property
-    def calibrated(self) -> bool:
-        """Whether the statistics step has run (the ``stats_calibrated`` buffer), as Python state.
+    def _buffer_value(self, name: str, read):
+        """``read(buffer)`` of the 0-d buffer ``name`` as Python state.
 
         Reading a device tensor's value is a host synchronisation, so the value is kept in Python and re-read
         only when the buffer changes (another tensor object, or an in-place write such as a checkpoint load):
-        steady-state forwards, backwards and decoding steps never synchronise. Under ``torch.compile`` the
-        value last seen in eager mode is used."""
-        buf, seen = self.stats_calibrated, self._calibrated_seen
-        if torch.compiler.is_compiling() or buf.is_meta:
-            return self._calibrated_flag  # a plain bool: compiled code guards on it, not on this module's buffer
-        if seen[:2] != (id(buf), buf._version):
-            self._remember_calibrated(bool(buf))
-        return self._calibrated_flag
+        steady-state forwards, backwards, decoding steps and redraw schedules never synchronise. Under
+        ``torch.compile`` (compiled code then guards on a plain Python value, not on this module's buffer) and on
+        meta tensors, the value last seen in eager mode is used."""
+        if torch.compiler.is_compiling():
+            return self._buffer_values[name]  # (the identities are one module's own: compiled code must not guard on them)
+        buf = self._buffers[name]
+        if not (buf.is_meta or self._buffer_seen[name] == (id(buf), buf._version)):
+            self._remember(name, read(buf))
+        return self._buffer_values[name]
 
-    def _remember_calibrated(self, value: bool) -> None:
-        """Record ``value`` as the calibrated flag of the current ``stats_calibrated`` tensor (its identity and
-        version: ``calibrated`` re-reads the buffer once either changes)."""
-        self._calibrated_seen = (id(self.stats_calibrated), self.stats_calibrated._version)
-        self._calibrated_flag = value
+    def _remember(self, name: str, value) -> None:
+        """Record ``value`` as the Python value of the current tensor of buffer ``name`` (its identity and version:
+        ``_buffer_value`` re-reads the buffer once either changes)."""
+        buf = self._buffers[name]
+        self._buffer_seen[name], self._buffer_values[name] = (id(buf), buf._version), value
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the statistics step has run (the ``stats_calibrated`` buffer), as Python state
+        (``_buffer_value``: no host synchronisation once read)."""
+        return self._buffer_value("stats_calibrated", bool)
 
     @property
     def aligned(self) -> bool:
@@ -128,26 +138,23 @@ class FavorAttention(nn.Module):
         """Draw the next features of this layer's sequence (seed, layer_id, draw_count + 1)."""
         draws = self.draws
         self.draw_count += 1
-        self._draws_seen = (id(self.draw_count), self.draw_count._version, draws + 1)
+        self._remember("draw_count", draws + 1)
         self.rederive_features()
 
     @property
     def draws(self) -> int:
-        """``draw_count`` as a Python int, re-read from the buffer only when it changed (another tensor, or an
-        in-place write such as a checkpoint load), like ``calibrated``: a redraw schedule asks after every optimizer
-        step, and each read of a GPU tensor would wait for the step's queued work (a host synchronisation)."""
-        buf, seen = self.draw_count, getattr(self, "_draws_seen", None)
-        if seen is None or seen[:2] != (id(buf), buf._version):
-            self._draws_seen = seen = (id(buf), buf._version, int(buf))
-        return seen[2]
+        """``draw_count`` as a Python int (``_buffer_value``: a redraw schedule asks after every optimizer step, and
+        each read of a GPU tensor would wait for the step's queued work)."""
+        return self._buffer_value("draw_count", int)
 
     def _apply(self, fn, recurse=True):
         # keep the projection and statistics in float32 when the model is cast to half precision
         keep = {n: self._buffers[n] for n in _FP32_BUFFERS}
-        calibrated = self._calibrated_flag if self._calibrated_seen[0] == id(self.stats_calibrated) else None
+        known = {n: self._buffer_values[n] for n, seen in self._buffer_seen.items()
+                 if seen == (id(self._buffers[n]), self._buffers[n]._version)}
         super()._apply(fn, recurse)
-        if calibrated is not None:  # same value in a new tensor (device/dtype moves): no re-read needed
-            self._remember_calibrated(calibrated)
+        for name, value in known.items():  # same value in a new tensor (device/dtype moves): no re-read needed
+            self._remember(name, value)
         for name, old in keep.items():
             new = self._buffers[name]
             if new.dtype != torch.float32:
@@ -282,7 +289,7 @@ class FavorAttention(nn.Module):
         k = k.to(ct) * (root / a) - (shift / a if self.config.center_keys else 0)
         self.proposal_centers.copy_(self._sample_pair_sums(q, k, qmask, mask, causal).to(self.proposal_centers))
         self.stats_calibrated.fill_(True)
-        self._remember_calibrated(True)
+        self._remember("stats_calibrated", True)
         if self.aligned:
             self._draw_aligned()
 

@@ -160,7 +160,7 @@ def test_the_redraw_schedule_reads_no_device_value_between_redraws():
 
     model = tiny_model(redraw_interval=3)
     modules = model.favor_modules()
-    I.maybe_redraw_features(model, 0)  # the first call reads each layer's count once
+    I.maybe_redraw_features(model, 0)  # the first call may read each layer's count once
     reads = []
     for step in range(1, 8):
         with Dispatched() as d:
