@@ -104,11 +104,11 @@ class FavorCacheLayer(DynamicLayer):
                 if a is not None:
                     a.copy_(b)
             return
-        if not torch.compiler.is_compiling() and not any(t.requires_grad for t in _tensors(state)):
+        if not torch.compiler.is_compiling() and not any(t.requires_grad for t in state.tensors):
             # tensors of their own (the op's S and z are views of one tensor, c of the running maxima): state tensors
             # that a compiled step mutates must not alias one another
-            state = FavorState(**{f.name: _own(getattr(state, f.name)) for f in fields(state)})
-            for a in _tensors(state):
+            state = state.clone()
+            for a in state.tensors:
                 torch._dynamo.mark_static_address(a)
         self.state = state
 
@@ -204,15 +204,6 @@ class FavorCache(Cache):
             super().__init__(layer_class_to_replicate=FavorCacheLayer)
         else:
             super().__init__(layers=[FavorCacheLayer() for _ in range(num_layers)])
-
-
-def _tensors(state: FavorState) -> list[torch.Tensor]:
-    return [t for t in (getattr(state, f.name) for f in fields(state)) if t is not None]
-
-
-def _own(t: torch.Tensor | None) -> torch.Tensor | None:
-    """t as a contiguous tensor with storage of its own (a copy), or None."""
-    return None if t is None else t.clone(memory_format=torch.contiguous_format)
 
 
 def _copyable(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:

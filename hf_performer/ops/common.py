@@ -90,10 +90,18 @@ class FavorState:
     def to(self, *args, **kwargs) -> FavorState:
         return self._map(lambda t: t.to(*args, **kwargs))
 
+    def clone(self) -> FavorState:
+        """A copy whose tensors each own contiguous storage (none is a view of another's)."""
+        return self._map(lambda t: t.clone(memory_format=torch.contiguous_format))
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        """The fields that are set (S, z, c, and the window's when present)."""
+        return [t for t in (getattr(self, f.name) for f in fields(self)) if t is not None]
+
     @property
     def nbytes(self) -> int:
-        tensors = (getattr(self, f.name) for f in fields(self))
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return sum(t.numel() * t.element_size() for t in self.tensors)
 
 
 def masked_exp_(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
