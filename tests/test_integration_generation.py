@@ -52,6 +52,32 @@ def test_greedy_cached_equals_uncached_full_forwards(local_window):
     assert len(set(cached[:, ids.shape[1]:].flatten().tolist())) > 3  # not a degenerate constant output
 
 
+@pytest.mark.parametrize("local_window", [0, 2])
+def test_generation_after_a_prompt_of_several_chunks_equals_full_forwards(local_window):
+    """A prompt longer than the chunk size (130 tokens: 3 chunks of 64) on a calibrated model whose logits spread
+    widely (initializer range 0.6): the prefill's state used to be rescaled with a weight clamped to 1, and every
+    generated token's logits then differed from a full forward's by up to 6.4 (found in a bug hunt). float64:
+    generate's scores against a full forward over each generated sequence."""
+    from hf_performer import calibrate_feature_statistics
+
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=256, initializer_range=0.6,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = I.convert_to_performer(tf.GPT2LMHeadModel(cfg), PerformerConfig(nb_features=32, seed=5,
+                                                                            local_window=local_window)).eval()
+    g = torch.Generator().manual_seed(123)
+    calibrate_feature_statistics(model, {"input_ids": torch.randint(3, V, (4, 24), generator=g)})
+    model = model.double()
+    ids = torch.randint(3, V, (2, 130), generator=g)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, do_sample=False, return_dict_in_generate=True, output_logits=True,
+                             **COMMON)
+        full = model(input_ids=out.sequences[:, :-1], use_cache=False).logits[:, ids.shape[1] - 1:]  # [2, NEW, V]
+    steps = torch.stack(out.logits, 1).double()  # (generate returns its logits in float32)
+    assert (steps - full).abs().max() < 1e-4 * full.abs().max()
+    assert torch.equal(out.sequences[:, ids.shape[1]:], full.argmax(-1))
+
+
 @pytest.mark.parametrize("mode", ["greedy", "beam", "sample", "beam_sample"])
 def test_generate_with_cache_equals_generate_without(mode):
     model, (ids, mask) = gpt2(), left_padded_prompts()

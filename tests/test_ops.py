@@ -338,6 +338,68 @@ def test_causal_hand_written_backward_through_the_running_state():
     assert torch.autograd.gradcheck(op, (*small, S0, z0))
 
 
+def wide_spread_inputs(L=37, seed=0):
+    """q, k with logits spread over tens of nats across features (scale 4 at d = 8), so that a chunk's reference,
+    floored at REF_SPREAD below its first key's largest logit, lies above every key seen so far in some features
+    (ref_i > M_{i+1}): the case the tame inputs of the other tests never reach."""
+    return qkv(L=L, scale=4.0, seed=seed)
+
+
+def explicit_state_sums(k, v, fmap, c, mask=None):
+    """The running sums a FavorState should hold after the keys k [B,H,L,d] and values v [B,H,L,dv]: S = sum_s
+    exp(Lg(k_s) - c) v_s^T and z = sum_s exp(Lg(k_s) - c), from the feature map's logits directly (no op)."""
+    phi = torch.exp(fmap(k)[0] - c[:, :, None, :])  # [B, H, L, m]
+    if mask is not None:
+        phi = phi * mask[:, None, :, None]
+    return phi.transpose(-1, -2) @ v, phi.sum(2)
+
+
+@pytest.mark.parametrize("window", [0, 2])
+@pytest.mark.parametrize("kernel", ["softmax", "favor++"])
+def test_chained_calls_equal_one_pass_when_logits_spread_widely(kernel, window):
+    """The state after a call of several chunks (a prompt longer than the chunk size, a multi-token step from a
+    state, every CPU segment but the last) holds the sums relative to the running maximum M_n. It was rescaled from
+    the last chunk's incoming sums, whose reference can lie above M_n (REF_SPREAD), with a weight clamped to 1:
+    too small, so every later step drifted (generate after a 130-token prompt chose other tokens than a full
+    forward). Values, the returned state against the explicit sums, and gradients through the chained calls."""
+    from hf_performer.ops import causal_attention
+    from hf_performer.ops.causal import _causal
+
+    q, k, v = (x.requires_grad_(True) for x in wide_spread_inputs())
+    fmap, mask, chunk, L = fmap_for(kernel), padding_mask(2, 37, left=6, right=0), 4, 37
+    internals = {}
+    with torch.no_grad():
+        _causal(q, k, v, fmap, mask, chunk, 0, None, internals)
+    assert (internals["ref"] > internals["M"][:, :, 1:]).any()  # the case that broke: ref_i above M_{i+1}
+    g = torch.randn(2, 3, L, 5, dtype=D64) * mask[:, None, :, None]
+    full = favor_causal(q, k, v, fmap, mask, chunk, local_window=window)
+    state, outs = None, []
+    for a, b in [(0, 13), (13, 15), (15, 16), (16, 17), (17, 30), (30, 37)]:  # multi-chunk, multi-token, single
+        out, state = causal_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], fmap, mask[:, a:b], chunk, window,
+                                      state=state)
+        outs.append(out)
+        S, z = explicit_state_sums(k[:, :, :b], v[:, :, :b], fmap, state.c, mask[:, :b])
+        assert rel_err(state.S, S) < 1e-10 and rel_err(state.z, z) < 1e-10, (a, b)
+    assert_values_and_gradients(torch.cat(outs, 2), full, (q, k, v), g, mask[:, None, :, None].expand_as(full))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_segments_equal_one_pass_when_logits_spread_widely(causal, monkeypatch):
+    """test_cpu_segments_equal_one_pass_in_value_and_gradient with logits spread over tens of nats: each causal
+    segment starts from the state the one before returns (the case of the test above, on every long CPU input)."""
+    from hf_performer.ops import common
+
+    q, k, v = (x.requires_grad_(True) for x in wide_spread_inputs(L=45))
+    fmap, mask = fmap_for("softmax"), padding_mask(2, 45, left=3, right=5)
+    g = torch.randn(2, 3, 45, 5, dtype=D64) * mask[:, None, :, None]
+    op = (lambda: favor_causal(q, k, v, fmap, mask, 4)) if causal else (lambda: favor_bidirectional(q, k, v, fmap,
+                                                                                                     mask))
+    monkeypatch.setattr(common, "CPU_SEGMENT_BYTES", 1 << 40)  # one pass
+    whole = op()
+    monkeypatch.setattr(common, "CPU_SEGMENT_BYTES", 2 * 3 * 16 * 8 * 8)  # 8 positions per segment
+    assert_values_and_gradients(op(), whole, (q, k, v), g, mask[:, None, :, None].expand_as(whole))
+
+
 def test_causal_float32_gradients_stay_finite_when_later_keys_tower_over_the_first():
     """A chunk's reference starts from its first key: a first key far below the later ones in some feature made the
     in-chunk bound U huge, the feature products underflowed and the float32 backward returned NaN (seen with

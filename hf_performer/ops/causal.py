@@ -16,7 +16,9 @@ The sequence is cut into n chunks of C positions ([B, H, n, C, ·] views). For c
 
 Every quantity at t uses keys s <= t only, so a future key cannot move an earlier output, not even in the last
 bit. Padded keys are masked before every exponential (value and gradient exactly 0, no 0 * inf). Decoding
-passes the running state (S, z, c) as a summary ahead of chunk 0. With a local window the w keys before each
+passes the running state (S, z, c) as a summary ahead of chunk 0; the state it returns is sum_j K_j e^{M_j - M_{n-1}}
+(and the incoming sums rescaled likewise), relative to the maximum over all keys M_{n-1}: every weight <= 1, which
+rescaling P_{n-1} would not give (c_{n-1} can lie above M_{n-1}). With a local window the w keys before each
 chunk (the previous chunk's last keys, or the decoding state's) join the intra matrix as a halo, so the window's
 FAVOR estimates are a band of it (``local.combine_window``). Backward: for the positive kernels (softmax, favor++;
 with or without a window) the hand-written one of ``causal_backward`` (keeps q, k, v, the output, phi~(Q) and the
@@ -229,10 +231,15 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
         internals.update(ref=ref, M=M, U=U, r=r, prefix=prefix, den=den[:, :, :T], C=C, A=A, decay=decay, phi_q=phi_q)
     if not with_state:
         return out[:, :, :T], None
-    # the state after the last chunk, relative to the running maximum M_n (K_{n-1} already is); c_{n-1} <= M_n
-    # except where no real key was seen at all (c = 0 > M = -big, and the sums are 0)
-    final = prefix[:, :, -1] * weights(ref[:, :, -1] - M[:, :, -1])[..., None] + K[:, :, -1]
-    new = FavorState(S=final[..., :-1], z=final[..., -1], c=M[:, :, -1])
+    # the state after the last chunk, relative to the running maximum M_n: every chunk summary K_j (relative to
+    # M_{j+1} <= M_n) and the incoming state (c_0 <= M_n) rescaled to it directly, each weight <= 1. (Not from the
+    # last chunk's incoming sums: their reference c_{n-1} lies above M_n in the features where REF_SPREAD raised it,
+    # and the weight e^{c_{n-1} - M_n} > 1 that would bring them back is lost where they underflowed.)
+    Mn = M[:, :, -1]  # [B, H, m']
+    final = (K * weights(M[:, :, 1:] - Mn[:, :, None])[..., None]).sum(2)  # [B, H, m, dv + 1]
+    if state is not None:
+        final = final + S0 * weights(c0 - Mn)[..., None]
+    new = FavorState(S=final[..., :-1], z=final[..., -1], c=Mn)
     if w:
         carry_window(new, kx, vx, mx, T, w)
     return out[:, :, :T], new
