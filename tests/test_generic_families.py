@@ -224,6 +224,37 @@ def test_every_generic_class_is_exercised():
     assert heads == {c for f in GENERIC_FAMILIES.values() for c in f.classes}
 
 
+@pytest.mark.parametrize("model_type", [row.model_type for row in ROWS])
+def test_position_extension_keeps_the_first_positions_and_runs_longer_inputs(model_type):
+    """``extend_positions`` (``hf-performer convert --max-position-embeddings``) on every row of the generic table:
+    outputs up to the old limit unchanged bit for bit, and an input past it runs. OPT's learned table was refused
+    with a message listing opt as supported; ALBERT's row said rotary, so only its config grew and a longer input
+    crashed (both found in a bug hunt)."""
+    from hf_performer.conversion.positions import extend_positions, max_tokens
+
+    torch.manual_seed(0)
+    if model_type == "modernbert":
+        model = tf.ModernBertModel(modernbert_config())
+    elif model_type in TYPES:
+        model = stock(model_type)
+    else:
+        model = next(c for c in GENERIC_FAMILIES[model_type].classes if c.__name__.endswith("Model"))(
+            encoder_config(model_type))
+    model = I.convert_to_performer(model.eval(), SETTINGS).eval()
+    old = max_tokens(model.config)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, V, (2, old), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, old - 5:] = 0
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask)[0]
+        assert extend_positions(model, 2 * old + 3) == {"from": old, "to": 2 * old + 3}
+        assert max_tokens(model.config) == 2 * old + 3
+        assert torch.equal(model(input_ids=ids, attention_mask=mask)[0], before)
+        longer = model(input_ids=torch.randint(3, V, (1, 2 * old + 3), generator=g))[0]
+    assert longer.shape[1] == 2 * old + 3 and torch.isfinite(longer).all()
+
+
 def _snapshot(model):
     return type(model), {k: v.clone() for k, v in model.state_dict().items()}, copy.deepcopy(model.config.to_dict())
 

@@ -9,6 +9,9 @@ tokens gives exactly the outputs it gave before — and later positions start fr
 * RoBERTa: positions start at ``padding_idx + 1`` (2): rows 0..padding_idx are kept, the rest is tiled; a
   model for N tokens needs ``max_position_embeddings = N + padding_idx + 1``.
 * GPT-2 (1024): ``wpe`` and ``n_positions``.
+* OPT: ``decoder.embed_positions``, whose first 2 rows are not token positions (position p reads row p + 2; padding
+  reads row 1): those are kept, the rest is tiled; ``max_position_embeddings`` counts tokens.
+* ALBERT, ELECTRA, ERNIE (like BERT) and XLM-RoBERTa, CamemBERT (like RoBERTa): rows of the generic table.
 * Rotary families (``integration.generic``: Llama, Qwen2, ...): no table; only ``max_position_embeddings`` (and the
   tokenizer's ``model_max_length``) grow. Rotary positions are computed for any index, but a model trained on n
   tokens has never seen larger rotations: quality beyond n is what the checkpoint gives (FAVOR+ changes nothing there).
@@ -25,7 +28,7 @@ from hf_performer.integration.generic import GENERIC_FAMILIES
 
 from .errors import ConversionError
 
-SUPPORTED = ("bert", "roberta", "distilbert", "gpt2")
+SUPPORTED = ("bert", "roberta", "distilbert", "gpt2", "opt")
 
 
 def is_rotary(config) -> bool:
@@ -39,7 +42,7 @@ def position_offset(config) -> int:
 
 
 def _family(config) -> str:
-    """The position layout: "bert", "roberta", "distilbert", "gpt2", or "rotary" (rows of the generic table say
+    """The position layout: "bert", "roberta", "distilbert", "gpt2", "opt", or "rotary" (rows of the generic table say
     which of these they use)."""
     family = config.model_type.removeprefix("performer_")
     row = GENERIC_FAMILIES.get(family)
@@ -111,6 +114,10 @@ def extend_positions(model: nn.Module, new_max: int, tokenizer=None) -> dict:
     elif family == "gpt2":
         _grow_embedding(base.wpe, new_max, 0)
         config.n_positions = new_max
+    elif family == "opt":  # the table's first ``offset`` (2) rows are not token positions
+        table = base.decoder.embed_positions
+        _grow_embedding(table, new_max + table.offset, table.offset)
+        config.max_position_embeddings = new_max
     else:
         embeddings = base.embeddings
         _grow_embedding(embeddings.position_embeddings, new_max + offset, offset)

@@ -90,7 +90,7 @@ class Row:
     projections: str = LLAMA_ATTENTION
     lora: str = LLAMA_LORA
     default_class: str = ""
-    positions: str = "rotary"  # "rotary" (computed), or a learned table indexed like "bert" or "roberta"
+    positions: str = "rotary"  # "rotary" (computed), or a learned table indexed like "bert", "roberta" or "opt"
     exact_if: str | None = None  # attention modules whose attribute of this name is set keep exact attention
     cache_kwarg: str = "cache"  # the attention forward's cache argument (GPT-NeoX: "layer_past")
     shared: bool = False  # attention modules serve several layers (ALBERT); layer id = position among them
@@ -139,7 +139,7 @@ ROWS = [
     # the group; it gets one FavorAttention, whose statistics are fitted on all the layers it serves (``shared``)
     Row("albert", "AlbertAttention", kv_heads=None, head_dim="attention_head_size", causal=False, shared=True,
         qk=r"\.attention\.(query|key)\.", projections=r"\.attention\.(query|key|value|dense)\.",
-        lora=r".*\.attention\.(query|key|value|dense)", default_class="AlbertModel"),
+        lora=r".*\.attention\.(query|key|value|dense)", default_class="AlbertModel", positions="bert"),
     # global layers FAVOR+, local (sliding-window) layers exact in linear memory; layer_types derived by the stock
     # config from global_attn_every_n_layers (config.json says favor_attention for every layer)
     Row("modernbert", "ModernBertAttention", kv_heads=None, causal=False, exact_if="sliding_window",
