@@ -384,7 +384,8 @@ def test_chained_calls_equal_one_pass_when_logits_spread_widely(kernel, window):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_cpu_segments_equal_one_pass_when_logits_spread_widely(causal, monkeypatch):
+@pytest.mark.parametrize("window", [0, 2])
+def test_cpu_segments_equal_one_pass_when_logits_spread_widely(causal, window, monkeypatch):
     """test_cpu_segments_equal_one_pass_in_value_and_gradient with logits spread over tens of nats: each causal
     segment starts from the state the one before returns (the case of the test above, on every long CPU input)."""
     from hf_performer.ops import common
@@ -392,8 +393,8 @@ def test_cpu_segments_equal_one_pass_when_logits_spread_widely(causal, monkeypat
     q, k, v = (x.requires_grad_(True) for x in wide_spread_inputs(L=45))
     fmap, mask = fmap_for("softmax"), padding_mask(2, 45, left=3, right=5)
     g = torch.randn(2, 3, 45, 5, dtype=D64) * mask[:, None, :, None]
-    op = (lambda: favor_causal(q, k, v, fmap, mask, 4)) if causal else (lambda: favor_bidirectional(q, k, v, fmap,
-                                                                                                     mask))
+    op = (lambda: favor_causal(q, k, v, fmap, mask, 4, local_window=window)) if causal else (
+        lambda: favor_bidirectional(q, k, v, fmap, mask, local_window=window))
     monkeypatch.setattr(common, "CPU_SEGMENT_BYTES", 1 << 40)  # one pass
     whole = op()
     monkeypatch.setattr(common, "CPU_SEGMENT_BYTES", 2 * 3 * 16 * 8 * 8)  # 8 positions per segment
