@@ -281,6 +281,31 @@ def test_unusable_tokenizer_option_is_refused(tmp_path, capsys, which, message):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("target", ["src", ".", "link"])
+def test_an_output_that_would_replace_the_source_is_refused(tmp_path, capsys, target):
+    """``convert SRC SRC --overwrite`` replaced the source checkpoint with the converted one (found in a bug hunt); an
+    output that is the source (through a symbolic link too) or a folder holding it is refused before anything is
+    written."""
+    src = tiny_bert(tmp_path / "src")
+    (tmp_path / "link").symlink_to(src)
+    before = {p: p.read_bytes() for p in src.iterdir()}
+    capsys.readouterr()
+    assert run("convert", src, tmp_path / target if target != "." else tmp_path, "--zero-shot", "--overwrite",
+               "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hf-performer: error: output") and "would replace the source checkpoint" in err
+    assert {p: p.read_bytes() for p in src.iterdir()} == before and sorted(listing(tmp_path)) == ["link", "src"]
+
+
+def test_a_tokenizer_folder_that_does_not_exist_is_named(tmp_path, capsys):
+    src = tiny_bert(tmp_path / "src")
+    capsys.readouterr()
+    assert run("convert", src, tmp_path / "out", "--tokenizer", tmp_path / "no" / "such", "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert "--tokenizer" in err and "no such folder" in err and "Repo id" not in err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_output_folder_has_save_pretrained_permissions(tmp_path, capsys, umask):
     src = tiny_bert(tmp_path / "src")

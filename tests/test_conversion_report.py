@@ -103,6 +103,33 @@ def test_report_lengths_empty_string_means_none(tmp_path, capsys):
         main(["report", str(src), str(out), "--data", "x.txt", "--lengths", "0"])
 
 
+def test_bad_report_arguments_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """One line naming the flag, before the fidelity computation (found in a bug hunt: --repeats 0 and an --out that
+    is a file raised tracebacks at the very end; a source of another family named --model-class, which report has
+    not; --max-length named the Python field)."""
+    rep = sys.modules["hf_performer.conversion.report"]  # (the package's ``report`` is the function)
+    src, out = tiny_bert(tmp_path / "src"), tmp_path / "out"
+    _convert(src, out, text_file(tmp_path / "train.txt"))
+    other = tiny_gpt2(tmp_path / "gpt2")
+    (tmp_path / "afile").write_text("x")
+    data = str(text_file(tmp_path / "eval.txt", n=6, split="eval"))
+    monkeypatch.setattr(rep, "layer_errors", lambda *a, **k: pytest.fail("computed before refusing"))
+    cases = [
+        ([src, out, "--repeats", "0"], "--repeats 0: expected a positive integer"),
+        ([src, out, "--out", tmp_path / "afile"], "exists and is not a folder"),
+        ([src, out, "--max-length", "2"], "--max-length 2: need at least 4 tokens"),
+        ([src, out, "--batch-size", "0"], "--batch-size 0: need at least 1 sequence"),
+        ([other, out], "was made from a BertForMaskedLM, but source"),
+    ]
+    for args, message in cases:
+        capsys.readouterr()
+        assert main(["report", *map(str, args), "--data", data, "--lengths", "", "--no-progress"]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("hf-performer: error:") and message in err and err.count("\n") == 1, err
+        assert "--model-class" not in err and "max_length" not in err
+    assert not (out / "fidelity_report").exists()
+
+
 def test_default_lengths_stop_at_the_position_limit():
     assert default_lengths(512) == (128, 512)
     assert default_lengths(4096) == (128, 512, 2048, 4096)

@@ -186,7 +186,7 @@ def _report_parser(sub) -> argparse.ArgumentParser:
                         "converted model's position limit; '' = none)")
     p.add_argument("--repeats", type=int, default=3, help="timed forward passes per length, median (default 3)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(flag_names=_flag_names(p))
+    p.set_defaults(flag_names={**_flag_names(p), "out_dir": "--out"})  # (report()'s name for what --out sets)
     return p
 
 

@@ -198,9 +198,14 @@ def convert(
             validate_repo_id(base_model)
         except HFValidationError as e:
             raise ConversionError(f"--base-model {base_model!r} is not a Hugging Face Hub id such as 'org/name' ({e})") from e
+    src = inspect_source(source, model_class)
+    out_path = Path(os.path.expanduser(str(output))).resolve()
+    if src.is_local and (out_path == Path(src.location) or out_path in Path(src.location).parents):
+        raise ConversionError(f"output {str(output)!r} would replace the source checkpoint {src.spec!r}"
+                              + ("" if out_path == Path(src.location) else " (a folder that holds it)")
+                              + ": write the converted model to another folder.")
     target = check_target(output, overwrite)
     state_dir = Path(resume) if isinstance(resume, (str, os.PathLike)) and not isinstance(resume, bool) else default_state_dir(target)
-    src = inspect_source(source, model_class)
     check_extension(src.config, max_position_embeddings)
     sentence_modules = read_sentence_modules(src.location, src.is_local, src.spec)
     texts = read_texts(calibration_data) if calibration_data is not None else None

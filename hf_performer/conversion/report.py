@@ -297,12 +297,23 @@ def report(
     ``ConversionError`` on bad arguments, unreadable checkpoints or text, and when no tokenizer is usable."""
     if max_texts is not None and max_texts < 2:
         raise ConversionError(f"max_texts={max_texts}: need at least 2 texts.")
-    if max_length < 4 or batch_size < 1:
-        raise ConversionError("max_length must be >= 4 and batch_size >= 1.")
+    if max_length < 4:
+        raise ConversionError(f"max_length={max_length}: need at least 4 tokens per sequence.")
+    if batch_size < 1:
+        raise ConversionError(f"batch_size={batch_size}: need at least 1 sequence per batch.")
     if lengths is not None and any(not isinstance(n, int) or n < 1 for n in lengths):
         raise ConversionError(f"lengths={lengths!r}: expected positive integers (or none).")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ConversionError(f"repeats={repeats!r}: expected a positive integer (timed forward passes per length).")
+    out = Path(out_dir) if out_dir is not None else Path(os.path.expanduser(str(converted))) / "fidelity_report"
+    out = Path(os.path.expanduser(str(out)))
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"out_dir={str(out)!r}: exists and is not a folder; choose another path.")
+    parent = next((p for p in (out, *out.absolute().parents) if p.exists()), None)
+    if parent is None or not os.access(parent, os.W_OK):
+        raise ConversionError(f"out_dir={str(out)!r}: cannot write there ({str(parent)!r} is not writable).")
     student, stock_name = load_converted(converted)
-    src = inspect_source(source, stock_name)
+    src = inspect_source(source, stock_name, converted_from=True)
     texts = read_texts(data)[:max_texts]
     teacher = load_model(src)
     tokenizer = _load_tokenizer(converted, src.location, given=tokenizer)
@@ -334,7 +345,6 @@ def report(
         "end_to_end": end, "layer_errors": errors, "timing": timing,
         "device": str(next(student.parameters()).device), "torch_threads": torch.get_num_threads(),
     }
-    out = Path(out_dir) if out_dir is not None else Path(os.path.expanduser(str(converted))) / "fidelity_report"
     out.mkdir(parents=True, exist_ok=True)
     result["plot"] = PLOT if _layer_plot(result, out / PLOT) else None
     if result["plot"] is None:

@@ -59,8 +59,10 @@ def _load_config(location: str, spec: str, is_local: bool):
         ) from e
 
 
-def inspect_source(spec: str | os.PathLike, model_class: str | None = None) -> Source:
-    """Validate ``spec`` and pick the model class from its config alone (no weights are read)."""
+def inspect_source(spec: str | os.PathLike, model_class: str | None = None, converted_from: bool = False) -> Source:
+    """Validate ``spec`` and pick the model class from its config alone (no weights are read). ``model_class``: the
+    stock class to load (``--model-class``; None = from the config). ``converted_from``: ``model_class`` is the class a
+    converted checkpoint was made from (``report``), so a mismatch says so instead of naming ``--model-class``."""
     spec = str(spec)
     path = Path(os.path.expanduser(spec))
     if path.is_dir():
@@ -99,6 +101,9 @@ def inspect_source(spec: str | os.PathLike, model_class: str | None = None) -> S
                 "(choose one with --model-class)."
             )
         model_class = model_class or family_traits(model_type).default_class
+    if model_class not in classes and converted_from:
+        raise ConversionError(f"the converted checkpoint was made from a {model_class}, but source {spec!r} is a "
+                              f"{model_type} checkpoint: pass the checkpoint it was converted from.")
     if model_class not in classes:
         raise ConversionError(f"--model-class {model_class!r} is not supported for {model_type}; choose from {', '.join(classes)}.")
     return Source(spec, location, is_local, config, classes[model_class])
@@ -134,6 +139,8 @@ def load_tokenizer(source: Source, required: bool, tokenizer: str | os.PathLike 
     from transformers import AutoTokenizer
 
     location = str(os.path.expanduser(str(tokenizer))) if tokenizer is not None else source.location
+    if tokenizer is not None and _looks_local(str(tokenizer)) and not os.path.isdir(location):
+        raise ConversionError(f"--tokenizer {str(tokenizer)!r}: no such folder (pass a tokenizer's folder or a hub id).")
     problem, tok = None, None
     try:
         tok = AutoTokenizer.from_pretrained(location)
