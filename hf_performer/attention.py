@@ -70,6 +70,9 @@ class FavorAttention(nn.Module):
         self._remember("draw_count", 0)
         self._remember("stats_calibrated", False)
         self._transforms_cache = None  # see _stored_transforms
+        # whether a redraw schedule follower (callback, maybe_redraw_features) has seen this layer, and how many
+        # training forwards ran before one did (``integration.redraw_notice``)
+        self.redraw_followed, self.unfollowed_training_calls = False, 0
         # importance-sampled ("aligned") features, filled by calibrate_statistics
         rows = projection_rows(self.config)
         self.register_buffer("proposal_centers", torch.zeros(num_heads, NB_CENTERS, head_dim, **f32))

@@ -5,7 +5,8 @@
 
 The schedule is ``PerformerConfig.redraw_interval`` (saved in the model's config.json), counted in
 optimizer steps: after ``state.global_step`` steps every FAVOR+ layer holds draw number
-``global_step // redraw_interval`` (``hf_performer.integration.maybe_redraw_features``). Hence:
+``start + global_step // redraw_interval`` (``hf_performer.integration.maybe_redraw_features``), start being
+the draws the model had made before the run (0 for a freshly converted model). Hence:
 
 * gradient accumulation: one redraw per optimizer step at most, never between micro-batches, and the
   forward and its recomputation (gradient checkpointing) always see the same features;
@@ -14,7 +15,9 @@ optimizer steps: after ``state.global_step`` steps every FAVOR+ layer holds draw
   without any communication;
 * resuming: ``draw_count`` and ``projection`` are persistent buffers saved in every checkpoint; a
   resumed run loads them and continues with exactly the features an uninterrupted run would have.
-  ``on_train_begin`` also catches up (never goes back) if a checkpoint holds an older draw.
+  ``on_train_begin`` also catches up (never goes back) if a checkpoint holds an older draw;
+* a new run on a saved model that has drawn before (a second fine-tuning) redraws every interval of its own
+  steps, continuing the model's sequence.
 
 ``PerformerTrainer`` is ``Trainer`` with the callback added (the examples use it).
 """

@@ -173,3 +173,69 @@ def test_the_redraw_schedule_reads_no_device_value_between_redraws():
     assert I.maybe_redraw_features(model, 18) and feature_draw_counts(model) == [6] * len(modules)
     for m in modules:
         torch.testing.assert_close(m.projection, expected_projection(m, 6), rtol=0, atol=0)
+
+
+def test_a_second_run_on_a_saved_model_redraws_every_interval_of_its_own_steps(tmp_path):
+    """A new run (global step 0) on a saved model that has drawn 4 times used to wait until step 5 for its first
+    redraw (the schedule asked for draw step // interval, never going back), silently (found in a bug hunt). It now
+    continues from the model's draw count: 3 steps at interval 1 -> draw 7, the sequence's next features."""
+    model = tiny_model(redraw_interval=1)
+    train(model, args(tmp_path / "first", max_steps=4))
+    assert feature_draw_counts(model) == [4] * len(model.favor_modules())
+    model.save_pretrained(tmp_path / "saved")
+    again = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "saved")
+    train(again, args(tmp_path / "second", max_steps=3))
+    assert feature_draw_counts(again) == [7] * len(again.favor_modules())
+    for m in again.favor_modules():
+        torch.testing.assert_close(m.projection, expected_projection(m, 7), rtol=0, atol=0)
+
+
+@pytest.fixture
+def notice(monkeypatch):
+    """The unfollowed-redraw notice, armed afresh, after 5 training forwards per layer instead of 64."""
+    from hf_performer.integration import redraw_notice
+
+    monkeypatch.setattr(redraw_notice, "_WARNED", False)
+    monkeypatch.setattr(redraw_notice, "TRAINING_CALLS", 5)
+    return redraw_notice
+
+
+def _redraw_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if "nothing follows that schedule" in str(w.message)]
+
+
+def test_a_plain_trainer_without_the_callback_says_nothing_redraws(tmp_path, notice):
+    """redraw_interval > 0 under a plain Trainer without PerformerRedrawCallback never redrew, and nothing said so
+    (found in a bug hunt): the model now warns once, naming the callback, PerformerTrainer and
+    maybe_redraw_features. With the callback, or a loop that follows the schedule, it stays quiet."""
+    import warnings
+
+    model = tiny_model(redraw_interval=1)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        train(model, args(tmp_path / "plain", max_steps=8), callbacks=[])
+    [message] = _redraw_warnings(record)
+    assert "redraw_interval=1" in message and "PerformerRedrawCallback" in message
+    assert "PerformerTrainer" in message and "maybe_redraw_features(model, step)" in message
+    assert feature_draw_counts(model) == [0] * len(model.favor_modules())  # (what it warns about)
+
+    notice._WARNED = False
+    followed = tiny_model(redraw_interval=1)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        train(followed, args(tmp_path / "callback", max_steps=8))
+    assert _redraw_warnings(record) == [] and feature_draw_counts(followed) == [8] * len(followed.favor_modules())
+
+    own = tiny_model(redraw_interval=2).train()  # a loop of one's own, 3 micro-batches per optimizer step
+    opt = torch.optim.SGD(own.parameters(), lr=1e-3)
+    data = Toy()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for step in range(1, 5):
+            for i in range(3):
+                batch = data[(3 * step + i) % len(data)]
+                own(**{k: v[None] for k, v in batch.items()}).loss.backward()
+            opt.step()
+            opt.zero_grad()
+            I.maybe_redraw_features(own, step)
+    assert _redraw_warnings(record) == [] and feature_draw_counts(own) == [2] * len(own.favor_modules())

@@ -23,6 +23,7 @@ from transformers.masking_utils import bidirectional_mask_function, causal_mask_
 from .caller import above_progress_bars, caller_stacklevel
 from .grouped import fold_groups, query_groups, unfold_groups
 from .local_exact import sliding_window_attention
+from .redraw_notice import notice_unfollowed_redraw
 from .zero_shot import notice_uncalibrated
 
 ATTN_IMPLEMENTATION = "favor"
@@ -189,6 +190,7 @@ def favor_attention_forward(
     reject_attention_weights(kwargs.get("output_attentions"))
     warn_ignored_dropout(dropout if module.training else 0.0)
     notice_uncalibrated(favor)
+    notice_unfollowed_redraw(favor, module.training)
     reject_unsupported_kwargs(module, kwargs)
     causal = getattr(module, "is_causal", False) if is_causal is None else bool(is_causal)
     step_layer = kwargs.get(STEP_KWARG)

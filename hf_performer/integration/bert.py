@@ -32,6 +32,7 @@ from .modeling import (
     PerformerGenerationMixin,
     PerformerModelMixin,
 )
+from .redraw_notice import notice_unfollowed_redraw
 from .zero_shot import notice_uncalibrated
 
 
@@ -54,6 +55,7 @@ class CachedSelfAttentionMixin:
         reject_attention_weights(kwargs.get("output_attentions"))
         warn_ignored_dropout(self.dropout.p if self.training else 0.0)
         notice_uncalibrated(self.favor)
+        notice_unfollowed_redraw(self.favor, self.training)
         if not self.is_causal:
             raise ValueError("a bidirectional (encoder) self-attention cannot decode incrementally with a cache")
         B, T, _ = hidden_states.shape

@@ -5,7 +5,8 @@
 Redraws happen after optimizer steps (``state.global_step``), never inside forward, so gradient
 accumulation and activation recomputation see one projection per step. Draws depend on (seed, layer id,
 draw count) only: every data-parallel rank draws the same features, and a resumed run (draw counts are
-persistent buffers in the checkpoint) continues the same sequence.
+persistent buffers in the checkpoint) continues the same sequence. A new run on a checkpoint that has drawn
+before continues from its draw count, redrawing every interval of the new run's steps (``run_start_draws``).
 
 A callback that could never redraw is refused at the start of training: a model without FAVOR+ layers, or
 whose layers all have ``redraw_interval=0``, raises ValueError naming the fix (``PerformerTrainer``, which adds
@@ -19,7 +20,7 @@ import warnings
 
 from transformers import TrainerCallback
 
-from .convert import favor_modules, maybe_redraw_features, redraw_schedule
+from .convert import favor_modules, maybe_redraw_features, redraw_schedule, run_start_draws
 
 
 def follows_schedule(model, state, automatic: bool = False) -> bool:
@@ -53,17 +54,19 @@ class PerformerRedrawCallback(TrainerCallback):
     def __init__(self):
         self.automatic = False  # True when added by PerformerTrainer rather than asked for
         self.active = True
+        self.start = None  # the layers' draw counts at step 0 of this run (``run_start_draws``)
 
     def _model(self, model):
         return model
 
     def _redraw(self, state, model) -> bool:
-        return maybe_redraw_features(self._model(model), state.global_step)
+        return maybe_redraw_features(self._model(model), state.global_step, self.start)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is not None:
             self.active = follows_schedule(self._model(model), state, self.automatic)
             if self.active:  # resumed from an older checkpoint: catch up (no-op otherwise)
+                self.start = run_start_draws(self._model(model), state.global_step)
                 self._redraw(state, model)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):

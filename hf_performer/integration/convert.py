@@ -133,6 +133,8 @@ def redraw_schedule(model: nn.Module) -> list[FavorAttention]:
     """The FAVOR+ layers of ``model`` that follow a redraw schedule (``redraw_interval`` > 0). Raises ValueError,
     naming the fix, when there is none: a redraw schedule on such a model would never redraw anything."""
     modules = [m for m in favor_modules(model) if m.config.redraw_interval > 0]
+    for m in modules:  # something follows the schedule: no ``redraw_notice`` for these layers
+        m.redraw_followed = True
     if not modules:
         raise ValueError(
             f"every FAVOR+ layer of {type(model).__name__} has redraw_interval=0 (never redraw), so following its "
@@ -143,17 +145,35 @@ def redraw_schedule(model: nn.Module) -> list[FavorAttention]:
     return modules
 
 
-def maybe_redraw_features(model: nn.Module, optimizer_step: int) -> bool:
+def maybe_redraw_features(model: nn.Module, optimizer_step: int, start: list[int] | None = None) -> bool:
     """Follow ``PerformerConfig.redraw_interval`` (in optimizer steps): after ``optimizer_step`` steps every
-    layer holds draw number ``optimizer_step // redraw_interval``. Call it after each optimizer step; calling
+    layer holds draw number ``start + optimizer_step // redraw_interval``. Call it after each optimizer step; calling
     it again for the same step (gradient accumulation, resumed runs) changes nothing. Returns True if it redrew.
+
+    ``start``: each scheduled layer's draw count at step 0 of this run (``redraw_schedule`` order), from
+    ``run_start_draws``; None = 0 (a run from a freshly converted model). A run that starts from a checkpoint which
+    has drawn before needs it to redraw every interval of its own steps (else the first redraw waits until the
+    step count passes the draws already made).
 
     Raises ValueError if the model has no FAVOR+ layer, or no layer with a redraw interval (it would never redraw).
     """
     redrew = False
-    for m in redraw_schedule(model):
-        target = int(optimizer_step) // m.config.redraw_interval
+    modules = redraw_schedule(model)
+    start = [0] * len(modules) if start is None else start
+    if len(start) != len(modules):
+        raise ValueError(f"start has {len(start)} draw counts for the {len(modules)} layers of the redraw schedule.")
+    for m, first in zip(modules, start):
+        target = first + int(optimizer_step) // m.config.redraw_interval
         while m.draws < target:  # (a Python int: no host read per step)
             m.redraw_features()
             redrew = True
     return redrew
+
+
+def run_start_draws(model: nn.Module, optimizer_step: int) -> list[int]:
+    """The ``start`` of ``maybe_redraw_features`` for a run at ``optimizer_step`` (0 for a new run, the checkpoint's
+    step when resuming): each scheduled layer's draw count less the draws its schedule made in those steps, never
+    below 0. A new run on a model that has drawn d times starts from d; a resumed run gets the start its first part
+    had (its checkpoint's draws include that part's); a checkpoint that holds fewer draws than its step implies
+    starts from 0 (the schedule catches up)."""
+    return [max(0, m.draws - int(optimizer_step) // m.config.redraw_interval) for m in redraw_schedule(model)]

@@ -32,6 +32,7 @@ from .modeling import (
     PerformerGenerationMixin,
     PerformerModelMixin,
 )
+from .redraw_notice import notice_unfollowed_redraw
 from .zero_shot import notice_uncalibrated
 
 
@@ -66,6 +67,7 @@ class PerformerGPT2Attention(GPT2Attention):
         reject_attention_weights(output_attentions)
         warn_ignored_dropout(self.attn_dropout.p if self.training else 0.0)
         notice_uncalibrated(self.favor)
+        notice_unfollowed_redraw(self.favor, self.training)
         B, T, _ = hidden_states.shape
         q, k, v = self.c_attn(hidden_states).split(self.split_size, dim=2)  # 3 x [B, T, C]
         q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))  # [B, H, T, hd]
