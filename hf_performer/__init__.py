@@ -11,6 +11,7 @@ from .integration import (
     convert_to_performer,
     maybe_redraw_features,
     redraw_features,
+    run_start_draws,
     supported_model_classes,
     supported_model_types,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "feature_draw_counts",
     "maybe_redraw_features",
     "redraw_features",
+    "run_start_draws",
     "supported_model_classes",
     "supported_model_types",
 ]

@@ -239,3 +239,7 @@ def test_a_plain_trainer_without_the_callback_says_nothing_redraws(tmp_path, not
             opt.zero_grad()
             I.maybe_redraw_features(own, step)
     assert _redraw_warnings(record) == [] and feature_draw_counts(own) == [2] * len(own.favor_modules())
+    start = I.run_start_draws(own, 0)  # a second loop of one's own continues the draws
+    for step in (1, 2):
+        I.maybe_redraw_features(own, step, start)
+    assert start == [2] * len(own.favor_modules()) and feature_draw_counts(own) == [3] * len(own.favor_modules())

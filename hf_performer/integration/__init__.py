@@ -13,6 +13,7 @@ from .convert import (
     convert_to_performer,
     maybe_redraw_features,
     redraw_features,
+    run_start_draws,
     supported_model_classes,
     supported_model_types,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "convert_to_performer",
     "maybe_redraw_features",
     "redraw_features",
+    "run_start_draws",
     "register_performer_models",
     "supported_model_classes",
     "supported_model_types",
