@@ -383,6 +383,25 @@ def test_chained_calls_equal_one_pass_when_logits_spread_widely(kernel, window):
     assert_values_and_gradients(torch.cat(outs, 2), full, (q, k, v), g, mask[:, None, :, None].expand_as(full))
 
 
+@pytest.mark.parametrize("window", [0, 2])
+@pytest.mark.parametrize("splits", [[(0, 2), (2, 3), (3, 9)], [(0, 1), (1, 5), (5, 6), (6, 7), (7, 9)]])
+def test_gradients_through_mixed_one_token_and_chunked_steps(splits, window):
+    """favor_step's one-token path (``recurrent._one_token``) followed by a multi-token step from its state: the
+    one-token step's running maximum carried autograd (from the new key's logits) while the chunked op takes the
+    incoming maximum as a constant, so the key of the one-token step got a wrong gradient (96% off; found by a
+    fuzzing helper). The stabilisers are constants everywhere now: gradients equal the one-pass op's."""
+    q, k, v = (x.requires_grad_(True) for x in qkv(L=9))
+    fmap, mask = fmap_for("softmax"), padding_mask(2, 9, left=1, right=0)
+    g = torch.randn(2, 3, 9, 5, dtype=D64) * mask[:, None, :, None]
+    full = favor_causal(q, k, v, fmap, mask, 4, local_window=window)
+    state, outs = None, []
+    for a, b in splits:
+        out, state = favor_step(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], fmap, state, mask[:, a:b], chunk_size=4,
+                                local_window=window)
+        outs.append(out)
+    assert_values_and_gradients(torch.cat(outs, 2), full, (q, k, v), g, mask[:, None, :, None].expand_as(full))
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("window", [0, 2])
 def test_cpu_segments_equal_one_pass_when_logits_spread_widely(causal, window, monkeypatch):

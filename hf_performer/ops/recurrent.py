@@ -69,7 +69,10 @@ def _one_token(q, k, v, fmap: FeatureMap, state: FavorState | None, mask, window
         else:
             state = state.to(dtype=ct, device=q.device)
         c = state.c[:, :, None, :]  # [B, H, 1, m']
-        c_new = torch.maximum(c, lk if keep is None else torch.where(keep, lk, neg_big(ct)))  # running maximum
+        # the running maximum, a constant of the estimator (as in the chunked op, which takes a state's c as one: a
+        # gradient through it would cancel only within this step, not in a chunked step that continues the state)
+        top = lk.detach()
+        c_new = torch.maximum(c, top if keep is None else torch.where(keep, top, neg_big(ct)))
         decay = bounded_exp_(c - c_new)  # <= 1 (1 while no real key has been seen: the sums are still 0)
         ref = finite_reference(c_new)  # = c_new once a real key has been seen
         if w:  # the window's features (0 for keys that are not real), the new key's among them
