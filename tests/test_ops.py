@@ -420,6 +420,41 @@ def test_cpu_segments_equal_one_pass_when_logits_spread_widely(causal, window, m
     assert_values_and_gradients(op(), whole, (q, k, v), g, mask[:, None, :, None].expand_as(whole))
 
 
+def log_space_causal_reference(q, k, v, w):
+    """Exact value of the causal softmax-FAVOR estimator, computed pair by pair in log space (no stabiliser to get
+    wrong): out_t = sum_{s<=t} a_ts v_s / sum_{s<=t} a_ts, log a_ts = logsumexp_f (Lg(q_t)_f + Lg(k_s)_f)."""
+    lq = q @ w.T - 0.5 * (q * q).sum(-1, keepdim=True)
+    lk = k @ w.T - 0.5 * (k * k).sum(-1, keepdim=True)
+    pair = torch.logsumexp(lq[..., :, None, :] + lk[..., None, :, :], -1)
+    L = q.shape[2]
+    pair = pair.masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf"))
+    return torch.softmax(pair, -1) @ v
+
+
+@pytest.mark.parametrize(("seed", "chained"), [(2486, False), (1452, True)])
+def test_causal_float32_with_logits_spread_over_hundreds_of_nats(seed, chained):
+    """float32 causal FAVOR on inputs whose logits spread over hundreds of nats (scale 8 at d = 8), against the
+    float64 log-space value of the same estimator (found by a fuzzing helper):
+    * one pass, 3 tokens: the in-chunk decays e^{U_s - U_t} were floored at e^-87 on a CPU instead of falling to
+      e^-340, so a far key outweighed the near one (11% off); weights below the floor are now 0;
+    * a first token, then a step from its state: the chunk reference sat far below the incoming state's maximum
+      (only the chunk's first key floored it), U grew to 222 and the output was 38% off (exactly 0 without the
+      CPU's floor, as a GPU computes); REF_SPREAD now floors against the running maximum too."""
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=D64)  # noqa: E731
+    q, k, v = 8.0 * mk(1, 1, 3, 8), 8.0 * mk(1, 1, 3, 8), mk(1, 1, 3, 1)
+    w = draw_projection(16, 8, seed=0).float()
+    ref = log_space_causal_reference(*(t.float().double() for t in (q, k, v)), w.double())
+    x = [t.float() for t in (q, k, v)]
+    fmap = FeatureMap("softmax", w)
+    if chained:
+        first, state = favor_step(*(t[:, :, :1] for t in x), fmap, None)
+        out = torch.cat([first, favor_step(*(t[:, :, 1:] for t in x), fmap, state)[0]], 2)
+    else:
+        out = favor_causal(*x, fmap, None, 64)
+    assert rel_err(out.double(), ref) < 1e-5
+
+
 def test_causal_float32_gradients_stay_finite_when_later_keys_tower_over_the_first():
     """A chunk's reference starts from its first key: a first key far below the later ones in some feature made the
     in-chunk bound U huge, the feature products underflowed and the float32 backward returned NaN (seen with

@@ -3,7 +3,7 @@ in plain PyTorch): a fixed number of batched ops whatever the length, no Python 
 
 The sequence is cut into n chunks of C positions ([B, H, n, C, ·] views). For chunk i:
 
-* reference  c_i = max(M_{i-1}, f, max_g f_g - REF_SPREAD) with f the logits of the chunk's first real key, M_i the
+* reference  c_i = max(b, max_g b_g - REF_SPREAD), b = max(M_{i-1}, f) with f the logits of the chunk's first real key, M_i the
   running per-feature maximum of the real key logits (a ``cummax`` over chunk maxima): one constant per feature
   shared by every key a query of the chunk sees (the floor keeps U below from growing until float32 products
   underflow when the first key is far below the later ones in some feature);
@@ -176,11 +176,12 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
             idx = mk.to(torch.int8).argmax(-1)[:, None, :, None, None].expand(B, H, n, 1, lk.shape[-1])
             first = lk.gather(3, idx)[:, :, :, 0]
             first = torch.where(mk.any(-1)[:, None, :, None], first if b is None else first + b, big)
-        # a reference far below the chunk's first key's largest logit would let U grow (keys later in the chunk above
-        # it in that feature) until products of small features underflow: no reference sits more than REF_SPREAD
-        # below it (still a function of keys up to the chunk's first: nothing looks ahead)
-        first = torch.maximum(first, first.amax(-1, keepdim=True) - REF_SPREAD)
-        ref = finite_reference(torch.maximum(M[:, :, :-1], first))  # [B, H, n, m']: c_i
+        # a reference far below the largest logit seen (the chunk's first key's, or the running maximum's, which an
+        # incoming state brings) would let U grow (keys later in the chunk above it in that feature) until products
+        # of small features underflow: no reference sits more than REF_SPREAD below it (still a function of keys up
+        # to the chunk's first: nothing looks ahead)
+        base = torch.maximum(M[:, :, :-1], first)
+        ref = finite_reference(torch.maximum(base, base.amax(-1, keepdim=True) - REF_SPREAD))  # [B, H, n, m']: c_i
         ref_k, ref_q, M_k = unbiased_references(b, ref, M)  # what the logits without b are measured against
     v1 = with_ones(chunked(vx[:, :, w:]))  # [B, H, n, C, dv + 1]
     # chunk summaries relative to the running maximum (before lk may be reused in place below)

@@ -137,10 +137,15 @@ def bounded_exp_(x: torch.Tensor) -> torch.Tensor:
 
 def weights(log_w: torch.Tensor) -> torch.Tensor:
     """e^{min(log_w, 0)}: the stabilisers' rescaling weights (<= 1) from their logs (differences of stabilisers), a
-    fresh tensor; on a CPU the logs are also clamped below at ``exp_floor`` (``bounded_exp_``: a -big placeholder
-    reference, or a spread of hundreds of nats, would take torch.exp's slow path; a weight below e^-87 only ever
-    scales sums that are 0 or negligible next to the ones it is added to)."""
-    return bounded_exp_(log_w.clamp_max(0))
+    fresh tensor (small: [.., n, m] or [.., C, C]). On a CPU the logs are clamped below at ``exp_floor``
+    (``bounded_exp_``: a -big placeholder reference, or a spread of hundreds of nats, would take torch.exp's slow
+    path), and the weights whose logs lie below it are then 0, as the exponential would give (two kernels): e^-87 in
+    place of e^-340 let a far key outweigh the near ones where every term of a float32 row was that small (in-chunk
+    decays of widely spread logits; found by a fuzzing helper)."""
+    w = bounded_exp_(log_w.clamp_max(0))
+    if w.device.type == "cpu":
+        w.masked_fill_(log_w < exp_floor(log_w.dtype), 0.0)
+    return w
 
 
 def exp_floor(dtype: torch.dtype) -> float:
