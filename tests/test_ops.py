@@ -476,3 +476,18 @@ def test_causal_float32_gradients_stay_finite_when_later_keys_tower_over_the_fir
     for a, b, tol in zip(*results.values(), (1e-4, 0.15, 1e-4, 1e-4)):
         assert torch.isfinite(a).all()
         assert rel_err(a.double(), b) < tol  # dq is tiny here (~1e-6): float32 rounding of O(1) terms shows
+
+
+@pytest.mark.parametrize(("causal", "B", "Lq", "Lk"),
+                         [(False, 0, 5, 5), (False, 2, 0, 0), (False, 2, 4, 0), (True, 0, 5, 5), (True, 2, 0, 0)])
+def test_empty_inputs_give_empty_or_zero_outputs(causal, B, Lq, Lk):
+    """An empty batch, no tokens, or (bidirectional) no keys: outputs of the right shape, zeros, and a backward that
+    runs; these crashed the CPU segment arithmetic (a zero step, a division by zero; found by a fuzzing helper)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, 3, Lq, 8, generator=g, dtype=D64, requires_grad=True)
+    k, v = (torch.randn(B, 3, Lk, n, generator=g, dtype=D64, requires_grad=True) for n in (8, 5))
+    fmap = fmap_for("softmax")
+    out = favor_causal(q, k, v, fmap, None, 4) if causal else favor_bidirectional(q, k, v, fmap)
+    assert out.shape == (B, 3, Lq, 5) and not out.any()
+    out.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape

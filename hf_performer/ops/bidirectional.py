@@ -24,6 +24,7 @@ from .common import (
     cat_len,
     compute_dtype,
     cpu_segment,
+    empty_attention,
     finite_reference,
     fold_bias,
     mask_bias,
@@ -192,6 +193,8 @@ def favor_bidirectional(
     if local_window and not fmap.exponential:
         raise ValueError(f"local_window needs a kernel with an exact exponential form (softmax or favor++), not "
                          f"{fmap.kernel!r}: use local_window=0 or one of those kernels.")
+    if (empty := empty_attention(q, k, v)) is not None:
+        return empty
     ct = compute_dtype(q.dtype)
     B, H, L, _ = q.shape
     size = B * H * max(L, k.shape[2]) * fmap.nb_features

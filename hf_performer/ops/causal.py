@@ -37,6 +37,7 @@ from .common import (
     bounded_exp_,
     compute_dtype,
     cpu_segment,
+    empty_attention,
     finite_reference,
     mask_bias,
     masked_exp_,
@@ -256,6 +257,8 @@ def causal_attention(q, k, v, fmap: FeatureMap, key_padding_mask=None, chunk_siz
     matrices are [C, C]); local_window w >= 0 (softmax/favor++ kernels only). Returns (out [B,H,T,dv] in v's
     dtype, the FavorState after the T keys, or None when not ``with_state``: a pass that no later call continues
     skips the final sums, 5 kernels). Position t attends to s <= t (and to every key in ``state``)."""
+    if (empty := empty_attention(q, k, v)) is not None:  # no tokens (or an empty batch): the state stays as it is
+        return empty, state
     ct, out_dtype = compute_dtype(q.dtype), v.dtype
     B, H, T, _ = q.shape
     with no_autocast(q.device):

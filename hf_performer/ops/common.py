@@ -46,6 +46,16 @@ def without_autocast(fn):
     return run
 
 
+def empty_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """The output [B,H,Lq,dv] (zeros, in v's dtype, connected to q, k, v for autograd) when there is nothing to
+    attend with or to: an empty batch, no queries or no keys (a query without keys gets 0, like one whose keys
+    are all padding); None otherwise. The ops' segment arithmetic assumes at least one row and one key."""
+    if q.numel() and k.shape[2]:
+        return None
+    B, H, L = q.shape[:3]
+    return v.new_zeros(B, H, L, v.shape[-1]) + 0 * (q.sum() + k.sum() + v.sum()).to(v.dtype)
+
+
 def safe_den(den: torch.Tensor) -> torch.Tensor:
     """Guard a normaliser that underflowed to exactly 0 (no real key seen): the output becomes 0. (``masked_fill``:
     two kernels, where ``torch.where`` with a Python scalar launches a third to make the scalar a tensor.)"""
