@@ -177,6 +177,29 @@ def test_exclusive_prefix_of_chunk_summaries_matches_the_explicit_sum(n, group, 
                                     fast_mode=n > 5)
 
 
+@pytest.mark.parametrize("form", ["matrix", "recurrence"])
+@pytest.mark.parametrize("n", [1, 5, 37])
+@pytest.mark.parametrize("grad", [False, True])
+def test_exclusive_prefix_also_gives_the_total_of_every_summary(n, form, grad):
+    """``total=``: sum_j K_j e^{c_j - max c}, the returned state of a causal pass (the recurrence's one more step
+    without autograd, else the weighted sum), against the explicit sum; the prefix itself is unchanged."""
+    from hf_performer.ops.scan import exclusive_prefix
+
+    g = torch.Generator().manual_seed(n)
+    K = torch.randn(1, n, 3, 2, generator=g, dtype=D64, requires_grad=grad)
+    c = torch.cummax(30 * torch.randn(1, n, 3, generator=g, dtype=D64), 1).values
+    t = torch.cat([c[:, :1], c[:, :-1]], 1) + 1.0
+    total = []
+    with torch.set_grad_enabled(grad):
+        out = exclusive_prefix(K, c, t, group=4, form=form, total=total)
+    ref = sum(K[:, j] * torch.exp(c[:, j] - c[:, -1])[..., None] for j in range(n))
+    assert len(total) == 1 and rel_err(total[0], ref) < 1e-12
+    assert torch.equal(out, exclusive_prefix(K, c, t, group=4, form=form))
+    if grad:  # differentiable when autograd is on
+        (gK,) = torch.autograd.grad(total[0].sum(), K)
+        assert rel_err(gK, torch.exp(c - c[:, -1:])[..., None].expand_as(K)) < 1e-12
+
+
 def test_exclusive_prefix_picks_its_form_by_device_and_length(monkeypatch):
     """The recurrence runs on a CPU up to RECURRENCE_MAX chunks, the matrix form otherwise; an unknown form raises."""
     from hf_performer.ops import scan

@@ -202,7 +202,8 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
     phi_q = times(bounded_exp_(x_q.sub_(r)), fq)  # [B, H, n, C, m]
 
     # the state entering each chunk
-    prefix = exclusive_prefix(K, M[:, :, 1:], ref)  # [B, H, n, m, dv + 1]
+    summed = [] if with_state else None  # receives sum_j K_j e^{M_{j+1} - M_n} (the returned state's sums)
+    prefix = exclusive_prefix(K, M[:, :, 1:], ref, total=summed)  # [B, H, n, m, dv + 1]
     if state is not None:  # the decoding state is the summary ahead of chunk 0 (reference c0 <= every c_i)
         S0 = torch.cat([state.S, state.z[..., None]], -1)
         prefix = prefix + S0[:, :, None] * weights(c0[:, :, None] - ref)[..., None]
@@ -237,8 +238,8 @@ def _causal(q, k, v, fmap: FeatureMap, mask, chunk: int, window: int, state: Fav
     # M_{j+1} <= M_n) and the incoming state (c_0 <= M_n) rescaled to it directly, each weight <= 1. (Not from the
     # last chunk's incoming sums: their reference c_{n-1} lies above M_n in the features where REF_SPREAD raised it,
     # and the weight e^{c_{n-1} - M_n} > 1 that would bring them back is lost where they underflowed.)
-    Mn = M[:, :, -1]  # [B, H, m']
-    final = (K * weights(M[:, :, 1:] - Mn[:, :, None])[..., None]).sum(2)  # [B, H, m, dv + 1]
+    Mn = M[:, :, -1]  # [B, H, m'] (the largest of M_1 .. M_n: the total's reference)
+    final = summed[0]  # [B, H, m, dv + 1]
     if state is not None:
         final = final + S0 * weights(c0 - Mn)[..., None]
     new = FavorState(S=final[..., :-1], z=final[..., -1], c=Mn)

@@ -65,10 +65,13 @@ def _scan(K: torch.Tensor, c: torch.Tensor, reverse: bool) -> tuple[torch.Tensor
     return K, c
 
 
-def _recurrence(K: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, reverse: bool) -> torch.Tensor:
+def _recurrence(K: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, reverse: bool, total: list | None = None
+                ) -> torch.Tensor:
     """``exclusive_prefix`` by the in-place recurrence (module docstring), without autograd: n - 1 steps of three
     ops on [..., m, e] slices, in scan order (from the end when ``reverse``), small enough to stay in cache (one op
-    per step on the whole [..., n, m, e] tensor measured slower: every full pass over it goes to memory)."""
+    per step on the whole [..., n, m, e] tensor measured slower: every full pass over it goes to memory).
+    ``total``: a list that receives the sum over all n summaries relative to the largest c, [..., m, e] (one step
+    more of the same recurrence)."""
     n = K.shape[-3]
     order = list(range(n - 1, -1, -1)) if reverse else list(range(n))
     with torch.no_grad():
@@ -86,8 +89,10 @@ def _recurrence(K: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, reverse
                 out.select(-3, i).copy_(Q * reach[..., p - 1, :, :])
             else:
                 torch.mul(Q, reach[..., p - 1, :, :], out=out.select(-3, i))
-            if p < n - 1:
+            if p < n - 1 or total is not None:
                 Q.mul_(grow[..., p - 1, :, :]).addcmul_(K.select(-3, i), enter[..., p, :, :])
+        if total is not None:
+            total.append(Q)
     return out
 
 
@@ -107,8 +112,15 @@ class _Recurrence(torch.autograd.Function):
         return _Recurrence.apply(dP, -targets, -c, not ctx.reverse), None, None, None
 
 
+def total_summary(K: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """sum_j K_j e^{c_j - max c} [..., m, e]: every summary K [..., n, m, e] relative to the largest of the references
+    c [..., n, m'] (weights <= 1; differentiable in K). Without autograd, on a CPU, the recurrence gives it at the
+    cost of one more step (``exclusive_prefix(total=...)``); this is the general form (two passes over K)."""
+    return (K * weights(c - c.amax(-2, keepdim=True))[..., None]).sum(-3)
+
+
 def exclusive_prefix(K: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, group: int = GROUP,
-                     reverse: bool = False, form: str | None = None) -> torch.Tensor:
+                     reverse: bool = False, form: str | None = None, total: list | None = None) -> torch.Tensor:
     """The state entering each chunk: P_i = sum_{j<i} K_j e^{c_j - t_i} (``reverse``: sum_{j>i}).
 
     K [..., n, m, e] chunk summaries (float32/float64), c [..., n, m'] their references, targets [..., n, m'] with
@@ -116,14 +128,22 @@ def exclusive_prefix(K: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, gr
     per position). ``form``: "matrix" (a fixed number of batched ops: GPUs), "recurrence" (n in-place steps), or
     None: the recurrence on a CPU for n <= RECURRENCE_MAX, else the matrix form. ``group`` G: chunks per group of
     the matrix form (its weights are [n, G, m'] per batch row and head). Differentiable in K; c and targets
-    are constants. Returns [..., n, m, e]. Raises ValueError for an unknown ``form``."""
+    are constants. Returns [..., n, m, e]. ``total`` (not ``reverse``): a list that receives ``total_summary(K, c)``,
+    from the recurrence's one more step where it runs without autograd. Raises ValueError for an unknown ``form``."""
     if form not in (None, "matrix", "recurrence"):
         raise ValueError(f"exclusive_prefix: form={form!r}; expected 'matrix', 'recurrence' or None (by device)")
     c, targets = c.detach(), targets.detach()
     n, m, e = K.shape[-3:]
+    recurrence = form == "recurrence" or (form is None and K.device.type == "cpu" and n <= RECURRENCE_MAX)
+    if total is not None and not (recurrence and n > 1 and not reverse and not (torch.is_grad_enabled()
+                                                                                and K.requires_grad)):
+        total.append(total_summary(K, c))  # (the recurrence below gives it otherwise)
+        total = None
     if n == 1:  # one chunk (short inputs, a decoding step): nothing comes before it
         return torch.zeros_like(K)
-    if form == "recurrence" or (form is None and K.device.type == "cpu" and n <= RECURRENCE_MAX):
+    if recurrence and total is not None:  # no autograd here: the recurrence itself, with its one more step
+        return _recurrence(K, c, targets, reverse, total)
+    if recurrence:
         return _Recurrence.apply(K, c, targets, reverse)
     G = min(n, group)
     ng = -(-n // G)
