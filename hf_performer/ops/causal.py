@@ -3,10 +3,10 @@ in plain PyTorch): a fixed number of batched ops whatever the length, no Python 
 
 The sequence is cut into n chunks of C positions ([B, H, n, C, ·] views). For chunk i:
 
-* reference  c_i = max(b, max_g b_g - REF_SPREAD), b = max(M_{i-1}, f) with f the logits of the chunk's first real key, M_i the
-  running per-feature maximum of the real key logits (a ``cummax`` over chunk maxima): one constant per feature
-  shared by every key a query of the chunk sees (the floor keeps U below from growing until float32 products
-  underflow when the first key is far below the later ones in some feature);
+* reference  c_i = max(b, max_g b_g - REF_SPREAD), b = max(M_{i-1}, f), with f the logits of the chunk's first real
+  key and M_i the running per-feature maximum of the real key logits (a ``cummax`` over chunk maxima): one constant
+  per feature shared by every key a query of the chunk sees (the floor keeps U below from growing until float32
+  products underflow when the first key, or the running maximum, is far below the later keys in some feature);
 * in-chunk   U_t = max_{s<=t} max(0, max_f(Lg_k[s, f] - c_i[f])) bounds the chunk's new keys:
              phi~(k_s) = F exp(Lg_k[s] - c_i - U_s) <= 1,  phi~(q_t) = F exp(Lg_q[t] + c_i - r_t) <= 1;
 * intra      A = (phi~(Q) phi~(K)^T) ⊙ D, D[t, s] = e^{U_s - U_t} for s <= t else 0   ([n, C, C] batched);
