@@ -53,6 +53,7 @@ def test_convert_gpt2_round_trip_with_calibration(tmp_path, capsys):
     rc = run("convert", src, out, "--nb-features", 16, "--local-window", 2, "--calibrate", "--calibration-data", txt,
              "--calibration-steps", 2, "--batch-size", 2, "--max-length", 24, "--no-progress")
     assert rc == 0, capsys.readouterr().err
+    assert "nb_features=16, local_window=2, estimator" in capsys.readouterr().out  # the settings that shape the model
     model = tf.AutoModelForCausalLM.from_pretrained(out)
     assert type(model).__name__ == "PerformerGPT2LMHeadModel"
     assert model.config.performer["local_window"] == 2 and "Local window" in (out / "README.md").read_text()

@@ -230,8 +230,10 @@ def _run_convert(args, argv) -> None:
         command="hf-performer " + shlex.join(argv), base_model=args.base_model,
     )
     est = summary["estimator"]
+    window = summary["performer"].get("local_window", 0)
     print(f"hf-performer: wrote {args.output} ({summary['model_class']}, nb_features={summary['performer']['nb_features']}, "
-          f"estimator {est['effective']}, {summary['positions']['to']} positions" + (
+          + (f"local_window={window}, " if window else "")
+          + f"estimator {est['effective']}, {summary['positions']['to']} positions" + (
               f", calibrated {summary['calibration']['steps_done']} steps" if summary["calibration"] else "") + (
               ", sentence-transformers modules " + " -> ".join(summary["sentence_transformers"]["modules"])
               if summary.get("sentence_transformers") else "") + ")")
