@@ -168,7 +168,7 @@ def test_caller_stacklevel_skips_every_library_frame(tmp_path, monkeypatch):
     lib.mkdir()
     (lib / "fake_library.py").write_text(
         "import warnings\n"
-        "from hf_performer.integration.attention_function import caller_stacklevel\n"
+        "from hf_performer.integration.caller import caller_stacklevel\n"
         "def inner(prefixes):\n"
         "    warnings.warn('from the library', UserWarning, stacklevel=caller_stacklevel(prefixes))\n"
         "def outer(prefixes):\n"

@@ -14,13 +14,11 @@ uses this function must carry a ``FavorAttention`` child named ``favor`` (see ``
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import bidirectional_mask_function, causal_mask_function
 
-from .caller import above_progress_bars, caller_stacklevel
+from .caller import warn_user
 from .grouped import fold_groups, query_groups, unfold_groups
 from .local_exact import sliding_window_attention
 from .redraw_notice import notice_unfollowed_redraw
@@ -37,14 +35,10 @@ def warn_ignored_dropout(p: float) -> None:
     global _DROPOUT_WARNED
     if p > 0 and not _DROPOUT_WARNED:
         _DROPOUT_WARNED = True
-        level = caller_stacklevel()
-        with above_progress_bars():  # (the first training step runs inside the Trainer's bar)
-            warnings.warn(
-                f"Performer FAVOR+ attention ignores attention-probability dropout (p={p}): there is no attention "
-                "matrix to drop entries from. Hidden-state dropout still applies. This warning is shown once.",
-                UserWarning,
-                stacklevel=level,
-            )
+        warn_user(  # (the first training step runs inside the Trainer's bar)
+            f"Performer FAVOR+ attention ignores attention-probability dropout (p={p}): there is no attention "
+            "matrix to drop entries from. Hidden-state dropout still applies. This warning is shown once."
+        )
 
 
 def reject_attention_weights(requested: bool | None = False) -> None:

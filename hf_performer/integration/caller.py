@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 
 
@@ -53,3 +54,11 @@ def above_progress_bars() -> Iterator[None]:
         return
     with tqdm.external_write_mode(file=sys.stderr):
         yield
+
+
+def warn_user(message: str) -> None:
+    """A ``UserWarning`` attributed to the user's line that ran the model (``caller_stacklevel``), printed on its own
+    line above any progress bar (``above_progress_bars``): how hf_performer's once-per-process notices are raised."""
+    level = caller_stacklevel()  # (counted from this frame: inside hf_performer, so the walk goes past it)
+    with above_progress_bars():
+        warnings.warn(message, UserWarning, stacklevel=level)

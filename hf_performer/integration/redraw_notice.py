@@ -12,12 +12,10 @@ forwards than any gradient-accumulation run makes before its first optimizer ste
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from ..attention import FavorAttention
-from .caller import above_progress_bars, caller_stacklevel
+from .caller import warn_user
 
 TRAINING_CALLS = 64
 _WARNED = False
@@ -34,15 +32,11 @@ def notice_unfollowed_redraw(favor: FavorAttention, training: bool) -> None:
     if favor.unfollowed_training_calls < TRAINING_CALLS:
         return
     _WARNED = True
-    level = caller_stacklevel()
-    with above_progress_bars():  # (inside the Trainer's progress bar)
-        warnings.warn(
-            f"this Performer model's FAVOR+ layers have redraw_interval={favor.config.redraw_interval}, but they ran "
-            f"{TRAINING_CALLS} training forwards and nothing follows that schedule, so their random features are "
-            "never redrawn. With transformers' Trainer pass callbacks=[hf_performer.PerformerRedrawCallback()] (or "
-            "use hf_performer.PerformerTrainer); in a loop of your own call hf_performer.maybe_redraw_features(model, "
-            "step) after each optimizer step; or convert with redraw_interval=0 for fixed features. This warning is "
-            "shown once.",
-            UserWarning,
-            stacklevel=level,
-        )
+    warn_user(  # (inside the Trainer's progress bar)
+        f"this Performer model's FAVOR+ layers have redraw_interval={favor.config.redraw_interval}, but they ran "
+        f"{TRAINING_CALLS} training forwards and nothing follows that schedule, so their random features are "
+        "never redrawn. With transformers' Trainer pass callbacks=[hf_performer.PerformerRedrawCallback()] (or "
+        "use hf_performer.PerformerTrainer); in a loop of your own call hf_performer.maybe_redraw_features(model, "
+        "step) after each optimizer step; or convert with redraw_interval=0 for fixed features. This warning is "
+        "shown once."
+    )
