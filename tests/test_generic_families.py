@@ -206,6 +206,45 @@ def test_sliding_window_configs_become_global_and_a_window_kwarg_is_refused():
         favor_attention_forward(attn, q, k, k, None, scaling=1.0, softcap=30.0)
 
 
+SLIDING = {  # configs with sliding-window layers, which the conversion makes global FAVOR+ layers
+    "qwen2": {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
+    "qwen3": {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
+    "smollm3": {"use_sliding_window": True, "sliding_window": 4, "no_rope_layers": [1, 0]},
+    "mistral": {"sliding_window": 4},
+    "phi3": {"sliding_window": 4},
+}
+
+
+LOADING = ("name_or_path", "_use_kernels", "_is_hf_initialized")  # what from_pretrained itself sets on the model
+
+
+def _plain_attributes(module) -> dict:
+    return {k: v for k, v in vars(module).items()
+            if k not in LOADING and (v is None or isinstance(v, (bool, int, float, str, tuple)))}
+
+
+@pytest.mark.parametrize("model_type", SLIDING)
+def test_sliding_window_model_converted_in_place_runs_like_its_reload(model_type, tmp_path):
+    """A model converted in place has every plain attribute of every module as its saved-and-reloaded self (built
+    from the converted config), and the same logits. Qwen2/Qwen3 cache whether a layer slides (has_sliding_layers,
+    each attention's layer_type and sliding_window) when they are built: converted in place, every forward raised
+    (found in a bug hunt); only a reload ran."""
+    stock_model = stock(model_type, **SLIDING[model_type])
+    assert "sliding_attention" in (getattr(stock_model.config, "layer_types", None) or ()) or stock_model.config.sliding_window
+    model = I.convert_to_performer(stock_model, SETTINGS).eval()
+    model.save_pretrained(tmp_path)
+    again = realigned(tf.AutoModelForCausalLM.from_pretrained(tmp_path)).eval()
+    loaded = dict(again.named_modules())
+    for name, module in model.named_modules():
+        assert _plain_attributes(module) == _plain_attributes(loaded[name]), name
+    ids, mask = left_padded()
+    realigned(model)
+    with torch.no_grad():
+        a = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        b = again(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("model_type", TYPES)
 def test_every_task_head_converts_and_calibrates(model_type):
     ids, mask = left_padded()

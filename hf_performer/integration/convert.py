@@ -10,6 +10,9 @@ data-parallel rank draws the same features without communicating.
 
 from __future__ import annotations
 
+import copy
+
+import torch
 from torch import nn
 
 from ..attention import FavorAttention
@@ -104,14 +107,50 @@ def convert_to_performer(model: nn.Module, config: PerformerConfig | dict | None
         )
     new._attn_implementation = ATTN_IMPLEMENTATION
     new.name_or_path = old.name_or_path
+    # what the stock constructors derived from the fields the conversion changes (sliding_window, ...), as a model
+    # built from the new config (a reload) derives it; computed before anything is modified
+    rederived = _rederived_attributes(type(model), old, new) if family_traits(old.model_type).cleared else {}
 
     for module in model.modules():  # every module that shares the config sees the new one
         if getattr(module, "config", None) is old:
             module.config = new
+    modules = dict(model.named_modules())
+    for name, attributes in rederived.items():
+        for key, value in attributes.items():
+            setattr(modules[name], key, value)
     model.__class__ = performer_cls
     model._keep_in_fp32_modules_strict = set(model._keep_in_fp32_modules_strict or ()) | {"favor"}
     attach_favor(plan)
     return model
+
+
+def _plain(value) -> bool:
+    """A value a constructor copies out of a config: None, bool, int, float, str, or a tuple/list of those."""
+    if isinstance(value, (tuple, list)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _rederived_attributes(stock_cls: type, old, new) -> dict[str, dict]:
+    """{module name: {attribute: value}}: the plain attributes (``_plain``) whose value the stock constructors
+    derive differently from the stock config ``old`` and from the converted config ``new``, with their value under
+    ``new``. Stock modules cache such values when they are built (Qwen2/Qwen3/SmolLM3: whether any layer slides,
+    ``has_sliding_layers``, and each attention's ``layer_type`` and ``sliding_window``), so a model converted in
+    place would keep running the layers the conversion removed (a sliding-window mask from a config without a
+    window: every forward raised). Both models are built on the meta device (no memory, no weights)."""
+    with torch.device("meta"):
+        before, after = stock_cls(copy.deepcopy(old)), stock_cls(copy.deepcopy(new))
+    changed = {}
+    fresh = dict(after.named_modules())
+    for name, module in before.named_modules():
+        if name not in fresh:
+            continue
+        new_vars, old_vars = vars(fresh[name]), vars(module)
+        diff = {k: v for k, v in new_vars.items() if k in old_vars and _plain(v) and _plain(old_vars[k])
+                and old_vars[k] != v}
+        if diff:
+            changed[name] = diff
+    return changed
 
 
 def favor_modules(model: nn.Module) -> list[FavorAttention]:
