@@ -152,6 +152,23 @@ def test_step_by_step_cache_equals_full_forward_and_stays_constant_size():
     assert cache.get_seq_length() == 9 and cache.layers[0].state.nbytes == size
 
 
+def test_grouped_cached_steps_under_autograd_backpropagate_like_the_full_forward():
+    """Grouped key/value heads (one running state per key/value head, folded and unfolded around each step): the
+    gradient of cached steps' logits reaches every token's embeddings as the full forward's does, the prompt's too
+    (its prefill state was once built without autograd). Float64."""
+    model = converted("llama").double()
+    ids = torch.randint(3, V, (2, 7), generator=torch.Generator().manual_seed(9))
+    embeds = model.model.embed_tokens(ids).detach().requires_grad_()
+    full = model(inputs_embeds=embeds, use_cache=False).logits[:, 4:]
+    (ref,) = torch.autograd.grad(full.square().sum(), embeds)
+    cache = I.FavorCache()
+    model(inputs_embeds=embeds[:, :4], cache=cache, use_cache=True)
+    steps = [model(inputs_embeds=embeds[:, t:t + 1], cache=cache, use_cache=True).logits for t in range(4, 7)]
+    (got,) = torch.autograd.grad(torch.cat(steps, 1).square().sum(), embeds)
+    assert ref[:, :4].abs().sum() > 0
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("model_type", ["llama", "qwen3"])
 def test_left_padding_does_not_change_the_real_tokens(model_type):
     model = converted(model_type)

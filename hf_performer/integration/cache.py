@@ -63,14 +63,8 @@ class FavorCacheLayer(DynamicLayer):
         B = q.shape[0]
         q, k, v, key_padding_mask = fold_groups(q, k, v, key_padding_mask, groups)
         state = self.state if self.state is None or groups == 1 else self.state.repeat_interleave(groups)
-        if state is None and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-            # prefill under autograd: the fused causal op (hand-written, memory-light backward) for the
-            # outputs, then the state without grad (the scan is the same, so the state matches).
-            out = favor(q, k, v, causal=True, key_padding_mask=key_padding_mask, scale=scale)
-            with torch.no_grad():
-                _, state = favor.step(q, k, v, None, key_padding_mask=key_padding_mask, scale=scale)
-        else:
-            out, state = favor.step(q, k, v, state, key_padding_mask=key_padding_mask, scale=scale)
+        # (under autograd the state carries the gradient of every key it absorbed, the prompt's included)
+        out, state = favor.step(q, k, v, state, key_padding_mask=key_padding_mask, scale=scale)
         if groups > 1:  # every row of a group absorbed the same keys: keep one state per key/value head
             state = state.index_select(torch.arange(0, B * groups, groups, device=out.device))
         self._keep(state)
