@@ -124,6 +124,24 @@ def test_cached_greedy_generation_equals_uncached_full_forwards(model_type):
         assert layer.state.S.shape == (3, kv_heads(model_type), SETTINGS.nb_features, HEAD_DIM)
 
 
+@pytest.mark.parametrize("model_type", TYPES)
+def test_static_cache_generation_equals_dynamic_with_constant_size_favor_layers(model_type):
+    """generate(cache_implementation="static") on every decoder row, left padded, beams included: the same tokens as
+    the default cache, from FavorCacheLayers. Qwen2/Qwen3/SmolLM3 keep "full_attention" as their in-memory layer type
+    (their model code picks masks by it), so the static cache was made of key/value layers sized to the whole
+    generation: the prefill's mask spanned them and the layers refused to decode (found in a bug hunt)."""
+    model, (ids, mask) = converted(model_type), left_padded()
+    common = dict(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=5, min_new_tokens=5,
+                  pad_token_id=0)
+    with torch.no_grad():
+        for beams in (1, 2):
+            dynamic = model.generate(**common, num_beams=beams)
+            static = model.generate(**common, num_beams=beams, cache_implementation="static",
+                                    return_dict_in_generate=True)
+            assert torch.equal(static.sequences, dynamic), beams
+    assert all(isinstance(layer, FavorCacheLayer) and layer.keys is None for layer in static.cache.layers)
+
+
 @pytest.mark.parametrize("mode", ["beam", "sample", "beam_sample"])
 def test_llama_generate_with_cache_equals_without(mode):
     model, (ids, mask) = converted("llama"), left_padded()

@@ -22,7 +22,13 @@ from dataclasses import fields
 
 import torch
 from transformers import configuration_utils
-from transformers.cache_utils import STATIC_LAYER_TYPE_MAPPING, Cache, DynamicLayer, EncoderDecoderCache
+from transformers.cache_utils import (
+    STATIC_LAYER_TYPE_MAPPING,
+    Cache,
+    DynamicLayer,
+    EncoderDecoderCache,
+    StaticLayer,
+)
 
 from ..ops import FavorState
 from .grouped import fold_groups, query_groups, unfold_groups
@@ -244,3 +250,21 @@ def favor_cache_layer(cache: Cache, layer_idx: int) -> FavorCacheLayer:
         "that stores keys/values (static, quantized or already-filled caches). Pass cache=hf_performer.FavorCache() "
         "or let the model / generate() create its cache."
     )
+
+
+def use_favor_layers(cache) -> int:
+    """Replace the fresh full-attention ``StaticLayer``s of ``cache`` (a transformers Cache, or an
+    EncoderDecoderCache: its self-attention part) by FavorCacheLayers; returns how many. ``generate(
+    cache_implementation="static")`` builds a StaticCache by the config's in-memory layer types: "favor_attention"
+    gives FavorCacheLayers (``register_favor_layer_type``), but the families whose model code picks masks by layer type
+    (Qwen2, Qwen3, SmolLM3: ``generic.Row.masks_by_layer_type``) keep "full_attention" there, which gives key/value
+    layers sized to the whole generation (the prefill's mask then spanned them, and the layers refused to decode).
+    Only layers that hold no token yet are replaced: nothing is lost."""
+    if isinstance(cache, EncoderDecoderCache):
+        cache = cache.self_attention_cache
+    if not isinstance(cache, Cache):
+        return 0
+    fresh = [i for i, layer in enumerate(cache.layers) if type(layer) is StaticLayer and layer.get_seq_length() == 0]
+    for i in fresh:
+        cache.layers[i] = FavorCacheLayer()
+    return len(fresh)

@@ -26,7 +26,7 @@ from ..attention import FavorAttention
 from ..settings import PerformerConfig
 from ..version import __version__
 from .attention_function import ATTN_IMPLEMENTATION, STEP_KWARG, register_favor_attention
-from .cache import LAYER_TYPE, favor_cache_layer, register_favor_layer_type
+from .cache import LAYER_TYPE, favor_cache_layer, register_favor_layer_type, use_favor_layers
 from .portable import write_portable_code
 from .zero_shot import share_notice
 
@@ -208,6 +208,13 @@ class PerformerGenerationMixin:
         if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2 and cache is not None:
             return attention_mask[:, -inputs_embeds.shape[1] :]
         return attention_mask
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """The stock cache preparation; a static cache it builds gets FavorCacheLayers wherever the config's
+        in-memory layer types gave key/value layers (``cache.use_favor_layers``)."""
+        prepared = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        use_favor_layers(model_kwargs.get("cache", model_kwargs.get("past_key_values")))
+        return prepared
 
     def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):
         if generation_mode in (GenerationMode.ASSISTED_GENERATION, GenerationMode.CONTRASTIVE_SEARCH):
