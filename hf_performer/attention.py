@@ -49,14 +49,20 @@ class FavorAttention(nn.Module):
         config: a PerformerConfig (defaults if None).
         num_heads: heads of the layer (sizes the calibrated per-head statistics; 1 = shared).
         layer_id: distinguishes the layers' random draws (seed, layer_id, draw count).
+        cross_attention: the queries belong to another sequence than the keys (encoder-decoder cross-attention):
+            the key padding mask then says nothing about which queries are real, so the statistics and the
+            calibration's pair sampling take every query. False (self-attention): with as many queries as keys,
+            the key padding mask marks the real queries too.
     """
 
-    def __init__(self, head_dim: int, config: PerformerConfig | None = None, num_heads: int = 1, layer_id: int = 0):
+    def __init__(self, head_dim: int, config: PerformerConfig | None = None, num_heads: int = 1, layer_id: int = 0,
+                 cross_attention: bool = False):
         super().__init__()
         self.config = PerformerConfig() if config is None else PerformerConfig.from_dict(config)
         if not isinstance(head_dim, int) or head_dim < 1:
             raise ValueError(f"head_dim={head_dim!r} is invalid: expected a positive integer.")
         self.head_dim, self.num_heads, self.layer_id = head_dim, num_heads, layer_id
+        self.cross_attention = bool(cross_attention)
         f32 = dict(dtype=torch.float32)
         self.register_buffer("projection", self._draw(0).float())
         self.register_buffer("draw_count", torch.zeros((), dtype=torch.long))
@@ -121,9 +127,10 @@ class FavorAttention(nn.Module):
 
     @torch.no_grad()
     def _draw_aligned(self) -> None:
+        c = self.config
         w, b = draw_aligned_projection(
             self.proposal_centers, self.aligned_projection.shape[1], width=ALIGNED_WIDTH,
-            seed=self.config.seed, layer_id=self.layer_id, draw=self.draws,
+            seed=c.seed, layer_id=self.layer_id, draw=self.draws, orthogonal=c.orthogonal, feature_norm=c.feature_norm,
         )
         self.aligned_projection.copy_(w.to(self.aligned_projection))
         self.aligned_bias.copy_(b.to(self.aligned_bias))
@@ -196,7 +203,7 @@ class FavorAttention(nn.Module):
             scalar = q.new_full((), root, dtype=dt)  # filled on the device: no copy from the host (a sync on CUDA)
             return self._feature_map(None, dt, q_scale=scalar, k_scale=scalar)
         else:
-            qmask = mask if (mask is not None and q.shape[2] == k.shape[2]) else None
+            qmask = self._query_mask(mask, q, k)
             transforms, favor_a = self._transforms(*self._statistics(q, k, qmask, mask, root, reduce_batch=False), root)
         if self.aligned:
             w = self._per_head(self.aligned_projection, H).to(dt)
@@ -280,7 +287,7 @@ class FavorAttention(nn.Module):
         if q.shape[1] != self.num_heads:
             raise ValueError(f"calibrate_statistics got {q.shape[1]} heads; this layer has num_heads={self.num_heads}.")
         mask = self._check_mask(key_padding_mask, k)
-        qmask = mask if q.shape[2] == k.shape[2] else None
+        qmask = self._query_mask(mask, q, k)
         root = math.sqrt(self.head_dim**-0.5 if scale is None else float(scale))
         shift, log_a, rho = self._statistics(q, k, qmask, mask, root, reduce_batch=True)
         self.key_shift.copy_(shift.reshape(self.num_heads, -1))
@@ -296,13 +303,23 @@ class FavorAttention(nn.Module):
         if self.aligned:
             self._draw_aligned()
 
+    def _query_mask(self, mask, q, k):
+        """Which queries are real [B, Lq] bool, or None (all): the key padding mask for self-attention (as many
+        queries as keys), else None (``cross_attention``: the decoder's padding is not known here)."""
+        return mask if (mask is not None and not self.cross_attention and q.shape[2] == k.shape[2]) else None
+
     def _sample_pair_sums(self, q, k, qmask, kmask, causal) -> torch.Tensor:
         """q + k of NB_CENTERS (query, key) pairs per head, drawn with probability softmax(q.k) / #queries
-        (pairs inside the local window excluded)."""
+        (pairs inside the local window excluded). Up to MAX_CALIBRATION_QUERIES query positions are sampled
+        among those real in some batch row (qmask [B, Lq] or None: all). Raises ValueError when no sampled query
+        sees a real key (nothing to fit the proposal on)."""
         B, H, Lq, _ = q.shape
         Lk = k.shape[2]
         gen = torch.Generator(device="cpu").manual_seed(derive_seed(self.config.seed, self.layer_id, 0, ":pairs"))
-        rows = torch.randperm(Lq, generator=gen)[:MAX_CALIBRATION_QUERIES].sort().values.to(q.device)
+        # (calibration, not a hot path: reading which positions are real is a host synchronisation)
+        candidates = torch.arange(Lq) if qmask is None else qmask.any(0).nonzero().flatten().cpu()
+        pick = torch.randperm(len(candidates), generator=gen)[:MAX_CALIBRATION_QUERIES]
+        rows = candidates[pick].sort().values.to(q.device)
         allowed = torch.ones(len(rows), Lk, dtype=torch.bool, device=q.device)
         qpos, kpos = rows[:, None] + (Lk - Lq), torch.arange(Lk, device=q.device)[None, :]
         if causal:
@@ -325,6 +342,12 @@ class FavorAttention(nn.Module):
             # two stages (a query row by its mass, then a key in it) draw the same pairs as one multinomial over all
             # B·R·Lk pairs, which torch refuses beyond 2^24 categories (e.g. 64 sequences of 512 tokens)
             probs = probs.reshape(-1, Lk).cpu()
+            if not bool(probs.sum() > 0):
+                raise ValueError(
+                    f"calibrate_statistics (layer {self.layer_id}): no real query of the batch sees a real key, so "
+                    "there is no attention to fit the features on; pass a batch with real tokens (its "
+                    "attention_mask / key_padding_mask marks them with 1)."
+                )
             row = torch.multinomial(probs.sum(-1), NB_CENTERS, replacement=True, generator=gen)
             s = torch.multinomial(probs[row], 1, generator=gen).squeeze(-1)
             b, t = row // len(rows), row % len(rows)

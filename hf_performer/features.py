@@ -68,7 +68,8 @@ def gaussian_rows(gen: torch.Generator, nb_rows: int, dim: int, *, orthogonal=Tr
 LOG_2PI = math.log(2 * math.pi)
 
 
-def draw_aligned_projection(centers: torch.Tensor, nb_rows: int, *, width: float, seed: int, layer_id: int, draw: int):
+def draw_aligned_projection(centers: torch.Tensor, nb_rows: int, *, width: float, seed: int, layer_id: int, draw: int,
+                            orthogonal: bool = True, feature_norm: str = "chi"):
     """Importance-sampled features: rows drawn from a proposal fitted to where q + k falls.
 
     The softmax kernel is exp(q.k) = E_{w~N(0,I)}[exp(w.(q+k) - |q|^2/2 - |k|^2/2)]; its integrand is
@@ -76,8 +77,10 @@ def draw_aligned_projection(centers: torch.Tensor, nb_rows: int, *, width: float
     attention has far lower variance than N(0, I) when |q + k| is large. With w ~ p and per-row weight
     b(w) = (log N(w; 0, I) - log p(w)) / 2 added to both sides' logits, the estimator stays unbiased
     and positive for any p > 0. Here p = (1/n) sum_i N(c_i, width^2 I), a Gaussian mixture on the
-    ``centers`` c_i (q + k of attention-weighted pairs). Rows inside a head are drawn with orthogonal
-    noise blocks (chi norms), so each row is still marginally distributed as p.
+    ``centers`` c_i (q + k of attention-weighted pairs). The noise of the rows inside a head is drawn like the
+    plain features' (``gaussian_rows``: orthogonal blocks or iid, ``PerformerConfig.orthogonal``); with chi norms
+    (the default) each row is still marginally distributed as p, with ``feature_norm="sqrt_d"`` (fixed noise norms)
+    it is not, and the estimator is biased as the plain sqrt_d features are.
 
     centers: [H, n, d] -> (projection [H, nb_rows, d], bias [H, nb_rows]) in float64.
     """
@@ -87,7 +90,7 @@ def draw_aligned_projection(centers: torch.Tensor, nb_rows: int, *, width: float
     rows, biases = [], []
     for h in range(H):
         pick = torch.randint(n, (nb_rows,), generator=gen)
-        w = centers[h, pick] + width * gaussian_rows(gen, nb_rows, d, orthogonal=True, feature_norm="chi")
+        w = centers[h, pick] + width * gaussian_rows(gen, nb_rows, d, orthogonal=orthogonal, feature_norm=feature_norm)
         sq = torch.cdist(w, centers[h]) ** 2  # [rows, n]
         log_p = torch.logsumexp(-sq / (2 * width**2), dim=1) - math.log(n) - 0.5 * d * (LOG_2PI + 2 * math.log(width))
         log_n0 = -0.5 * (w * w).sum(1) - 0.5 * d * LOG_2PI

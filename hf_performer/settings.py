@@ -35,9 +35,11 @@ class PerformerConfig:
             Note: with ``aligned_features`` (the default), a layer whose statistics are calibrated uses
             importance-sampled softmax features instead of the softmax or favor++ features, so after the
             statistics step both kernels give the same model; ``estimator()`` names what actually runs.
-        orthogonal: draw the rows of the projection in orthogonal blocks (lower variance) or iid.
+        orthogonal: draw the rows of the projection in orthogonal blocks (lower variance) or iid; after the
+            statistics step, the noise of the importance-sampled rows likewise (``aligned_features``).
         feature_norm: ``"chi"`` rescales orthogonal rows to chi-distributed norms (keeps every row
-            marginally N(0, I), so the estimator stays unbiased); ``"sqrt_d"`` uses the fixed norm sqrt(d).
+            marginally N(0, I), so the estimator stays unbiased); ``"sqrt_d"`` uses the fixed norm sqrt(d)
+            (biased), for the importance-sampled rows' noise too.
         redraw_interval: redraw the features every this many optimizer steps (0 = never).
         seed: base seed; every draw derives from (seed, layer id, draw count).
         chunk_size: C, positions per chunk of the causal op's chunk-parallel form (and of decoding steps): its

@@ -81,6 +81,12 @@ def _check_batch(model: nn.Module, batch) -> dict:
                 f"calibrate_feature_statistics got a {key!r}: the statistics step runs full-sequence forwards "
                 f"from the first token. Pass the whole sequences without {key!r}."
             )
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        raise ValueError(
+            f"calibrate_feature_statistics got a {type(model).__name__} whose weights are on the meta device (no "
+            "data): the statistics step runs real forwards. Load the model with from_pretrained, or materialise it "
+            "(model.to_empty(device=...) and load_state_dict) first."
+        )
     mask = batch.get("attention_mask")
     if isinstance(mask, torch.Tensor) and not bool(mask.any()):
         raise ValueError("calibrate_feature_statistics got an attention_mask without any real token (all 0): the "
@@ -106,9 +112,9 @@ def calibrate_feature_statistics(model: nn.Module, batch: Mapping[str, torch.Ten
             ``encoder_hidden_states`` in the batch.
 
     Raises:
-        ValueError: the model has no FAVOR layers; the batch carries a cache (``cache`` /
-            ``past_key_values``) or no real token; or the forward did not reach every FAVOR layer (the error
-            names them).
+        ValueError: the model has no FAVOR layers or its weights are on the meta device; the batch carries a
+            cache (``cache`` / ``past_key_values``) or no real token; a layer's real queries see no real key; or
+            the forward did not reach every FAVOR layer (the error names them).
             On error no layer's statistics are changed.
         TypeError: ``batch`` is not a mapping.
     """
@@ -145,7 +151,7 @@ def calibrate_feature_statistics(model: nn.Module, batch: Mapping[str, torch.Ten
         return guarded
 
     handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in layers]
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each module's own mode (a model may mix them)
     try:
         for m in layers:
             m.step = step_guard(m)  # instance attribute: shadows FavorAttention.step until removed
@@ -158,7 +164,8 @@ def calibrate_feature_statistics(model: nn.Module, batch: Mapping[str, torch.Ten
             h.remove()
         for m in layers:
             m.__dict__.pop("step", None)
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
     return len(layers)
 
 

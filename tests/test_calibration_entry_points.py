@@ -13,7 +13,7 @@ from test_integration_convert import HEADS, SETTINGS, bert_cfg, distil_cfg, gpt2
 
 import hf_performer
 import hf_performer.statistics as statistics
-from hf_performer import calibrate_feature_statistics
+from hf_performer import PerformerConfig, calibrate_feature_statistics
 from hf_performer.conversion import calibrate_model_statistics
 from hf_performer.integration import convert_to_performer
 from hf_performer.integration.generic import GENERIC_FAMILIES
@@ -106,6 +106,94 @@ def test_unreached_cross_attention_is_named_and_nothing_changes():
     encoder = torch.randn(batch["input_ids"].shape[0], 5, model.config.n_embd)
     assert calibrate_feature_statistics(model, {**batch, "encoder_hidden_states": encoder}) == 4
     assert all(calibrated_flags(model))
+
+
+# ------------------------------------------------------------------ corners found in a bug hunt
+def test_a_long_padded_batch_with_few_real_tokens_samples_its_real_queries_only():
+    """Up to 512 query positions are sampled for the features' proposal: among all positions they could all be
+    padding (3 real tokens padded to 1024: torch.multinomial raised on a zero distribution), and padded picks were
+    wasted. Padded q, k are made huge here: a centre taken from them would show."""
+    torch.manual_seed(0)
+    favor = hf_performer.FavorAttention(8, PerformerConfig(nb_features=16, seed=1), num_heads=2)
+    L, real = 1024, 3
+    q, k = torch.randn(2, 2, L, 8), torch.randn(2, 2, L, 8)
+    q[:, :, real:] += 1000.0
+    k[:, :, real:] += 1000.0
+    mask = torch.zeros(2, L, dtype=torch.bool)
+    mask[:, :real] = True
+    for causal in (False, True):
+        favor.calibrate_statistics(q, k, key_padding_mask=mask, causal=causal)
+        assert favor.proposal_centers.abs().max() < 50  # every centre is a real query + a real key
+    with pytest.raises(ValueError, match="no real query of the batch sees a real key"):
+        favor.calibrate_statistics(q, k, key_padding_mask=torch.zeros(2, L, dtype=torch.bool))
+
+
+def test_cross_attention_calibration_takes_every_query_not_the_encoder_padding():
+    """A cross-attention layer's key padding mask is the encoder's: with as many decoder queries as encoder keys it
+    was read as the queries' mask too, so pair sampling kept only the queries at the encoder's real positions."""
+    torch.manual_seed(0)
+    cfg = PerformerConfig(nb_features=16, seed=1, center_keys=False, balance_qk=False)
+    L, real = 16, 3
+    q = torch.zeros(1, 1, L, 8)
+    q[0, 0, :, 0] = torch.arange(L, dtype=torch.float32)  # a query's position shows in its centre's first coordinate
+    k = 0.01 * torch.randn(1, 1, L, 8)
+    mask = torch.zeros(1, L, dtype=torch.bool)
+    mask[:, :real] = True
+    firsts = {}
+    for cross in (False, True):
+        favor = hf_performer.FavorAttention(8, cfg, cross_attention=cross)
+        favor.calibrate_statistics(q, k, key_padding_mask=mask, scale=1.0)
+        firsts[cross] = favor.proposal_centers[0, :, 0].max().item()
+    assert firsts[False] < real and firsts[True] > real  # self-attention: real queries only; cross: every query
+    model = convert_to_performer(tf.BertLMHeadModel(bert_cfg(is_decoder=True, add_cross_attention=True)), SETTINGS)
+    flags = {("crossattention" in name, m.cross_attention) for name, m in model.named_modules()
+             if isinstance(m, hf_performer.FavorAttention)}
+    assert flags == {(False, False), (True, True)}  # (a cross-attention site, its layer's flag)
+
+
+def test_calibration_restores_each_module_mode():
+    """A model in train() with a part in eval(): every module keeps its own mode (model.train(was_training) gave
+    every submodule the model's, switching dropout back on where the user had turned it off)."""
+    model = converted(tf.BertForSequenceClassification, bert_cfg)
+    model.train()
+    model.bert.encoder.eval()
+    modes = {name: m.training for name, m in model.named_modules()}
+    calibrate_feature_statistics(model, inputs_for(model))
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    assert not model.bert.encoder.training and model.training
+
+
+def test_a_model_without_weights_is_refused_before_any_forward():
+    with torch.device("meta"):
+        model = convert_to_performer(tf.BertModel(bert_cfg()), SETTINGS)
+    batch = {k: v for k, v in inputs_for(model).items()}
+    with pytest.raises(ValueError, match="meta device"):
+        calibrate_feature_statistics(model, batch)
+
+
+def test_orthogonal_and_feature_norm_shape_the_importance_sampled_features_too():
+    """After the statistics step every layer runs importance-sampled features, whose noise was always drawn
+    orthogonal with chi norms: ``orthogonal`` and ``feature_norm`` silently did nothing there."""
+    from hf_performer.features import draw_aligned_projection
+
+    centre = torch.zeros(1, 1, 8)  # one proposal component at 0: the rows are the noise itself
+    for orthogonal in (True, False):
+        for norm in ("chi", "sqrt_d"):
+            w = draw_aligned_projection(centre, 16, width=1.0, seed=0, layer_id=0, draw=0, orthogonal=orthogonal,
+                                        feature_norm=norm)[0][0]
+            gram = w[:8] @ w[:8].T  # the first block of 8 rows
+            off = (gram - torch.diag(torch.diag(gram))).abs().max()
+            assert (off < 1e-9) == orthogonal
+            norms = w.norm(dim=1)
+            assert torch.allclose(norms, torch.full_like(norms, 8**0.5)) == (norm == "sqrt_d")
+    outs = []
+    for orthogonal in (True, False):
+        torch.manual_seed(0)
+        model = convert_to_performer(tf.BertModel(bert_cfg()).eval(), {**SETTINGS.to_dict(), "orthogonal": orthogonal})
+        calibrate_feature_statistics(model, inputs_for(model))
+        with torch.no_grad():
+            outs.append(model(**inputs_for(model)).last_hidden_state)
+    assert not torch.equal(*outs)
 
 
 # ------------------------------------------------------------------ the CLI and the examples' helper, real tokenizer

@@ -132,7 +132,8 @@ def attach_favor(plan: list[tuple[AttentionSite, PerformerConfig]]) -> None:
             module.__class__ = site.performer_class  # adds a forward only: no new state, same weights
         if not isinstance(getattr(module, "favor", None), FavorAttention):
             ref = next(module.parameters(), None)
-            favor = FavorAttention(site.head_dim, settings, num_heads=site.num_heads, layer_id=site.layer_id)
+            favor = FavorAttention(site.head_dim, settings, num_heads=site.num_heads, layer_id=site.layer_id,
+                                   cross_attention=site.cross_attention)
             module.favor = favor.to(ref.device) if ref is not None else favor
     share_notice([site.module.favor for site, _ in plan])
 
