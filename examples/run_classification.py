@@ -97,7 +97,7 @@ def build_trainer(model_args, data_args, perf_args, training_args, auto_cls=tf.A
     kwargs = dict(num_labels=len(labels), id2label=dict(enumerate(map(str, labels))),
                   label2id={str(k): v for k, v in label2id.items()})
     texts = None  # calibration texts (not when resuming: the checkpoint holds the calibrated model)
-    if "train" in raw and not training_args.resume_from_checkpoint:
+    if "train" in raw and not common.resume_path(training_args):
         texts = [" ".join(map(str, t)) for t in zip(*text_of(raw["train"][: data_args.calibration_samples], columns))]
     model = common.load_model(auto_cls, model_args.model_name_or_path, perf_args, tokenizer=tokenizer,
                               calibration_texts=texts, max_length=data_args.max_seq_length, seed=training_args.seed,

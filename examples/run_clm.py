@@ -81,7 +81,7 @@ def main(argv=None) -> dict:
     raw = common.load_lm_texts(data_args)
     train, evaluation = common.lm_blocks(raw, tokenizer, data_args, training_args, add_labels=True)
 
-    texts = None if training_args.resume_from_checkpoint else [
+    texts = None if common.resume_path(training_args) else [
         tokenizer.decode(ids) for ids in train[: data_args.calibration_samples]["input_ids"]]
     model = common.load_model(tf.AutoModelForCausalLM, model_args.model_name_or_path, perf_args, tokenizer=tokenizer,
                               calibration_texts=texts, max_length=data_args.max_seq_length, seed=training_args.seed)

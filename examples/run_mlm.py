@@ -49,7 +49,7 @@ def main(argv=None) -> dict:
     raw = common.load_lm_texts(data_args)
     train, evaluation = common.lm_blocks(raw, tokenizer, data_args, training_args, add_labels=False)
 
-    texts = None if training_args.resume_from_checkpoint else [
+    texts = None if common.resume_path(training_args) else [
         tokenizer.decode(ids, skip_special_tokens=True) for ids in train[: data_args.calibration_samples]["input_ids"]]
     model = common.load_model(tf.AutoModelForMaskedLM, model_args.model_name_or_path, perf_args, tokenizer=tokenizer,
                               calibration_texts=texts, max_length=data_args.max_seq_length, seed=training_args.seed)

@@ -126,6 +126,20 @@ def test_run_mlm_extends_positions_and_reports_perplexity(tiny_bert, tmp_path):
     assert config["model_type"] == "performer_bert" and config["max_position_embeddings"] == 256
 
 
+def test_resume_latest_without_a_checkpoint_calibrates_like_a_fresh_run(tiny_bert, tmp_path):
+    """--resume_from_checkpoint latest with no checkpoint yet trains from scratch (``common.resume_path``: None), so
+    the statistics step must run: the examples tested the raw flag and skipped it (found in a bug hunt)."""
+    out = tmp_path / "mlm"
+    run_mlm.main([
+        "--model_name_or_path", str(tiny_bert), "--dataset_name", "pydoc_chapters", "--output_dir", str(out),
+        "--do_train", "--max_seq_length", "32", "--max_train_samples", "8", "--max_steps", "1",
+        "--per_device_train_batch_size", "2", "--performer_nb_features", "16", "--save_strategy", "no",
+        "--resume_from_checkpoint", "latest", *COMMON])
+    state = load_file(out / "model.safetensors")
+    flags = [bool(v) for k, v in state.items() if k.endswith("favor.stats_calibrated")]
+    assert flags and all(flags)
+
+
 def test_run_clm_samples_with_the_favor_cache(tiny_gpt2, tmp_path):
     out = tmp_path / "clm"
     results = run_clm.main([
