@@ -60,29 +60,36 @@ LABELS = ["lexical analysis", "data model", "execution model", "expressions", "s
           "compound statements", "library reference"]
 
 
+# the settings --quick changes, as (full run, --quick); a flag given explicitly wins over both
+SIZES = {"epochs": (2.0, 1.0), "max_length": (64, 32), "calibration_steps": (100, 2), "long_length": (8192, 256),
+         "contexts": ([512, 2048, 8192], [64, 128]), "new_tokens": (16, 4)}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smoke run: tiny subsets, a few steps, short lengths")
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny subsets, a few steps, short lengths (flags "
+                   "given explicitly keep their values)")
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--nb-features", type=int, default=256)
     p.add_argument("--kernel", default="favor++", help="FAVOR+ kernel (favor++ | softmax | relu | trig); after the "
                    "statistics step, aligned features replace softmax and favor++ features (see 'estimator')")
-    p.add_argument("--max-length", type=int, default=64, help="tokens per passage (longer ones are truncated)")
-    p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--max-length", type=int, help="tokens per passage (longer ones are truncated; default 64)")
+    p.add_argument("--epochs", type=float, help="fine-tuning epochs (default 2)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--calibration-steps", type=int, default=100,
-                   help="attention-transfer calibration steps before fine-tuning (0: statistics step only)")
-    p.add_argument("--long-length", type=int, default=8192,
-                   help="tokens of the long-input training step (batch 1; 0 = skip that measurement)")
-    p.add_argument("--contexts", type=int, nargs="*", default=[512, 2048, 8192],
-                   help="prefill lengths of the generation measurement (none = skip it)")
-    p.add_argument("--new-tokens", type=int, default=16, help="tokens decoded after each context")
+    p.add_argument("--calibration-steps", type=int,
+                   help="attention-transfer calibration steps before fine-tuning (0: statistics step only; default 100)")
+    p.add_argument("--long-length", type=int,
+                   help="tokens of the long-input training step (batch 1; 0 = skip that measurement; default 8192)")
+    p.add_argument("--contexts", type=int, nargs="*",
+                   help="prefill lengths of the generation measurement (none = skip it; default 512 2048 8192)")
+    p.add_argument("--new-tokens", type=int, help="tokens decoded after each context (default 16)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if args.quick:
-        args.epochs, args.max_length, args.calibration_steps = 1.0, 32, 2
-        args.long_length, args.contexts, args.new_tokens = 256, [64, 128], 4
+    for name, (full, quick) in SIZES.items():
+        if getattr(args, name) is None:
+            value = quick if args.quick else full
+            setattr(args, name, list(value) if isinstance(value, list) else value)
     return args
 
 

