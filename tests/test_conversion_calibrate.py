@@ -158,12 +158,38 @@ def test_validation_reverts_a_calibration_that_diverged_to_nan():
         assert torch.equal(p, before[n]), n
 
 
-def test_mixed_precision_runs():
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_mixed_precision_runs_the_losses_under_autocast(kind):
+    """bf16 calibration trains under autocast (its losses differ from float32's; the weights stay float32). The
+    losses reach the student through base_model, past the forward accelerate wraps in autocast, so bf16 once ran
+    bit for bit like float32 (found in a bug hunt)."""
+    logs = {}
+    for precision in ("no", "bf16"):
+        teacher, student = pair(kind)
+        cfg = CalibrationConfig(steps=2, lr=1e-3, batch_size=4, max_length=32, warmup_steps=0,
+                                mixed_precision=precision)
+        logs[precision] = calibrate(student, teacher, schedule(), cfg, validation=[schedule(4, 8, "eval").batch(0)],
+                                    progress=False)
+        assert all(p.dtype == torch.float32 for p in student.parameters())
+    bf16, fp32 = logs["bf16"], logs["no"]
+    assert bf16["steps_done"] == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in bf16["history"])
+    assert [h["loss"] for h in bf16["history"]] != [h["loss"] for h in fp32["history"]]
+    assert bf16["validation"][0]["loss"] != fp32["validation"][0]["loss"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 autocast needs no refusal where a GPU is present")
+def test_fp16_without_a_gpu_is_refused_before_anything_runs(tmp_path):
+    """accelerate runs no fp16 autocast on a CPU: the flag would silently calibrate in float32."""
     teacher, student = pair("bert")
-    cfg = CalibrationConfig(steps=2, lr=1e-3, batch_size=4, max_length=32, warmup_steps=0, mixed_precision="bf16")
-    log = calibrate(student, teacher, schedule(), cfg, progress=False)
-    assert log["steps_done"] == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in log["history"])
-    assert all(p.dtype == torch.float32 for p in student.parameters())
+    cfg = CalibrationConfig(steps=1, batch_size=4, max_length=32, mixed_precision="fp16")
+    with pytest.raises(ConversionError, match="fp16 needs a GPU"):
+        calibrate(student, teacher, schedule(), cfg, progress=False)
+    from hf_performer.conversion import convert
+
+    with pytest.raises(ConversionError, match="fp16 needs a GPU"):
+        convert("no/such-model", tmp_path / "out", calibration_data="python-docs", calibrate_model=True,
+                calibration={"mixed_precision": "fp16", "steps": 1})
+    assert not (tmp_path / "out").exists()
 
 
 def test_gpt2_qk_training_leaves_values():

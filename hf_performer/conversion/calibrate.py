@@ -236,14 +236,24 @@ def _write_log(path: Path, log: dict) -> None:
     os.replace(tmp, path)
 
 
-def _make_accelerator(mixed_precision: str):
+def make_accelerator(mixed_precision: str):
+    """accelerate's ``Accelerator`` for a calibration run (``mixed_precision``: one of MIXED_PRECISION). Raises
+    ConversionError when the device has no autocast for it (accelerate runs fp16 only on accelerators and would
+    silently train in float32 on a CPU); convert() calls it before loading anything, to check the flag."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
     # the state is a process-wide singleton: a second calibration in one process may ask for other settings
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    return Accelerator(mixed_precision=mixed_precision)
+    accelerator = Accelerator(mixed_precision=mixed_precision)
+    if mixed_precision != "no" and not accelerator.native_amp:
+        raise ConversionError(
+            f"--mixed-precision {mixed_precision}: accelerate runs no {mixed_precision} autocast on this "
+            f"{accelerator.device.type} device (fp16 needs a GPU), so calibration would run in float32; use "
+            "--mixed-precision bf16 or no."
+        )
+    return accelerator
 
 
 def _trainable_state(model: nn.Module, names) -> dict[str, torch.Tensor]:
@@ -322,7 +332,7 @@ def calibrate(
         trainable, hooks = select_trainable(student, cfg.train)
     params = [p for p in student.parameters() if p.requires_grad]
 
-    accelerator = _make_accelerator(cfg.mixed_precision)
+    accelerator = make_accelerator(cfg.mixed_precision)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     log = {"config": dataclasses.asdict(cfg), "time_limit_s": cfg.time_limit_s, "fingerprint": fp,
            "output_kind": kind, "trainable": len(trainable), "trainable_parameters": sum(p.numel() for p in params),
@@ -361,7 +371,8 @@ def calibrate(
     def validate(step: int) -> bool:
         """Measure the held-out loss; keep the state if it is the best so far. True when patience ran out."""
         nonlocal best, bad
-        loss = validation_loss(raw, teacher, validation, names, kind, accelerator.device)
+        with accelerator.autocast():
+            loss = validation_loss(raw, teacher, validation, names, kind, accelerator.device)
         log["validation"].append({"step": step, "loss": loss, "wall_s": round(elapsed(), 3)})
         if best is None or loss < best["loss"]:
             best = {"step": step, "loss": loss,
@@ -397,7 +408,9 @@ def calibrate(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = {k: v.to(accelerator.device) for k, v in schedule.batch(step).items()}
-            loss, parts = transfer_loss(student, teacher, batch, names, kind, cfg)
+            # (the losses reach past the prepared model's forward, e.g. through base_model: autocast spans them all)
+            with accelerator.autocast():
+                loss, parts = transfer_loss(student, teacher, batch, names, kind, cfg)
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()

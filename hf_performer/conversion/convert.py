@@ -28,7 +28,7 @@ from hf_performer.integration import convert_to_performer
 from hf_performer.integration.portable import auto_class_name
 from hf_performer.settings import ALIGNED_ESTIMATOR, ALIGNED_KERNELS
 
-from .calibrate import DEFAULT_MIN_LENGTH, CalibrationConfig, calibrate
+from .calibrate import DEFAULT_MIN_LENGTH, CalibrationConfig, calibrate, make_accelerator
 from .data import BUILTIN_TEXT, BatchSchedule, mixed_length_sequences, pad_id, read_texts
 from .errors import ConversionError
 from .model_card import model_card, source_card_metadata
@@ -185,6 +185,8 @@ def convert(
     cal_cfg = calibration or CalibrationConfig()
     _check_unused_settings(calibration_data, calibrate_model, given, statistics_batches, keep_calibration_state,
                            cal_cfg)
+    if calibrate_model and cal_cfg.mixed_precision != "no":
+        make_accelerator(cal_cfg.mixed_precision)  # raises if this device has no autocast for it
     statistics_batches = 4 if statistics_batches is None else statistics_batches
     if not isinstance(statistics_batches, int) or statistics_batches < 1:
         raise ConversionError(f"statistics_batches={statistics_batches!r}: expected a positive integer.")
