@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import json
+
 import pytest
 import torch
 
@@ -25,6 +28,24 @@ def test_text_file_lines_paragraphs_and_folder(tmp_path):
         read_texts(empty)
     with pytest.raises(ConversionError, match="no such file"):
         read_texts(tmp_path / "missing.txt")
+
+
+def test_table_files_give_their_text_column(tmp_path):
+    """.jsonl/.json/.csv/.tsv files are tables (datasets' builders): their "text" column, else their first string
+    column. They were read as raw text, so the documents were JSON lines and CSV rows, header and quotes included
+    (found in a bug hunt)."""
+    docs = ["First document, with a comma.", 'A "quoted" second one.']
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d, "label": i}) + "\n" for i, d in enumerate(docs)))
+    (tmp_path / "b.json").write_text(json.dumps([{"label": i, "body": d} for i, d in enumerate(docs)]))
+    with open(tmp_path / "c.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["label", "text"], *[[i, d] for i, d in enumerate(docs)]])
+    with open(tmp_path / "d.tsv", "w", newline="") as f:
+        csv.writer(f, delimiter="\t").writerows([["text"], *[[d] for d in docs]])
+    for name in ("a.jsonl", "b.json", "c.csv", "d.tsv"):
+        assert read_texts(tmp_path / name) == docs, name
+    (tmp_path / "e.csv").write_text("label,score\n1,2\n")
+    with pytest.raises(ConversionError, match="no text column"):
+        read_texts(tmp_path / "e.csv")
 
 
 def test_builtin_text_is_the_python_docs_corpus_unless_a_path_has_its_name(tmp_path, monkeypatch):

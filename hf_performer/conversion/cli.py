@@ -116,7 +116,8 @@ def _convert_parser(sub) -> argparse.ArgumentParser:
     d = CalibrationConfig()
     g = p.add_argument_group("statistics and calibration")
     g.add_argument("--calibration-data", metavar="TEXT",
-                   help=".txt file (lines or blank-line paragraphs), folder of .txt files, datasets NAME[:CONFIG][:SPLIT], "
+                   help=".txt file (lines or blank-line paragraphs), .jsonl/.json/.csv/.tsv/.parquet file (its 'text' "
+                        "column), folder of .txt files, datasets NAME[:CONFIG][:SPLIT], "
                         f"or {BUILTIN_TEXT} (English prose of the documentation Python ships, offline) (default "
                         f"{BUILTIN_TEXT}; text of the kind the model will see fits it better)")
     g.add_argument("--zero-shot", action="store_true",
@@ -174,7 +175,8 @@ def _report_parser(sub) -> argparse.ArgumentParser:
                                    "markdown and (with matplotlib) a PNG.")
     p.add_argument("source", help="the original checkpoint (hub id or folder)")
     p.add_argument("converted", help="the converted checkpoint folder")
-    p.add_argument("--data", required=True, help="held-out text (.txt file, folder, or datasets name)")
+    p.add_argument("--data", required=True, help="held-out text (.txt or .jsonl/.json/.csv/.tsv/.parquet file with a "
+                   "'text' column, folder of .txt files, or datasets name)")
     p.add_argument("--out", help="output folder (default <converted>/fidelity_report)")
     p.add_argument("--max-texts", type=int, help="use at most this many texts")
     p.add_argument("--max-length", type=int, default=128, help="tokens per sequence (default 128)")

@@ -53,6 +53,34 @@ def _looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or spec.endswith(".txt") or os.sep in spec and Path(spec).parent.exists()
 
 
+# data files read as tables by datasets' packaged builders (their text column, as for a datasets name)
+TABLE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
+
+
+def _read_table(path: Path) -> list[str]:
+    """The text column of a .json/.jsonl/.csv/.tsv/.parquet file (``TABLE_FORMATS``), read by datasets."""
+    import datasets
+
+    builder = TABLE_FORMATS[path.suffix.lower()]
+    kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    except Exception as e:  # noqa: BLE001 - any failure gets one clear message
+        raise ConversionError(f"cannot read {str(path)!r} as a {builder} table: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    return _text_column(ds, str(path))
+
+
+def _text_column(ds, spec: str) -> list[str]:
+    """The documents of a datasets table: its "text" column, else its first string column."""
+    column = "text" if "text" in ds.column_names else next(
+        (c for c, f in ds.features.items() if getattr(f, "dtype", None) == "string"), None
+    )
+    if column is None:
+        raise ConversionError(f"{spec!r} has no text column (columns: {ds.column_names}): name it 'text'.")
+    return [" ".join(t.split()) for t in ds[column] if isinstance(t, str) and t.strip()]
+
+
 def _load_dataset(spec: str) -> list[str]:
     name, config, split = (spec.split(":") + [None, None])[:3]
     try:
@@ -68,23 +96,19 @@ def _load_dataset(spec: str) -> list[str]:
             f"{str(e).splitlines()[0] if str(e) else ''}. Datasets need the Hugging Face Hub (offline: "
             "HF_DATASETS_OFFLINE/HF_HUB_OFFLINE, or no internet) unless cached; pass a local text file or folder."
         ) from e
-    column = "text" if "text" in ds.column_names else next(
-        (c for c, f in ds.features.items() if getattr(f, "dtype", None) == "string"), None
-    )
-    if column is None:
-        raise ConversionError(f"dataset {spec!r} has no text column (columns: {ds.column_names}).")
-    return [" ".join(t.split()) for t in ds[column] if isinstance(t, str) and t.strip()]
+    return _text_column(ds, spec)
 
 
 def read_texts(spec: str | os.PathLike) -> list[str]:
-    """Documents (whitespace-normalised strings) from a .txt file, a folder of .txt files, ``python-docs`` (the
-    built-in corpus) or a datasets name. Raises ConversionError naming the source when it holds no text or cannot
-    be read."""
+    """Documents (whitespace-normalised strings) from a text file (lines or blank-line paragraphs), a table file
+    (.json/.jsonl/.csv/.tsv/.parquet: its "text" column, else its first string column), a folder of .txt files,
+    ``python-docs`` (the built-in corpus) or a datasets name. Raises ConversionError naming the source when it holds
+    no text or cannot be read."""
     path = Path(os.path.expanduser(str(spec)))
     if str(spec) == BUILTIN_TEXT and not path.exists():
         return _builtin_texts()
     if path.is_file():
-        texts = _read_file(path)
+        texts = _read_table(path) if path.suffix.lower() in TABLE_FORMATS else _read_file(path)
     elif path.is_dir():
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not files:
