@@ -72,6 +72,21 @@ def test_convert_gpt2_round_trip_with_calibration(tmp_path, capsys):
     assert gen.shape == (1, 7)
 
 
+def test_a_max_length_past_the_source_limit_is_cut_with_a_warning(tmp_path, capsys, caplog):
+    """The source (the teacher) cannot run past its position limit (64 tokens here): convert and report cut
+    --max-length to it, and now say so (they did it silently; found in a bug hunt)."""
+    from hf_performer.conversion.report import report
+
+    src, txt = tiny_bert(tmp_path / "src"), text_file(tmp_path / "t.txt")
+    with caplog.at_level("WARNING"):
+        assert run("convert", src, tmp_path / "out", "--nb-features", 8, "--calibration-data", txt, "--max-length",
+                   128, "--max-position-embeddings", 128, "--no-progress") == 0
+        assert "--max-length 128 is past the source model's position limit (64 tokens)" in caplog.text
+        caplog.clear()
+        r = report(src, tmp_path / "out", txt, tmp_path / "rep", max_length=128, lengths=(), progress=False)
+    assert r["max_length"] == 64 and "--max-length 128 is past the source model's position limit (64" in caplog.text
+
+
 def test_refuses_overwrite(tmp_path, capsys):
     src, out = tiny_bert(tmp_path / "src"), tmp_path / "out"
     out.mkdir()

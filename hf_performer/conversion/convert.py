@@ -247,6 +247,10 @@ def convert(
     if texts is not None:
         # the teacher (the source) runs on these too: its own position limit, not an extended one
         length = min(cal_cfg.max_length or max_tokens(src.config), max_tokens(src.config))
+        if cal_cfg.max_length is not None and cal_cfg.max_length > length:
+            logger.warning("--max-length %d is past the source model's position limit (%d tokens): the source (the "
+                           "teacher of the statistics step and calibration) cannot run longer inputs, so both use "
+                           "sequences of at most %d tokens.", cal_cfg.max_length, length, length)
         shortest = min(cal_cfg.min_length or DEFAULT_MIN_LENGTH, length)
         sequences = mixed_length_sequences(texts, tokenizer, length, shortest, cal_cfg.seed)
         held_out = held_out_sequences(sequences, cal_cfg.seed) if calibrate_model else []

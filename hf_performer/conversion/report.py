@@ -318,6 +318,10 @@ def report(
     teacher = load_model(src)
     tokenizer = _load_tokenizer(converted, src.location, given=tokenizer)
     length = min(max_length, max_tokens(src.config))
+    if max_length > length:
+        logger.warning("--max-length %d is past the source model's position limit (%d tokens): the fidelity is measured "
+                       "on sequences of at most %d tokens (the timing table takes --lengths past it).", max_length,
+                       length, length)
     schedule = BatchSchedule(tokenize(texts, tokenizer, length), batch_size, pad_id(tokenizer))
     batches = schedule.epoch()
     kind = output_kind(student)
