@@ -109,6 +109,14 @@ class PerformerConfig:
             _fail("extra", self.extra, "expected a dict")
         self.eps = float(self.eps)
 
+    def uses_statistics(self) -> bool:
+        """Whether a layer with these settings reads what the statistics step fits (``calibrate_statistics``): the
+        key shift (``center_keys``), the balance factor (``balance_qk``), favor++'s parameter, or the
+        importance-sampled features (``aligned_features`` with a softmax or favor++ kernel). When False the step
+        changes nothing."""
+        return (self.center_keys or self.balance_qk or self.kernel == "favor++"
+                or (self.aligned_features and self.kernel in ALIGNED_KERNELS))
+
     def estimator(self, statistics_calibrated: bool, causal: bool = False) -> str:
         """The feature map that a layer with these settings actually uses (read-only; derived, not stored).
 

@@ -20,6 +20,7 @@ layer it serves, and each call runs with statistics that include its own inputs)
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -120,6 +121,11 @@ def calibrate_feature_statistics(model: nn.Module, batch: Mapping[str, torch.Ten
     """
     layers = favor_layers(model)
     batch = _check_batch(model, batch)
+    if not any(m.config.uses_statistics() for m in layers):
+        warnings.warn(
+            "calibrate_feature_statistics changes nothing for this model: its FAVOR+ settings read no fitted statistic "
+            "(center_keys, balance_qk and aligned_features off, kernel neither favor++ nor with aligned features). "
+            "Turn one of them on, or skip the statistics step.", UserWarning, stacklevel=2)
     seen: set[int] = set()
     shared = _shared_favor_layers(model)
     calls: dict[int, list[tuple]] = {}  # shared layers: (q, k, mask) of each call so far

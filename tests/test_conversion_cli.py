@@ -143,9 +143,9 @@ def test_without_calibration_data_the_statistics_step_reads_the_builtin_text(tmp
         # a flag that the requested steps would never read is refused, not ignored
         (["--zero-shot", "--calibration-steps", "5"], "--calibration-steps would do nothing with --zero-shot"),
         (["--zero-shot", "--statistics-batches", "2"], "--statistics-batches would do nothing with --zero-shot"),
-        (["--calibration-steps", "5"], "--calibration-steps only apply to attention-transfer calibration"),
-        (["--calibration-data", "{txt}", "--lr", "0.01", "--max-time", "9"], "--lr, --max-time only apply to attention"),
-        (["--calibration-data", "{txt}", "--keep-calibration-state"], "--keep-calibration-state only apply"),
+        (["--calibration-steps", "5"], "--calibration-steps applies only to attention-transfer calibration"),
+        (["--calibration-data", "{txt}", "--lr", "0.01", "--max-time", "9"], "--lr, --max-time apply only to attention"),
+        (["--calibration-data", "{txt}", "--keep-calibration-state"], "--keep-calibration-state applies only"),
         (["--calibration-data", "{txt}", "--calibrate", "--calibration-steps", "0"], "would train nothing"),
         (["--calibration-data", "{txt}", "--calibrate", "--min-length", "40", "--max-length", "20"],
          "--min-length 40 is invalid: it must not exceed --max-length 20"),
@@ -156,7 +156,10 @@ def test_without_calibration_data_the_statistics_step_reads_the_builtin_text(tmp
         (["--calibration-data", "{txt}", "--calibrate", "--max-time", "inf"], "--max-time inf is invalid: expected a finite"),
         (["--calibration-data", "{txt}", "--calibrate", "--calibration-steps", "-1"], "an integer >= 0 or no flag"),
         (["--calibration-data", "{txt}", "--statistics-batches", "0"], "--statistics-batches 0: expected a positive"),
-        (["--calibration-data", "{txt}", "--eval-every", "5"], "--eval-every only apply to attention"),
+        (["--calibration-data", "{txt}", "--eval-every", "5"], "--eval-every applies only to attention"),
+        # settings that read no fitted statistic: the statistics step would change nothing (bug hunt)
+        (["--kernel", "softmax", "--no-center-keys", "--no-balance-qk", "--no-aligned-features"],
+         "the statistics step would change nothing"),
     ],
 )
 def test_bad_flags_leave_nothing(tmp_path, capsys, flags, message):

@@ -97,7 +97,7 @@ def test_lora_resume_matches_uninterrupted(tmp_path):
 
 
 def test_lora_options_refused_without_train_lora():
-    with pytest.raises(ConversionError, match="lora_rank.*train='lora' only"):
+    with pytest.raises(ConversionError, match="lora_rank.*only with train='lora'"):
         CalibrationConfig(lora_rank=4)
     with pytest.raises(ConversionError, match="lora_rank"):
         CalibrationConfig(train="lora", lora_rank=0)
@@ -127,4 +127,4 @@ def test_cli_lora_calibration_writes_a_plain_performer_checkpoint(tmp_path, caps
     before = listing(tmp_path)
     rc = main([str(a) for a in ("convert", src, tmp_path / "other", "--calibration-data", txt, "--calibrate",
                                 "--lora-rank", 2, "--no-progress")])
-    assert rc == 2 and "--train lora" in capsys.readouterr().err and listing(tmp_path) == before
+    assert rc == 2 and "applies only with --train 'lora'" in capsys.readouterr().err and listing(tmp_path) == before

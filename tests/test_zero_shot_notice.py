@@ -113,3 +113,21 @@ def test_notices_print_above_an_open_progress_bar(capsys, monkeypatch):
     lines = [part for part in capsys.readouterr().err.split("\n") if "UserWarning" in part]
     assert len(lines) == 2  # both notices
     assert all("%|" not in part.split("\r")[-1] for part in lines)  # neither written after the bar's text
+
+
+def test_settings_that_read_no_statistic_get_no_notice_and_their_statistics_step_says_so():
+    """With center_keys, balance_qk and aligned_features off and the softmax kernel, the statistics step changes
+    nothing: the notice must not ask for it, and the step itself warns that it did nothing (bug hunt)."""
+    torch.manual_seed(0)
+    plain = {**SETTINGS.to_dict(), "kernel": "softmax", "center_keys": False, "balance_qk": False,
+             "aligned_features": False}
+    model = convert_to_performer(tf.BertModel(bert_cfg()).eval(), plain)
+    assert notices(lambda: model(**inputs_for(model))) == []
+    with torch.no_grad():
+        before = model(**inputs_for(model)).last_hidden_state
+    with pytest.warns(UserWarning, match="changes nothing for this model"):
+        calibrate_feature_statistics(model, inputs_for(model))
+    with torch.no_grad():
+        assert torch.equal(model(**inputs_for(model)).last_hidden_state, before)  # it indeed changed nothing
+    one_on = convert_to_performer(tf.BertModel(bert_cfg()).eval(), {**plain, "balance_qk": True})
+    assert len(notices(lambda: one_on(**inputs_for(one_on)))) == 1

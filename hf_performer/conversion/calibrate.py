@@ -138,7 +138,7 @@ class CalibrationConfig:
              "max_time_s", "expected a finite number of seconds > 0 or None")
         if self.train != "lora":
             for name in ("lora_rank", "lora_alpha"):
-                need(getattr(self, name) is None, name, "it applies to train='lora' only (--train lora)")
+                need(getattr(self, name) is None, name, "it applies only with train='lora'")
         else:
             require_peft()
             if self.lora_rank is None:

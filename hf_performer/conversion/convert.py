@@ -124,8 +124,9 @@ def _check_unused_settings(data, calibrate_model, given, statistics_batches, kee
         unused = [flag(f) for f in given if f not in STATISTICS_FIELDS] + (
             ["--keep-calibration-state"] if keep_state else [])
         if unused:
-            raise ConversionError(f"{', '.join(unused)} only apply to attention-transfer calibration: pass --calibrate "
-                                  "or drop them.")
+            raise ConversionError(f"{', '.join(unused)} {'applies' if len(unused) == 1 else 'apply'} only to "
+                                  "attention-transfer calibration: pass --calibrate or drop "
+                                  f"{'it' if len(unused) == 1 else 'them'}.")
     elif cal_cfg.steps == 0:
         raise ConversionError("--calibrate with --calibration-steps 0 would train nothing: give steps > 0, or drop "
                               "--calibrate (the statistics step runs whenever --calibration-data is given).")
@@ -185,6 +186,12 @@ def convert(
     cal_cfg = calibration or CalibrationConfig()
     _check_unused_settings(calibration_data, calibrate_model, given, statistics_batches, keep_calibration_state,
                            cal_cfg)
+    if calibration_data is not None and not calibrate_model and not settings.uses_statistics():
+        raise ConversionError(
+            f"the statistics step would change nothing: kernel {settings.kernel!r} with --no-center-keys, "
+            "--no-balance-qk and --no-aligned-features reads no fitted statistic. Pass --zero-shot (no statistics "
+            "step), or keep one of those on."
+        )
     if calibrate_model and cal_cfg.mixed_precision != "no":
         make_accelerator(cal_cfg.mixed_precision)  # raises if this device has no autocast for it
     statistics_batches = 4 if statistics_batches is None else statistics_batches

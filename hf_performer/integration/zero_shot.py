@@ -45,7 +45,8 @@ class ZeroShotNotice:
         if self.considered or _IN_STATISTICS_STEP.get() or not self.layers:
             return
         self.considered = True
-        flags = [m.calibrated for m in self.layers]  # Python state the layers keep anyway (read once per buffer)
+        # Python state the layers keep anyway (read once per buffer); layers whose settings read no statistic need none
+        flags = [m.calibrated or not m.config.uses_statistics() for m in self.layers]
         missing = flags.count(False)
         if missing:
             frame = user_frame()[0]  # the user's line that ran the model, not torch's or transformers' internals
