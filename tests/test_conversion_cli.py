@@ -7,6 +7,7 @@ import json
 import os
 import re
 import stat
+import sys
 
 import pytest
 import torch
@@ -85,6 +86,17 @@ def test_a_max_length_past_the_source_limit_is_cut_with_a_warning(tmp_path, caps
         caplog.clear()
         r = report(src, tmp_path / "out", txt, tmp_path / "rep", max_length=128, lengths=(), progress=False)
     assert r["max_length"] == 64 and "--max-length 128 is past the source model's position limit (64" in caplog.text
+
+
+def test_resume_without_a_state_is_refused_before_loading_anything(tmp_path, capsys, monkeypatch):
+    """A missing --resume state was reported only after the models loaded and the statistics step ran (bug hunt)."""
+    convert_module = sys.modules["hf_performer.conversion.convert"]  # (the package exports a function of that name)
+    src, txt = tiny_bert(tmp_path / "src"), text_file(tmp_path / "t.txt")
+    monkeypatch.setattr(convert_module, "load_model", lambda *a, **k: pytest.fail("loaded a model before refusing"))
+    before = listing(tmp_path)
+    assert run("convert", src, tmp_path / "out", "--calibration-data", txt, "--calibrate", "--resume",
+               "--no-progress") == 2
+    assert "--resume: no calibration state at" in capsys.readouterr().err and listing(tmp_path) == before
 
 
 def test_refuses_overwrite(tmp_path, capsys):

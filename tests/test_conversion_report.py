@@ -135,3 +135,20 @@ def test_default_lengths_stop_at_the_position_limit():
     assert default_lengths(4096) == (128, 512, 2048, 4096)
     assert default_lengths(1024) == (128, 512, 1024)
     assert default_lengths(64) == (64,)
+
+
+def test_a_reverted_calibration_is_named_as_such_and_still_suggested():
+    """A calibration undone by its held-out check (the starting weights kept) was reported as "calibrated N steps",
+    and the advice then left out --calibrate (bug hunt)."""
+    from hf_performer.conversion.cli import _calibration_words
+    from hf_performer.conversion.report import guidance, settings_line
+
+    r = {"performer": {"nb_features": 16, "local_window": 0}, "estimator": {"effective": "aligned-softmax"},
+         "statistics_calibrated": True, "output_kind": "hidden", "end_to_end": {}, "layer_errors": {}}
+    done = settings_line({**r, "calibration_steps": 40, "calibration_reverted": False})
+    undone = settings_line({**r, "calibration_steps": 40, "calibration_reverted": True})
+    assert "calibrated 40 steps" in done and "calibration reverted" in undone and "calibrated 40" not in undone
+    advice = lambda reverted: "\n".join(guidance({**r, "calibration_steps": 40, "calibration_reverted": reverted}))
+    assert "`--calibrate`" not in advice(False) and "`--calibrate`" in advice(True)
+    assert _calibration_words({"steps_done": 40}) == ", calibrated 40 steps"
+    assert "reverted to the starting weights after 40 steps" in _calibration_words({"steps_done": 40, "reverted": True})

@@ -236,7 +236,7 @@ def _run_convert(args, argv) -> None:
     print(f"hf-performer: wrote {args.output} ({summary['model_class']}, nb_features={summary['performer']['nb_features']}, "
           + (f"local_window={window}, " if window else "")
           + f"estimator {est['effective']}, {summary['positions']['to']} positions" + (
-              f", calibrated {summary['calibration']['steps_done']} steps" if summary["calibration"] else "") + (
+              _calibration_words(summary["calibration"]) if summary["calibration"] else "") + (
               ", sentence-transformers modules " + " -> ".join(summary["sentence_transformers"]["modules"])
               if summary.get("sentence_transformers") else "") + ")")
     if est["note"]:
@@ -281,6 +281,14 @@ def _in_flags(message: str, flags: dict[str, str]) -> str:
     message = re.sub(r"^calibration (\w+)=", lambda m: swap(_CALIBRATION_DESTS.get(m[1], m[1]), m[0]), message)
     message = re.sub(r"(?<![\w.-])(\w+)=", lambda m: swap(m[1], m[0]), message)
     return message.replace(" or None", " or no flag")
+
+
+def _calibration_words(cal: dict) -> str:
+    """The closing line's words on attention-transfer calibration (its log, ``calibrate.calibrate``'s)."""
+    if cal.get("reverted"):
+        return (f", calibration reverted to the starting weights after {cal['steps_done']} steps (no held-out "
+                "gain)")
+    return f", calibrated {cal['steps_done']} steps"
 
 
 class _StderrHandler(logging.Handler):

@@ -28,7 +28,7 @@ from hf_performer.integration import convert_to_performer
 from hf_performer.integration.portable import auto_class_name
 from hf_performer.settings import ALIGNED_ESTIMATOR, ALIGNED_KERNELS
 
-from .calibrate import DEFAULT_MIN_LENGTH, CalibrationConfig, calibrate, make_accelerator
+from .calibrate import DEFAULT_MIN_LENGTH, STATE_FILE, CalibrationConfig, calibrate, make_accelerator
 from .data import BUILTIN_TEXT, BatchSchedule, mixed_length_sequences, pad_id, read_texts
 from .errors import ConversionError
 from .model_card import model_card, source_card_metadata
@@ -215,6 +215,10 @@ def convert(
                               + ": write the converted model to another folder.")
     target = check_target(output, overwrite)
     state_dir = Path(resume) if isinstance(resume, (str, os.PathLike)) and not isinstance(resume, bool) else default_state_dir(target)
+    if resume and not (state_dir / STATE_FILE).is_file():
+        raise ConversionError(f"--resume: no calibration state at {str(state_dir / STATE_FILE)!r} (it is kept there when "
+                              "a calibration is interrupted, or with --keep-calibration-state); drop --resume to start "
+                              "afresh.")
     check_extension(src.config, max_position_embeddings)
     sentence_modules = read_sentence_modules(src.location, src.is_local, src.spec)
     texts = read_texts(calibration_data) if calibration_data is not None else None

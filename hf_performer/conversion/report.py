@@ -121,7 +121,8 @@ def settings_line(r: dict) -> str:
         parts.append(f"window {p['local_window']}")
     parts.append("statistics" if r["statistics_calibrated"] else "no statistics step")
     cal = r.get("calibration_steps")
-    parts.append(f"calibrated {cal} steps" if cal else "not calibrated")
+    parts.append("calibration reverted" if r.get("calibration_reverted") else
+                 f"calibrated {cal} steps" if cal else "not calibrated")
     return ", ".join(parts)
 
 
@@ -222,7 +223,7 @@ def guidance(r: dict) -> list[str]:
         todo.append("`--local-window 4`: each query's nearest keys exactly (MiniLM zero-shot on other text at 512 tokens: "
                     "0.85 → 0.90 cosine, 0.94 with a window of 32; the window of 4 costs 1.5x pure FAVOR+'s attention "
                     "time at 8k tokens on a CPU).")
-    if not r.get("calibration_steps"):
+    if not r.get("calibration_steps") or r.get("calibration_reverted"):
         todo.append("`--calibrate` (on `--calibration-data TEXT`, or the built-in text): attention-transfer "
                     "calibration, minutes on a CPU "
                     "(MiniLM on other text at 512 tokens, 10 minutes of a shared CPU: 0.85 → 0.87–0.88; 0.90 → 0.93 with the "
@@ -344,7 +345,7 @@ def report(
         "model_class": type(student).__name__, "output_kind": kind, "performer": student.config.performer,
         "estimator": estimator_record(student, student.config.performer["kernel"]),
         "statistics_calibrated": all(f.calibrated for f in student.favor_modules()),
-        "calibration_steps": _calibration_steps(converted),
+        **_calibration(converted),
         "source_max_tokens": max_tokens(src.config), "converted_max_tokens": max_tokens(student.config),
         "end_to_end": end, "layer_errors": errors, "timing": timing,
         "device": str(next(student.parameters()).device), "torch_threads": torch.get_num_threads(),
@@ -359,11 +360,13 @@ def report(
     return result
 
 
-def _calibration_steps(converted: str | os.PathLike) -> int | None:
-    """Attention-transfer steps recorded in the converted folder's conversion.json (None: not calibrated or
-    not recorded)."""
+def _calibration(converted: str | os.PathLike) -> dict:
+    """{"calibration_steps": the attention-transfer steps recorded in the converted folder's conversion.json (None:
+    not calibrated or not recorded), "calibration_reverted": whether they were undone (no held-out gain: the
+    starting weights were kept)}."""
     try:
         summary = json.loads((Path(os.path.expanduser(str(converted))) / "conversion.json").read_text())
     except (OSError, ValueError):
-        return None
-    return (summary.get("calibration") or {}).get("steps_done")
+        summary = {}
+    cal = summary.get("calibration") or {}
+    return {"calibration_steps": cal.get("steps_done"), "calibration_reverted": bool(cal.get("reverted"))}
