@@ -313,7 +313,9 @@ def run_attention(args, device, budget: Budget, compiled: bool, out: list) -> No
     if compiled:
         # every (mode, pass, length) cell is a new guard set (causal flag, grad mode, shapes): dynamo's default limit
         # of 8 recompiles would silently fall back to eager after the 8th cell (seen on the first H200 run)
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        # (torch before 2.6 calls the limit cache_size_limit)
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
         if hasattr(torch._dynamo.config, "accumulated_recompile_limit"):
             torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 256)
         modules = {"favor-compiled": torch.compile(modules["favor"])}
