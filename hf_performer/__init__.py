@@ -8,6 +8,7 @@ from .attention import FavorAttention
 from .features import FeatureMap, draw_projection
 from .integration import (
     FavorCache,
+    broadcast_favor_buffers,
     convert_to_performer,
     maybe_redraw_features,
     redraw_features,
@@ -40,6 +41,7 @@ __all__ = [
     "PerformerRedrawCallback",
     "PerformerTrainer",
     "__version__",
+    "broadcast_favor_buffers",
     "calibrate_feature_statistics",
     "convert_to_performer",
     "draw_projection",

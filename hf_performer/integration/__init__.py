@@ -18,6 +18,7 @@ from .convert import (
     supported_model_types,
 )
 from .distilbert import PerformerDistilBertConfig
+from .distributed import broadcast_favor_buffers
 from .gpt2 import PerformerGPT2Config
 from .peft_support import register_peft_hook
 from .registry import register_performer_models
@@ -35,6 +36,7 @@ __all__ = [
     "PerformerGPT2Config",
     "PerformerRedrawCallback",
     "PerformerRobertaConfig",
+    "broadcast_favor_buffers",
     "convert_to_performer",
     "maybe_redraw_features",
     "redraw_features",

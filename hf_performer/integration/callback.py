@@ -5,7 +5,8 @@
 Redraws happen after optimizer steps (``state.global_step``), never inside forward, so gradient
 accumulation and activation recomputation see one projection per step. Draws depend on (seed, layer id,
 draw count) only: every data-parallel rank draws the same features, and a resumed run (draw counts are
-persistent buffers in the checkpoint) continues the same sequence. A new run on a checkpoint that has drawn
+persistent buffers in the checkpoint) continues the same sequence; when training begins, every rank takes rank 0's
+FAVOR+ buffers (``distributed.broadcast_favor_buffers``: fitted statistics come from each rank's data). A new run on a checkpoint that has drawn
 before continues from its draw count, redrawing every interval of the new run's steps (``run_start_draws``).
 
 A callback that could never redraw is refused at the start of training: a model without FAVOR+ layers, or
@@ -21,6 +22,7 @@ import warnings
 from transformers import TrainerCallback
 
 from .convert import favor_modules, maybe_redraw_features, redraw_schedule, run_start_draws
+from .distributed import broadcast_favor_buffers
 
 
 def follows_schedule(model, state, automatic: bool = False) -> bool:
@@ -64,6 +66,7 @@ class PerformerRedrawCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is not None:
+            broadcast_favor_buffers(self._model(model))  # every rank starts with rank 0's FAVOR+ layers
             self.active = follows_schedule(self._model(model), state, self.automatic)
             if self.active:  # resumed from an older checkpoint: catch up (no-op otherwise)
                 self.start = run_start_draws(self._model(model), state.global_step)
