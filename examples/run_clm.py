@@ -48,8 +48,10 @@ class GenerationArguments:
     temperature: float = field(default=0.8)
 
 
-def sample(model, tokenizer, gen: GenerationArguments, seed: int) -> list[dict]:
-    """Sample a continuation of every prompt; reports which cache generate() used."""
+def sample(model, tokenizer, gen: GenerationArguments, seed: int, synced: bool = False) -> list[dict]:
+    """Sample a continuation of every prompt; reports which cache generate() used. ``synced``: every rank of a
+    sharded (FSDP) model runs this together (generate's synced_gpus: each forward gathers parameters from all ranks,
+    so all keep stepping until every one has finished)."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -60,7 +62,7 @@ def sample(model, tokenizer, gen: GenerationArguments, seed: int) -> list[dict]:
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample, top_p=gen.top_p,
                              temperature=gen.temperature, pad_token_id=tokenizer.pad_token_id,
-                             return_dict_in_generate=True)
+                             return_dict_in_generate=True, synced_gpus=True if synced else None)
     cache = getattr(out, "cache", None)  # the name in transformers >= 5.2x (past_key_values before, deprecated since)
     cache = out.past_key_values if cache is None else cache
     layers = getattr(cache, "layers", [])
@@ -90,8 +92,14 @@ def main(argv=None) -> dict:
                           eval_dataset=evaluation if training_args.do_eval else None, processing_class=tokenizer,
                           data_collator=tf.default_data_collator)
     results = common.train_and_evaluate(trainer, training_args, perplexity=True)
+    # under FSDP the model's forward gathers its parameters from every rank: all ranks sample (rank 0 alone waited
+    # on the others forever), and rank 0 reports
+    sharded = bool(getattr(trainer, "is_fsdp_enabled", False))
+    samples = None
+    if sharded or trainer.is_world_process_zero():
+        samples = sample(trainer.accelerator.unwrap_model(trainer.model), tokenizer, gen_args, training_args.seed,
+                         synced=sharded)
     if trainer.is_world_process_zero():
-        samples = sample(trainer.accelerator.unwrap_model(trainer.model), tokenizer, gen_args, training_args.seed)
         results["samples"] = samples
         for s in samples:
             print(f"[sample, {s['cache']}] {s['prompt']!r} -> {s['continuation']!r}")
