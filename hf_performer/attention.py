@@ -17,6 +17,7 @@ importance-sampled ("aligned") features concentrated where the layer's q + k fal
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -39,6 +40,23 @@ _FP32_BUFFERS = (
 NB_CENTERS = 1024  # q + k pairs kept per head for the importance-sampling proposal
 ALIGNED_WIDTH = 1.0  # std of each proposal component (the integrand of one pair is N(q + k, I))
 MAX_CALIBRATION_QUERIES = 512  # queries per batch row whose attention is sampled during calibration
+
+
+_HALF_BUFFERS_WARNED = []  # once per process
+
+
+def _warn_half_buffers(dtype: torch.dtype) -> None:
+    """Warn once that a layer's float32 buffers were cast by something that bypasses ``Module.to`` (which keeps them
+    float32, ``FavorAttention._apply``)."""
+    if _HALF_BUFFERS_WARNED:
+        return
+    _HALF_BUFFERS_WARNED.append(dtype)
+    warnings.warn(
+        f"FAVOR+ buffers (random features, fitted statistics, importance-sampled features) are {dtype} here, cast by "
+        "something that bypasses Module.to(), such as FSDP1's MixedPrecision(buffer_dtype=...): the features are "
+        "rounded, importance weights no longer match their rows, and redraws are rounded too. Keep them float32: "
+        "FSDP2 (fsdp_version 2) leaves buffers alone, or set MixedPrecision(buffer_dtype=torch.float32).",
+        UserWarning, stacklevel=4)
 
 
 class FavorAttention(nn.Module):
@@ -196,6 +214,8 @@ class FavorAttention(nn.Module):
         (its expectation does not depend on them), also in the backward. The transforms run chunk by
         chunk inside the ops, so no transformed copy of q or k is ever materialised."""
         c, H, dt = self.config, q.shape[1], compute_dtype(q.dtype)
+        if self.projection.dtype != torch.float32:
+            _warn_half_buffers(self.projection.dtype)
         root = math.sqrt(self.head_dim**-0.5 if scale is None else float(scale))
         if self.calibrated:
             transforms, favor_a = self._stored_transforms(H, dt, root)

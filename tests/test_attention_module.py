@@ -286,3 +286,24 @@ def test_float16_autocast_does_not_reach_the_statistics(causal):
     assert all(torch.isfinite(t).all() for t in results[1])
     for plain, autocast in zip(*results):
         torch.testing.assert_close(autocast, plain, rtol=0, atol=0)
+
+
+def test_buffers_cast_around_module_to_are_named_once(monkeypatch):
+    """Module.to() keeps the FAVOR+ buffers float32; FSDP1's MixedPrecision(buffer_dtype=bf16) casts them around it,
+    which rounded the features and every later redraw without a word (found in a bug hunt): the forward warns."""
+    import warnings
+
+    import hf_performer.attention as attention_module
+
+    monkeypatch.setattr(attention_module, "_HALF_BUFFERS_WARNED", [])
+    q = torch.randn(1, 2, 8, 16)
+    fa = FavorAttention(16, PerformerConfig(nb_features=16), num_heads=2).to(torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fa(q.bfloat16(), q.bfloat16(), q.bfloat16())  # .to() kept them float32: silent
+    fa._buffers["projection"] = fa.projection.bfloat16()  # what FSDP1's buffer cast does
+    with pytest.warns(UserWarning, match="bypasses Module.to"):
+        fa(q, q, q)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fa(q, q, q)  # once per process
