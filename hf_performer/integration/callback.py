@@ -6,8 +6,9 @@ Redraws happen after optimizer steps (``state.global_step``), never inside forwa
 accumulation and activation recomputation see one projection per step. Draws depend on (seed, layer id,
 draw count) only: every data-parallel rank draws the same features, and a resumed run (draw counts are
 persistent buffers in the checkpoint) continues the same sequence; when training begins, every rank takes rank 0's
-FAVOR+ buffers (``distributed.broadcast_favor_buffers``: fitted statistics come from each rank's data). A new run on a checkpoint that has drawn
-before continues from its draw count, redrawing every interval of the new run's steps (``run_start_draws``).
+FAVOR+ buffers (``distributed.broadcast_favor_buffers``: fitted statistics come from each rank's data). A new run
+on a checkpoint that has drawn before continues from its draw count, redrawing every interval of the new run's steps
+(``run_start_draws``).
 
 A callback that could never redraw is refused at the start of training: a model without FAVOR+ layers, or
 whose layers all have ``redraw_interval=0``, raises ValueError naming the fix (``PerformerTrainer``, which adds
