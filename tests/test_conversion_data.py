@@ -31,7 +31,7 @@ def test_text_file_lines_paragraphs_and_folder(tmp_path):
 
 
 def test_table_files_give_their_text_column(tmp_path):
-    """.jsonl/.json/.csv/.tsv files are tables (datasets' builders): their "text" column, else their first string
+    """.jsonl/.json/.csv/.tsv files are tables (datasets' builders): their "text" column, else their only string
     column. They were read as raw text, so the documents were JSON lines and CSV rows, header and quotes included
     (found in a bug hunt)."""
     docs = ["First document, with a comma.", 'A "quoted" second one.']
@@ -44,8 +44,13 @@ def test_table_files_give_their_text_column(tmp_path):
     for name in ("a.jsonl", "b.json", "c.csv", "d.tsv"):
         assert read_texts(tmp_path / name) == docs, name
     (tmp_path / "e.csv").write_text("label,score\n1,2\n")
-    with pytest.raises(ConversionError, match="no text column"):
+    with pytest.raises(ConversionError, match="no 'text' column and no string column"):
         read_texts(tmp_path / "e.csv")
+    # an id and a body, neither named text: refused, not guessed (the first string column was the ids)
+    (tmp_path / "f.jsonl").write_text("".join(json.dumps({"doc_id": f"doc-{i}", "content": d}) + "\n"
+                                              for i, d in enumerate(docs)))
+    with pytest.raises(ConversionError, match=r"string columns \['doc_id', 'content'\]: name the text column"):
+        read_texts(tmp_path / "f.jsonl")
 
 
 def test_builtin_text_is_the_python_docs_corpus_unless_a_path_has_its_name(tmp_path, monkeypatch):

@@ -117,7 +117,7 @@ def _convert_parser(sub) -> argparse.ArgumentParser:
     g = p.add_argument_group("statistics and calibration")
     g.add_argument("--calibration-data", metavar="TEXT",
                    help=".txt file (lines or blank-line paragraphs), .jsonl/.json/.csv/.tsv/.parquet file (its 'text' "
-                        "column), folder of .txt files, datasets NAME[:CONFIG][:SPLIT], "
+                        "column, or its only string column), folder of .txt files, datasets NAME[:CONFIG][:SPLIT], "
                         f"or {BUILTIN_TEXT} (English prose of the documentation Python ships, offline) (default "
                         f"{BUILTIN_TEXT}; text of the kind the model will see fits it better)")
     g.add_argument("--zero-shot", action="store_true",

@@ -72,12 +72,13 @@ def _read_table(path: Path) -> list[str]:
 
 
 def _text_column(ds, spec: str) -> list[str]:
-    """The documents of a datasets table: its "text" column, else its first string column."""
-    column = "text" if "text" in ds.column_names else next(
-        (c for c, f in ds.features.items() if getattr(f, "dtype", None) == "string"), None
-    )
+    """The documents of a datasets table: its "text" column, else its only string column. Several string columns
+    and none named "text" (an id and a body, say) raise ConversionError: guessing could calibrate on the ids."""
+    strings = [c for c, f in ds.features.items() if getattr(f, "dtype", None) == "string"]
+    column = "text" if "text" in ds.column_names else strings[0] if len(strings) == 1 else None
     if column is None:
-        raise ConversionError(f"{spec!r} has no text column (columns: {ds.column_names}): name it 'text'.")
+        which = f"string columns {strings}" if strings else f"no string column (columns: {ds.column_names})"
+        raise ConversionError(f"{spec!r} has no 'text' column and {which}: name the text column 'text'.")
     return [" ".join(t.split()) for t in ds[column] if isinstance(t, str) and t.strip()]
 
 
@@ -101,7 +102,7 @@ def _load_dataset(spec: str) -> list[str]:
 
 def read_texts(spec: str | os.PathLike) -> list[str]:
     """Documents (whitespace-normalised strings) from a text file (lines or blank-line paragraphs), a table file
-    (.json/.jsonl/.csv/.tsv/.parquet: its "text" column, else its first string column), a folder of .txt files,
+    (.json/.jsonl/.csv/.tsv/.parquet: its "text" column, else its only string column), a folder of .txt files,
     ``python-docs`` (the built-in corpus) or a datasets name. Raises ConversionError naming the source when it holds
     no text or cannot be read."""
     path = Path(os.path.expanduser(str(spec)))
