@@ -424,3 +424,12 @@ class FavorAttention(nn.Module):
         mask = self._check_mask(key_padding_mask, k)
         fmap = self._prepare(q, k, True, mask, scale)
         return favor_step(q, k, v, fmap, state, mask, self.config.chunk_size, self.config.local_window)
+
+
+def is_favor_attention(module) -> bool:
+    """True for a FavorAttention: this package's, or the copy in a saved folder's portable modeling code (a model
+    loaded with ``trust_remote_code=True`` before hf_performer was imported holds those; the package's functions
+    accept both, since the copy is this module's source)."""
+    return isinstance(module, FavorAttention) or (
+        type(module).__name__ == "FavorAttention" and callable(getattr(module, "calibrate_statistics", None))
+        and callable(getattr(module, "redraw_features", None)))

@@ -26,7 +26,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
-from .attention import FavorAttention
+from .attention import FavorAttention, is_favor_attention
 from .integration.zero_shot import statistics_step
 
 _CACHE_KEYS = ("cache", "past_key_values")
@@ -34,7 +34,7 @@ _CACHE_KEYS = ("cache", "past_key_values")
 
 def favor_layers(model: nn.Module) -> list[FavorAttention]:
     """Every FavorAttention of ``model`` (module order). Raises ValueError if there is none."""
-    layers = [m for m in model.modules() if isinstance(m, FavorAttention)]
+    layers = [m for m in model.modules() if is_favor_attention(m)]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no FavorAttention layers; convert it with convert_to_performer.")
     return layers
@@ -178,7 +178,7 @@ def calibrate_feature_statistics(model: nn.Module, batch: Mapping[str, torch.Ten
 def _shared_favor_layers(model: nn.Module) -> set[int]:
     """ids of the FavorAttention layers whose attention module serves several layers (``favor_shared``)."""
     return {id(m.favor) for m in model.modules()
-            if getattr(m, "favor_shared", False) and isinstance(getattr(m, "favor", None), FavorAttention)}
+            if getattr(m, "favor_shared", False) and is_favor_attention(getattr(m, "favor", None))}
 
 
 def _stacked(calls: list[tuple]) -> tuple:

@@ -145,6 +145,20 @@ REMOTE = textwrap.dedent(
         out["gpt2_generated_after_import"] = gpt.generate(input_ids=ids[:, :5], max_new_tokens=6, min_new_tokens=6,
                                                           do_sample=False, pad_token_id=0)
     info["plugin_file"] = hf_performer.__file__
+    # the plugin's functions take a model whose layers are the folder's copies (they refused it: no FavorAttention)
+    api = {}
+    for name, call in (("run_start_draws", lambda: hf_performer.run_start_draws(gpt, 0)),
+                       ("calibrate", lambda: hf_performer.calibrate_feature_statistics(
+                           gpt, {"input_ids": ids, "attention_mask": mask})),
+                       ("redraw", lambda: hf_performer.redraw_features(gpt)),
+                       ("convert", lambda: hf_performer.convert_to_performer(gpt))):
+        try:
+            api[name] = repr(call())
+        except Exception as e:
+            api[name] = f"{type(e).__name__}: {e}"
+    info["plugin_api_on_remote_model"] = api
+    info["remote_layers_after"] = [[int(m.draw_count), bool(m.stats_calibrated)] for m in gpt.modules()
+                                   if type(m).__name__ == "FavorAttention"]
     torch.save(out, work + "/outputs.pt")
     with open(work + "/info.json", "w") as f:
         json.dump(info, f)
@@ -247,6 +261,19 @@ def _code_without_imports(text: str) -> str:
         if hasattr(node, "body") and isinstance(node.body, list):
             node.body = [n for n in node.body if not isinstance(n, (ast.Import, ast.ImportFrom))] or [ast.Pass()]
     return ast.dump(tree)
+
+
+def test_the_plugin_api_takes_a_model_loaded_through_its_folder_code(remote):
+    """A model loaded with trust_remote_code before hf_performer was imported holds the folder's copy of
+    FavorAttention: the plugin's functions found "no FavorAttention layers" and told the user to convert it, which
+    failed too (found in a bug hunt). They accept those layers now; conversion names the model as converted."""
+    _, _, _, info = remote
+    api = info["plugin_api_on_remote_model"]
+    assert "no FavorAttention layers" not in str(api), api
+    assert "has redraw_interval=0" in api["run_start_draws"]  # the layers are found (this model never redraws)
+    assert api["calibrate"] == "2" and api["redraw"] == "2", api
+    assert "already runs FAVOR+ attention" in api["convert"], api
+    assert info["remote_layers_after"] == [[1, True], [1, True]]
 
 
 def test_remote_code_is_the_package_source_with_flat_imports(remote):

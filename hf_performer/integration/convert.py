@@ -15,7 +15,7 @@ import copy
 import torch
 from torch import nn
 
-from ..attention import FavorAttention
+from ..attention import FavorAttention, is_favor_attention
 from ..settings import PerformerConfig
 from .attention_function import ATTN_IMPLEMENTATION
 from .modeling import PerformerModelMixin, attach_favor, plan_favor
@@ -75,7 +75,8 @@ def convert_to_performer(model: nn.Module, config: PerformerConfig | dict | None
         settings = PerformerConfig.from_dict(config)
     else:
         raise TypeError(f"convert_to_performer expects a PerformerConfig (or its dict), got {type(config).__name__}.")
-    if isinstance(model, PerformerModelMixin):
+    if isinstance(model, PerformerModelMixin) or str(getattr(getattr(model, "config", None), "model_type", "")
+                                                     ).startswith("performer_"):  # (also through its folder's code)
         raise ValueError(f"{type(model).__name__} already runs FAVOR+ attention; convert the original model instead.")
     old = getattr(model, "config", None)
     family = FAMILIES.get(getattr(old, "model_type", None))
@@ -154,7 +155,7 @@ def _rederived_attributes(stock_cls: type, old, new) -> dict[str, dict]:
 
 
 def favor_modules(model: nn.Module) -> list[FavorAttention]:
-    modules = [m for m in model.modules() if isinstance(m, FavorAttention)]
+    modules = [m for m in model.modules() if is_favor_attention(m)]
     if not modules:
         raise ValueError(f"{type(model).__name__} has no FavorAttention layers; convert it with convert_to_performer.")
     return modules
