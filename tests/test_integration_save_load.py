@@ -219,3 +219,22 @@ def test_gradient_checkpointing_gives_the_same_gradients(build):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-6)
+
+
+def test_performer_overrides_update_the_saved_settings_and_are_checked(tmp_path):
+    """``performer={...}`` passed to from_pretrained / AutoConfig (transformers sets it after the config's own checks)
+    or assigned to a config: the fields given replace theirs, the others keep the saved values, and a bad value is
+    refused at once. Overrides were stored as given: a partial dict silently reset local_window to 0, and a bad one
+    was saved and failed only at the next load (found in a bug hunt)."""
+    gpt2_lm(local_window=2).save_pretrained(tmp_path)
+    config = tf.AutoConfig.from_pretrained(tmp_path, performer={"chunk_size": 2})
+    assert config.performer["chunk_size"] == 2 and config.performer["local_window"] == 2
+    assert config.performer == PerformerConfig.from_dict(config.performer).to_dict()  # complete
+    model = tf.AutoModelForCausalLM.from_pretrained(tmp_path, performer={"chunk_size": 2})
+    assert {(f.config.chunk_size, f.config.local_window) for f in favors(model)} == {(2, 2)}
+    for bad, field in (({"chunk_size": -5}, "chunk_size"), ({"kernel": "nope"}, "kernel")):
+        with pytest.raises(ValueError, match=f"PerformerConfig.{field}="):
+            tf.AutoConfig.from_pretrained(tmp_path, performer=bad)
+        with pytest.raises(ValueError, match=f"PerformerConfig.{field}="):
+            config.performer = bad
+    assert config.performer["chunk_size"] == 2  # a refused assignment leaves the settings as they were

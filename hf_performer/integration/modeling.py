@@ -73,6 +73,18 @@ class PerformerConfigMixin:
     def validate_layer_type(self):  # "favor_attention" is checked in __post_init__
         pass
 
+    def __setattr__(self, name, value):
+        """``performer`` set after construction (``config.performer = {...}``, or a ``from_pretrained(...,
+        performer={...})`` / ``AutoConfig`` override, which transformers applies by setattr after __post_init__)
+        updates the current settings: the fields given replace theirs, the others keep their values, and the result
+        is validated at once (``PerformerConfig.from_dict``; ValueError names a bad field). Such overrides were stored
+        unchecked and partial, so a partial dict reset the other fields to their defaults and a bad one surfaced at
+        the next load. Layers already built keep the settings they were built with."""
+        if name == "performer" and value is not None and isinstance(self.__dict__.get("performer"), dict):
+            update = value.to_dict() if isinstance(value, PerformerConfig) else dict(value)
+            value = PerformerConfig.from_dict({**self.__dict__["performer"], **update}).to_dict()
+        super().__setattr__(name, value)
+
     def to_dict(self):
         d = super().to_dict()
         d["hf_performer_version"] = plugin_version()  # the plugin that writes the checkpoint
