@@ -110,7 +110,9 @@ def convert_to_performer(model: nn.Module, config: PerformerConfig | dict | None
     new.name_or_path = old.name_or_path
     # what the stock constructors derived from the fields the conversion changes (sliding_window, ...), as a model
     # built from the new config (a reload) derives it; computed before anything is modified
-    rederived = _rederived_attributes(type(model), old, new) if family_traits(old.model_type).cleared else {}
+    cleared = family_traits(old.model_type).cleared
+    changed = any(getattr(old, k, None) != v for k, v in cleared.items())  # (else nothing cached can differ)
+    rederived = _rederived_attributes(type(model), old, new) if changed else {}
 
     for module in model.modules():  # every module that shares the config sees the new one
         if getattr(module, "config", None) is old:
