@@ -257,3 +257,31 @@ def test_a_model_without_attention_is_refused_and_unchanged(stock_cls, make_cfg,
     with pytest.raises(ValueError, match="no attention module to convert"):
         I.convert_to_performer(model, SETTINGS)
     assert _unchanged(model, snap)
+
+
+def test_trainer_label_smoothing_shifts_a_converted_causal_lms_labels(tmp_path):
+    """Trainer shifts the labels for label smoothing only for the class names transformers lists as causal LMs:
+    a converted GPT-2 (PerformerGPT2LMHeadModel) was smoothed against the current token instead of the next (found
+    in a bug hunt). Every family's Performer causal LM is listed now."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    from hf_performer.integration.registry import FAMILIES
+
+    listed = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    for stock_type, (_, classes) in FAMILIES.items():
+        stock_names = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(stock_type)
+        for stock, performer in classes.items():
+            if stock.__name__ == stock_names:
+                assert performer.__name__ in listed, performer.__name__
+    torch.manual_seed(0)
+    model = I.convert_to_performer(tf.GPT2LMHeadModel(gpt2_cfg()), SETTINGS).eval()
+    trainer = tf.Trainer(model=model, args=tf.TrainingArguments(output_dir=str(tmp_path), label_smoothing_factor=0.1,
+                                                                use_cpu=True, report_to="none"))
+    ids = torch.randint(3, V, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, {"input_ids": ids, "labels": ids})
+        expected = LabelSmoother(0.1)(model(input_ids=ids), ids, shift_labels=True)
+        unshifted = LabelSmoother(0.1)(model(input_ids=ids), ids)
+    torch.testing.assert_close(loss, expected)
+    assert not torch.allclose(expected, unshifted)
