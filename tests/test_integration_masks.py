@@ -215,3 +215,22 @@ def test_hidden_states_are_still_returned():
     model = gpt2()
     out = model(input_ids=torch.randint(3, V, (1, 5)), output_hidden_states=True, use_cache=False)
     assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+
+
+def test_a_compiled_forward_without_attention_mask_names_the_fix():
+    """Under torch.compile transformers cannot check position_ids for packed sequences, so a batch without an
+    attention_mask always gets a packed-sequence mask, which FAVOR+ refuses: the error says to pass an attention_mask
+    (found in a bug hunt: Trainer's torch_compile=True with a collator that returns none), and with one the compiled
+    forward equals the eager one."""
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32, attn_pdrop=0.0,
+                        resid_pdrop=0.0, embd_pdrop=0.0)
+    model = I.convert_to_performer(tf.GPT2LMHeadModel(cfg), PerformerConfig(nb_features=16)).train()
+    ids = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        with pytest.raises(NotImplementedError, match="also assumes under torch.compile.*pass an attention_mask"):
+            compiled(input_ids=ids, use_cache=False)
+        mask = torch.ones_like(ids)
+        torch.testing.assert_close(compiled(input_ids=ids, attention_mask=mask, use_cache=False).logits,
+                                   model(input_ids=ids, use_cache=False).logits)

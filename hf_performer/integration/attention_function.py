@@ -144,7 +144,9 @@ def favor_mask(
         raise NotImplementedError(
             "Performer FAVOR+ attention supports plain causal or bidirectional attention with a 2D padding mask. "
             "This forward asked for another mask pattern (packed sequences detected from position_ids without an "
-            "attention_mask, or custom or/and mask functions); pass an attention_mask and one sequence per row."
+            "attention_mask, which transformers also assumes under torch.compile for every batch without one, or "
+            "custom or/and mask functions); pass an attention_mask (all ones where nothing is padded; with Trainer's "
+            "torch_compile=True, a data collator that returns it) and one sequence per row."
         )
     if attention_mask is None:
         return None
