@@ -49,7 +49,7 @@ class BenchmarkArguments:
         "help": "Also measure the stock model with attention dropout 0: training with attention dropout sends "
                 "CPU SDPA to its math kernel (an L x L matrix per head); without it CPU and CUDA use flash kernels."})
     benchmark_cpu_memory_gb: float | None = field(default=None, metadata={
-        "help": "CPU only: cap on what one measured step may allocate (default: 60% of the available memory). "
+        "help": "CPU only: cap on what one measured step may allocate (default: 60%% of the available memory). "
                 "A step past it reports 'oom' instead of meeting the kernel's OOM killer."})
 
 

@@ -43,6 +43,9 @@ def test_table_files_give_their_text_column(tmp_path):
         csv.writer(f, delimiter="\t").writerows([["text"], *[[d] for d in docs]])
     for name in ("a.jsonl", "b.json", "c.csv", "d.tsv"):
         assert read_texts(tmp_path / name) == docs, name
+    with open(tmp_path / "g.csv", "w", newline="") as f:  # one string column, not named text: it is the text
+        csv.writer(f).writerows([["label", "body"], *[[i, d] for i, d in enumerate(docs)]])
+    assert read_texts(tmp_path / "g.csv") == docs  # (datasets types csv string columns large_string)
     (tmp_path / "e.csv").write_text("label,score\n1,2\n")
     with pytest.raises(ConversionError, match="no 'text' column and no string column"):
         read_texts(tmp_path / "e.csv")

@@ -74,7 +74,8 @@ def _read_table(path: Path) -> list[str]:
 def _text_column(ds, spec: str) -> list[str]:
     """The documents of a datasets table: its "text" column, else its only string column. Several string columns
     and none named "text" (an id and a body, say) raise ConversionError: guessing could calibrate on the ids."""
-    strings = [c for c, f in ds.features.items() if getattr(f, "dtype", None) == "string"]
+    # (datasets types the columns of csv and parquet files large_string)
+    strings = [c for c, f in ds.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
     column = "text" if "text" in ds.column_names else strings[0] if len(strings) == 1 else None
     if column is None:
         which = f"string columns {strings}" if strings else f"no string column (columns: {ds.column_names})"
