@@ -27,17 +27,16 @@ import torch
 from torch import nn
 
 from .attention import FavorAttention, is_favor_attention
+from .integration.convert import favor_modules
 from .integration.zero_shot import statistics_step
 
 _CACHE_KEYS = ("cache", "past_key_values")
 
 
 def favor_layers(model: nn.Module) -> list[FavorAttention]:
-    """Every FavorAttention of ``model`` (module order). Raises ValueError if there is none."""
-    layers = [m for m in model.modules() if is_favor_attention(m)]
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no FavorAttention layers; convert it with convert_to_performer.")
-    return layers
+    """Every FavorAttention of ``model`` (module order). Raises ValueError if there is none
+    (``integration.convert.favor_modules``, the one lookup the redraw schedule uses too)."""
+    return favor_modules(model)
 
 
 @contextlib.contextmanager

@@ -157,6 +157,8 @@ def _rederived_attributes(stock_cls: type, old, new) -> dict[str, dict]:
 
 
 def favor_modules(model: nn.Module) -> list[FavorAttention]:
+    """Every FavorAttention of ``model`` (module order; the package's, or a saved folder's copy:
+    ``attention.is_favor_attention``). Raises ValueError if there is none."""
     modules = [m for m in model.modules() if is_favor_attention(m)]
     if not modules:
         raise ValueError(f"{type(model).__name__} has no FavorAttention layers; convert it with convert_to_performer.")
