@@ -17,7 +17,6 @@ importance-sampled ("aligned") features concentrated where the layer's q + k fal
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import nn
@@ -51,12 +50,14 @@ def _warn_half_buffers(dtype: torch.dtype) -> None:
     if _HALF_BUFFERS_WARNED:
         return
     _HALF_BUFFERS_WARNED.append(dtype)
-    warnings.warn(
+    from .integration.caller import warn_user  # (the integration package imports this module)
+
+    warn_user(
         f"FAVOR+ buffers (random features, fitted statistics, importance-sampled features) are {dtype} here, cast by "
         "something that bypasses Module.to(), such as FSDP1's MixedPrecision(buffer_dtype=...): the features are "
         "rounded, importance weights no longer match their rows, and redraws are rounded too. Keep them float32: "
-        "FSDP2 (fsdp_version 2) leaves buffers alone, or set MixedPrecision(buffer_dtype=torch.float32).",
-        UserWarning, stacklevel=4)
+        "FSDP2 (fsdp_version 2) leaves buffers alone, or set MixedPrecision(buffer_dtype=torch.float32)."
+    )
 
 
 class FavorAttention(nn.Module):
@@ -362,13 +363,14 @@ class FavorAttention(nn.Module):
             # two stages (a query row by its mass, then a key in it) draw the same pairs as one multinomial over all
             # B·R·Lk pairs, which torch refuses beyond 2^24 categories (e.g. 64 sequences of 512 tokens)
             probs = probs.reshape(-1, Lk).cpu()
-            if not bool(probs.sum() > 0):
+            mass = probs.sum(-1)  # [B·R]: each query row's share
+            if not bool(mass.sum() > 0):
                 raise ValueError(
                     f"calibrate_statistics (layer {self.layer_id}): no real query of the batch sees a real key, so "
                     "there is no attention to fit the features on; pass a batch with real tokens (its "
                     "attention_mask / key_padding_mask marks them with 1)."
                 )
-            row = torch.multinomial(probs.sum(-1), NB_CENTERS, replacement=True, generator=gen)
+            row = torch.multinomial(mass, NB_CENTERS, replacement=True, generator=gen)
             s = torch.multinomial(probs[row], 1, generator=gen).squeeze(-1)
             b, t = row // len(rows), row % len(rows)
             centers.append(qh[b, t] + kh[b, s])
