@@ -186,7 +186,7 @@ def _report_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--lengths", type=_length, nargs="*", default=None, metavar="N",
                    help="sequence lengths for forward time and memory (default: 128, 512, 2048, ... up to the "
                         "converted model's position limit; '' = none)")
-    p.add_argument("--repeats", type=int, default=3, help="timed forward passes per length, median (default 3)")
+    p.add_argument("--repeats", type=int, help="timed forward passes per length, median (default 3)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(flag_names={**_flag_names(p), "out_dir": "--out"})  # (report()'s name for what --out sets)
     return p
@@ -288,6 +288,9 @@ def _calibration_words(cal: dict) -> str:
     if cal.get("reverted"):
         return (f", calibration reverted to the starting weights after {cal['steps_done']} steps (no held-out "
                 "gain)")
+    kept = cal.get("best_step")
+    if kept is not None and kept < cal["steps_done"]:  # the held-out check kept an earlier state
+        return f", calibrated {cal['steps_done']} steps (kept step {kept}: the lowest held-out loss)"
     return f", calibrated {cal['steps_done']} steps"
 
 

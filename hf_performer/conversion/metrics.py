@@ -82,15 +82,28 @@ def mean_pooled(model, batches, progress: bool = False, desc: str = "embeddings"
 
 
 def _ranks(x: torch.Tensor) -> torch.Tensor:
-    r = torch.empty_like(x, dtype=torch.float64)
-    r[x.argsort()] = torch.arange(len(x), dtype=torch.float64)
+    """Ranks 0 .. n-1 of x [n] (float64), tied values sharing the mean of their ranks (the "average" ranking of
+    Spearman's coefficient with ties)."""
+    values, order = x.double().sort()
+    new = torch.ones_like(values, dtype=torch.bool)
+    new[1:] = values[1:] != values[:-1]
+    group = new.cumsum(0) - 1  # [n]: which run of equal values each sorted entry belongs to
+    counts = torch.bincount(group).double()
+    mean_rank = counts.cumsum(0) - counts + (counts - 1) / 2  # first rank of each run + half its extent
+    r = torch.empty_like(values)
+    r[order] = mean_rank[group]
     return r
 
 
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """Spearman's rank correlation of a and b (same number of entries, any shape; ties get average ranks), or None
+    where it is undefined: fewer than two entries, or one side constant (no ranking to compare)."""
     ra, rb = _ranks(a.flatten()), _ranks(b.flatten())
     ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(1e-30))
+    norm = ra.norm() * rb.norm()
+    if len(ra) < 2 or norm == 0:
+        return None
+    return float((ra * rb).sum() / norm)
 
 
 def pairwise_cosines(e: torch.Tensor) -> torch.Tensor:

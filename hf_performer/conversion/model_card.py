@@ -162,6 +162,10 @@ def _calibration_lines(cal: dict) -> list[str]:
         f"`{cal['config']['train']}` ({cal['trainable_parameters']} parameters), peak learning rate {cal['config']['lr']}"
         + (f"; stopped early: {cal['stopped_early']}" if cal.get("stopped_early") else "") + ".",
     ]
+    kept = cal.get("best_step")
+    if not cal.get("reverted") and kept is not None and kept < cal["steps_done"]:
+        lines.append(f"  The saved weights are those after step {kept} of {cal['steps_done']}, where the held-out loss "
+                     "was lowest.")
     if losses:
         lines.append("  Training losses, first step → last step:")
         for k in losses:

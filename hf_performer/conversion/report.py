@@ -121,7 +121,9 @@ def settings_line(r: dict) -> str:
         parts.append(f"window {p['local_window']}")
     parts.append("statistics" if r["statistics_calibrated"] else "no statistics step")
     cal = r.get("calibration_steps")
+    kept = r.get("calibration_kept_step")
     parts.append("calibration reverted" if r.get("calibration_reverted") else
+                 f"calibrated {cal} steps, kept step {kept}" if cal and kept is not None and kept < cal else
                  f"calibrated {cal} steps" if cal else "not calibrated")
     return ", ".join(parts)
 
@@ -175,7 +177,7 @@ def _verdict(r: dict) -> str:
         shown = f"perplexity ratio {ratio:.3f}, KL {kl:.3f} nats/token"
         if ratio <= 1.02 and kl <= 0.02:
             return f"This conversion ({shown}) is close to the original."
-        if ratio <= 1.10:
+        if ratio <= 1.10 and kl <= 0.10:  # (both: a ratio near 1 can hide a KL of nats, errors that cancel)
             return f"This conversion ({shown}) is a good start for fine-tuning, not yet a drop-in replacement."
         return f"This conversion ({shown}) is far from the original: try the steps below."
     cos, rho = end.get("embedding_cosine_mean"), end.get("pairwise_spearman")
@@ -184,7 +186,7 @@ def _verdict(r: dict) -> str:
     shown = f"cosine {cos:.3f}, Spearman {rho:.3f}"
     if cos >= 0.97 and rho >= 0.95:
         return f"This conversion ({shown}) is close to the original."
-    if cos >= 0.85:
+    if cos >= 0.85 and rho >= 0.80:  # (both: close embeddings can still rank the texts' similarities otherwise)
         return f"This conversion ({shown}) is a good start for fine-tuning, not yet a drop-in replacement."
     return f"This conversion ({shown}) is far from the original: try the steps below."
 
@@ -247,6 +249,9 @@ def render_markdown(r: dict) -> str:
     lines = [f"# Fidelity report: `{r['converted']}` vs `{r['source']}`", "",
              f"Text: `{r['data']}` — {r['texts']} texts, {r['sequences']} sequences of at most {r['max_length']} tokens. "
              f"Model: {r['model_class']} ({r['output_kind']}); {settings_line(r)}.", ""]
+    if r.get("on_calibration_text"):
+        lines += ["**Not held-out:** this is the text the model was calibrated on (conversion.json); other text of the "
+                  "same kind shows how the conversion generalises.", ""]
     if r["estimator"].get("note"):
         lines += [f"Estimator: {r['estimator']['note']}.", ""]
     lines += ["## End to end", "", "| metric | value |", "| --- | --- |"]
@@ -285,7 +290,7 @@ def report(
     max_length: int = 128,
     batch_size: int = 8,
     lengths: tuple[int, ...] | None = None,
-    repeats: int = 3,
+    repeats: int | None = None,
     tokenizer: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> dict:
@@ -293,7 +298,8 @@ def report(
     (default ``<converted>/fidelity_report``), each atomically. Returns the report dict.
 
     ``lengths``: forward time/memory lengths; None = ``default_lengths`` of the converted model's position
-    limit, () = none. ``tokenizer``: hub id or folder (default: the converted folder's, else the source's).
+    limit, () = none. ``repeats``: timed forward passes per length (None: 3; refused with no lengths to time).
+    ``tokenizer``: hub id or folder (default: the converted folder's, else the source's).
     Without matplotlib the PNG is skipped (the markdown says so, and a warning is logged). Raises
     ``ConversionError`` on bad arguments, unreadable checkpoints or text, and when no tokenizer is usable."""
     if max_texts is not None and max_texts < 2:
@@ -304,6 +310,8 @@ def report(
         raise ConversionError(f"batch_size={batch_size}: need at least 1 sequence per batch.")
     if lengths is not None and any(not isinstance(n, int) or n < 1 for n in lengths):
         raise ConversionError(f"lengths={lengths!r}: expected positive integers (or none).")
+    repeats_given = repeats is not None
+    repeats = 3 if repeats is None else repeats
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ConversionError(f"repeats={repeats!r}: expected a positive integer (timed forward passes per length).")
     out = Path(out_dir) if out_dir is not None else Path(os.path.expanduser(str(converted))) / "fidelity_report"
@@ -315,8 +323,22 @@ def report(
         raise ConversionError(f"out_dir={str(out)!r}: cannot write there ({str(parent)!r} is not writable).")
     student, stock_name = load_converted(converted)
     src = inspect_source(source, stock_name, converted_from=True)
+    _check_sizes(student.config, src.config, source, converted)
+    if lengths is None:
+        lengths = default_lengths(max_tokens(student.config))
+    if lengths:
+        _check_lengths(lengths, max_tokens(src.config), max_tokens(student.config))
+    elif repeats_given:
+        raise ConversionError(f"repeats={repeats}: there are no lengths to time, so it would change nothing; drop it "
+                              "or give lengths.")
+    summary = _conversion_summary(converted)
     texts = read_texts(data)[:max_texts]
     teacher = load_model(src)
+    _check_weights(student, teacher, source, converted, summary)
+    on_calibration_text = _same_text(data, summary.get("calibration_data"))
+    if on_calibration_text:
+        logger.warning("--data %s is the text this model was calibrated on (conversion.json): the numbers are not "
+                       "held-out; give other text of the same kind to see how it generalises.", data)
     tokenizer = _load_tokenizer(converted, src.location, given=tokenizer)
     length = min(max_length, max_tokens(src.config))
     if max_length > length:
@@ -331,8 +353,6 @@ def report(
         end = causal_metrics(student, teacher, batches, progress)
     else:
         end = encoder_metrics(student, teacher, batches, progress)
-    if lengths is None:
-        lengths = default_lengths(max_tokens(student.config))
     timing = []
     for L in lengths:
         row = {"length": L}
@@ -345,7 +365,7 @@ def report(
         "model_class": type(student).__name__, "output_kind": kind, "performer": student.config.performer,
         "estimator": estimator_record(student, student.config.performer["kernel"]),
         "statistics_calibrated": all(f.calibrated for f in student.favor_modules()),
-        **_calibration(converted),
+        **_calibration(summary), "on_calibration_text": on_calibration_text, "repeats": repeats,
         "source_max_tokens": max_tokens(src.config), "converted_max_tokens": max_tokens(student.config),
         "end_to_end": end, "layer_errors": errors, "timing": timing,
         "device": str(next(student.parameters()).device), "torch_threads": torch.get_num_threads(),
@@ -353,6 +373,7 @@ def report(
     out.mkdir(parents=True, exist_ok=True)
     result["plot"] = PLOT if _layer_plot(result, out / PLOT) else None
     if result["plot"] is None:
+        (out / PLOT).unlink(missing_ok=True)  # an earlier run's plot would stand for this one
         logger.warning("matplotlib is not installed: %s skipped (pip install matplotlib to get it).", PLOT)
     _write_atomic(out / "report.json", json.dumps(result, indent=1))
     _write_atomic(out / "report.md", render_markdown(result))
@@ -360,13 +381,71 @@ def report(
     return result
 
 
-def _calibration(converted: str | os.PathLike) -> dict:
+def _conversion_summary(converted: str | os.PathLike) -> dict:
+    """The converted folder's conversion.json ({} when it has none or it is unreadable)."""
+    try:
+        return json.loads((Path(os.path.expanduser(str(converted))) / "conversion.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+SIZE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
+def _check_sizes(converted_config, source_config, source, converted) -> None:
+    """Refuse a source whose sizes (SIZE_FIELDS) differ from the converted model's: it is not what it was converted
+    from (a conversion changes none of them)."""
+    for field in SIZE_FIELDS:
+        a, b = getattr(converted_config, field, None), getattr(source_config, field, None)
+        if a is not None and b is not None and a != b:
+            raise ConversionError(f"{str(converted)!r} was not converted from {str(source)!r}: its {field} is {a}, "
+                                  f"the source's {b}. Give the checkpoint it was converted from (its conversion.json "
+                                  "names it under \"source\").")
+
+
+def _check_weights(student, teacher, source, converted, summary: dict) -> None:
+    """Refuse a source of the same sizes whose token embeddings differ from the converted model's: conversion and
+    calibration leave them as they were (unless calibration trained every parameter, ``--train all``)."""
+    if ((summary.get("calibration") or {}).get("config") or {}).get("train") == "all":
+        return
+    a, b = student.get_input_embeddings(), teacher.get_input_embeddings()
+    if a is None or b is None:
+        return
+    a, b = a.weight.detach().float().cpu(), b.weight.detach().float().cpu()
+    if a.shape == b.shape and (a - b).abs().max() > 1e-2 * b.abs().max():
+        raise ConversionError(f"{str(converted)!r} was not converted from {str(source)!r}: their token embeddings "
+                              "differ (a conversion keeps them). Give the checkpoint it was converted from (its "
+                              "conversion.json names it under \"source\").")
+
+
+def _check_lengths(lengths, source_limit: int, converted_limit: int) -> None:
+    """Refuse a timing length past both models' position limits: neither could run it (a row of n/a)."""
+    beyond = [n for n in lengths if n > max(source_limit, converted_limit)]
+    if beyond:
+        raise ConversionError(f"lengths={beyond[0]}: past both models' position limits ({source_limit} and "
+                              f"{converted_limit} tokens), so neither would be timed; give lengths up to "
+                              f"{max(source_limit, converted_limit)} (or convert it with more positions).")
+
+
+def _same_text(data, calibration_data) -> bool:
+    """Whether the report's ``data`` is the text the conversion calibrated on (same file or folder, or the same
+    name of a built-in or datasets source)."""
+    if calibration_data is None:
+        return False
+    a, b = (Path(os.path.expanduser(str(x))) for x in (data, calibration_data))
+    if a.exists() or b.exists():
+        try:
+            return a.exists() and b.exists() and os.path.samefile(a, b)
+        except OSError:
+            return False
+    return str(data) == str(calibration_data)
+
+
+def _calibration(summary: dict) -> dict:
     """{"calibration_steps": the attention-transfer steps recorded in the converted folder's conversion.json (None:
     not calibrated or not recorded), "calibration_reverted": whether they were undone (no held-out gain: the
-    starting weights were kept)}."""
-    try:
-        summary = json.loads((Path(os.path.expanduser(str(converted))) / "conversion.json").read_text())
-    except (OSError, ValueError):
-        summary = {}
+    starting weights were kept), "calibration_kept_step": the step whose weights were saved (the lowest held-out
+    loss; None when not recorded)}."""
     cal = summary.get("calibration") or {}
-    return {"calibration_steps": cal.get("steps_done"), "calibration_reverted": bool(cal.get("reverted"))}
+    return {"calibration_steps": cal.get("steps_done"), "calibration_reverted": bool(cal.get("reverted")),
+            "calibration_kept_step": cal.get("best_step")}
