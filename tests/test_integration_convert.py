@@ -285,3 +285,71 @@ def test_trainer_label_smoothing_shifts_a_converted_causal_lms_labels(tmp_path):
         unshifted = LabelSmoother(0.1)(model(input_ids=ids), ids)
     torch.testing.assert_close(loss, expected)
     assert not torch.allclose(expected, unshifted)
+
+
+def _bert2gpt2(convert_parts: bool = False) -> tf.EncoderDecoderModel:
+    """A BERT encoder and a GPT-2 decoder with cross-attention (the same weights every call); ``convert_parts``:
+    each converted before they are wrapped."""
+    torch.manual_seed(0)
+    parts = tf.BertModel(bert_cfg(), add_pooling_layer=False), tf.GPT2LMHeadModel(gpt2_cfg(add_cross_attention=True))
+    if convert_parts:
+        parts = [I.convert_to_performer(p, SETTINGS) for p in parts]
+    return tf.EncoderDecoderModel(encoder=parts[0], decoder=parts[1]).eval()
+
+
+def _enc_dec_batch():
+    g = torch.Generator().manual_seed(1)
+    ids, dec = torch.randint(3, V, (B, 9), generator=g), torch.randint(3, V, (B, 6), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # encoder padding
+    return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec, "use_cache": False}
+
+
+def test_a_composite_encoder_decoder_converts_saves_and_reloads(tmp_path):
+    """Bug hunt: converting ``model.encoder`` and ``model.decoder`` of an EncoderDecoderModel left every attention
+    module on its stock config (softmax ran, bit for bit at batch 1; batch 2 crashed), and the composite config
+    still saved the stock sub-models. The composite now converts as a whole, and its sub-models alone are refused;
+    reference: the same weights converted before wrapping (which always worked)."""
+    batch = _enc_dec_batch()
+    with torch.no_grad():
+        stock = _bert2gpt2()(**batch).logits
+        ref_out = _bert2gpt2(convert_parts=True)(**batch).logits
+        model = I.convert_to_performer(_bert2gpt2(), SETTINGS)
+        out = model(**batch).logits
+    assert type(model.encoder).__name__ == "PerformerBertModel" and model.config.encoder is model.encoder.config
+    assert type(model.decoder).__name__ == "PerformerGPT2LMHeadModel" and model.config.decoder is model.decoder.config
+    configs = {m.config._attn_implementation for m in model.modules()
+               if isinstance(getattr(m, "config", None), tf.PretrainedConfig) and m is not model}
+    assert configs == {"favor"}, configs
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-6)
+    assert (out - stock).abs().max() > 1e-5  # FAVOR+, not softmax (which gives the stock logits to the last bit)
+    model.save_pretrained(tmp_path / "m")
+    again = tf.EncoderDecoderModel.from_pretrained(tmp_path / "m").eval()
+    assert type(again.encoder).__name__ == "PerformerBertModel"
+    assert type(again.decoder).__name__ == "PerformerGPT2LMHeadModel"
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, out, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="already run FAVOR"):
+        I.convert_to_performer(model, SETTINGS)
+
+    # the sub-model of a wrapped model alone: refused before anything changes
+    composite = _bert2gpt2()
+    snap = _snapshot(composite.encoder)
+    with pytest.raises(ValueError, match="Convert the composite model itself"):
+        I.convert_to_performer(composite.encoder, SETTINGS)
+    assert _unchanged(composite.encoder, snap)
+
+
+def test_a_composite_with_an_unsupported_encoder_converts_its_decoder_and_says_so():
+    torch.manual_seed(0)
+    vit = tf.ViTModel(tf.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                   image_size=8, patch_size=4), add_pooling_layer=False)
+    model = tf.VisionEncoderDecoderModel(encoder=vit, decoder=tf.GPT2LMHeadModel(gpt2_cfg(add_cross_attention=True)))
+    with pytest.warns(UserWarning, match=r"VisionEncoderDecoderModel.encoder \(ViTModel, model_type 'vit'\) .* keeps "
+                                         r"its own attention"):
+        I.convert_to_performer(model, SETTINGS)
+    assert type(model.decoder).__name__ == "PerformerGPT2LMHeadModel" and type(model.encoder) is tf.ViTModel
+    assert model.config.decoder is model.decoder.config
+    with torch.no_grad():
+        out = model(pixel_values=torch.randn(1, 3, 8, 8), decoder_input_ids=torch.tensor([[3, 4, 5]])).logits
+    assert out.shape == (1, 3, V) and torch.isfinite(out).all()

@@ -14,10 +14,12 @@ import copy
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from ..attention import FavorAttention, is_favor_attention
 from ..settings import PerformerConfig
 from .attention_function import ATTN_IMPLEMENTATION
+from .caller import warn_user
 from .modeling import PerformerModelMixin, attach_favor, plan_favor
 from .refusals import unconvertible_reason
 from .registry import FAMILIES, family_traits
@@ -52,6 +54,16 @@ def _unsupported(model) -> ValueError:
     )
 
 
+def _composite_parts(model: nn.Module) -> list[str] | None:
+    """The sub-model attributes of a composite encoder-decoder (``EncoderDecoderModel``, ``VisionEncoderDecoderModel``,
+    ...: a config holding ``encoder`` and ``decoder`` configs, each the ``.config`` of the sub-model of that name), or
+    None for any other model."""
+    cfg = getattr(model, "config", None)
+    parts = [name for name in ("encoder", "decoder") if isinstance(getattr(cfg, name, None), PretrainedConfig)
+             and getattr(getattr(model, name, None), "config", None) is getattr(cfg, name)]
+    return parts if len(parts) == 2 else None
+
+
 def convert_to_performer(model: nn.Module, config: PerformerConfig | dict | None = None) -> nn.Module:
     """Give ``model`` FAVOR+ attention in place (same weights, same task API) and return it.
 
@@ -59,14 +71,19 @@ def convert_to_performer(model: nn.Module, config: PerformerConfig | dict | None
         model: a transformers BertModel/BertFor*, GPT2Model/GPT2LMHeadModel/GPT2For*/GPT2DoubleHeadsModel,
             RobertaModel/RobertaFor*, DistilBertModel/DistilBertFor*, or a model class of a ``generic.ROWS`` family
             (LlamaModel/LlamaFor*, MistralFor*, Qwen2For*, Qwen3For*, ...). Configs with sliding-window layers
-            become all global FAVOR+ layers (``sliding_window: None``).
+            become all global FAVOR+ layers (``sliding_window: None``). A composite encoder-decoder
+            (``EncoderDecoderModel``, ``VisionEncoderDecoderModel``, ...) has each supported sub-model converted and
+            its config's ``encoder`` / ``decoder`` entries updated, so it saves and reloads as converted; a sub-model
+            it does not support (a vision encoder, say) keeps its attention, with a warning.
         config: the FAVOR+ settings (PerformerConfig or its dict); defaults to PerformerConfig().
 
     Raises (before anything is modified):
         ValueError: unsupported model (the message lists the supported model types), a model whose attention
             cannot be estimated by FAVOR+ (``refusals``: relative-position biases, ALiBi, attention sinks,
-            soft-capping; the message names the reason), an already converted model, ``output_attentions=True``, or a model without any
-            attention module; NotImplementedError: favor++ with cross-attention.
+            soft-capping; the message names the reason), an already converted model, ``output_attentions=True``, a
+            model without any attention module, or a sub-model taken out of a composite encoder-decoder (its
+            layers hold another config object than it does: convert the composite model instead);
+            NotImplementedError: favor++ with cross-attention.
         TypeError: ``config`` is not a PerformerConfig or dict.
     """
     if config is None:
@@ -75,6 +92,55 @@ def convert_to_performer(model: nn.Module, config: PerformerConfig | dict | None
         settings = PerformerConfig.from_dict(config)
     else:
         raise TypeError(f"convert_to_performer expects a PerformerConfig (or its dict), got {type(config).__name__}.")
+    parts = _composite_parts(model)
+    if parts is not None:
+        return _convert_composite(model, parts, settings)
+    return _convert(model, settings)
+
+
+def _convert_composite(model: nn.Module, parts: list[str], settings: PerformerConfig) -> nn.Module:
+    """convert_to_performer for a composite encoder-decoder: each supported sub-model (checked first, all of them,
+    before any is modified), then the composite config's entries for them."""
+    supported = []
+    for name in parts:
+        sub = getattr(model, name)
+        family = FAMILIES.get(getattr(sub.config, "model_type", None))
+        if isinstance(sub, PerformerModelMixin) or (family is not None and type(sub) in family[1]):
+            supported.append(name)
+    if not supported:
+        raise ValueError(
+            f"convert_to_performer supports neither sub-model of {type(model).__name__} ("
+            + ", ".join(f"{n}: {type(getattr(model, n)).__name__}" for n in parts)
+            + f"). Supported model types: {', '.join(supported_model_types())}.")
+    todo = [n for n in supported if not isinstance(getattr(model, n), PerformerModelMixin)]
+    if not todo:
+        raise ValueError(f"{type(model).__name__}'s sub-models already run FAVOR+ attention; convert the original "
+                         "model instead.")
+    plans = {n: _prepare(getattr(model, n), settings, inner=True) for n in todo}  # every check before any change
+    for name in parts:
+        if name not in supported:
+            sub = getattr(model, name)
+            warn_user(f"{type(model).__name__}.{name} ({type(sub).__name__}, model_type "
+                      f"{getattr(sub.config, 'model_type', None)!r}) is not a family convert_to_performer supports: "
+                      "it keeps its own attention; only the "
+                      + " and ".join(supported) + " runs FAVOR+.")
+    for name, prepared in plans.items():
+        _apply(getattr(model, name), *prepared)
+        setattr(model.config, name, getattr(model, name).config)  # what save_pretrained writes
+    return model
+
+
+def _convert(model: nn.Module, settings: PerformerConfig) -> nn.Module:
+    """convert_to_performer for one model (no composite)."""
+    _apply(model, *_prepare(model, settings, inner=False))
+    return model
+
+
+def _prepare(model: nn.Module, settings: PerformerConfig, inner: bool):
+    """Every check and everything built before ``model`` changes: (old configs, new config, rederived attributes,
+    Performer class, favor plan). ``inner``: ``model`` is a composite's sub-model, whose layers may hold the config
+    it was built with while it holds the composite's copy (EncoderDecoderModel rebinds only the sub-model's
+    ``config``): every config of the model's class inside it is replaced."""
     if isinstance(model, PerformerModelMixin) or str(getattr(getattr(model, "config", None), "model_type", "")
                                                      ).startswith("performer_"):  # (also through its folder's code)
         raise ValueError(f"{type(model).__name__} already runs FAVOR+ attention; convert the original model instead.")
@@ -114,8 +180,21 @@ def convert_to_performer(model: nn.Module, config: PerformerConfig | dict | None
     changed = any(getattr(old, k, None) != v for k, v in cleared.items())  # (else nothing cached can differ)
     rederived = _rederived_attributes(type(model), old, new) if changed else {}
 
+    held = {id(m.config): m.config for m in model.modules() if isinstance(getattr(m, "config", None), type(old))}
+    if len(held) > 1 and not inner:
+        raise ValueError(
+            f"{type(model).__name__}'s layers hold another config object than the model itself: it sits inside a "
+            "composite model (EncoderDecoderModel and its kin rebind only the sub-model's config), whose own config "
+            "would still save the stock sub-model. Convert the composite model itself "
+            "(convert_to_performer(encoder_decoder_model)), or convert the sub-models before wrapping them."
+        )
+    return list(held.values()), new, rederived, performer_cls, plan
+
+
+def _apply(model: nn.Module, olds: list, new, rederived: dict, performer_cls: type, plan) -> None:
+    """Make the changes ``_prepare`` planned (nothing here can fail halfway on bad input)."""
     for module in model.modules():  # every module that shares the config sees the new one
-        if getattr(module, "config", None) is old:
+        if any(getattr(module, "config", None) is old for old in olds):
             module.config = new
     modules = dict(model.named_modules())
     for name, attributes in rederived.items():
@@ -124,7 +203,6 @@ def convert_to_performer(model: nn.Module, config: PerformerConfig | dict | None
     model.__class__ = performer_cls
     model._keep_in_fp32_modules_strict = set(model._keep_in_fp32_modules_strict or ()) | {"favor"}
     attach_favor(plan)
-    return model
 
 
 def _plain(value) -> bool:
