@@ -136,3 +136,36 @@ def test_after_import_hook_runs_once_when_the_package_is_imported(tmp_path, monk
 
     assert seen == [1] and hook not in sys.meta_path
     sys.modules.pop("hfp_fake_peft", None)
+
+
+def test_redrawing_a_peft_models_features_warns_that_an_adapter_alone_will_not_carry_them(monkeypatch):
+    """Bug hunt: LoRA trained with the redraw schedule, saved with PeftModel.save_pretrained and reloaded onto the
+    converted base, ran with the base's draw-0 features (logits off by 1e-2, silently): the redrawn features are
+    buffers of the base, and PEFT saves the adapters only."""
+    import hf_performer.integration.convert as conversion
+
+    monkeypatch.setattr(conversion, "_PEFT_NOTICE", [False])
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=2, n_positions=32)
+    base = convert_to_performer(tf.GPT2LMHeadModel(cfg), PerformerConfig(nb_features=16, seed=0, redraw_interval=2))
+    lora = peft.get_peft_model(base, peft.LoraConfig(task_type="CAUSAL_LM", r=4))
+    assert not hf_performer.maybe_redraw_features(lora, 1)  # nothing redrawn: no notice
+    with pytest.warns(UserWarning, match="PeftModel.save_pretrained saves the adapters only") as caught:
+        assert hf_performer.maybe_redraw_features(lora, 2)
+        hf_performer.maybe_redraw_features(lora, 4)
+    assert sum("adapters only" in str(w.message) for w in caught) == 1  # once per process
+    assert [m.draws for m in conversion.favor_modules(lora)] == [2, 2]
+    monkeypatch.setattr(conversion, "_PEFT_NOTICE", [False])
+    plain = convert_to_performer(tf.GPT2LMHeadModel(cfg), PerformerConfig(nb_features=16, seed=0, redraw_interval=2))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a model without PEFT: no notice
+        hf_performer.maybe_redraw_features(plain, 2)
+
+
+def test_prefix_tuning_is_refused_with_advice_a_peft_user_can_follow():
+    torch.manual_seed(0)
+    lm = peft.get_peft_model(gpt2_lm(), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    with pytest.raises(TypeError, match="PEFT's prefix tuning .* use LoRA, IA3 or prompt tuning instead"):
+        lm(input_ids=torch.randint(3, V, (2, 5)))

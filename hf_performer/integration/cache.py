@@ -248,7 +248,8 @@ def favor_cache_layer(cache: Cache, layer_idx: int) -> FavorCacheLayer:
     raise TypeError(
         f"Performer attention keeps a constant-size FAVOR+ state per layer and cannot use a {type(layer).__name__} "
         "that stores keys/values (static, quantized or already-filled caches). Pass cache=hf_performer.FavorCache() "
-        "or let the model / generate() create its cache."
+        "or let the model / generate() create its cache. (PEFT's prefix tuning fills the cache with its virtual "
+        "tokens' keys and values, which FAVOR+ layers cannot take: use LoRA, IA3 or prompt tuning instead.)"
     )
 
 

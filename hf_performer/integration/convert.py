@@ -248,7 +248,26 @@ def redraw_features(model: nn.Module) -> int:
     modules = favor_modules(model)
     for m in modules:
         m.redraw_features()
+    _peft_redraw_notice(model)
     return len(modules)
+
+
+_PEFT_NOTICE = [False]
+
+
+def _peft_redraw_notice(model: nn.Module) -> None:
+    """Once per process, when a PEFT-wrapped model's features are redrawn: an adapter saved alone will not carry
+    them (they are buffers of the base model; ``PeftModel.save_pretrained`` writes the adapters only)."""
+    if _PEFT_NOTICE[0] or getattr(model, "peft_config", None) is None:
+        return
+    _PEFT_NOTICE[0] = True
+    warn_user(
+        f"redrew the FAVOR+ features of a PEFT model ({type(model).__name__}): they are buffers of the base model, "
+        "and PeftModel.save_pretrained saves the adapters only, so the base folder + that adapter reload with the "
+        "base folder's features, not the ones the adapters were trained with. Save model.merge_and_unload() "
+        "instead (a plain Performer checkpoint with these features), or train adapters with redraw_interval=0. "
+        "This warning is shown once."
+    )
 
 
 def redraw_schedule(model: nn.Module) -> list[FavorAttention]:
@@ -289,6 +308,8 @@ def maybe_redraw_features(model: nn.Module, optimizer_step: int, start: list[int
         while m.draws < target:  # (a Python int: no host read per step)
             m.redraw_features()
             redrew = True
+    if redrew:
+        _peft_redraw_notice(model)
     return redrew
 
 
