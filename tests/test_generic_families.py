@@ -19,6 +19,7 @@ import hf_performer
 import hf_performer.integration as I
 from hf_performer.integration.attention_function import favor_attention_forward
 from hf_performer.integration.cache import FavorCacheLayer
+from hf_performer.integration.convert import favor_modules
 from hf_performer.integration.generic import GENERIC_FAMILIES, ROWS
 from hf_performer.ops.naive import exact_softmax_attention
 from hf_performer.settings import PerformerConfig
@@ -567,3 +568,33 @@ def test_modernbert_training_step_allocates_no_attention_sized_tensor():
     with ShapeRecorder() as rec:  # stock: the local layers' band is an L×L mask
         stock_model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
     assert rec.quadratic()
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_favor_gets_the_unscaled_query_and_the_whole_scale(model_type):
+    """FAVOR+ splits the softmax scale evenly between q and k (d^-1/4 each). OPT multiplies q by its scaling inside
+    the module and calls the attention with scaling=1.0, so FAVOR+ got q' = q·d^-1/2, k' = k: the same logits with a
+    variance exp(|q' + k'|^2) several times larger (zero-shot OPT's error fell 1.7x per 16x features instead of
+    4x; bug hunt). Every family now hands FAVOR+ the whole scale, and OPT (no rotary) the projection's own q."""
+    model = converted(model_type)
+    favor = favor_modules(model)[0]
+    attn = next(m for m in model.modules() if getattr(m, "favor", None) is favor)
+    seen = {}
+
+    def keep_query(module, args, kwargs):
+        seen["q"], seen["scale"] = args[0], kwargs["scale"]
+
+    def keep_input(module, args, kwargs):
+        seen["x"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+    hooks = [favor.register_forward_pre_hook(keep_query, with_kwargs=True),
+             attn.register_forward_pre_hook(keep_input, with_kwargs=True)]
+    ids = torch.randint(3, V, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    assert seen["scale"] == pytest.approx(HEAD_DIM**-0.5)
+    if model_type == "opt":
+        expected = attn.q_proj(seen["x"]).view(2, 7, HEADS, HEAD_DIM).transpose(1, 2)
+        torch.testing.assert_close(seen["q"], expected, rtol=1e-6, atol=1e-6)

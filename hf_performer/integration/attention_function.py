@@ -189,6 +189,10 @@ def favor_attention_forward(
     notice_unfollowed_redraw(favor, module.training)
     reject_unsupported_kwargs(module, kwargs)
     causal = getattr(module, "is_causal", False) if is_causal is None else bool(is_causal)
+    if getattr(module, "favor_query_scaled", False):  # (OPT: q = q_proj(x) * scaling, called with scaling=1.0)
+        # FAVOR+ splits the scale evenly between q and k: q·k·s = (q·√s)·(k·√s); left on q alone, q' and k' are
+        # unbalanced and the estimator's variance, exp(|q' + k'|^2), grows (``generic.Row.query_scaled``)
+        query, scaling = query / module.scaling, (1.0 if scaling is None else scaling) * module.scaling
     step_layer = kwargs.get(STEP_KWARG)
     if step_layer is not None:  # recurrent decoding (``RecurrentDecodingMixin``): k, v are the new tokens only
         if not causal:

@@ -73,6 +73,10 @@ class Row:
         its position among the family's attention modules as layer id; the statistics step fits that one set on
         the q, k of every layer the module serves (``statistics.calibrate_feature_statistics`` pools its calls),
         and counts the module once.
+    query_scaled: the stock module multiplies q by its ``scaling`` before the attention call and passes scaling=1.0
+        (OPT): the attention function takes that factor back off q and into the scale, since FAVOR+ splits the scale
+        evenly between q and k (d^-1/4 each) and an uneven split multiplies the estimator's variance, which grows
+        like exp(|q' + k'|^2) (Choromanski et al. 2020, Lemma 2).
     exact_if: which layers are NOT converted: modules whose attribute ``exact_if`` is not None keep their exact
         attention (ModernBERT: ``sliding_window``, its local layers, run exactly in linear memory by ``local_exact``).
         The config's ``layer_types`` then stay the stock ones in memory (``runtime_layer_type = None``).
@@ -94,6 +98,7 @@ class Row:
     exact_if: str | None = None  # attention modules whose attribute of this name is set keep exact attention
     cache_kwarg: str = "cache"  # the attention forward's cache argument (GPT-NeoX: "layer_past")
     shared: bool = False  # attention modules serve several layers (ALBERT); layer id = position among them
+    query_scaled: bool = False  # q arrives already times the module's ``scaling``, called with scaling=1.0 (OPT)
 
 
 BERT_QK = r"attention\.self\.(query|key)\."
@@ -130,7 +135,8 @@ ROWS = [
         qk=r"\.attention\.query_key_value\.", projections=r"\.attention\.(query_key_value|dense)\.",
         lora=r".*\.attention\.(query_key_value|dense)", default_class="GPTNeoXForCausalLM"),
     Row("opt", "OPTAttention", kv_heads=None, qk=LLAMA_QK, projections=r"\.self_attn\.(q_proj|k_proj|v_proj|out_proj)\.",
-        lora=r".*\.self_attn\.(q_proj|k_proj|v_proj|out_proj)", default_class="OPTForCausalLM", positions="opt"),
+        lora=r".*\.self_attn\.(q_proj|k_proj|v_proj|out_proj)", default_class="OPTForCausalLM", positions="opt",
+        query_scaled=True),
     bert_style("xlm-roberta", "XLMRoberta", "XLMRobertaModel", positions="roberta"),
     bert_style("electra", "Electra", "ElectraModel"),
     bert_style("camembert", "Camembert", "CamembertModel", positions="roberta"),
@@ -223,7 +229,7 @@ def build_family(row: Row) -> Family:
     if attn_name not in g:
         g[attn_name] = type(attn_name, (RecurrentDecodingMixin, attention_cls),
                             {"__module__": __name__, "__qualname__": attn_name, "favor_cache_kwarg": row.cache_kwarg,
-                             "favor_shared": row.shared})
+                             "favor_shared": row.shared, "favor_query_scaled": row.query_scaled})
     performer_attention = g[attn_name]
 
     base_name = f"_Performer{prefix}"
