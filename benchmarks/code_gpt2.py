@@ -2,8 +2,10 @@
 
 Why: the tiny GPT-2 of ``tiny_gpt2.py`` (4 x 128, 1000 steps on documentation prose) has easy attention (a
 converted copy keeps its perplexity, ratio ~1.00 zero-shot), so it cannot tell good calibration from bad. This
-one is trained on another domain than the calibration text, with its own tokenizer, long enough to have
-sharp attention (indentation, brackets, copying names):
+one is trained on another domain than the calibration text, with its own tokenizer, meant to learn sharper
+attention (indentation, brackets, copying names). Measured (``float32_causal.py``, 512-token held-out windows), its
+heads stay diffuse after the default 1000 steps: a query row's largest softmax weight is 0.02-0.16 on average per
+head, and no row puts more than 0.9 on one key:
 
 * text: the ``.py`` files of the running Python's standard library (``sysconfig.get_paths()["stdlib"]``; no
   tests, no site-packages), split by a stable hash of the file's path: 10% of the files are held out
