@@ -238,3 +238,22 @@ def test_performer_overrides_update_the_saved_settings_and_are_checked(tmp_path)
         with pytest.raises(ValueError, match=f"PerformerConfig.{field}="):
             config.performer = bad
     assert config.performer["chunk_size"] == 2  # a refused assignment leaves the settings as they were
+
+
+def test_saving_after_config_performer_changed_on_a_built_model_is_refused(tmp_path):
+    """``model.config.performer = {...}`` on a built model changes no layer, and the saved folder then described
+    other layers than it held (other buffer shapes, or other settings than trained): refused before writing."""
+    import transformers as tf
+
+    from hf_performer import PerformerConfig, convert_to_performer
+
+    cfg = tf.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32, add_cross_attention=True)
+    model = convert_to_performer(tf.GPT2LMHeadModel(cfg), PerformerConfig(nb_features=16, seed=0))
+    model.config.performer = {"nb_features": 32}
+    with pytest.raises(ValueError, match=r"config.performer says nb_features=32, but the FAVOR\+ layers were built "
+                                         r"with nb_features=16"):
+        model.save_pretrained(tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+    model.config.performer = {"nb_features": 16}  # back as built: saves (the cross-attention layers' own settings
+    model.save_pretrained(tmp_path / "m")  # differ from the model's by design and are not a mismatch)
+    assert (tmp_path / "m" / "config.json").is_file()

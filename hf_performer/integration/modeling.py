@@ -79,7 +79,8 @@ class PerformerConfigMixin:
         updates the current settings: the fields given replace theirs, the others keep their values, and the result
         is validated at once (``PerformerConfig.from_dict``; ValueError names a bad field). Such overrides were stored
         unchecked and partial, so a partial dict reset the other fields to their defaults and a bad one surfaced at
-        the next load. Layers already built keep the settings they were built with."""
+        the next load. Layers already built keep the settings they were built with, and such a model refuses to
+        ``save_pretrained`` until the two agree again (``PerformerModelMixin.save_pretrained``)."""
         if name == "performer" and value is not None and isinstance(self.__dict__.get("performer"), dict):
             update = value.to_dict() if isinstance(value, PerformerConfig) else dict(value)
             value = PerformerConfig.from_dict({**self.__dict__["performer"], **update}).to_dict()
@@ -204,6 +205,29 @@ class PerformerModelMixin:
 
     def favor_modules(self) -> list[FavorAttention]:
         return [m for m in self.modules() if isinstance(m, FavorAttention)]
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``PreTrainedModel.save_pretrained``, refused (ValueError, before anything is written) when
+        ``config.performer`` no longer describes the FAVOR+ layers: set on a built model, it does not rebuild them,
+        so the checkpoint would load as another model (other buffer shapes, or other settings than trained)."""
+        settings = PerformerConfig.from_dict(self.config.performer)
+        for site in self._favor_sites():
+            built = getattr(getattr(site.module, "favor", None), "config", None)
+            if built is None:
+                continue
+            try:
+                wanted = site_settings(site, settings)
+            except NotImplementedError:  # (a kernel cross-attention cannot take: it differs from the built one)
+                wanted = settings
+            if wanted != built:
+                field = next(f for f in wanted.to_dict() if wanted.to_dict()[f] != built.to_dict()[f])
+                raise ValueError(
+                    f"config.performer says {field}={wanted.to_dict()[field]!r}, but the FAVOR+ layers were built with "
+                    f"{field}={built.to_dict()[field]!r}: setting config.performer on a built model does not rebuild "
+                    "its layers, so this checkpoint would load as another model. Set it back, or convert the original "
+                    "model with the settings you want."
+                )
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
 
 class PerformerGenerationMixin:
