@@ -331,6 +331,10 @@ def test_a_composite_encoder_decoder_converts_saves_and_reloads(tmp_path):
         torch.testing.assert_close(again(**batch).logits, out, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="already run FAVOR"):
         I.convert_to_performer(model, SETTINGS)
+    for implementation in ("sdpa", {"encoder": "sdpa", "decoder": "eager"}):  # (bug hunt: accepted, softmax ran)
+        with pytest.raises(ValueError, match="runs Performer FAVOR\\+ attention only"):
+            model.set_attn_implementation(implementation)
+        assert {m.config._attn_implementation for m in (model.encoder, model.decoder)} == {"favor"}
 
     # the sub-model of a wrapped model alone: refused before anything changes
     composite = _bert2gpt2()

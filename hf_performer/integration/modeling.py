@@ -188,6 +188,11 @@ class PerformerModelMixin:
         attach_favor(plan_favor(self._favor_sites(), PerformerConfig.from_dict(self.config.performer)))
         super().post_init()
 
+    def get_correct_attn_implementation(self, requested_attention, is_init_check: bool = False) -> str:
+        """What transformers asks a sub-model when a wrapper (EncoderDecoderModel.set_attn_implementation, ...) sets
+        the attention of the models inside it: refused as for the model itself (else its layers ran softmax)."""
+        return self._check_and_adjust_attn_implementation(requested_attention, is_init_check)
+
     def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs):
         if attn_implementation not in (None, ATTN_IMPLEMENTATION):
             raise ValueError(
