@@ -316,3 +316,31 @@ def test_compiled_decoding_of_a_second_model_reuses_the_graphs():
                        compile_config=config, **COMMON)
         graphs.append(dynamo_utils.counters["stats"]["unique_graphs"])
     assert graphs[0] >= 1 and graphs[1] == graphs[0]
+
+
+@pytest.mark.parametrize("local_window", [0, 2])
+def test_a_continuation_whose_mask_disagrees_with_the_cached_state_is_refused(local_window):
+    """Bug hunt: a batched chat continuation, generate(..., past_key_values=turn_1_cache) with a mask that marks as
+    padding some tokens the state absorbed as real (e.g. ``sequences != pad`` after a row ended early), silently
+    kept them (row 0's logits off by 1.1; a key/value cache drops them). The state cannot drop a token: refused.
+    The mask the earlier call used, extended for the new tokens, continues exactly as the full forward does."""
+    model, (ids, mask) = gpt2(local_window), left_padded_prompts()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, return_dict_in_generate=True, do_sample=False,
+                             **{**COMMON, "max_new_tokens": 4, "min_new_tokens": 4})
+        seq = out.sequences  # [3, 10]
+        more = torch.randint(3, V, (3, 2), generator=torch.Generator().manual_seed(3))
+        turn2 = torch.cat([seq, more], 1)
+        good = torch.cat([mask, torch.ones(3, 6, dtype=mask.dtype)], 1)  # turn 1's mask, then real tokens
+        bad = good.clone()
+        bad[0, 8] = 0  # a generated token of row 0 marked as padding after the fact
+        with pytest.raises(ValueError, match=r"marks 8 of the 9 tokens already in the cache as real in row 0, but "
+                                             r"its FAVOR\+ state absorbed 9"):
+            model.generate(input_ids=turn2, attention_mask=bad, past_key_values=out.past_key_values, do_sample=False,
+                           max_new_tokens=1, pad_token_id=0)
+        cont = model.generate(input_ids=turn2, attention_mask=good, past_key_values=out.past_key_values,
+                              do_sample=False, max_new_tokens=1, pad_token_id=0, output_logits=True,
+                              return_dict_in_generate=True)
+        positions = (good.cumsum(-1) - 1).clamp_min(0)
+        full = model(input_ids=turn2, attention_mask=good, position_ids=positions, use_cache=False).logits[:, -1]
+    torch.testing.assert_close(cont.logits[0], full, rtol=1e-4, atol=1e-4)

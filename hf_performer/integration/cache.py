@@ -66,13 +66,18 @@ class FavorCacheLayer(DynamicLayer):
             raise RuntimeError("this cache layer holds keys/values (cross-attention); it cannot also hold a FAVOR state")
         self.recurrent, self.is_initialized, self.device = True, True, q.device
         groups = query_groups(q, k)
-        B = q.shape[0]
+        B, T = q.shape[0], q.shape[2]
+        before = None if self.state is None else self.state.n
+        # real tokens absorbed per row (what ``check_past_mask`` compares a later call's mask with)
+        added = torch.full((B,), T, dtype=torch.long, device=q.device) if key_padding_mask is None else \
+            key_padding_mask.sum(-1, dtype=torch.long)
         q, k, v, key_padding_mask = fold_groups(q, k, v, key_padding_mask, groups)
         state = self.state if self.state is None or groups == 1 else self.state.repeat_interleave(groups)
         # (under autograd the state carries the gradient of every key it absorbed, the prompt's included)
         out, state = favor.step(q, k, v, state, key_padding_mask=key_padding_mask, scale=scale)
         if groups > 1:  # every row of a group absorbed the same keys: keep one state per key/value head
             state = state.index_select(torch.arange(0, B * groups, groups, device=out.device))
+        state.n = added if before is None else before + added
         self._keep(state)
         self._count(q.shape[2], out.device)
         return unfold_groups(out, groups)
@@ -251,6 +256,39 @@ def favor_cache_layer(cache: Cache, layer_idx: int) -> FavorCacheLayer:
         "or let the model / generate() create its cache. (PEFT's prefix tuning fills the cache with its virtual "
         "tokens' keys and values, which FAVOR+ layers cannot take: use LoRA, IA3 or prompt tuning instead.)"
     )
+
+
+def check_past_mask(cache, attention_mask) -> None:
+    """Raise ValueError when the first columns of ``attention_mask`` [B, past + new] (1 = real token), those of the
+    tokens already absorbed in ``cache``'s FAVOR+ states, mark another number of real tokens in some row than the
+    state absorbed as real. A key/value cache applies the whole mask again at every call, so a stock model drops a
+    cached token that a later mask marks 0 (a batched chat continuation whose mask is ``sequences != pad`` marks the
+    padding ``generate`` appended after an early end of text, which it fed as real); a running sum cannot take a token
+    back out, so that call would silently attend to other tokens than the stock model. One host read of a [B]
+    tensor: ``generate`` calls it once, before its first step (decoding steps take only their new tokens' mask)."""
+    if attention_mask is None or not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        return
+    if isinstance(cache, EncoderDecoderCache):
+        cache = cache.self_attention_cache
+    layer = next((lay for lay in getattr(cache, "layers", ()) if isinstance(lay, FavorCacheLayer) and lay.recurrent
+                  and lay.state is not None and lay.state.n is not None), None)
+    if layer is None:
+        return
+    past, n = layer.get_seq_length(), layer.state.n
+    if not isinstance(past, int) or past == 0 or attention_mask.shape[-1] < past or n.shape[0] != attention_mask.shape[0]:
+        return  # (a mask of other shape: the forward's own checks name the problem)
+    marked = attention_mask[:, :past].to(device=n.device).sum(-1, dtype=torch.long)
+    rows = (marked != n).nonzero().flatten().tolist()
+    if rows:
+        r = rows[0]
+        raise ValueError(
+            f"attention_mask marks {int(marked[r])} of the {past} tokens already in the cache as real in row {r}, but "
+            f"its FAVOR+ state absorbed {int(n[r])} real tokens there ({len(rows)} row(s) differ). The state is a "
+            "running sum: it cannot drop a token it absorbed, nor add one it skipped. Pass the mask the earlier calls "
+            "used for those positions (generate feeds every token it appends, padding after an early end of text "
+            "included, as real: a mask built as `sequences != pad_token_id` marks those 0), or run the whole sequence "
+            "again without the cache."
+        )
 
 
 def use_favor_layers(cache) -> int:

@@ -26,7 +26,7 @@ from ..attention import FavorAttention
 from ..settings import PerformerConfig
 from ..version import __version__
 from .attention_function import ATTN_IMPLEMENTATION, STEP_KWARG, register_favor_attention
-from .cache import LAYER_TYPE, favor_cache_layer, register_favor_layer_type, use_favor_layers
+from .cache import LAYER_TYPE, check_past_mask, favor_cache_layer, register_favor_layer_type, use_favor_layers
 from .portable import write_portable_code
 from .zero_shot import share_notice
 
@@ -254,6 +254,7 @@ class PerformerGenerationMixin:
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """The stock cache preparation; a static cache it builds gets FavorCacheLayers wherever the config's
         in-memory layer types gave key/value layers (``cache.use_favor_layers``)."""
+        check_past_mask(model_kwargs.get("cache", model_kwargs.get("past_key_values")), model_kwargs.get("attention_mask"))
         prepared = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         use_favor_layers(model_kwargs.get("cache", model_kwargs.get("past_key_values")))
         return prepared

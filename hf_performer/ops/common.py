@@ -70,6 +70,9 @@ class FavorState:
     per-feature stabiliser (m' = m, or 1 for trig/relu): phi~(k) = F(k) exp(Lg(k) - c).
     With local-window attention (w > 0) it also keeps the last w keys and values, as they reach the op,
     and their padding mask (1.0 = real): wk [B, H, w', d], wv [B, H, w', dv], wm [B, w'], w' <= w.
+    n: [B] int64, the real (unpadded) tokens absorbed per batch row, or None: kept by the cache layer
+    (``integration.cache.FavorCacheLayer``) so a later call's mask can be checked against what the sums hold; the
+    ops neither read nor return it.
     """
 
     S: torch.Tensor
@@ -78,6 +81,7 @@ class FavorState:
     wk: torch.Tensor | None = None
     wv: torch.Tensor | None = None
     wm: torch.Tensor | None = None
+    n: torch.Tensor | None = None
 
     @classmethod
     def empty(cls, batch: int, heads: int, nb_features: int, c_width: int, dv: int, dtype, device):
