@@ -36,6 +36,10 @@ from .settings import ALIGNED_ESTIMATOR, PerformerConfig
 _FP32_BUFFERS = (
     "projection", "key_shift", "log_qk_scale", "oprf_rho", "proposal_centers", "aligned_projection", "aligned_bias",
 )
+# what a Performer model lists in transformers' ``_keep_in_fp32_modules_strict`` (patterns searched in parameter and
+# buffer names): the float buffers by name. "favor" alone also matched ``draw_count`` (int64) and
+# ``stats_calibrated`` (bool), which a half-precision ``from_pretrained`` then loaded, and saved back, as float32.
+KEEP_IN_FP32 = tuple(rf"favor\.{name}$" for name in _FP32_BUFFERS)
 NB_CENTERS = 1024  # q + k pairs kept per head for the importance-sampling proposal
 ALIGNED_WIDTH = 1.0  # std of each proposal component (the integrand of one pair is N(q + k, I))
 MAX_CALIBRATION_QUERIES = 512  # queries per batch row whose attention is sampled during calibration

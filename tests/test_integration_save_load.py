@@ -257,3 +257,28 @@ def test_saving_after_config_performer_changed_on_a_built_model_is_refused(tmp_p
     model.config.performer = {"nb_features": 16}  # back as built: saves (the cross-attention layers' own settings
     model.save_pretrained(tmp_path / "m")  # differ from the model's by design and are not a mismatch)
     assert (tmp_path / "m" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_load_keeps_the_integer_and_boolean_buffers(tmp_path, dtype):
+    """Bug hunt: from_pretrained(..., dtype=bfloat16/float16) loaded draw_count (int64) and stats_calibrated (bool)
+    as float32, and a save wrote them back so: transformers' keep-in-float32 list named the whole favor module."""
+    import transformers as tf
+    from safetensors import safe_open
+
+    from hf_performer import PerformerConfig, convert_to_performer
+
+    cfg = tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    convert_to_performer(tf.LlamaForCausalLM(cfg), PerformerConfig(nb_features=16)).save_pretrained(tmp_path / "a")
+    model = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "a", dtype=dtype)
+    favor = model.model.layers[0].self_attn.favor
+    kinds = {name: b.dtype for name, b in favor.named_buffers()}
+    assert kinds.pop("draw_count") == torch.int64 and kinds.pop("stats_calibrated") == torch.bool
+    assert set(kinds.values()) == {torch.float32}  # the float buffers stay float32
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == dtype
+    model.save_pretrained(tmp_path / "b")
+    with safe_open(str(tmp_path / "b" / "model.safetensors"), "pt") as f:
+        saved = {k: f.get_slice(k).get_dtype() for k in f.keys() if ".favor." in k}
+    assert saved["model.layers.0.self_attn.favor.draw_count"] == "I64"
+    assert saved["model.layers.0.self_attn.favor.stats_calibrated"] == "BOOL"

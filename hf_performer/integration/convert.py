@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from ..attention import FavorAttention, is_favor_attention
+from ..attention import KEEP_IN_FP32, FavorAttention, is_favor_attention
 from ..settings import PerformerConfig
 from .attention_function import ATTN_IMPLEMENTATION
 from .caller import warn_user
@@ -202,7 +202,7 @@ def _apply(model: nn.Module, olds: list, new, rederived: dict, performer_cls: ty
         for key, value in attributes.items():
             setattr(modules[name], key, value)
     model.__class__ = performer_cls
-    model._keep_in_fp32_modules_strict = set(model._keep_in_fp32_modules_strict or ()) | {"favor"}
+    model._keep_in_fp32_modules_strict = set(model._keep_in_fp32_modules_strict or ()) | set(KEEP_IN_FP32)
     attach_favor(plan)
     use_mask_positions(model)  # rotary families: position ids from the padding mask
 

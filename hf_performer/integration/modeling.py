@@ -22,7 +22,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.generation.configuration_utils import GenerationMode
 
-from ..attention import FavorAttention
+from ..attention import KEEP_IN_FP32, FavorAttention
 from ..settings import PerformerConfig
 from ..version import __version__
 from .attention_function import ATTN_IMPLEMENTATION, STEP_KWARG, register_favor_attention
@@ -179,7 +179,7 @@ def init_favor_buffers(favor: FavorAttention) -> None:
 class PerformerModelMixin:
     """Mixed in front of a stock PreTrainedModel class (see the module docstring)."""
 
-    _keep_in_fp32_modules_strict = ["favor"]
+    _keep_in_fp32_modules_strict = list(KEEP_IN_FP32)
 
     def _favor_sites(self) -> Iterator[AttentionSite]:  # pragma: no cover - defined per architecture
         raise NotImplementedError
