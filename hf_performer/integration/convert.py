@@ -23,7 +23,6 @@ from .caller import warn_user
 from .modeling import PerformerModelMixin, attach_favor, plan_favor
 from .refusals import unconvertible_reason
 from .registry import FAMILIES, family_traits
-from .rotary_positions import use_mask_positions
 
 
 def supported_model_classes() -> list[str]:
@@ -204,7 +203,6 @@ def _apply(model: nn.Module, olds: list, new, rederived: dict, performer_cls: ty
     model.__class__ = performer_cls
     model._keep_in_fp32_modules_strict = set(model._keep_in_fp32_modules_strict or ()) | set(KEEP_IN_FP32)
     attach_favor(plan)
-    use_mask_positions(model)  # rotary families: position ids from the padding mask
 
 
 def _plain(value) -> bool:

@@ -25,6 +25,7 @@ pickling, ``auto_map`` and the portable copy find them like hand-written classes
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass, field
 
 from huggingface_hub.dataclasses import strict
@@ -39,6 +40,7 @@ from .modeling import (
     PerformerModelMixin,
     RecurrentDecodingMixin,
 )
+from .rotary_positions import with_mask_positions
 
 LLAMA_QK = r"\.self_attn\.(q_proj|k_proj)\."
 LLAMA_ATTENTION = r"\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\."
@@ -246,7 +248,10 @@ def build_family(row: Row) -> Family:
         name = f"Performer{stock.__name__}"
         if name not in g:
             mixins = (base, PerformerGenerationMixin) if issubclass(stock, GenerationMixin) else (base,)
-            g[name] = type(name, (*mixins, stock), {"__module__": __name__, "__qualname__": name})
+            namespace = {"__module__": __name__, "__qualname__": name}
+            if row.positions == "rotary" and "position_ids" in inspect.signature(stock.forward).parameters:
+                namespace["forward"] = with_mask_positions(stock.forward)  # (``rotary_positions``)
+            g[name] = type(name, (*mixins, stock), namespace)
         classes[stock] = g[name]
     return Family(row, config_cls, performer_attention, classes)
 

@@ -187,9 +187,6 @@ class PerformerModelMixin:
     def post_init(self):
         attach_favor(plan_favor(self._favor_sites(), PerformerConfig.from_dict(self.config.performer)))
         super().post_init()
-        from .rotary_positions import use_mask_positions
-
-        use_mask_positions(self)  # rotary families: position ids from the padding mask (``rotary_positions``)
 
     def get_correct_attn_implementation(self, requested_attention, is_init_check: bool = False) -> str:
         """What transformers asks a sub-model when a wrapper (EncoderDecoderModel.set_attn_implementation, ...) sets

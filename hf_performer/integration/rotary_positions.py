@@ -5,28 +5,29 @@ whether its position ids count the padding (the default ``arange``) or skip it. 
 exp(q·k) from the rotated vectors themselves, which are not invariant to a joint rotation: the same row then gave
 other logits for every amount of padding its batch added (a calibrated tiny Llama: up to 4.9 apart), so Trainer runs
 with left-padding collators learned a function of the batch composition, and the statistics step fitted the
-padding. ``generate`` already derives the positions from the mask; this makes every forward of a converted rotary
-model do the same when the caller passes an attention mask and no position ids: ``position_ids = mask.cumsum(-1) -
-1`` (clamped at 0), the last T columns. Right padding and unpadded rows keep the positions they had (0, 1, ...).
+padding. ``generate`` already derives the positions from the mask; the Performer classes of rotary families
+(``generic.build_family``) wrap their stock ``forward`` so every forward does the same when the caller passes an
+attention mask and no position ids: ``position_ids = mask.cumsum(-1) - 1`` (clamped at 0), the last T columns. Right
+padding and unpadded rows keep the positions they had (0, 1, ...). A wrapper rather than a forward hook: under
+``torch.compile`` a hook that rewrites the arguments split the graph.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
-from torch import nn
-
-_HOOKED = "_favor_mask_positions"  # attribute marking a base model that has the hook
 
 
-def positions_from_mask(module: nn.Module, args: tuple, kwargs: dict):
-    """Forward pre-hook (``with_kwargs``) of a rotary base model: fills ``position_ids`` [B, T] from a 2D
-    ``attention_mask`` [B, past + T] (1 = real) when the call passes none. Left alone: explicit position ids (packed
-    sequences, generate), 4D or missing masks, a mask given positionally, and a mask that does not cover the cached
-    tokens too (then the model counts from the cache as before)."""
+def mask_positions(kwargs: dict) -> torch.Tensor | None:
+    """``position_ids`` [B, T] (int64) from a 2D ``attention_mask`` [B, past + T] (1 = real) in a forward's
+    keyword arguments, or None to leave the call as it is: explicit position ids (packed sequences, generate), 4D or
+    missing masks, and a mask that does not cover the cached tokens too (the model counts from the cache then)."""
     mask = kwargs.get("attention_mask")
-    if kwargs.get("position_ids") is not None or len(args) > 1 or not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+    if kwargs.get("position_ids") is not None or not isinstance(mask, torch.Tensor) or mask.dim() != 2:
         return None
-    tokens = kwargs.get("input_ids", args[0] if args else None)
+    tokens = kwargs.get("input_ids")
     if tokens is None:
         tokens = kwargs.get("inputs_embeds")
     if tokens is None:
@@ -35,27 +36,24 @@ def positions_from_mask(module: nn.Module, args: tuple, kwargs: dict):
     past = 0 if cache is None else cache.get_seq_length()
     if not isinstance(past, int) or mask.shape[-1] != past + tokens.shape[1]:
         return None
-    kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0)[:, past:]
-    return args, kwargs
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)[:, past:]
 
 
-def use_mask_positions(model: nn.Module) -> bool:
-    """Give ``model``'s base model (``model.base_model``) the ``positions_from_mask`` hook when its family embeds
-    positions by rotation (``generic.Row.positions == "rotary"``) and its forward takes ``position_ids``; once.
-    Returns whether the base model has it."""
-    import inspect
+def with_mask_positions(forward):
+    """``forward`` (a stock model class's, taking ``position_ids``) that fills ``position_ids`` by ``mask_positions``
+    when the call leaves them out. Same signature (``functools.wraps``: Trainer and pipelines read it)."""
+    names = [n for n, p in list(inspect.signature(forward).parameters.items())[1:]
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
-    from .generic import GENERIC_FAMILIES
+    @functools.wraps(forward)
+    def wrapped(self, *args, **kwargs):
+        if len(args) > len(names):  # more than the forward takes: its own error
+            return forward(self, *args, **kwargs)
+        if args:  # (positional arguments by name: the mask may come second)
+            kwargs = {**dict(zip(names, args)), **kwargs}
+        positions = mask_positions(kwargs)
+        if positions is not None:
+            kwargs["position_ids"] = positions
+        return forward(self, **kwargs)
 
-    model_type = str(getattr(getattr(model, "config", None), "model_type", "")).removeprefix("performer_")
-    family = GENERIC_FAMILIES.get(model_type)
-    base = getattr(model, "base_model", model)
-    if family is None or family.row.positions != "rotary":
-        return False
-    if getattr(base, _HOOKED, False):
-        return True
-    if "position_ids" not in inspect.signature(base.forward).parameters:
-        return False
-    base.register_forward_pre_hook(positions_from_mask, with_kwargs=True)
-    setattr(base, _HOOKED, True)
-    return True
+    return wrapped
