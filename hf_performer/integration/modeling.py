@@ -224,11 +224,12 @@ class PerformerModelMixin:
                 wanted = site_settings(site, settings)
             except NotImplementedError:  # (a kernel cross-attention cannot take: it differs from the built one)
                 wanted = settings
+            wanted, built = wanted.to_dict(), built.to_dict()  # (by value: a folder copy has its own class)
             if wanted != built:
-                field = next(f for f in wanted.to_dict() if wanted.to_dict()[f] != built.to_dict()[f])
+                field = next(f for f in wanted if wanted[f] != built.get(f))
                 raise ValueError(
-                    f"config.performer says {field}={wanted.to_dict()[field]!r}, but the FAVOR+ layers were built with "
-                    f"{field}={built.to_dict()[field]!r}: setting config.performer on a built model does not rebuild "
+                    f"config.performer says {field}={wanted[field]!r}, but the FAVOR+ layers were built with "
+                    f"{field}={built.get(field)!r}: setting config.performer on a built model does not rebuild "
                     "its layers, so this checkpoint would load as another model. Set it back, or convert the original "
                     "model with the settings you want."
                 )
