@@ -613,3 +613,22 @@ def test_left_padding_without_position_ids_does_not_change_the_real_tokens(model
             first = model(input_ids=padded[:, :5], attention_mask=mask[:, :5], use_cache=True)
             rest = model(input_ids=padded[:, 5:], attention_mask=mask, cache=first.cache, use_cache=True).logits
             torch.testing.assert_close(rest, alone[:, 2:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", [row.model_type for row in ROWS if row.masks_by_layer_type])
+def test_a_user_built_static_cache_decodes_in_a_manual_loop(model_type):
+    """Bug hunt: StaticCache(config=model.config) built by the caller held key/value layers for the families whose
+    in-memory layer types stay "full_attention" (only generate swapped them), so a manual forward with it failed on
+    the mask it was given ("pass a mask over the whole sequence"), or without a mask refused the layer."""
+    from transformers import StaticCache
+
+    model = converted(model_type)
+    ids = torch.randint(3, V, (2, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        cache = StaticCache(config=model.config, max_cache_len=32)
+        first = model(input_ids=ids[:, :5], attention_mask=mask[:, :5], cache=cache, use_cache=True).logits
+        rest = model(input_ids=ids[:, 5:], attention_mask=mask, cache=cache, use_cache=True).logits
+    assert all(isinstance(layer, FavorCacheLayer) for layer in cache.layers)
+    torch.testing.assert_close(torch.cat([first, rest], 1), full, rtol=1e-5, atol=1e-5)

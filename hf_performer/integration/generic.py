@@ -24,15 +24,17 @@ pickling, ``auto_map`` and the portable copy find them like hand-written classes
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 from dataclasses import dataclass, field
 
+import torch
 from huggingface_hub.dataclasses import strict
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from .cache import LAYER_TYPE
+from .cache import LAYER_TYPE, use_favor_layers
 from .modeling import (
     AttentionSite,
     PerformerConfigMixin,
@@ -40,7 +42,7 @@ from .modeling import (
     PerformerModelMixin,
     RecurrentDecodingMixin,
 )
-from .rotary_positions import with_mask_positions
+from .rotary_positions import mask_positions
 
 LLAMA_QK = r"\.self_attn\.(q_proj|k_proj)\."
 LLAMA_ATTENTION = r"\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\."
@@ -203,6 +205,36 @@ class Family:
     classes: dict  # {stock model class: Performer model class}
 
 
+def prepared_forward(forward, positions_from_mask: bool, static_layers: bool):
+    """A stock class's ``forward`` with what its Performer class does first (same signature: ``functools.wraps``,
+    which Trainer and pipelines read):
+
+    * ``positions_from_mask`` (rotary families): position ids from the padding mask when the call passes a mask and
+      none (``rotary_positions.mask_positions``: FAVOR+'s estimate depends on the absolute rotation);
+    * ``static_layers`` (``Row.masks_by_layer_type``: Qwen2, Qwen3, SmolLM3): a ``StaticCache(config=...)`` the caller
+      built holds key/value layers for these configs; its fresh layers become FavorCacheLayers
+      (``cache.use_favor_layers``, as ``generate`` does), outside torch.compile (generate swaps them before it
+      compiles). Before, a manual forward with such a cache failed on the mask it was given."""
+    names = [n for n, p in list(inspect.signature(forward).parameters.items())[1:]
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+    @functools.wraps(forward)
+    def wrapped(self, *args, **kwargs):
+        if len(args) > len(names):  # more than the forward takes: its own error
+            return forward(self, *args, **kwargs)
+        if args:  # (positional arguments by name: the mask may come second)
+            kwargs = {**dict(zip(names, args)), **kwargs}
+        if static_layers and not torch.compiler.is_compiling():
+            use_favor_layers(kwargs.get("cache", kwargs.get("past_key_values")))
+        if positions_from_mask:
+            positions = mask_positions(kwargs)
+            if positions is not None:
+                kwargs["position_ids"] = positions
+        return forward(self, **kwargs)
+
+    return wrapped
+
+
 def build_family(row: Row) -> Family:
     """Create (once) and return the Performer config/attention/model classes of ``row``'s family."""
     g = globals()
@@ -249,8 +281,9 @@ def build_family(row: Row) -> Family:
         if name not in g:
             mixins = (base, PerformerGenerationMixin) if issubclass(stock, GenerationMixin) else (base,)
             namespace = {"__module__": __name__, "__qualname__": name}
-            if row.positions == "rotary" and "position_ids" in inspect.signature(stock.forward).parameters:
-                namespace["forward"] = with_mask_positions(stock.forward)  # (``rotary_positions``)
+            rotary = row.positions == "rotary" and "position_ids" in inspect.signature(stock.forward).parameters
+            if rotary or row.masks_by_layer_type:
+                namespace["forward"] = prepared_forward(stock.forward, rotary, row.masks_by_layer_type)
             g[name] = type(name, (*mixins, stock), namespace)
         classes[stock] = g[name]
     return Family(row, config_cls, performer_attention, classes)

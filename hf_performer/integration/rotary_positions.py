@@ -6,16 +6,13 @@ exp(q·k) from the rotated vectors themselves, which are not invariant to a join
 other logits for every amount of padding its batch added (a calibrated tiny Llama: up to 4.9 apart), so Trainer runs
 with left-padding collators learned a function of the batch composition, and the statistics step fitted the
 padding. ``generate`` already derives the positions from the mask; the Performer classes of rotary families
-(``generic.build_family``) wrap their stock ``forward`` so every forward does the same when the caller passes an
+(``generic.prepared_forward``) wrap their stock ``forward`` so every forward does the same when the caller passes an
 attention mask and no position ids: ``position_ids = mask.cumsum(-1) - 1`` (clamped at 0), the last T columns. Right
 padding and unpadded rows keep the positions they had (0, 1, ...). A wrapper rather than a forward hook: under
 ``torch.compile`` a hook that rewrites the arguments split the graph.
 """
 
 from __future__ import annotations
-
-import functools
-import inspect
 
 import torch
 
@@ -37,23 +34,3 @@ def mask_positions(kwargs: dict) -> torch.Tensor | None:
     if not isinstance(past, int) or mask.shape[-1] != past + tokens.shape[1]:
         return None
     return (mask.long().cumsum(-1) - 1).clamp_min(0)[:, past:]
-
-
-def with_mask_positions(forward):
-    """``forward`` (a stock model class's, taking ``position_ids``) that fills ``position_ids`` by ``mask_positions``
-    when the call leaves them out. Same signature (``functools.wraps``: Trainer and pipelines read it)."""
-    names = [n for n, p in list(inspect.signature(forward).parameters.items())[1:]
-             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-
-    @functools.wraps(forward)
-    def wrapped(self, *args, **kwargs):
-        if len(args) > len(names):  # more than the forward takes: its own error
-            return forward(self, *args, **kwargs)
-        if args:  # (positional arguments by name: the mask may come second)
-            kwargs = {**dict(zip(names, args)), **kwargs}
-        positions = mask_positions(kwargs)
-        if positions is not None:
-            kwargs["position_ids"] = positions
-        return forward(self, **kwargs)
-
-    return wrapped
