@@ -632,3 +632,23 @@ def test_a_user_built_static_cache_decodes_in_a_manual_loop(model_type):
         rest = model(input_ids=ids[:, 5:], attention_mask=mask, cache=cache, use_cache=True).logits
     assert all(isinstance(layer, FavorCacheLayer) for layer in cache.layers)
     torch.testing.assert_close(torch.cat([first, rest], 1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gpt_neox"])
+@pytest.mark.parametrize("step_mask", ["past and new", "new only", "none"])
+def test_manual_decoding_after_a_left_padded_prefill_continues_each_rows_positions(model_type, step_mask):
+    """Review hunt: once a prefill took its positions from the mask, a later step whose mask covered only the new
+    tokens (or none, or any step under torch.compile) counted from the cache length, padding included: the padded
+    row's logits moved by 2.4. A step now continues each row from the real tokens its state absorbed."""
+    model = converted(model_type)
+    ids, mask = left_padded()
+    nxt = torch.randint(3, V, (3, 2), generator=torch.Generator().manual_seed(5))
+    whole = torch.cat([mask, torch.ones_like(nxt)], 1)
+    with torch.no_grad():
+        full = model(input_ids=torch.cat([ids, nxt], 1), attention_mask=whole, use_cache=False).logits[:, -2:]
+        cache = I.FavorCache()
+        model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
+        kwargs = {"past and new": {"attention_mask": whole}, "new only": {"attention_mask": torch.ones_like(nxt)},
+                  "none": {}}[step_mask]
+        step = model(input_ids=nxt, cache=cache, use_cache=True, **kwargs).logits
+    torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)

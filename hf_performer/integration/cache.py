@@ -258,6 +258,17 @@ def favor_cache_layer(cache: Cache, layer_idx: int) -> FavorCacheLayer:
     )
 
 
+def real_token_counts(cache) -> torch.Tensor | None:
+    """The real (unpadded) tokens each batch row's FAVOR+ state in ``cache`` absorbed, [B] int64 (``FavorState.n``
+    of its first recurrent layer; a device tensor, no host read), or None when nothing is cached yet."""
+    if isinstance(cache, EncoderDecoderCache):
+        cache = cache.self_attention_cache
+    for layer in getattr(cache, "layers", ()):
+        if isinstance(layer, FavorCacheLayer) and layer.recurrent and layer.state is not None:
+            return layer.state.n
+    return None
+
+
 def check_past_mask(cache, attention_mask) -> None:
     """Raise ValueError when the first columns of ``attention_mask`` [B, past + new] (1 = real token), those of the
     tokens already absorbed in ``cache``'s FAVOR+ states, mark another number of real tokens in some row than the

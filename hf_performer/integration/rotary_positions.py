@@ -7,8 +7,9 @@ other logits for every amount of padding its batch added (a calibrated tiny Llam
 with left-padding collators learned a function of the batch composition, and the statistics step fitted the
 padding. ``generate`` already derives the positions from the mask; the Performer classes of rotary families
 (``generic.prepared_forward``) wrap their stock ``forward`` so every forward does the same when the caller passes an
-attention mask and no position ids: ``position_ids = mask.cumsum(-1) - 1`` (clamped at 0), the last T columns. Right
-padding and unpadded rows keep the positions they had (0, 1, ...). A wrapper rather than a forward hook: under
+attention mask and no position ids: ``position_ids = mask.cumsum(-1) - 1`` (clamped at 0), and a step with a cache
+continues each row from the real tokens its FAVOR+ state absorbed (``mask_positions``). Right padding and unpadded
+rows keep the positions they had (0, 1, ...). A wrapper rather than a forward hook: under
 ``torch.compile`` a hook that rewrites the arguments split the graph.
 """
 
@@ -16,21 +17,36 @@ from __future__ import annotations
 
 import torch
 
+from .cache import real_token_counts
+
 
 def mask_positions(kwargs: dict) -> torch.Tensor | None:
-    """``position_ids`` [B, T] (int64) from a 2D ``attention_mask`` [B, past + T] (1 = real) in a forward's
-    keyword arguments, or None to leave the call as it is: explicit position ids (packed sequences, generate), 4D or
-    missing masks, and a mask that does not cover the cached tokens too (the model counts from the cache then)."""
-    mask = kwargs.get("attention_mask")
-    if kwargs.get("position_ids") is not None or not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+    """``position_ids`` [B, T] (int64) for a forward's keyword arguments, or None to leave the call as it is.
+
+    * A cache whose FAVOR+ state already holds tokens: each row continues from the real tokens it absorbed
+      (``cache.real_token_counts``), counting the new ones by the last T columns of a 2D ``attention_mask`` (all
+      real without one). The positions a masked prefill gave stay consistent in later steps, whatever mask columns
+      the step passes, in eager and compiled steps alike (no host read).
+    * No tokens cached yet: ``mask.cumsum(-1) - 1`` (clamped at 0) of a 2D mask over the T new tokens; no mask (or a
+      4D one): None, the stock positions.
+    * Explicit position ids (packed sequences, generate): None, used as given."""
+    if kwargs.get("position_ids") is not None:
         return None
     tokens = kwargs.get("input_ids")
     if tokens is None:
         tokens = kwargs.get("inputs_embeds")
     if tokens is None:
         return None
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    past = 0 if cache is None else cache.get_seq_length()
-    if not isinstance(past, int) or mask.shape[-1] != past + tokens.shape[1]:
+    T = tokens.shape[1]
+    mask = kwargs.get("attention_mask")
+    mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[-1] >= T else None
+    absorbed = real_token_counts(kwargs.get("cache", kwargs.get("past_key_values")))  # [B] or None
+    if absorbed is not None:
+        if mask is not None:  # the new tokens' index among the row's real new tokens
+            counted = (mask[:, -T:].long().cumsum(-1) - 1).clamp_min(0)
+        else:
+            counted = torch.arange(T, device=absorbed.device).expand(absorbed.shape[0], T)
+        return absorbed.to(counted.device)[:, None] + counted
+    if mask is None or mask.shape[-1] != T:
         return None
-    return (mask.long().cumsum(-1) - 1).clamp_min(0)[:, past:]
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)
