@@ -258,15 +258,20 @@ def favor_cache_layer(cache: Cache, layer_idx: int) -> FavorCacheLayer:
     )
 
 
+def _state_layer(cache) -> FavorCacheLayer | None:
+    """The first FavorCacheLayer of ``cache`` (a transformers Cache, or an EncoderDecoderCache: its self-attention
+    part) that holds a FAVOR+ state, or None when nothing is cached yet."""
+    if isinstance(cache, EncoderDecoderCache):
+        cache = cache.self_attention_cache
+    return next((layer for layer in getattr(cache, "layers", ()) if isinstance(layer, FavorCacheLayer)
+                 and layer.recurrent and layer.state is not None), None)
+
+
 def real_token_counts(cache) -> torch.Tensor | None:
     """The real (unpadded) tokens each batch row's FAVOR+ state in ``cache`` absorbed, [B] int64 (``FavorState.n``
     of its first recurrent layer; a device tensor, no host read), or None when nothing is cached yet."""
-    if isinstance(cache, EncoderDecoderCache):
-        cache = cache.self_attention_cache
-    for layer in getattr(cache, "layers", ()):
-        if isinstance(layer, FavorCacheLayer) and layer.recurrent and layer.state is not None:
-            return layer.state.n
-    return None
+    layer = _state_layer(cache)
+    return None if layer is None else layer.state.n
 
 
 def check_past_mask(cache, attention_mask) -> None:
@@ -279,11 +284,8 @@ def check_past_mask(cache, attention_mask) -> None:
     tensor: ``generate`` calls it once, before its first step (decoding steps take only their new tokens' mask)."""
     if attention_mask is None or not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
         return
-    if isinstance(cache, EncoderDecoderCache):
-        cache = cache.self_attention_cache
-    layer = next((lay for lay in getattr(cache, "layers", ()) if isinstance(lay, FavorCacheLayer) and lay.recurrent
-                  and lay.state is not None and lay.state.n is not None), None)
-    if layer is None:
+    layer = _state_layer(cache)
+    if layer is None or layer.state.n is None:
         return
     past, n = layer.get_seq_length(), layer.state.n
     if not isinstance(past, int) or past == 0 or attention_mask.shape[-1] < past or n.shape[0] != attention_mask.shape[0]:
