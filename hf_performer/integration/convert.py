@@ -35,6 +35,13 @@ def supported_model_types() -> list[str]:
     return list(FAMILIES)
 
 
+def _family(model) -> tuple | None:
+    """The ``registry.FAMILIES`` entry (Performer config class, {stock class: Performer class}) that converts
+    ``model``'s class, or None when no family does."""
+    family = FAMILIES.get(getattr(getattr(model, "config", None), "model_type", None))
+    return family if family is not None and type(model) in family[1] else None
+
+
 def _unsupported(model) -> ValueError:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     reason = unconvertible_reason(model_type)
@@ -104,8 +111,7 @@ def _convert_composite(model: nn.Module, parts: list[str], settings: PerformerCo
     supported = []
     for name in parts:
         sub = getattr(model, name)
-        family = FAMILIES.get(getattr(sub.config, "model_type", None))
-        if isinstance(sub, PerformerModelMixin) or (family is not None and type(sub) in family[1]):
+        if isinstance(sub, PerformerModelMixin) or _family(sub) is not None:
             supported.append(name)
     if not supported:
         raise ValueError(
@@ -145,8 +151,8 @@ def _prepare(model: nn.Module, settings: PerformerConfig, inner: bool):
                                                      ).startswith("performer_"):  # (also through its folder's code)
         raise ValueError(f"{type(model).__name__} already runs FAVOR+ attention; convert the original model instead.")
     old = getattr(model, "config", None)
-    family = FAMILIES.get(getattr(old, "model_type", None))
-    if family is None or type(model) not in family[1]:
+    family = _family(model)
+    if family is None:
         raise _unsupported(model)
     config_cls, classes = family
     if getattr(old, "output_attentions", False):
