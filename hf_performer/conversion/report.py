@@ -389,6 +389,7 @@ def _conversion_summary(converted: str | os.PathLike) -> dict:
         return {}
 
 
+GIVE_SOURCE = 'Give the checkpoint it was converted from (its conversion.json names it under "source").'
 SIZE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 
 
@@ -399,8 +400,7 @@ def _check_sizes(converted_config, source_config, source, converted) -> None:
         a, b = getattr(converted_config, field, None), getattr(source_config, field, None)
         if a is not None and b is not None and a != b:
             raise ConversionError(f"{str(converted)!r} was not converted from {str(source)!r}: its {field} is {a}, "
-                                  f"the source's {b}. Give the checkpoint it was converted from (its conversion.json "
-                                  "names it under \"source\").")
+                                  f"the source's {b}. {GIVE_SOURCE}")
 
 
 def _check_weights(student, teacher, source, converted, summary: dict) -> None:
@@ -414,8 +414,7 @@ def _check_weights(student, teacher, source, converted, summary: dict) -> None:
     a, b = a.weight.detach().float().cpu(), b.weight.detach().float().cpu()
     if a.shape == b.shape and (a - b).abs().max() > 1e-2 * b.abs().max():
         raise ConversionError(f"{str(converted)!r} was not converted from {str(source)!r}: their token embeddings "
-                              "differ (a conversion keeps them). Give the checkpoint it was converted from (its "
-                              "conversion.json names it under \"source\").")
+                              f"differ (a conversion keeps them). {GIVE_SOURCE}")
 
 
 def _check_lengths(lengths, source_limit: int, converted_limit: int) -> None:
