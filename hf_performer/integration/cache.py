@@ -55,6 +55,9 @@ class FavorCacheLayer(DynamicLayer):
         self.cumulative_length: torch.Tensor | None = None
         self._count_behind = False  # compiled steps advanced only cumulative_length
         self.recurrent = False
+        # whether this layer keeps the per-row real-token count (``FavorState.n``): every layer sees the same mask, so
+        # ``favor_cache_layer`` leaves it to layer 0 alone (the one ``real_token_counts`` reads)
+        self.counts_tokens = True
 
     # ------------------------------------------------------------------ recurrent FAVOR+ state
     def step(self, favor, q, k, v, key_padding_mask=None, scale=None) -> torch.Tensor:
@@ -67,17 +70,19 @@ class FavorCacheLayer(DynamicLayer):
         self.recurrent, self.is_initialized, self.device = True, True, q.device
         groups = query_groups(q, k)
         B, T = q.shape[0], q.shape[2]
-        before = None if self.state is None else self.state.n
-        # real tokens absorbed per row (what ``check_past_mask`` compares a later call's mask with)
-        added = torch.full((B,), T, dtype=torch.long, device=q.device) if key_padding_mask is None else \
-            key_padding_mask.sum(-1, dtype=torch.long)
+        added = None
+        if self.counts_tokens:  # real tokens absorbed per row (what ``check_past_mask`` compares a later mask with)
+            before = None if self.state is None else self.state.n
+            added = torch.full((B,), T, dtype=torch.long, device=q.device) if key_padding_mask is None else \
+                key_padding_mask.sum(-1, dtype=torch.long)
         q, k, v, key_padding_mask = fold_groups(q, k, v, key_padding_mask, groups)
         state = self.state if self.state is None or groups == 1 else self.state.repeat_interleave(groups)
         # (under autograd the state carries the gradient of every key it absorbed, the prompt's included)
         out, state = favor.step(q, k, v, state, key_padding_mask=key_padding_mask, scale=scale)
         if groups > 1:  # every row of a group absorbed the same keys: keep one state per key/value head
             state = state.index_select(torch.arange(0, B * groups, groups, device=out.device))
-        state.n = added if before is None else before + added
+        if added is not None:
+            state.n = added if before is None else before + added
         self._keep(state)
         self._count(q.shape[2], out.device)
         return unfold_groups(out, groups)
@@ -245,10 +250,11 @@ def favor_cache_layer(cache: Cache, layer_idx: int) -> FavorCacheLayer:
     layer = cache.layers[layer_idx]
     # by layer type rather than class: the package's FavorCacheLayer and a checkpoint's portable copy (a model loaded
     # with trust_remote_code in a process that imports hf_performer too) are interchangeable
-    if isinstance(layer, FavorCacheLayer) or getattr(type(layer), "_layer_type", None) == LAYER_TYPE:
-        return layer
     if type(layer) is DynamicLayer and not layer.is_initialized:  # an untouched DynamicCache slot
         cache.layers[layer_idx] = layer = FavorCacheLayer()
+    if isinstance(layer, FavorCacheLayer) or getattr(type(layer), "_layer_type", None) == LAYER_TYPE:
+        if layer.counts_tokens != (layer_idx == 0):  # (set once: no attribute write per step)
+            layer.counts_tokens = layer_idx == 0
         return layer
     raise TypeError(
         f"Performer attention keeps a constant-size FAVOR+ state per layer and cannot use a {type(layer).__name__} "
@@ -260,16 +266,17 @@ def favor_cache_layer(cache: Cache, layer_idx: int) -> FavorCacheLayer:
 
 def _state_layer(cache) -> FavorCacheLayer | None:
     """The first FavorCacheLayer of ``cache`` (a transformers Cache, or an EncoderDecoderCache: its self-attention
-    part) that holds a FAVOR+ state, or None when nothing is cached yet."""
+    part) whose FAVOR+ state counts its real tokens (layer 0: ``FavorCacheLayer.counts_tokens``), or None when
+    nothing is cached yet."""
     if isinstance(cache, EncoderDecoderCache):
         cache = cache.self_attention_cache
     return next((layer for layer in getattr(cache, "layers", ()) if isinstance(layer, FavorCacheLayer)
-                 and layer.recurrent and layer.state is not None), None)
+                 and layer.recurrent and layer.state is not None and layer.state.n is not None), None)
 
 
 def real_token_counts(cache) -> torch.Tensor | None:
     """The real (unpadded) tokens each batch row's FAVOR+ state in ``cache`` absorbed, [B] int64 (``FavorState.n``
-    of its first recurrent layer; a device tensor, no host read), or None when nothing is cached yet."""
+    of layer 0; a device tensor, no host read), or None when nothing is cached yet."""
     layer = _state_layer(cache)
     return None if layer is None else layer.state.n
 
@@ -285,7 +292,7 @@ def check_past_mask(cache, attention_mask) -> None:
     if attention_mask is None or not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
         return
     layer = _state_layer(cache)
-    if layer is None or layer.state.n is None:
+    if layer is None:
         return
     past, n = layer.get_seq_length(), layer.state.n
     if not isinstance(past, int) or past == 0 or attention_mask.shape[-1] < past or n.shape[0] != attention_mask.shape[0]:
