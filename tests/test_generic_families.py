@@ -652,3 +652,15 @@ def test_manual_decoding_after_a_left_padded_prefill_continues_each_rows_positio
                   "none": {}}[step_mask]
         step = model(input_ids=nxt, cache=cache, use_cache=True, **kwargs).logits
     torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "llama"])
+def test_a_quantized_cache_is_refused_naming_the_fixed_size_state(model_type):
+    # Qwen2 keeps "full_attention" as its in-memory layer type, so transformers' own check passed it and then asked
+    # for a quantization backend that could not help
+    model = converted(model_type)
+    ids = torch.randint(3, V, (1, 5), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="nothing to quantize"):
+        model.generate(input_ids=ids, max_new_tokens=2, cache_implementation="quantized")
+    out = model.generate(input_ids=ids, max_new_tokens=2, do_sample=False)  # refused, not broken
+    assert out.shape == (1, 7)

@@ -254,7 +254,16 @@ class PerformerGenerationMixin:
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """The stock cache preparation; a static cache it builds gets FavorCacheLayers wherever the config's
-        in-memory layer types gave key/value layers (``cache.use_favor_layers``)."""
+        in-memory layer types gave key/value layers (``cache.use_favor_layers``). A quantized key/value cache is
+        refused: there are no keys and values to quantize (transformers would otherwise ask some families to install
+        its quantization backend, which could not help)."""
+        if generation_config.cache_implementation == "quantized" and generation_config.use_cache is not False:
+            raise ValueError(
+                f"{type(self).__name__} cannot use cache_implementation='quantized': FAVOR+ decoding keeps a running "
+                "state of fixed size per layer instead of keys and values, so there is nothing to quantize and no "
+                "cache growing with the context to save memory on. Leave cache_implementation unset (or 'static' for a "
+                "compiled decoding step)."
+            )
         check_past_mask(model_kwargs.get("cache", model_kwargs.get("past_key_values")), model_kwargs.get("attention_mask"))
         prepared = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         use_favor_layers(model_kwargs.get("cache", model_kwargs.get("past_key_values")))
