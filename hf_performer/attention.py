@@ -64,6 +64,14 @@ def _warn_half_buffers(dtype: torch.dtype) -> None:
     )
 
 
+BUFFER_READERS = {"draw_count": int, "stats_calibrated": bool}  # the 0-d buffers kept as Python state: their reads
+
+
+def _refresh_after_load(module: FavorAttention, incompatible_keys) -> None:
+    """load_state_dict post-hook: ``FavorAttention.refresh_buffer_values``."""
+    module.refresh_buffer_values()
+
+
 class FavorAttention(nn.Module):
     """FAVOR+ attention for one layer.
 
@@ -98,6 +106,9 @@ class FavorAttention(nn.Module):
         self._buffer_seen: dict[str, tuple[int, int]] = {}
         self._remember("draw_count", 0)
         self._remember("stats_calibrated", False)
+        # a checkpoint loaded with load_state_dict (Trainer's resume, accelerate's load_state, a plain state dict)
+        # writes the buffers in place: read their values at once, before a compiled forward could use stale ones
+        self.register_load_state_dict_post_hook(_refresh_after_load)
         self._transforms_cache = None  # see _stored_transforms
         # whether a redraw schedule follower (callback, maybe_redraw_features) has seen this layer, and how many
         # training forwards ran before one did (``integration.redraw_notice``)
@@ -123,13 +134,24 @@ class FavorAttention(nn.Module):
         only when the buffer changes (another tensor object, or an in-place write such as a checkpoint load):
         steady-state forwards, backwards, decoding steps and redraw schedules never synchronise. Under
         ``torch.compile`` (compiled code then guards on a plain Python value, not on this module's buffer) and on
-        meta tensors, the value last seen in eager mode is used."""
+        meta tensors, the value last seen in eager mode is used: loads refresh it (``refresh_buffer_values``)."""
         if torch.compiler.is_compiling():
             return self._buffer_values[name]  # (the identities are one module's own: compiled code must not guard on them)
         buf = self._buffers[name]
         if not (buf.is_meta or self._buffer_seen[name] == (id(buf), buf._version)):
             self._remember(name, read(buf))
         return self._buffer_values[name]
+
+    def refresh_buffer_values(self) -> None:
+        """Read the 0-d buffers (``draw_count``, ``stats_calibrated``) into the Python state ``_buffer_value``
+        keeps, now: one host synchronisation each. Eager forwards re-read a changed buffer by themselves, but a
+        ``torch.compile``d forward uses the value last seen, so whatever writes these buffers outside this class's
+        own methods refreshes them: ``load_state_dict`` (a post-hook), the Performer models' ``from_pretrained``
+        and ``broadcast_favor_buffers`` do. Call it after writing them yourself (``buf.copy_``) before compiling."""
+        for name, read in BUFFER_READERS.items():
+            buf = self._buffers[name]
+            if not buf.is_meta:
+                self._remember(name, read(buf))
 
     def _remember(self, name: str, value) -> None:
         """Record ``value`` as the Python value of the current tensor of buffer ``name`` (its identity and version:

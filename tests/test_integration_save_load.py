@@ -282,3 +282,23 @@ def test_a_half_precision_load_keeps_the_integer_and_boolean_buffers(tmp_path, d
         saved = {k: f.get_slice(k).get_dtype() for k in f.keys() if ".favor." in k}
     assert saved["model.layers.0.self_attn.favor.draw_count"] == "I64"
     assert saved["model.layers.0.self_attn.favor.stats_calibrated"] == "BOOL"
+
+
+@pytest.mark.parametrize("load", ["from_pretrained", "load_state_dict"])
+def test_a_model_compiled_right_after_loading_runs_its_loaded_calibration(load, tmp_path):
+    # the calibration flag is Python state under torch.compile (no host sync): loading must refresh it, or a model
+    # compiled before any eager forward ran as uncalibrated layers
+    model = bert_cls()
+    hf_performer.calibrate_feature_statistics(model, {"input_ids": IDS})
+    with torch.no_grad():
+        want = model(input_ids=IDS).logits
+        assert not torch.allclose(bert_cls()(input_ids=IDS).logits, want, atol=1e-4)  # calibration matters here
+    if load == "from_pretrained":
+        model.save_pretrained(tmp_path)
+        again = realigned(tf.AutoModelForSequenceClassification.from_pretrained(tmp_path))
+    else:
+        again = bert_cls()
+        again.load_state_dict(model.state_dict())
+    compiled = torch.compile(again, backend="eager")  # no eager forward first
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(input_ids=IDS).logits, want, rtol=1e-5, atol=1e-5)

@@ -42,7 +42,9 @@ def broadcast_favor_buffers(model: nn.Module, src: int = 0) -> int:
                 dist.broadcast(wire, src)
                 if not torch.equal(before, wire):
                     differed = True
-                    buf.copy_(wire.to(buf.dtype))  # (in place: the layer's cached Python values follow the version)
+                    buf.copy_(wire.to(buf.dtype))
+            if differed:  # (an eager forward would re-read them; a compiled one would not)
+                layer.refresh_buffer_values()
             changed += differed
     if changed:
         warn_user(f"broadcast_favor_buffers: {changed} of the {len(layers)} FAVOR+ layers on rank {dist.get_rank()} "

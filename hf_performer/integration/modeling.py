@@ -211,6 +211,18 @@ class PerformerModelMixin:
     def favor_modules(self) -> list[FavorAttention]:
         return [m for m in self.modules() if isinstance(m, FavorAttention)]
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """``PreTrainedModel.from_pretrained``, then every FAVOR+ layer reads its loaded draw count and calibration
+        flag (``FavorAttention.refresh_buffer_values``): transformers writes the buffers without ``load_state_dict``,
+        and a model compiled right after loading would otherwise run as uncalibrated draw-0 layers."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (output_loading_info=True)
+        for module in model.modules():
+            if isinstance(module, FavorAttention):
+                module.refresh_buffer_values()
+        return loaded
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """``PreTrainedModel.save_pretrained``, refused (ValueError, before anything is written) when
         ``config.performer`` no longer describes the FAVOR+ layers: set on a built model, it does not rebuild them,
