@@ -82,7 +82,18 @@ def tiny_distilbert():
     return calibrated(I.convert_to_performer(model, PerformerConfig(nb_features=16, local_window=1)))
 
 
-OTHER_FAMILIES = {"roberta": "AutoModelForMaskedLM", "distilbert": "AutoModelForSequenceClassification"}
+def tiny_llama_classifier():
+    """A head transformers builds from GenericForSequenceClassification: its body comes from AutoModel.from_config."""
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, max_position_embeddings=32, initializer_range=0.2, num_labels=3,
+                         pad_token_id=0)
+    model = tf.LlamaForSequenceClassification(cfg)
+    return calibrated(I.convert_to_performer(model, PerformerConfig(nb_features=16)))
+
+
+OTHER_FAMILIES = {"roberta": "AutoModelForMaskedLM", "distilbert": "AutoModelForSequenceClassification",
+                  "llama": "AutoModelForSequenceClassification"}
 
 REMOTE = textwrap.dedent(
     """
@@ -128,7 +139,8 @@ REMOTE = textwrap.dedent(
         out["gpt2"] = gpt(input_ids=ids, attention_mask=mask).logits
         gen = gpt.generate(input_ids=ids[:, :5], max_new_tokens=6, min_new_tokens=6, do_sample=False,
                            pad_token_id=0, return_dict_in_generate=True)
-        for family, auto in (("roberta", "AutoModelForMaskedLM"), ("distilbert", "AutoModelForSequenceClassification")):
+        for family, auto in (("roberta", "AutoModelForMaskedLM"), ("distilbert", "AutoModelForSequenceClassification"),
+                             ("llama", "AutoModelForSequenceClassification")):
             model = realigned(getattr(tf, auto).from_pretrained(work + "/" + family, trust_remote_code=True))
             out[family] = model(input_ids=ids, attention_mask=mask).logits
     out["gpt2_generated"] = gen.sequences
@@ -170,7 +182,8 @@ REMOTE = textwrap.dedent(
 def remote(tmp_path_factory):
     """Save the tiny converted models, load them in a process that cannot import hf_performer."""
     work = tmp_path_factory.mktemp("portable")
-    models = {"bert": tiny_bert(), "gpt2": tiny_gpt2(), "roberta": tiny_roberta(), "distilbert": tiny_distilbert()}
+    models = {"bert": tiny_bert(), "gpt2": tiny_gpt2(), "roberta": tiny_roberta(), "distilbert": tiny_distilbert(),
+              "llama": tiny_llama_classifier()}
     for name, model in models.items():
         model.save_pretrained(work / name)
     tf.AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(work / "bert")
@@ -221,7 +234,7 @@ def test_gpt2_generates_without_the_plugin_with_the_recurrent_cache(remote):
 
 
 @pytest.mark.parametrize("family", sorted(OTHER_FAMILIES))
-def test_roberta_and_distilbert_load_without_the_plugin_too(remote, family):
+def test_other_families_load_without_the_plugin_too(remote, family):
     work, _, out, _ = remote
     local = realigned(getattr(tf, OTHER_FAMILIES[family]).from_pretrained(work / family))
     with torch.no_grad():

@@ -31,8 +31,14 @@ from dataclasses import dataclass, field
 
 import torch
 from huggingface_hub.dataclasses import strict
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers.modeling_layers import (
+    GenericForQuestionAnswering,
+    GenericForSequenceClassification,
+    GenericForTokenClassification,
+)
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from .cache import LAYER_TYPE, use_favor_layers
 from .modeling import (
@@ -286,7 +292,22 @@ def build_family(row: Row) -> Family:
                 namespace["forward"] = prepared_forward(stock.forward, rotary, row.masks_by_layer_type)
             g[name] = type(name, (*mixins, stock), namespace)
         classes[stock] = g[name]
+    register_generic_body(config_cls, classes.get(MODEL_MAPPING.get(stock_config, None)), classes.values())
     return Family(row, config_cls, performer_attention, classes)
+
+
+GENERIC_HEADS = (GenericForSequenceClassification, GenericForQuestionAnswering, GenericForTokenClassification)
+
+
+def register_generic_body(config_cls: type, body: type | None, classes) -> None:
+    """Map ``config_cls`` to the family's Performer base model ``body`` in ``AutoModel`` when one of ``classes`` is
+    a transformers ``GenericFor*`` head (Llama's, Mistral's, Qwen2's sequence/token classification and question
+    answering): those build their body with ``AutoModel.from_config(config)``, without ``trust_remote_code``. The
+    package registers it anyway (``registry.register_performer_models``); this makes the folder's copy of the code do
+    the same on import, or a head loaded with ``trust_remote_code=True`` where hf_performer is not installed was
+    refused ("contains custom code ... pass trust_remote_code=True", though the caller had)."""
+    if body is not None and any(issubclass(c, GENERIC_HEADS) for c in classes):
+        AutoModel.register(config_cls, body, exist_ok=True)
 
 
 GENERIC_FAMILIES = {row.model_type: build_family(row) for row in ROWS}
