@@ -169,3 +169,28 @@ def test_prefix_tuning_is_refused_with_advice_a_peft_user_can_follow():
     lm = peft.get_peft_model(gpt2_lm(), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
     with pytest.raises(TypeError, match="PEFT's prefix tuning .* use LoRA, IA3 or prompt tuning instead"):
         lm(input_ids=torch.randint(3, V, (2, 5)))
+
+
+def test_an_adapter_names_the_saved_converted_model_as_its_base_never_the_stock_source(tmp_path):
+    # the converted model kept the stock name_or_path, so an adapter named the stock checkpoint as its base and
+    # AutoPeftModel silently reloaded it onto softmax attention
+    torch.manual_seed(0)
+    stock_dir, base_dir = tmp_path / "stock", tmp_path / "converted"
+    tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=2, n_positions=32)).save_pretrained(
+        stock_dir)
+    ids = torch.randint(3, V, (2, 12), generator=torch.Generator().manual_seed(2))
+    lora_config = dict(task_type="CAUSAL_LM", r=4, init_lora_weights=False)
+
+    never_saved = convert_to_performer(tf.AutoModelForCausalLM.from_pretrained(stock_dir), SETTINGS)
+    assert never_saved.name_or_path == "" and never_saved.config.name_or_path == str(stock_dir)
+    peft.get_peft_model(never_saved, peft.LoraConfig(**lora_config)).save_pretrained(tmp_path / "a1")
+    assert peft.PeftConfig.from_pretrained(tmp_path / "a1").base_model_name_or_path is None  # not the stock folder
+
+    model = convert_to_performer(tf.AutoModelForCausalLM.from_pretrained(stock_dir), SETTINGS)
+    model.save_pretrained(base_dir)
+    assert model.name_or_path == str(base_dir)
+    lora = peft.get_peft_model(model, peft.LoraConfig(**lora_config)).eval()
+    lora.save_pretrained(tmp_path / "a2")
+    again = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "a2").eval()
+    assert type(again.get_base_model()).__name__ == "PerformerGPT2LMHeadModel"
+    torch.testing.assert_close(outputs(again, ids), outputs(lora, ids), rtol=0, atol=0)

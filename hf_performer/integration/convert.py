@@ -84,6 +84,9 @@ def convert_to_performer(model: nn.Module, config: PerformerConfig | dict | None
             it does not support (a vision encoder, say) keeps its attention, with a warning.
         config: the FAVOR+ settings (PerformerConfig or its dict); defaults to PerformerConfig().
 
+    The model's ``name_or_path`` becomes "" (no checkpoint holds the converted model until ``save_pretrained``, which
+    sets it to the folder); ``config.name_or_path`` keeps the source's.
+
     Raises (before anything is modified):
         ValueError: unsupported model (the message lists the supported model types), a model whose attention
             cannot be estimated by FAVOR+ (``refusals``: relative-position biases, ALiBi, attention sinks,
@@ -100,9 +103,13 @@ def convert_to_performer(model: nn.Module, config: PerformerConfig | dict | None
     else:
         raise TypeError(f"convert_to_performer expects a PerformerConfig (or its dict), got {type(config).__name__}.")
     parts = _composite_parts(model)
-    if parts is not None:
-        return _convert_composite(model, parts, settings)
-    return _convert(model, settings)
+    converted = _convert_composite(model, parts, settings) if parts is not None else _convert(model, settings)
+    # no checkpoint holds this model yet: PEFT records a model's ``name_or_path`` as an adapter's base, and the
+    # source's would reload the adapter onto softmax attention. Saving it sets its folder there
+    # (``PerformerModelMixin.save_pretrained``); config.name_or_path keeps the source (model cards: "fine-tuned from")
+    if isinstance(getattr(converted, "name_or_path", None), str):
+        converted.name_or_path = ""
+    return converted
 
 
 def _convert_composite(model: nn.Module, parts: list[str], settings: PerformerConfig) -> nn.Module:

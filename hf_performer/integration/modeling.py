@@ -226,7 +226,8 @@ class PerformerModelMixin:
     def save_pretrained(self, save_directory, *args, **kwargs):
         """``PreTrainedModel.save_pretrained``, refused (ValueError, before anything is written) when
         ``config.performer`` no longer describes the FAVOR+ layers: set on a built model, it does not rebuild them,
-        so the checkpoint would load as another model (other buffer shapes, or other settings than trained)."""
+        so the checkpoint would load as another model (other buffer shapes, or other settings than trained). Once
+        saved, the model's ``name_or_path`` is the folder (what a PEFT adapter trained on it records as its base)."""
         settings = PerformerConfig.from_dict(self.config.performer)
         for site in self._favor_sites():
             built = getattr(getattr(site.module, "favor", None), "config", None)
@@ -245,7 +246,11 @@ class PerformerModelMixin:
                     "its layers, so this checkpoint would load as another model. Set it back, or convert the original "
                     "model with the settings you want."
                 )
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        saved = super().save_pretrained(save_directory, *args, **kwargs)
+        # the folder now reproduces this model: a PEFT adapter trained on it names it as its base (PEFT reads
+        # ``name_or_path``), so AutoPeftModel reloads the adapter onto the converted model, not the stock source
+        self.name_or_path = str(save_directory)
+        return saved
 
 
 class PerformerGenerationMixin:
