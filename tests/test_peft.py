@@ -194,3 +194,14 @@ def test_an_adapter_names_the_saved_converted_model_as_its_base_never_the_stock_
     again = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "a2").eval()
     assert type(again.get_base_model()).__name__ == "PerformerGPT2LMHeadModel"
     torch.testing.assert_close(outputs(again, ids), outputs(lora, ids), rtol=0, atol=0)
+
+
+def test_converting_a_peft_wrapper_names_the_base_model_route():
+    torch.manual_seed(0)
+    stock = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=2, n_positions=32))
+    lora = peft.get_peft_model(stock, peft.LoraConfig(task_type="CAUSAL_LM", r=4, init_lora_weights=False))
+    with pytest.raises(ValueError, match=r"convert_to_performer\(peft_model.get_base_model\(\)\)"):
+        convert_to_performer(lora, SETTINGS)
+    convert_to_performer(lora.get_base_model(), SETTINGS)  # the route it names: in place, the adapters stay
+    assert type(lora.get_base_model()).__name__ == "PerformerGPT2LMHeadModel"
+    assert any(isinstance(m, peft.tuners.lora.LoraLayer) for m in lora.modules())

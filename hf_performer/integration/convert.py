@@ -44,6 +44,13 @@ def _family(model) -> tuple | None:
 
 def _unsupported(model) -> ValueError:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
+    base = getattr(model, "get_base_model", None)
+    if callable(base) and base() is not model:  # a PEFT wrapper (PeftModel and its task classes)
+        return ValueError(
+            f"convert_to_performer takes the transformers model itself, not the PEFT wrapper {type(model).__name__}: "
+            "convert its base model in place, convert_to_performer(peft_model.get_base_model()) (the adapters stay "
+            "where they are), or convert before get_peft_model."
+        )
     reason = unconvertible_reason(model_type)
     if reason is not None:
         return ValueError(
