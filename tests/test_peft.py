@@ -196,12 +196,21 @@ def test_an_adapter_names_the_saved_converted_model_as_its_base_never_the_stock_
     torch.testing.assert_close(outputs(again, ids), outputs(lora, ids), rtol=0, atol=0)
 
 
-def test_converting_a_peft_wrapper_names_the_base_model_route():
+def test_a_peft_model_converts_in_place_keeping_its_adapters(tmp_path):
+    # it was refused listing the stock classes; converting its base model worked but left the adapters' configs
+    # naming the stock source as their base
     torch.manual_seed(0)
-    stock = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=2, n_positions=32))
-    lora = peft.get_peft_model(stock, peft.LoraConfig(task_type="CAUSAL_LM", r=4, init_lora_weights=False))
-    with pytest.raises(ValueError, match=r"convert_to_performer\(peft_model.get_base_model\(\)\)"):
-        convert_to_performer(lora, SETTINGS)
-    convert_to_performer(lora.get_base_model(), SETTINGS)  # the route it names: in place, the adapters stay
+    tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=2, n_positions=32)).save_pretrained(
+        tmp_path / "stock")
+    lora_config = peft.LoraConfig(task_type="CAUSAL_LM", r=4, init_lora_weights=False)
+    lora = peft.get_peft_model(tf.AutoModelForCausalLM.from_pretrained(tmp_path / "stock"), lora_config)
+    assert lora.peft_config["default"].base_model_name_or_path == str(tmp_path / "stock")
+    assert convert_to_performer(lora, SETTINGS) is lora
     assert type(lora.get_base_model()).__name__ == "PerformerGPT2LMHeadModel"
-    assert any(isinstance(m, peft.tuners.lora.LoraLayer) for m in lora.modules())
+    assert lora.peft_config["default"].base_model_name_or_path is None
+    # the same as converting first and wrapping after, with the same adapter weights
+    first = peft.get_peft_model(convert_to_performer(tf.AutoModelForCausalLM.from_pretrained(tmp_path / "stock"),
+                                                     SETTINGS), lora_config)
+    first.load_state_dict(lora.state_dict())
+    ids = torch.randint(3, V, (2, 12), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(outputs(lora.eval(), ids), outputs(first.eval(), ids), rtol=0, atol=0)

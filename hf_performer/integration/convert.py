@@ -44,13 +44,6 @@ def _family(model) -> tuple | None:
 
 def _unsupported(model) -> ValueError:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    base = getattr(model, "get_base_model", None)
-    if callable(base) and base() is not model:  # a PEFT wrapper (PeftModel and its task classes)
-        return ValueError(
-            f"convert_to_performer takes the transformers model itself, not the PEFT wrapper {type(model).__name__}: "
-            "convert its base model in place, convert_to_performer(peft_model.get_base_model()) (the adapters stay "
-            "where they are), or convert before get_peft_model."
-        )
     reason = unconvertible_reason(model_type)
     if reason is not None:
         return ValueError(
@@ -88,7 +81,9 @@ def convert_to_performer(model: nn.Module, config: PerformerConfig | dict | None
             become all global FAVOR+ layers (``sliding_window: None``). A composite encoder-decoder
             (``EncoderDecoderModel``, ``VisionEncoderDecoderModel``, ...) has each supported sub-model converted and
             its config's ``encoder`` / ``decoder`` entries updated, so it saves and reloads as converted; a sub-model
-            it does not support (a vision encoder, say) keeps its attention, with a warning.
+            it does not support (a vision encoder, say) keeps its attention, with a warning. A PEFT model
+            (``get_peft_model``) has its base model converted in place, adapters kept, and its adapters' configs
+            name no base model (they named the stock source, onto which a reload would run softmax attention).
         config: the FAVOR+ settings (PerformerConfig or its dict); defaults to PerformerConfig().
 
     The model's ``name_or_path`` becomes "" (no checkpoint holds the converted model until ``save_pretrained``, which
@@ -109,6 +104,12 @@ def convert_to_performer(model: nn.Module, config: PerformerConfig | dict | None
         settings = PerformerConfig.from_dict(config)
     else:
         raise TypeError(f"convert_to_performer expects a PerformerConfig (or its dict), got {type(config).__name__}.")
+    base = getattr(model, "get_base_model", None)
+    if callable(base) and base() is not model:  # a PEFT wrapper (PeftModel and its task classes)
+        convert_to_performer(base(), settings)  # in place: the adapters stay in the converted layers
+        for adapter in getattr(model, "peft_config", {}).values():
+            adapter.base_model_name_or_path = None  # (it named the stock source: a reload would run softmax)
+        return model
     parts = _composite_parts(model)
     converted = _convert_composite(model, parts, settings) if parts is not None else _convert(model, settings)
     # no checkpoint holds this model yet: PEFT records a model's ``name_or_path`` as an adapter's base, and the
