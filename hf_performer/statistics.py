@@ -69,6 +69,9 @@ def _restored_on_error(layers: list[FavorAttention]) -> Iterator[None]:
         raise
 
 
+DECODER_KEYS = ("decoder_input_ids", "decoder_inputs_embeds", "labels")  # what an encoder-decoder's decoder reads
+
+
 def _check_batch(model: nn.Module, batch) -> dict:
     if not isinstance(batch, Mapping):
         raise TypeError(
@@ -87,6 +90,13 @@ def _check_batch(model: nn.Module, batch) -> dict:
             "data): the statistics step runs real forwards. Load the model with from_pretrained, or materialise it "
             "(model.to_empty(device=...) and load_state_dict) first."
         )
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and not any(
+            batch.get(key) is not None for key in DECODER_KEYS):
+        raise ValueError(
+            f"calibrate_feature_statistics got a batch without decoder inputs for the encoder-decoder model "
+            f"{type(model).__name__}: its decoder's self- and cross-attention layers are calibrated on the decoder's "
+            "tokens. Add them to the batch: labels=tokenizer(targets, padding=True, return_tensors='pt')['input_ids'] "
+            "(or decoder_input_ids and decoder_attention_mask).")
     mask = batch.get("attention_mask")
     if isinstance(mask, torch.Tensor) and not bool(mask.any()):
         raise ValueError("calibrate_feature_statistics got an attention_mask without any real token (all 0): the "
@@ -113,7 +123,8 @@ def calibrate_feature_statistics(model: nn.Module, batch: Mapping[str, torch.Ten
 
     Raises:
         ValueError: the model has no FAVOR layers or its weights are on the meta device; the batch carries a
-            cache (``cache`` / ``past_key_values``) or no real token; a layer's real queries see no real key; or
+            cache (``cache`` / ``past_key_values``) or no real token, or no decoder inputs (``labels``,
+            ``decoder_input_ids``) for an encoder-decoder model; a layer's real queries see no real key; or
             the forward did not reach every FAVOR layer (the error names them).
             On error no layer's statistics are changed.
         TypeError: ``batch`` is not a mapping.

@@ -305,6 +305,27 @@ def _enc_dec_batch():
     return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec, "use_cache": False}
 
 
+def test_a_composite_says_once_how_to_calibrate_it_and_its_statistics_step_asks_for_decoder_inputs():
+    """Bug hunt: a converted composite warned once per sub-model (partial counts), advising a tokenizer-only batch,
+    and that batch failed with the decoder's own error ("specify either input_ids or inputs_embeds")."""
+    from hf_performer import calibrate_feature_statistics
+
+    model = I.convert_to_performer(_bert2gpt2(), SETTINGS)
+    model.config.decoder_start_token_id, model.config.pad_token_id = 1, 0  # (for labels, as in seq2seq training)
+    n = len([m for m in model.modules() if isinstance(m, FavorAttention)])  # encoder, decoder self- and cross-attention
+    batch = _enc_dec_batch()
+    with pytest.warns(UserWarning) as record, torch.no_grad():
+        model(**batch)
+    notices = [str(w.message) for w in record if "no fitted statistics" in str(w.message)]
+    assert len(notices) == 1 and notices[0].startswith(f"{n} of the {n} FAVOR+ layers"), notices
+    assert 'batch["labels"]' in notices[0] and "hf-performer convert" not in notices[0]
+    encoder_only = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with pytest.raises(ValueError, match="without decoder inputs .* labels="):
+        calibrate_feature_statistics(model, encoder_only)
+    assert not any(bool(m.stats_calibrated) for m in model.modules() if isinstance(m, FavorAttention))
+    assert calibrate_feature_statistics(model, {**encoder_only, "labels": batch["decoder_input_ids"]}) == n
+
+
 def test_a_composite_encoder_decoder_converts_saves_and_reloads(tmp_path):
     """Bug hunt: converting ``model.encoder`` and ``model.decoder`` of an EncoderDecoderModel left every attention
     module on its stock config (softmax ran, bit for bit at batch 1; batch 2 crashed), and the composite config

@@ -23,6 +23,7 @@ from .caller import warn_user
 from .modeling import PerformerModelMixin, attach_favor, plan_favor
 from .refusals import unconvertible_reason
 from .registry import FAMILIES, family_traits
+from .zero_shot import share_notice
 
 
 def supported_model_classes() -> list[str]:
@@ -148,6 +149,7 @@ def _convert_composite(model: nn.Module, parts: list[str], settings: PerformerCo
     for name, prepared in plans.items():
         _apply(getattr(model, name), *prepared)
         setattr(model.config, name, getattr(model, name).config)  # what save_pretrained writes
+    share_notice(favor_modules(model), encoder_decoder=True)  # one notice for the whole model, with its batch
     return model
 
 

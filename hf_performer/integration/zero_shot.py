@@ -27,19 +27,29 @@ MESSAGE = (
     "(for example all-MiniLM-L6-v2, m = 256: mean embedding cosine to the original about 0.75 without it, about 0.89 "
     "with it; the README's quality tables give causal models' numbers). "
     "Run it once on a few dozen texts of the kind the model will see, then save the model:\n"
+    "{how}"
+    "This warning is shown once per model."
+)
+HOW = (
     "    hf_performer.calibrate_feature_statistics(model, tokenizer(texts, padding=True, return_tensors=\"pt\"))\n"
     "or convert with `hf-performer convert SOURCE OUT` (without --zero-shot: its statistics step reads built-in "
     "English text, or your own with --calibration-data texts.txt). "
-    "This warning is shown once per model."
+)
+HOW_ENCODER_DECODER = (  # (the CLI converts single models only)
+    "    batch = tokenizer(texts, padding=True, return_tensors=\"pt\")\n"
+    "    batch[\"labels\"] = tokenizer(targets, padding=True, return_tensors=\"pt\")[\"input_ids\"]\n"
+    "    hf_performer.calibrate_feature_statistics(model, batch)\n"
+    "(the decoder's layers are calibrated on its own tokens). "
 )
 
 
 class ZeroShotNotice:
     """The layers of one model and whether their calibration state was already looked at."""
 
-    def __init__(self, layers: list[FavorAttention]):
+    def __init__(self, layers: list[FavorAttention], encoder_decoder: bool = False):
         self.layers = list(layers)
         self.considered = False
+        self.how = HOW_ENCODER_DECODER if encoder_decoder else HOW
 
     def check(self) -> None:
         if self.considered or _IN_STATISTICS_STEP.get() or not self.layers:
@@ -53,14 +63,15 @@ class ZeroShotNotice:
             # no registry: Python's once-per-location filter would hide other models' notices; no module_globals:
             # it breaks `python -c`
             with above_progress_bars():  # (a first forward may run inside the Trainer's bar)
-                warnings.warn_explicit(MESSAGE.format(n=missing, total=len(flags)), UserWarning,
+                warnings.warn_explicit(MESSAGE.format(n=missing, total=len(flags), how=self.how), UserWarning,
                                        frame.f_code.co_filename, frame.f_lineno,
                                        module=frame.f_globals.get("__name__"), registry=None)
 
 
-def share_notice(layers: list[FavorAttention]) -> None:
-    """Give ``layers`` (all FAVOR+ layers of one model) one shared notice."""
-    notice = ZeroShotNotice(layers)
+def share_notice(layers: list[FavorAttention], encoder_decoder: bool = False) -> None:
+    """Give ``layers`` (all FAVOR+ layers of one model) one shared notice; ``encoder_decoder``: of a composite
+    encoder-decoder model, whose statistics step needs decoder inputs too."""
+    notice = ZeroShotNotice(layers, encoder_decoder)
     for m in layers:
         m.__dict__["_zero_shot_notice"] = notice  # a plain attribute: not a submodule, not in the state dict
 
