@@ -210,6 +210,10 @@ class FavorAttention(nn.Module):
         super()._apply(fn, recurse)
         for name, value in known.items():  # same value in a new tensor (device/dtype moves): no re-read needed
             self._remember(name, value)
+        for name, read in BUFFER_READERS.items():  # a buffer swapped in since last read (accelerate's loaders
+            buf = self._buffers[name]                # replace the tensors, then dispatch with .to()): read it now,
+            if name not in known and not buf.is_meta:  # before a compiled forward could use the stale value
+                self._remember(name, read(buf))
         for name, old in keep.items():
             new = self._buffers[name]
             if new.dtype != torch.float32:
@@ -223,7 +227,7 @@ class FavorAttention(nn.Module):
 
     # ------------------------------------------------------------------ statistics
     def _per_head(self, buf: torch.Tensor, heads: int) -> torch.Tensor:
-        if buf.shape[0] not in (1, heads):
+        if buf.shape[0] != 1 and buf.shape[0] != heads:  # (not `in (1, heads)`: wrong for a symbolic heads)
             raise ValueError(
                 f"FavorAttention was built with num_heads={self.num_heads} but got {heads} heads; "
                 "build it with the layer's number of heads."

@@ -66,6 +66,7 @@ def _restored_on_error(layers: list[FavorAttention]) -> Iterator[None]:
             for m, bufs in zip(layers, saved):
                 for n, b in m.named_buffers(recurse=False):
                     b.copy_(bufs[n])
+                m.refresh_buffer_values()  # (the step had set the layers' Python flags: compiled code reads those)
         raise
 
 
@@ -115,7 +116,7 @@ def calibrate_feature_statistics(model: nn.Module, batch: Mapping[str, torch.Ten
     (all of them).
 
     Args:
-        model: a converted (Performer) model.
+        model: a converted (Performer) model, or its ``torch.compile`` wrapper (the step runs the original eagerly).
         batch: the model's forward kwargs, e.g. ``tokenizer(texts, padding=True, return_tensors="pt")``
             (input_ids / attention_mask [B, L]; moved to the model's device). Causal models run without a
             cache whatever ``use_cache`` or ``config.use_cache`` say; cross-attention layers need
@@ -129,6 +130,8 @@ def calibrate_feature_statistics(model: nn.Module, batch: Mapping[str, torch.Ten
             On error no layer's statistics are changed.
         TypeError: ``batch`` is not a mapping.
     """
+    # a torch.compile'd model: its cached graphs would skip the hooks below (and its parameters are the original's)
+    model = getattr(model, "_orig_mod", model)
     layers = favor_layers(model)
     batch = _check_batch(model, batch)
     if not any(m.config.uses_statistics() for m in layers):

@@ -302,3 +302,46 @@ def test_a_model_compiled_right_after_loading_runs_its_loaded_calibration(load, 
     compiled = torch.compile(again, backend="eager")  # no eager forward first
     with torch.no_grad():
         torch.testing.assert_close(compiled(input_ids=IDS).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_an_accelerate_dispatched_load_compiled_at_once_runs_its_calibration(tmp_path):
+    """Bug hunt: accelerate's loader swaps the buffer tensors in (no load_state_dict), so the Python flags kept their
+    construction values and the compiled model ran uncalibrated; its dispatch's .to() now reads swapped buffers."""
+    from accelerate import init_empty_weights, load_checkpoint_and_dispatch
+
+    model = bert_cls()
+    hf_performer.calibrate_feature_statistics(model, {"input_ids": IDS})
+    with torch.no_grad():
+        want = model(input_ids=IDS).logits
+    model.save_pretrained(tmp_path)
+    with init_empty_weights():
+        empty = tf.AutoModelForSequenceClassification.from_config(tf.AutoConfig.from_pretrained(tmp_path))
+    loaded = load_checkpoint_and_dispatch(empty, str(tmp_path), device_map={"": "cpu"}).eval()
+    assert all(bool(f.stats_calibrated) for f in favors(loaded))
+    compiled = torch.compile(loaded, backend="eager")  # no eager forward first
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(input_ids=IDS).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_failed_statistics_step_leaves_a_compiled_model_uncalibrated():
+    """Bug hunt: the step restored the buffers after an error but not the layers' Python flags, so a model compiled
+    next ran every layer as calibrated with zeroed statistics."""
+    model, reference = bert_cls(), bert_cls()
+    with pytest.raises((ValueError, RuntimeError)):  # labels of the wrong batch size: the loss fails last
+        hf_performer.calibrate_feature_statistics(model, {"input_ids": IDS, "labels": torch.tensor([0, 1, 2])})
+    with torch.no_grad():  # (compiled first: an eager read of the flag would refresh it by itself)
+        torch.testing.assert_close(torch.compile(model, backend="eager")(input_ids=IDS).logits,
+                                   reference(input_ids=IDS).logits, rtol=0, atol=0)
+    assert not any(f.calibrated for f in favors(model))
+
+
+def test_the_statistics_step_takes_a_compiled_model_after_a_compiled_call():
+    """Bug hunt: the cached graph skipped the step's hooks: "reached 0 of the 2 FAVOR+ layers"."""
+    model = bert_cls()
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        compiled(input_ids=IDS)
+    assert hf_performer.calibrate_feature_statistics(compiled, {"input_ids": IDS}) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(input_ids=IDS).logits, model(input_ids=IDS).logits, rtol=1e-5, atol=1e-5)
+    assert all(f.calibrated for f in favors(model))

@@ -215,10 +215,17 @@ def test_a_read_of_the_calibrated_flag_is_a_host_sync_only_after_the_buffer_chan
     with Dispatched() as d:
         assert att.calibrated is False
     assert d.ops[SYNC] == 0
-    att.load_state_dict({**att.state_dict(), "stats_calibrated": torch.ones((), dtype=torch.bool)})
+    with Dispatched() as d:  # a load reads the loaded flags once (for compiled forwards that cannot read them)
+        att.load_state_dict({**att.state_dict(), "stats_calibrated": torch.ones((), dtype=torch.bool)})
+    assert d.ops[SYNC] == 2  # draw_count and stats_calibrated
     with Dispatched() as d:
         assert att.calibrated is True and att.calibrated is True
-    assert d.ops[SYNC] == 1  # re-read once after the in-place load, then Python state again
+    assert d.ops[SYNC] == 0
+    with torch.no_grad():
+        att.stats_calibrated.fill_(False)  # an in-place write elsewhere
+    with Dispatched() as d:
+        assert att.calibrated is False and att.calibrated is False
+    assert d.ops[SYNC] == 1  # re-read once after it, then Python state again
 
 
 def _tiny_models():
@@ -260,6 +267,39 @@ def test_converted_models_forward_without_host_sync_or_graph_break():
         torch._dynamo.reset()
         explained = torch._dynamo.explain(model)(input_ids=ids, attention_mask=mask)
         assert explained.graph_break_count == 0, (name, [b.reason for b in explained.break_reasons])
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("training", [False, True])
+def test_a_converted_model_compiles_into_one_graph_as_its_first_forward(training, monkeypatch):
+    """Bug hunt: the one-time notices (no fitted statistics; attention dropout ignored) ran inside a compiled first
+    forward, where they broke the graph for good (fullgraph=True raised; 6 breaks and 12 graphs per BERT call)."""
+    import hf_performer.integration.attention_function as attention_function
+
+    monkeypatch.setattr(attention_function, "_DROPOUT_WARNED", False)  # (a BERT in training has dropout 0.1)
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    for name, model in _tiny_models().items():
+        model.train(training)
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        out = torch.compile(model, fullgraph=True, backend="eager")(input_ids=ids, attention_mask=mask)
+        torch.manual_seed(0)
+        ref = model(input_ids=ids, attention_mask=mask)
+        first = lambda o: o.last_hidden_state if hasattr(o, "last_hidden_state") else o.logits  # noqa: E731
+        torch.testing.assert_close(first(out), first(ref), rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_calibrated_layer_compiles_with_dynamic_shapes_and_fullgraph():
+    """Bug hunt: the heads check `shape[0] not in (1, heads)` was False for a symbolic heads: "built with num_heads=2
+    but got 2 heads"."""
+    torch._dynamo.reset()
+    att = FavorAttention(8, PerformerConfig(nb_features=16), num_heads=2)
+    q, k, v = _qkv()
+    att.calibrate_statistics(q, k)
+    compiled = torch.compile(att, fullgraph=True, dynamic=True, backend="eager")
+    torch.testing.assert_close(compiled(q, k, v), att(q, k, v), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(

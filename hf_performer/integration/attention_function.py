@@ -33,7 +33,7 @@ def warn_ignored_dropout(p: float) -> None:
     """Attention-probability dropout has no FAVOR+ counterpart (no probability matrix exists): warn once,
     attributed to the user's code that ran the model (not to transformers' attention module)."""
     global _DROPOUT_WARNED
-    if p > 0 and not _DROPOUT_WARNED:
+    if p > 0 and not _DROPOUT_WARNED and not torch.compiler.is_compiling():  # (a warning would break the graph)
         _DROPOUT_WARNED = True
         warn_user(  # (the first training step runs inside the Trainer's bar)
             f"Performer FAVOR+ attention ignores attention-probability dropout (p={p}): there is no attention "

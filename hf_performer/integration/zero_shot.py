@@ -16,6 +16,8 @@ import contextvars
 import warnings
 from collections.abc import Iterator
 
+import torch
+
 from ..attention import FavorAttention
 from .caller import above_progress_bars, user_frame
 
@@ -78,6 +80,8 @@ def share_notice(layers: list[FavorAttention], encoder_decoder: bool = False) ->
 
 def notice_uncalibrated(favor: FavorAttention) -> None:
     """Warn once per model if its FAVOR+ layers have no fitted statistics (see the module docstring)."""
+    if torch.compiler.is_compiling():  # (a warning would break the graph: an eager forward says it)
+        return
     notice = favor.__dict__.get("_zero_shot_notice")
     if notice is not None:
         notice.check()
