@@ -106,7 +106,7 @@ def convert_to_performer(model: nn.Module, config: PerformerConfig | dict | None
     else:
         raise TypeError(f"convert_to_performer expects a PerformerConfig (or its dict), got {type(config).__name__}.")
     base = getattr(model, "get_base_model", None)
-    if callable(base) and base() is not model:  # a PEFT wrapper (PeftModel and its task classes)
+    if callable(base) and hasattr(model, "peft_config") and base() is not model:  # a PEFT wrapper (PeftModel, ...)
         convert_to_performer(base(), settings)  # in place: the adapters stay in the converted layers
         for adapter in getattr(model, "peft_config", {}).values():
             adapter.base_model_name_or_path = None  # (it named the stock source: a reload would run softmax)
