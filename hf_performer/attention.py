@@ -127,8 +127,8 @@ class FavorAttention(nn.Module):
             seed=c.seed, layer_id=self.layer_id, draw=draw,
         )
 
-    def _buffer_value(self, name: str, read):
-        """``read(buffer)`` of the 0-d buffer ``name`` as Python state.
+    def _buffer_value(self, name: str):
+        """The value of the 0-d buffer ``name`` (read by ``BUFFER_READERS[name]``) as Python state.
 
         Reading a device tensor's value is a host synchronisation, so the value is kept in Python and re-read
         only when the buffer changes (another tensor object, or an in-place write such as a checkpoint load):
@@ -139,19 +139,19 @@ class FavorAttention(nn.Module):
             return self._buffer_values[name]  # (the identities are one module's own: compiled code must not guard on them)
         buf = self._buffers[name]
         if not (buf.is_meta or self._buffer_seen[name] == (id(buf), buf._version)):
-            self._remember(name, read(buf))
+            self._remember(name, BUFFER_READERS[name](buf))
         return self._buffer_values[name]
 
-    def refresh_buffer_values(self) -> None:
-        """Read the 0-d buffers (``draw_count``, ``stats_calibrated``) into the Python state ``_buffer_value``
+    def refresh_buffer_values(self, names=tuple(BUFFER_READERS)) -> None:
+        """Read the 0-d buffers ``names`` (``draw_count``, ``stats_calibrated``) into the Python state ``_buffer_value``
         keeps, now: one host synchronisation each. Eager forwards re-read a changed buffer by themselves, but a
         ``torch.compile``d forward uses the value last seen, so whatever writes these buffers outside this class's
         own methods refreshes them: ``load_state_dict`` (a post-hook), the Performer models' ``from_pretrained``
         and ``broadcast_favor_buffers`` do. Call it after writing them yourself (``buf.copy_``) before compiling."""
-        for name, read in BUFFER_READERS.items():
+        for name in names:
             buf = self._buffers[name]
             if not buf.is_meta:
-                self._remember(name, read(buf))
+                self._remember(name, BUFFER_READERS[name](buf))
 
     def _remember(self, name: str, value) -> None:
         """Record ``value`` as the Python value of the current tensor of buffer ``name`` (its identity and version:
@@ -163,7 +163,7 @@ class FavorAttention(nn.Module):
     def calibrated(self) -> bool:
         """Whether the statistics step has run (the ``stats_calibrated`` buffer), as Python state
         (``_buffer_value``: no host synchronisation once read)."""
-        return self._buffer_value("stats_calibrated", bool)
+        return self._buffer_value("stats_calibrated")
 
     @property
     def aligned(self) -> bool:
@@ -200,7 +200,7 @@ class FavorAttention(nn.Module):
     def draws(self) -> int:
         """``draw_count`` as a Python int (``_buffer_value``: a redraw schedule asks after every optimizer step, and
         each read of a GPU tensor would wait for the step's queued work)."""
-        return self._buffer_value("draw_count", int)
+        return self._buffer_value("draw_count")
 
     def _apply(self, fn, recurse=True):
         # keep the projection and statistics in float32 when the model is cast to half precision
@@ -210,10 +210,9 @@ class FavorAttention(nn.Module):
         super()._apply(fn, recurse)
         for name, value in known.items():  # same value in a new tensor (device/dtype moves): no re-read needed
             self._remember(name, value)
-        for name, read in BUFFER_READERS.items():  # a buffer swapped in since last read (accelerate's loaders
-            buf = self._buffers[name]                # replace the tensors, then dispatch with .to()): read it now,
-            if name not in known and not buf.is_meta:  # before a compiled forward could use the stale value
-                self._remember(name, read(buf))
+        # a buffer swapped in since last read (accelerate's loaders replace the tensors, then dispatch with .to()):
+        # read it now, before a compiled forward could use the stale value
+        self.refresh_buffer_values([n for n in BUFFER_READERS if n not in known])
         for name, old in keep.items():
             new = self._buffers[name]
             if new.dtype != torch.float32:

@@ -108,7 +108,7 @@ def convert_to_performer(model: nn.Module, config: PerformerConfig | dict | None
     base = getattr(model, "get_base_model", None)
     if callable(base) and hasattr(model, "peft_config") and base() is not model:  # a PEFT wrapper (PeftModel, ...)
         convert_to_performer(base(), settings)  # in place: the adapters stay in the converted layers
-        for adapter in getattr(model, "peft_config", {}).values():
+        for adapter in model.peft_config.values():
             adapter.base_model_name_or_path = None  # (it named the stock source: a reload would run softmax)
         return model
     parts = _composite_parts(model)

@@ -218,9 +218,8 @@ class PerformerModelMixin:
         and a model compiled right after loading would otherwise run as uncalibrated draw-0 layers."""
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # (output_loading_info=True)
-        for module in model.modules():
-            if isinstance(module, FavorAttention):
-                module.refresh_buffer_values()
+        for module in model.favor_modules():
+            module.refresh_buffer_values()
         return loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs):
