@@ -87,3 +87,55 @@ def test_gpt2_config_and_shrink_refused():
     assert model.wpe.weight.shape == (64, 16)
     with pytest.raises(ConversionError, match="can only grow"):
         extend_positions(model, 32)
+
+
+ROPES = {  # RoPE variants of transformers' modeling_rope_utils (one config each; limit 16 tokens)
+    "default": None,
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "yarn": {"rope_type": "yarn", "factor": 2.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8},
+    "longrope": {"rope_type": "longrope", "long_factor": [2.0] * 4, "short_factor": [1.0] * 4,
+                 "original_max_position_embeddings": 8},  # factor unset: derived from the limit
+}
+
+
+def rotary(rope: dict | None):
+    rope = None if rope is None else {"rope_theta": 10000.0, **rope}
+    config_class, model_class, extra = tf.LlamaConfig, tf.LlamaForCausalLM, {}
+    if rope and rope["rope_type"] == "longrope":  # Phi-3 (its config's own original_max_position_embeddings wins)
+        config_class, model_class = tf.Phi3Config, tf.Phi3ForCausalLM
+        extra = {"original_max_position_embeddings": rope["original_max_position_embeddings"]}
+    torch.manual_seed(0)
+    return model_class(config_class(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=16,
+                                    rope_parameters=rope, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                    **extra)).eval()
+
+
+@pytest.mark.parametrize("rope", list(ROPES))
+def test_rotary_extension_saves_the_same_rope(rope, tmp_path):
+    """A rotary model has no table to tile; raising its limit must not change what the saved folder computes:
+    longrope's attention factor (which scales cos and sin at every length) is derived from max_position_embeddings
+    unless its factor is written out."""
+    stock = rotary(ROPES[rope])
+    if rope == "longrope":  # (the factor the limit sets: an attention factor above 1)
+        assert stock.model.rotary_emb.attention_scaling > 1
+    extended = copy.deepcopy(stock)
+    assert extend_positions(extended, 64) == {"from": 16, "to": 64}
+    extended.save_pretrained(tmp_path)
+    reloaded = type(stock).from_pretrained(tmp_path).eval()
+    assert reloaded.config.max_position_embeddings == 64
+    for length in (12, 24):  # within the old limit, and past it (longrope's long factors, llama3/yarn scaling)
+        ids = torch.randint(3, V, (1, length), generator=torch.Generator().manual_seed(length))
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(input_ids=ids).logits, stock(input_ids=ids).logits)
+
+
+def test_rotary_extension_refused_where_the_rope_reads_the_limit():
+    """Dynamic NTK scaling rescales its frequencies beyond max_position_embeddings: nothing can pin that, so the
+    extension is refused before the model changes."""
+    model = rotary({"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(ConversionError, match="'dynamic'.*leave --max-position-embeddings out"):
+        extend_positions(model, 64)
+    assert model.config.max_position_embeddings == 16

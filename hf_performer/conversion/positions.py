@@ -15,11 +15,19 @@ tokens gives exactly the outputs it gave before — and later positions start fr
 * Rotary families (``integration.generic``: Llama, Qwen2, ...): no table; only ``max_position_embeddings`` (and the
   tokenizer's ``model_max_length``) grow. Rotary positions are computed for any index, but a model trained on n
   tokens has never seen larger rotations: quality beyond n is what the checkpoint gives (FAVOR+ changes nothing there).
+  Some RoPE variants derive their parameters from ``max_position_embeddings`` (transformers'
+  ``modeling_rope_utils``): longrope's and yarn's ``factor`` defaults to max_position_embeddings /
+  original_max_position_embeddings (it sets longrope's attention factor, which scales cos and sin at every length),
+  so it is written out first with the old limit's value; dynamic NTK scaling rescales the frequencies beyond
+  max_position_embeddings, which nothing can pin, so raising its limit is refused. A check compares transformers'
+  RoPE computation for the old and the new config at both limits and refuses any variant it would change.
 
 ``max_position_embeddings`` below always counts *tokens* (what the tokenizer's ``model_max_length`` says).
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
@@ -75,6 +83,57 @@ def check_extension(config, new_max: int | None) -> None:
         raise ConversionError(
             f"--max-position-embeddings {new_max} is shorter than the model's {current} positions; it can only grow."
         )
+    if is_rotary(config) and new_max != current and (kind := _rope_change(config, _pinned_rope(config, new_max))):
+        raise ConversionError(
+            f"--max-position-embeddings {new_max}: this model's RoPE ({kind!r} in rope_parameters) computes its "
+            f"rotation frequencies from max_position_embeddings ({current}), so raising it would change the model's "
+            "outputs. Rotary positions need no table to grow: leave --max-position-embeddings out (the model takes "
+            f"inputs longer than {current} tokens as it is; raise the tokenizer's model_max_length if it truncates)."
+        )
+
+
+def _rope_sets(config) -> list[tuple[str | None, dict]]:
+    """[(layer type or None, RoPE parameter dict)] of a rotary config: its one ``rope_parameters`` dict, or one per
+    layer type when they are nested by layer type."""
+    params = getattr(config, "rope_parameters", None)
+    if not isinstance(params, dict):
+        return []
+    if "rope_type" in params or "rope_theta" in params:
+        return [(None, params)]
+    return [(name, p) for name, p in params.items() if isinstance(p, dict)]
+
+
+def _pinned_rope(config, new_max: int):
+    """A copy of a rotary config with ``max_position_embeddings = new_max`` and the RoPE parameters that transformers
+    derives from the old limit written out: longrope's and yarn's unset ``factor`` (max_position_embeddings /
+    original_max_position_embeddings, which sets their attention factor)."""
+    new = copy.deepcopy(config)
+    for _, params in _rope_sets(new):
+        original = params.get("original_max_position_embeddings")
+        if params.get("rope_type") in ("longrope", "yarn") and params.get("factor") is None and original:
+            params["factor"] = config.max_position_embeddings / original
+    new.max_position_embeddings = new_max
+    return new
+
+
+def _rope_change(old, new) -> str | None:
+    """The first RoPE type of ``old`` whose frequencies or attention factor transformers computes differently for
+    ``new`` (at initialisation and at lengths around both limits), else None. The default RoPE does not read the
+    limit (and has no entry in ``ROPE_INIT_FUNCTIONS``)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    lengths = (None, old.max_position_embeddings, old.max_position_embeddings + 1, new.max_position_embeddings)
+    for layer_type, params in _rope_sets(old):
+        kind = params.get("rope_type", "default")
+        compute = ROPE_INIT_FUNCTIONS.get(kind)
+        if compute is None:
+            continue
+        extra = {} if layer_type is None else {"layer_type": layer_type}
+        for seq_len in lengths:
+            (f_old, a_old), (f_new, a_new) = (compute(c, "cpu", seq_len=seq_len, **extra) for c in (old, new))
+            if a_old != a_new or not torch.equal(f_old, f_new):
+                return kind
+    return None
 
 
 def _tile(old: torch.Tensor, rows: int, keep: int) -> torch.Tensor:
@@ -110,6 +169,7 @@ def extend_positions(model: nn.Module, new_max: int, tokenizer=None) -> dict:
     family, offset = _family(config), position_offset(config)
     base = model.base_model
     if is_rotary(config):  # nothing to tile: rotary positions are computed for any index
+        config.rope_parameters = _pinned_rope(config, new_max).rope_parameters  # (check_extension: the same RoPE)
         config.max_position_embeddings = new_max
     elif family == "gpt2":
         _grow_embedding(base.wpe, new_max, 0)
