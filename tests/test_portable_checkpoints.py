@@ -148,6 +148,18 @@ REMOTE = textwrap.dedent(
                             for layer in gen.past_key_values.layers]
     info["classes"] = {k: [type(m).__name__, type(m).__module__] for k, m in (("bert", bert), ("gpt2", gpt))}
     bert.save_pretrained(work + "/bert_resaved")  # saved again from the remote code itself
+    # Trainer's label smoothing shifts a causal LM's labels only for the class names transformers lists as causal LMs
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    args = tf.TrainingArguments(output_dir=work + "/trainer", label_smoothing_factor=0.1, use_cpu=True,
+                                report_to="none")
+    with torch.no_grad():
+        smoothed = tf.Trainer(model=gpt, args=args).compute_loss(gpt, {"input_ids": ids, "labels": ids})
+        logits = gpt(input_ids=ids)
+        info["label_smoothing"] = [float(smoothed), float(LabelSmoother(0.1)(logits, ids, shift_labels=True)),
+                                   float(LabelSmoother(0.1)(logits, ids))]
+    info["causal_lm_names"] = sorted(n for n in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() if "Performer" in n)
     info["plugin_modules"] = sorted(m for m in sys.modules if m.split(".")[0] == "hf_performer")
     # then the plugin arrives in the same process (its own cache layer class is registered): still generates
     sys.meta_path.remove(next(f for f in sys.meta_path if isinstance(f, NoPlugin)))
@@ -239,6 +251,17 @@ def test_other_families_load_without_the_plugin_too(remote, family):
     local = realigned(getattr(tf, OTHER_FAMILIES[family]).from_pretrained(work / family))
     with torch.no_grad():
         assert torch.equal(out[family], local(input_ids=IDS, attention_mask=MASK).logits)
+
+
+def test_trainer_label_smoothing_shifts_the_remote_causal_lms_labels(remote):
+    """A causal LM loaded through its folder's code is smoothed against the next token, as with the plugin: the
+    folder's code lists its Performer causal LMs among transformers' causal-LM names (Trainer reads them; before,
+    it smoothed against the current token, found by a bug-hunt helper)."""
+    *_, info = remote
+    trainer, shifted, unshifted = info["label_smoothing"]
+    assert abs(shifted - unshifted) > 1e-3  # the check can tell them apart
+    assert trainer == pytest.approx(shifted, rel=1e-6)
+    assert {"PerformerGPT2LMHeadModel", "PerformerLlamaForCausalLM"} <= set(info["causal_lm_names"])
 
 
 def test_without_trust_remote_code_loading_names_the_fix(remote):

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.generation.configuration_utils import GenerationMode
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from ..attention import KEEP_IN_FP32, FavorAttention
 from ..settings import PerformerConfig
@@ -176,10 +177,31 @@ def init_favor_buffers(favor: FavorAttention) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- models
+def join_causal_lm_names(cls: type) -> None:
+    """A Performer model class whose stock class is a causal LM joins transformers' causal-LM names
+    (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``, under its config's model type): Trainer shifts the labels for label
+    smoothing only for class names in it (and the text-generation pipeline and model cards read it); without it
+    Trainer smoothed a converted GPT-2's loss against the current token instead of the next. Done as each class is
+    defined, so the copy of this code that a saved folder carries (``portable``, loaded with
+    ``trust_remote_code=True`` where hf_performer is not installed) does it too."""
+    config_class = getattr(cls, "config_class", None)
+    model_type = getattr(config_class, "model_type", "")
+    if not model_type:
+        return
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    stock = (b for b in cls.__mro__[1:] if not issubclass(b, PerformerModelMixin))
+    if any(b.__name__ in causal for b in stock):
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault(model_type, cls.__name__)
+
+
 class PerformerModelMixin:
     """Mixed in front of a stock PreTrainedModel class (see the module docstring)."""
 
     _keep_in_fp32_modules_strict = list(KEEP_IN_FP32)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        join_causal_lm_names(cls)
 
     def _favor_sites(self) -> Iterator[AttentionSite]:  # pragma: no cover - defined per architecture
         raise NotImplementedError

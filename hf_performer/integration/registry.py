@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from transformers import AutoConfig
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .attention_function import register_favor_attention
 from .auto_classes import auto_class_targets
@@ -65,18 +64,11 @@ def family_traits(model_type: str) -> Traits:
 
 
 def register_performer_models() -> None:
-    """Register the "favor" attention and every Performer config/model class (idempotent). A Performer causal LM's
-    class name also joins transformers' causal-LM names (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``, read only for
-    membership: Trainer shifts labels for label smoothing by it, the text-generation pipeline and model cards read it);
-    without it Trainer smoothed a converted GPT-2's loss against the current token instead of the next."""
+    """Register the "favor" attention and every Performer config/model class (idempotent). (A Performer causal LM's
+    class name joins transformers' causal-LM names as the class is defined: ``modeling.join_causal_lm_names``.)"""
     register_favor_attention()
     register_favor_layer_type()
     for stock_type, (config_cls, classes) in FAMILIES.items():
         AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
         for auto_cls, performer_cls in auto_class_targets(stock_type, classes):
             auto_cls.register(config_cls, performer_cls, exist_ok=True)
-        causal = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(stock_type)
-        causal = {causal} if isinstance(causal, str) else set(causal or ())
-        names = [performer.__name__ for stock, performer in classes.items() if stock.__name__ in causal]
-        if names:
-            MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault(config_cls.model_type, names[0])
