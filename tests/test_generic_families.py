@@ -88,7 +88,11 @@ def test_convert_keeps_every_weight_and_counts_kv_heads(model_type):
 
 @pytest.mark.parametrize("model_type", TYPES)
 def test_save_and_plain_auto_reload_is_bit_identical(model_type, tmp_path):
-    model = converted(model_type)
+    """Converted from a model loaded from its folder, as users do: transformers saves a loaded model back in the
+    checkpoint's layout (GPT-NeoX: lm_head as embed_out), which the Performer class would not read (a fresh random
+    head, found by a bug-hunt helper). The conversion keeps no such renaming."""
+    stock(model_type).save_pretrained(tmp_path / "stock")
+    model = I.convert_to_performer(tf.AutoModelForCausalLM.from_pretrained(tmp_path / "stock"), SETTINGS).eval()
     ids, mask = left_padded()
     hf_performer.calibrate_feature_statistics(model, {"input_ids": ids, "attention_mask": mask})
     model.save_pretrained(tmp_path)

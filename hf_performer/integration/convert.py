@@ -14,7 +14,7 @@ import copy
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig
+from transformers import PretrainedConfig, PreTrainedModel
 
 from ..attention import KEEP_IN_FP32, FavorAttention, is_favor_attention
 from ..settings import PerformerConfig
@@ -118,6 +118,12 @@ def convert_to_performer(model: nn.Module, config: PerformerConfig | dict | None
     # (``PerformerModelMixin.save_pretrained``); config.name_or_path keeps the source (model cards: "fine-tuned from")
     if isinstance(getattr(converted, "name_or_path", None), str):
         converted.name_or_path = ""
+    # transformers saves a model loaded with ``from_pretrained`` back in its checkpoint's layout: the renamings it
+    # loaded with (``_weight_conversions``, e.g. GPT-NeoX's lm_head <- embed_out) are reversed at save. They belong to
+    # the stock classes; the Performer classes load their own parameter names, so the converted model keeps none
+    for module in converted.modules():
+        if isinstance(module, PreTrainedModel):
+            module._weight_conversions = []
     return converted
 
 
