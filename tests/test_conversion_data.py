@@ -56,6 +56,24 @@ def test_table_files_give_their_text_column(tmp_path):
         read_texts(tmp_path / "f.jsonl")
 
 
+
+@pytest.mark.parametrize("name, content", [("empty.jsonl", b""), ("blank.json", b"\n \n"), ("empty.csv", b""),
+                                           ("header.csv", b"text\n"), ("rows.json", b"[]"), ("empty.tsv", b"")])
+def test_a_table_without_rows_holds_no_text(tmp_path, name, content):
+    """Empty tables get the message an empty .txt gets (they raised datasets' internals: a bare StopIteration, its
+    generation error, or 'Instruction "train" corresponds to no data!'; found by a bug-hunt helper)."""
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ConversionError, match=f"{name}' holds no text"):
+        read_texts(tmp_path / name)
+
+
+def test_a_table_not_in_utf8_is_one_clear_error(tmp_path):
+    """datasets decodes a table's strings lazily, when its column is read: a Latin-1 .jsonl raised a raw
+    UnicodeDecodeError from pyarrow instead of the one-line error a Latin-1 .txt gets."""
+    (tmp_path / "latin.jsonl").write_bytes('{"text": "café au lait"}\n'.encode("latin-1"))
+    with pytest.raises(ConversionError, match="cannot read .*latin.jsonl.*UnicodeDecodeError.*save it as UTF-8"):
+        read_texts(tmp_path / "latin.jsonl")
+
 def test_builtin_text_is_the_python_docs_corpus_unless_a_path_has_its_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert read_texts("python-docs") == pydoc_paragraphs("all")  # offline, whatever the working directory

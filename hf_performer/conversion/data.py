@@ -58,17 +58,25 @@ TABLE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv"
 
 
 def _read_table(path: Path) -> list[str]:
-    """The text column of a .json/.jsonl/.csv/.tsv/.parquet file (``TABLE_FORMATS``), read by datasets."""
+    """The text column of a .json/.jsonl/.csv/.tsv/.parquet file (``TABLE_FORMATS``), read by datasets; [] for a
+    table without rows (``read_texts`` then says it holds no text)."""
     import datasets
 
     builder = TABLE_FORMATS[path.suffix.lower()]
     kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
     try:
+        if not path.read_bytes().strip():  # (datasets: StopIteration, or its generation error)
+            return []
         ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+        return _text_column(ds, str(path))  # (strings are decoded here, lazily: a file not in UTF-8 fails here)
+    except ConversionError:
+        raise
     except Exception as e:  # noqa: BLE001 - any failure gets one clear message
+        if "corresponds to no data" in str(e):  # datasets' words for a header or [] without rows
+            return []
+        hint = ": save it as UTF-8" if isinstance(e, UnicodeDecodeError) else ""
         raise ConversionError(f"cannot read {str(path)!r} as a {builder} table: {type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}") from e
-    return _text_column(ds, str(path))
+                              f"{str(e).splitlines()[0] if str(e) else ''}{hint}") from e
 
 
 def _text_column(ds, spec: str) -> list[str]:
