@@ -49,6 +49,8 @@ def test_cli_converts_calibrates_and_reports_a_grouped_rotary_decoder(tmp_path, 
     assert type(model).__name__ == "PerformerQwen2ForCausalLM"
     assert all(bool(f.stats_calibrated) and f.num_heads == 2 for f in model.favor_modules())
     assert model.config.max_position_embeddings == 128  # rotary: nothing to tile, the limit grows
+    card = (out / "README.md").read_text()  # and the card says so (it said the table was tiled)
+    assert "Position limit raised from 64 to 128 tokens" in card and "tiling" not in card
     log = json.loads((out / "calibration_log.json").read_text())
     assert log["steps_done"] == 2 and log["output_kind"] == "logits"
     stock = tf.Qwen2ForCausalLM.from_pretrained(src)

@@ -111,7 +111,8 @@ def _convert_parser(sub) -> argparse.ArgumentParser:
                    help="tokenizer to read --calibration-data with and to write to the output (default: the "
                         "source's; a source without one gets none written)")
     p.add_argument("--max-position-embeddings", type=int, metavar="N",
-                   help="grow learned absolute positions to N tokens by tiling the pretrained table")
+                   help="grow learned absolute positions to N tokens by tiling the pretrained table (rotary models: "
+                        "raise the limit only, in config and tokenizer)")
     p.set_defaults(performer_fields=_add_performer_flags(p))
     d = CalibrationConfig()
     g = p.add_argument_group("statistics and calibration")

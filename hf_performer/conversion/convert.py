@@ -32,7 +32,7 @@ from .calibrate import DEFAULT_MIN_LENGTH, STATE_FILE, CalibrationConfig, calibr
 from .data import BUILTIN_TEXT, BatchSchedule, mixed_length_sequences, pad_id, read_texts
 from .errors import ConversionError
 from .model_card import model_card, source_card_metadata
-from .positions import check_extension, extend_positions, max_tokens
+from .positions import check_extension, extend_positions, is_rotary, max_tokens
 from .sentence_modules import read_sentence_modules, write_sentence_modules
 from .source import inspect_source, load_model, load_tokenizer
 from .statistics import calibrate_model_statistics
@@ -241,7 +241,7 @@ def convert(
         "source": src.spec, "source_name": Path(src.location).name if src.is_local else src.location,
         "source_is_local": src.is_local, "model_class": type(model).__name__, "stock_class": src.model_class.__name__,
         "hf_performer_version": __version__, "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"),
-        "performer": settings.to_dict(), "positions": positions,
+        "performer": settings.to_dict(), "positions": positions, "positions_tiled": not is_rotary(model.config),
         "base_model": base_model or (None if src.is_local else src.location),
         "source_card": source_card_metadata(src.location, src.is_local),
         "same_task_as_source": src.model_class.__name__ in (getattr(src.config, "architectures", None) or []),

@@ -222,9 +222,12 @@ def model_card(summary: dict) -> str:
     if s.get("command"):
         lines += ["```bash", s["command"], "```", ""]
     pos = s.get("positions")
-    if pos and pos["to"] != pos["from"]:
+    if pos and pos["to"] != pos["from"] and s.get("positions_tiled", True):
         lines.append(f"- Position embeddings extended from {pos['from']} to {pos['to']} tokens by tiling the pretrained "
                      "table (Longformer recipe); the first positions are unchanged.")
+    elif pos and pos["to"] != pos["from"]:
+        lines.append(f"- Position limit raised from {pos['from']} to {pos['to']} tokens (config and tokenizer): rotary "
+                     "positions have no table to extend, and the rotary embedding is the source's.")
     sentence = s.get("sentence_transformers")
     if sentence and sentence.get("max_seq_length") and sentence["max_seq_length"]["to"] != sentence["max_seq_length"]["from"]:
         lengths = sentence["max_seq_length"]
