@@ -99,6 +99,29 @@ def test_resume_without_a_state_is_refused_before_loading_anything(tmp_path, cap
     assert "--resume: no calibration state at" in capsys.readouterr().err and listing(tmp_path) == before
 
 
+
+def test_a_target_that_cannot_be_replaced_stays_as_it_was(tmp_path, monkeypatch):
+    """Replacing the output moves it aside first; where that move fails (a mount point) the error is one line and no
+    empty ``.out.old-*`` folder is left behind (found by a bug-hunt helper)."""
+    from hf_performer.conversion import writer
+    from hf_performer.conversion.errors import ConversionError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    real = os.replace
+
+    def busy(a, b):
+        if os.fspath(a) == os.fspath(out):
+            raise OSError(16, "Device or resource busy")
+        return real(a, b)
+
+    monkeypatch.setattr(writer.os, "replace", busy)
+    with pytest.raises(ConversionError, match="cannot replace output folder .*busy"):
+        with writer.atomic_directory(out, overwrite=True) as tmp:
+            (tmp / "config.json").write_text('{"new": 1}')
+    assert listing(tmp_path) == ["out"] and (out / "config.json").read_text() == "{}"
+
 def test_refuses_overwrite(tmp_path, capsys):
     src, out = tiny_bert(tmp_path / "src"), tmp_path / "out"
     out.mkdir()
@@ -106,6 +129,11 @@ def test_refuses_overwrite(tmp_path, capsys):
     assert run("convert", src, out, "--nb-features", 8, "--no-progress") == 2
     assert "--overwrite" in capsys.readouterr().err
     assert listing(out) == ["keep.txt"]
+    # --overwrite replaces a model folder (or an empty one) only: other files are never deleted (`convert SRC .
+    # --overwrite` replaced the working folder, found by a bug-hunt helper)
+    assert run("convert", src, out, "--nb-features", 8, "--zero-shot", "--overwrite", "--no-progress") == 2
+    assert "holds no model (no config.json)" in capsys.readouterr().err and listing(out) == ["keep.txt"]
+    (out / "config.json").write_text("{}")  # a model folder (an earlier conversion, say): replaced
     assert run("convert", src, out, "--nb-features", 8, "--zero-shot", "--overwrite", "--no-progress") == 0
     # with --zero-shot the command says, as it ends, that no statistics step ran and how to run it; every run says how
     # to load what it wrote

@@ -102,7 +102,7 @@ def _convert_parser(sub) -> argparse.ArgumentParser:
                     "Share it with `hf upload NAME OUT .`.")
     p.add_argument("source", help="hub id (needs the Hub or its local cache) or local checkpoint folder")
     p.add_argument("output", help="output folder (written atomically; see --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder that holds a model (config.json) or nothing; any other folder is refused")
     p.add_argument("--model-class", help="stock class to load, e.g. BertForMaskedLM (default: config.architectures)")
     p.add_argument("--base-model", metavar="HUB_ID",
                    help="the source's Hub id, for the model card's base_model when SOURCE is a local folder "

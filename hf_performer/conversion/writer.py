@@ -1,7 +1,8 @@
 """Atomic output folders: everything is written to a temporary folder next to the target, then renamed.
 
 A failure (or Ctrl-C) removes the temporary folder, so the target is either the complete new checkpoint or
-untouched. An existing target is replaced only with ``overwrite=True`` (and only if it is a folder). The folder
+untouched. An existing target is replaced only with ``overwrite=True``, and only if it is a folder that is empty or
+holds a model (``config.json``): nothing else is deleted. The folder
 gets the permissions ``mkdir`` would give it (0777 minus the umask, like ``save_pretrained``), not
 ``tempfile.mkdtemp``'s private 0700.
 """
@@ -26,6 +27,10 @@ def check_target(target: str | os.PathLike, overwrite: bool) -> Path:
             raise ConversionError(f"output {str(target)!r} exists and is not a folder; choose another path.")
         if not overwrite:
             raise ConversionError(f"output folder {str(target)!r} already exists; pass --overwrite to replace it.")
+        if any(path.iterdir()) and not (path / "config.json").is_file():
+            raise ConversionError(
+                f"output folder {str(target)!r} is not empty and holds no model (no config.json): --overwrite replaces "
+                "model folders only, so nothing else is deleted. Choose another path, or remove it yourself.")
     parent = next((p for p in path.parents if p.exists()), None)
     if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK):
         raise ConversionError(f"cannot create output folder {str(target)!r}: {str(parent)!r} is not writable.")
@@ -51,7 +56,11 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool) -> Iterator[Pat
         yield tmp
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / path.name)
+            try:
+                os.replace(path, old / path.name)
+            except OSError as e:  # (a mount point, say): the target stays as it was, and nothing is left behind
+                old.rmdir()
+                raise ConversionError(f"cannot replace output folder {str(target)!r}: {e}") from e
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
         else:
