@@ -18,7 +18,12 @@ from hf_performer.conversion import convert
 def test_minilm_extended_conversion_round_trip(tmp_path):
     src, txt = minilm_path(), text_file(tmp_path / "t.txt", n=8)
     settings = {"nb_features": 64, "seed": 1}
-    convert(src, tmp_path / "plain", settings, calibration_data=txt, statistics_batches=1, progress=False)
+    # the source's 512 positions: nothing to tile, but sentence-transformers' max_seq_length (256) becomes 512 (it
+    # stayed 256, found by a bug-hunt helper)
+    plain = convert(src, tmp_path / "plain", settings, calibration_data=txt, statistics_batches=1,
+                    max_position_embeddings=512, progress=False)
+    assert plain["positions"] == {"from": 512, "to": 512}
+    assert plain["sentence_transformers"]["max_seq_length"] == {"from": 256, "to": 512}
     summary = convert(src, tmp_path / "long", settings, calibration_data=txt, statistics_batches=1,
                       max_position_embeddings=1024, progress=False)
     assert summary["positions"] == {"from": 512, "to": 1024}

@@ -50,6 +50,9 @@ def performer_settings(settings: PerformerConfig | dict | None) -> PerformerConf
 
 MAX_HELD_OUT = 24  # validation sequences at most: validation runs every eval_every steps, it must stay cheap
 MIN_TO_HOLD_OUT = 20  # fewer calibration sequences than this: none is held out
+# fewer real tokens than this in the statistics step: a warning (all-MiniLM-L6-v2 fitted on one 3-token text encoded
+# worse than without any statistics step, 0.70 against 0.77 embedding cosine; one 41-word paragraph gave 0.86)
+MIN_STATISTICS_TOKENS = 128
 
 
 def held_out_sequences(sequences: list, seed: int, max_held_out: int = MAX_HELD_OUT) -> list[int]:
@@ -278,6 +281,11 @@ def convert(
         summary["statistics"] = {"layers": layers, "batches": len(batches),
                                  "tokens": int(sum(int(b["attention_mask"].sum()) for b in batches)),
                                  "texts": len(texts), "sequences": len(schedule.sequences)}
+        if summary["statistics"]["tokens"] < MIN_STATISTICS_TOKENS:
+            logger.warning("the statistics step read only %d tokens of text: statistics fitted on so little can make "
+                           "the model worse than none at all. Give --calibration-data a few paragraphs of text like "
+                           "the model's inputs (or leave it out: the step then reads built-in English text).",
+                           summary["statistics"]["tokens"])
         if calibrate_model:
             fingerprint = {"source": src.location, "performer": settings.to_dict(), "positions": positions,
                            "data": str(calibration_data), "sequences": len(schedule.sequences)}
@@ -297,8 +305,8 @@ def convert(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if sentence_modules is not None:
-            extended = positions["to"] if positions["to"] > positions["from"] else None
-            summary["sentence_transformers"] = write_sentence_modules(sentence_modules, tmp, extended)
+            # --max-position-embeddings N sets max_seq_length to N, also where the positions already reach N
+            summary["sentence_transformers"] = write_sentence_modules(sentence_modules, tmp, max_position_embeddings)
         (tmp / "conversion.json").write_text(json.dumps(summary, indent=1))
         if log is not None:
             (tmp / "calibration_log.json").write_text(json.dumps(log, indent=1))
