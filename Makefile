@@ -36,7 +36,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 
 help:
 	@echo "make demo         offline demo (sets up $(VENV) first)"
-	@echo "make test         ruff check + pytest -q, all tests including slow ones (sets up $(VENV) first)"
+	@echo "make test         ruff check + pytest (one worker per core), all tests including slow ones (sets up $(VENV) first)"
 	@echo "make bench        full attention benchmark -> benchmarks/results/attention.{json,md} (long)"
 	@echo "make bench-quick  tiny smoke run of the benchmark"
 	@echo "make bench-gpu    GPU benchmark on CUDA (<= 8 min) -> benchmarks/results/gpu.{json,md} (own venv $(GPU_VENV))"
@@ -56,8 +56,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 # pytest exit code 5 ("no tests collected") is a failure too: make stops on any non-zero status.
+# pytest-xdist runs one worker per core (at most PYTEST_WORKERS), each with one torch thread, and keeps each test
+# file on one worker (--dist loadfile: module fixtures are built once); the suite is mostly small models, where a
+# core per process beats two threads per op.
+PYTEST_WORKERS ?= 4
 pytest: $(STAMP)
-	@set +e; $(PY) -m pytest -q; rc=$$?; \
+	@set +e; OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --maxprocesses $(PYTEST_WORKERS) --dist loadfile; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests: failing" >&2; fi; \
 	exit $$rc
 
