@@ -65,7 +65,7 @@ def _read_table(path: Path) -> list[str]:
     builder = TABLE_FORMATS[path.suffix.lower()]
     kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
     try:
-        if not path.read_bytes().strip():  # (datasets: StopIteration, or its generation error)
+        if path.stat().st_size < 1 << 16 and not path.read_bytes().strip():  # (datasets: StopIteration, ...)
             return []
         ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
         return _text_column(ds, str(path))  # (strings are decoded here, lazily: a file not in UTF-8 fails here)
