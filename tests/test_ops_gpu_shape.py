@@ -9,6 +9,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_performer import FavorAttention, PerformerConfig, convert_to_performer
+from hf_performer.ops import bidirectional
+from hf_performer.ops import causal as causal_ops
 
 SYNC = torch.ops.aten._local_scalar_dense.default  # what .item(), bool(t), int(t) of a tensor dispatch
 
@@ -107,8 +109,14 @@ def test_a_decoding_step_of_one_token_takes_the_short_path(window, masked):
 PROJECTIONS = {(False, 0): (2, 2), (False, 4): (2, 2), (True, 0): (2, 1), (True, 4): (3, 2)}
 
 
+@pytest.mark.parametrize("segments", [1, 4])
 @pytest.mark.parametrize(("causal", "window"), list(PROJECTIONS))
-def test_backward_recomputes_only_what_the_design_says(causal, window):
+def test_backward_recomputes_only_what_the_design_says(causal, window, segments, monkeypatch):
+    """Per segment too (a CPU runs long inputs segment by segment, ``common.cpu_segment``): the bidirectional
+    window's backward holds each segment's key features until dS is complete instead of projecting them again."""
+    if segments > 1:  # (meta tensors run in one pass otherwise)
+        for module in (bidirectional, causal_ops):
+            monkeypatch.setattr(module, "cpu_segment", lambda *a, **kw: 2048 // segments)
     # chunks of 32 and values 32 wide, so that no other product has a [64, 256] right operand
     config = PerformerConfig(nb_features=256, local_window=window, chunk_size=32)
     att = FavorAttention(64, config, num_heads=8).to("meta")
@@ -118,7 +126,7 @@ def test_backward_recomputes_only_what_the_design_says(causal, window):
         out = att(q, k, v, causal=causal)
     with ShapedDispatch() as bwd:
         out.sum().backward()
-    assert (projections(fwd), projections(bwd)) == PROJECTIONS[causal, window]
+    assert (projections(fwd), projections(bwd)) == tuple(segments * n for n in PROJECTIONS[causal, window])
 
 
 @pytest.mark.parametrize("window", [0, 4])
