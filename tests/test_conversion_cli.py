@@ -456,3 +456,47 @@ def test_every_cli_option_has_help():
                 continue
             text = (action.help or "").strip()
             assert text and not text.startswith("(default"), f"{name} {action.option_strings or action.dest}: {text!r}"
+
+
+def test_a_disk_too_small_is_refused_before_the_work(tmp_path, capsys, monkeypatch):
+    """The checkpoint's size is checked against the free space before the statistics step (a full disk used to end
+    the conversion, after its work, in a safetensors traceback)."""
+    from hf_performer.conversion import writer
+
+    convert_module = sys.modules["hf_performer.conversion.convert"]  # (the package exports a function of that name)
+    src, txt = tiny_bert(tmp_path / "src"), text_file(tmp_path / "t.txt")
+    model = tf.AutoModelForMaskedLM.from_pretrained(src)
+    size = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    real = writer.shutil.disk_usage
+    monkeypatch.setattr(writer.shutil, "disk_usage", lambda p: real(p)._replace(free=size // 2))
+    monkeypatch.setattr(convert_module, "calibrate_model_statistics",
+                        lambda *a, **k: pytest.fail("ran the statistics step before refusing"))
+    before = listing(tmp_path)
+    assert run("convert", src, tmp_path / "out", "--nb-features", 8, "--calibration-data", txt, "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert "not enough disk space for the converted model" in err and "Traceback" not in err
+    assert listing(tmp_path) == before
+    # tied weights count once: the estimate is what save_pretrained writes, at most
+    assert convert_module.checkpoint_bytes(model) <= size
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
+                                   RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                                                "message: \"No space left on device\" })")])
+def test_a_disk_that_fills_up_while_writing_is_one_clear_error(tmp_path, monkeypatch, error):
+    """A disk that fills up during the write (the OS error, or safetensors' wrapping of it) ends in one
+    ConversionError; the partial folder is removed and an existing output stays as it was."""
+    from hf_performer.conversion import writer
+    from hf_performer.conversion.errors import ConversionError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    with pytest.raises(ConversionError, match="filled up while the converted model was written"):
+        with writer.atomic_directory(out, overwrite=True) as tmp:
+            (tmp / "config.json").write_text('{"new": 1}')
+            raise error
+    assert listing(tmp_path) == ["out"] and (out / "config.json").read_text() == "{}"
+    with pytest.raises(KeyError):  # other errors pass through as they are
+        with writer.atomic_directory(out, overwrite=True):
+            raise KeyError("x")

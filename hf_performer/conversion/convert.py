@@ -36,7 +36,7 @@ from .positions import check_extension, extend_positions, is_rotary, max_tokens
 from .sentence_modules import read_sentence_modules, write_sentence_modules
 from .source import inspect_source, load_model, load_tokenizer
 from .statistics import calibrate_model_statistics
-from .writer import atomic_directory, check_target
+from .writer import atomic_directory, check_free_space, check_target
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,14 @@ def _fix_output_capture(model) -> None:
     except ImportError:  # pragma: no cover - other transformers layouts
         return
     _CAN_RECORD_REGISTRY[model] = getattr(model, "_can_record_outputs", None)
+
+
+def checkpoint_bytes(model) -> int:
+    """The size in bytes of ``model``'s state dict as ``save_pretrained`` writes it (each storage once: tied weights
+    are saved once), the lower bound of its checkpoint's size."""
+    tensors = {(t.data_ptr(), t.numel(), t.dtype, t.device): t.numel() * t.element_size()
+               for t in model.state_dict().values()}
+    return sum(tensors.values())
 
 
 def estimator_record(model, kernel: str) -> dict:
@@ -178,7 +186,9 @@ def convert(
 
     Raises ConversionError before anything is written for bad input, including a setting that would do nothing:
     statistics or calibration settings without ``calibration_data``, attention-transfer settings (or
-    ``keep_calibration_state``) without ``calibrate_model``, or ``calibrate_model`` with 0 steps.
+    ``keep_calibration_state``) without ``calibrate_model``, or ``calibrate_model`` with 0 steps; and, once the
+    model is loaded but before the statistics step, when the output's disk has less free space than the checkpoint
+    needs. A disk that fills up while the folder is written is a ConversionError too (the partial folder removed).
     """
     t_start = time.perf_counter()
     # ---------------------------------------------------------------- validate everything first
@@ -240,6 +250,7 @@ def convert(
         raise ConversionError(f"cannot convert {src.spec!r}: {e}") from e
     _fix_output_capture(model)
     positions = extend_positions(model, max_position_embeddings or max_tokens(model.config), tokenizer)
+    check_free_space(target, checkpoint_bytes(model))  # before the statistics step and calibration, not after
     summary = {
         "source": src.spec, "source_name": Path(src.location).name if src.is_local else src.location,
         "source_is_local": src.is_local, "model_class": type(model).__name__, "stock_class": src.model_class.__name__,

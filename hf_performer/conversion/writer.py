@@ -4,12 +4,14 @@ A failure (or Ctrl-C) removes the temporary folder, so the target is either the 
 untouched. An existing target is replaced only with ``overwrite=True``, and only if it is a folder that is empty or
 holds a model (``config.json``): nothing else is deleted. The folder
 gets the permissions ``mkdir`` would give it (0777 minus the umask, like ``save_pretrained``), not
-``tempfile.mkdtemp``'s private 0700.
+``tempfile.mkdtemp``'s private 0700. A disk too small for the checkpoint is refused before the work
+(``check_free_space``); one that fills up while writing ends in a ``ConversionError`` saying so.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -35,6 +37,41 @@ def check_target(target: str | os.PathLike, overwrite: bool) -> Path:
     if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK):
         raise ConversionError(f"cannot create output folder {str(target)!r}: {str(parent)!r} is not writable.")
     return path
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# how libraries that wrap the OS error report it (safetensors: a SafetensorError holding Rust's io::Error)
+DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "StorageFull", "QuotaExceeded")
+
+
+def disk_full(exc: BaseException | None) -> bool:
+    """Whether ``exc``, or an exception it was raised from, says the disk (or the user's quota) is full: an OSError
+    with ENOSPC / EDQUOT, or a library's wrapping of one that names it (safetensors raises its own error type)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return True
+        if any(t in str(exc) for t in DISK_FULL_TEXTS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def check_free_space(target: str | os.PathLike, needed_bytes: int) -> None:
+    """Raise ConversionError when the file system that will hold ``target`` has fewer than ``needed_bytes`` free
+    (bytes; the caller's estimate of the checkpoint's size), so that a conversion is refused before its work rather
+    than after it."""
+    path = Path(target).absolute()
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is None:
+        return
+    free = shutil.disk_usage(existing).free
+    if free < needed_bytes:
+        raise ConversionError(
+            f"not enough disk space for the converted model at {str(target)!r}: it needs about "
+            f"{needed_bytes / 2**20:.0f} MiB, and {free / 2**20:.0f} MiB are free on that disk. Free some space or "
+            "choose an output folder on another disk.")
 
 
 def current_umask() -> int:
@@ -65,9 +102,14 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool) -> Iterator[Pat
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         for p in reversed(created):  # folders made for this output only
             with contextlib.suppress(OSError):
                 p.rmdir()
+        if disk_full(e):
+            raise ConversionError(
+                f"the disk holding {str(target)!r} filled up while the converted model was written ({e}). The partial "
+                "folder was removed and an existing output left as it was. Free some space or choose an output folder "
+                "on another disk.") from e
         raise
