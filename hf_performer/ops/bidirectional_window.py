@@ -28,8 +28,8 @@ forward's r) and the key features once with the window's neighbours; it holds th
 and the key features until dS is complete (then the FAVOR share joins it, and one product with phi~(K) makes it
 d logits): two [B, H, L, m] tensors across CPU segments (``common.cpu_segment``, long inputs), traded for a third
 key projection and exponential (at 8k tokens on a CPU, forward + backward 1.27-1.33x pure FAVOR+'s time instead of
-1.38-1.40x; at 16k, 580 MiB peak instead of 467). The forward holds every segment's key logits until the global stabiliser c is
-known, and frees each segment's features once its queries are done.
+1.38-1.40x; at 16k, 580 MiB peak instead of 467). The forward holds every segment's key logits until the global
+stabiliser c is known, and frees each segment's features once its queries are done.
 """
 
 from __future__ import annotations
