@@ -514,3 +514,23 @@ def test_empty_inputs_give_empty_or_zero_outputs(causal, B, Lq, Lk):
     assert out.shape == (B, 3, Lq, 5) and not out.any()
     out.sum().backward()
     assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
+
+
+@pytest.mark.parametrize("window", [0, 3])
+@pytest.mark.parametrize("causal", [False, True])
+def test_second_order_gradients_are_refused_not_silently_wrong(causal, window):
+    """The positive kernels' backwards are hand-written: differentiated again (create_graph=True: gradient penalties,
+    Hessian-vector products) autograd took the forward's saved sums as constants, and d|dq|^2/dq came out wrong
+    (norm 1.34 against 0.69 by finite differences; found by a bug-hunt helper). Now one clear error; first-order
+    gradients are unchanged (the reference's, through ``naive``)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 10, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    fmap = FeatureMap("softmax", draw_projection(16, 8, seed=1))
+    op = favor_causal if causal else favor_bidirectional
+    out = op(q, k, v, fmap, None, local_window=window)
+    with pytest.raises(RuntimeError, match="first-order gradients only"):
+        torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    ref = naive_linear_attention(q, k, v, fmap, causal, None, window)
+    first, expected = (torch.autograd.grad(o.square().sum(), q)[0] for o in (op(q, k, v, fmap, None, local_window=window),
+                                                                             ref))
+    torch.testing.assert_close(first, expected, rtol=1e-8, atol=1e-10)

@@ -26,6 +26,7 @@ from .common import (
     cpu_segment,
     empty_attention,
     finite_reference,
+    first_order_only,
     fold_bias,
     mask_bias,
     masked_exp_,
@@ -135,6 +136,7 @@ class _PositiveBidirectional(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order_only
     @without_autocast
     def backward(ctx, grad_out):
         q, k, v, mask, S, c, out, den, r = ctx.saved_tensors

@@ -42,6 +42,7 @@ from .common import (
     bounded_exp_,
     cat_len,
     finite_reference,
+    first_order_only,
     fold_bias,
     mask_bias,
     masked_exp_,
@@ -185,6 +186,7 @@ class PositiveWindow(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order_only
     @without_autocast
     def backward(ctx, grad_out):
         q, k, v, mask, S, c, out, T, g, e, coef, r = ctx.saved_tensors

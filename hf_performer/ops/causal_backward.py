@@ -30,7 +30,16 @@ import torch
 
 from ..features import FeatureMap
 from .causal import _causal, halo_features, halo_rows, key_spans, unbiased_references
-from .common import FavorState, masked_exp_, pad_len, safe_den, weights, with_ones, without_autocast
+from .common import (
+    FavorState,
+    first_order_only,
+    masked_exp_,
+    pad_len,
+    safe_den,
+    weights,
+    with_ones,
+    without_autocast,
+)
 from .local import band, unband
 from .scan import exclusive_prefix
 
@@ -83,6 +92,7 @@ class PositiveCausal(torch.autograd.Function):
         return out, new.S, new.z, new.c
 
     @staticmethod
+    @first_order_only
     @without_autocast
     def backward(ctx, g_out, g_S=None, g_z=None, _g_c=None):
         q, k, v, mask, halo_mask, out, den, prefix, ref, M, U, r, A, decay, phi_q, *win = ctx.saved_tensors

@@ -46,6 +46,28 @@ def without_autocast(fn):
     return run
 
 
+def first_order_only(backward):
+    """Decorate a hand-written ``backward`` (``ctx`` first) that gives first-order gradients only: asked for a
+    differentiable gradient (``create_graph=True``, which autograd signals by running the backward in grad mode:
+    gradient penalties, Hessian-vector products, MAML), it raises a RuntimeError saying so, before anything is
+    computed. Without the check autograd would differentiate the backward's own arithmetic, with the tensors the
+    forward saved (sums, normalisers, stabilisers) as constants: second-order gradients silently wrong. (torch's
+    ``once_differentiable`` defers that error to the second backward, where ``torch.autograd.grad`` reports a
+    disconnected graph instead.)"""
+
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "Performer FAVOR+ attention has first-order gradients only: its backward is hand-written, so a "
+                "gradient computed with create_graph=True (gradient penalties, Hessian-vector products, "
+                "double backward) cannot be differentiated again. Compute such terms with the unconverted (softmax) "
+                "model, or without create_graph.")
+        return backward(ctx, *grads)
+
+    return run
+
+
 def empty_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
     """The output [B,H,Lq,dv] (zeros, in v's dtype, connected to q, k, v for autograd) when there is nothing to
     attend with or to: an empty batch, no queries or no keys (a query without keys gets 0, like one whose keys
