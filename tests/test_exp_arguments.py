@@ -52,6 +52,7 @@ def padding(kind: str, B: int, L: int):
 def test_exponentials_stay_in_range_with_padding(causal, window, kind, segment, monkeypatch):
     if segment:  # segments of 40 positions (B·H·m·4 bytes each) instead of the 16 MiB default
         monkeypatch.setattr(common, "CPU_SEGMENT_BYTES", 40 * 3 * 2 * 32 * 4)
+        monkeypatch.setattr(common, "MIN_CPU_SEGMENT", 1)
     B, H, L, d = 3, 2, 100, 16
     g = torch.Generator().manual_seed(0)
     q, k, v = (0.5 * torch.randn(B, H, L, d, generator=g) for _ in range(3))

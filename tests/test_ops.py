@@ -234,6 +234,7 @@ def test_cpu_segments_equal_one_pass_in_value_and_gradient(causal, window, monke
     monkeypatch.setattr(common, "CPU_SEGMENT_BYTES", 1 << 40)  # one pass
     whole, whole_grads = run()
     monkeypatch.setattr(common, "CPU_SEGMENT_BYTES", 2 * 3 * 16 * 8 * 8)  # 8 positions per segment
+    monkeypatch.setattr(common, "MIN_CPU_SEGMENT", 1)
     assert common.cpu_segment(q, 45, 16, 4) == 8
     parts, part_grads = run()
     valid = mask[:, None, :, None].expand_as(whole)
@@ -273,6 +274,7 @@ def test_bidirectional_hand_written_backward_matches_autograd(kernel, segmented,
     from hf_performer.ops import common
 
     monkeypatch.setattr(common, "CPU_SEGMENT_BYTES", 2 * 3 * 16 * 8 * 8 if segmented else 1 << 40)
+    monkeypatch.setattr(common, "MIN_CPU_SEGMENT", 1)
     fmap = transformed_fmap(kernel)
     q, k, v = (x.requires_grad_(True) for x in qkv(L=30))
     mask = padding_mask(2, 30, left=3, right=12)
@@ -440,6 +442,7 @@ def test_cpu_segments_equal_one_pass_when_logits_spread_widely(causal, window, m
     monkeypatch.setattr(common, "CPU_SEGMENT_BYTES", 1 << 40)  # one pass
     whole = op()
     monkeypatch.setattr(common, "CPU_SEGMENT_BYTES", 2 * 3 * 16 * 8 * 8)  # 8 positions per segment
+    monkeypatch.setattr(common, "MIN_CPU_SEGMENT", 1)
     assert_values_and_gradients(op(), whole, (q, k, v), g, mask[:, None, :, None].expand_as(whole))
 
 
@@ -534,3 +537,17 @@ def test_second_order_gradients_are_refused_not_silently_wrong(causal, window):
     first, expected = (torch.autograd.grad(o.square().sum(), q)[0] for o in (op(q, k, v, fmap, None, local_window=window),
                                                                              ref))
     torch.testing.assert_close(first, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_cpu_segments_are_never_a_few_positions_long(monkeypatch):
+    """A large batch of short inputs (B·H in the thousands) got segments of a few positions from the 16 MiB bound
+    alone (5 at 256 rows x 12 heads, m = 256), and ran 3-6x slower than in one pass (bug-hunt helper): segments are
+    at least MIN_CPU_SEGMENT positions (a multiple of ``multiple``), and such an input of 128 tokens runs in one."""
+    from hf_performer.ops import common
+
+    x = torch.empty(256, 12, 0, 1)  # (only the shape's batch and heads and the dtype are read)
+    assert common.cpu_segment(x, 128, 256) is None
+    assert common.cpu_segment(x, 4096, 256) == common.MIN_CPU_SEGMENT
+    assert common.cpu_segment(x, 4096, 256, multiple=96) == 192  # the floor, rounded up to a multiple
+    one_row = torch.empty(1, 8, 0, 1)  # long single inputs keep their 16 MiB segments
+    assert common.cpu_segment(one_row, 8192, 256) == common.CPU_SEGMENT_BYTES // (8 * 256 * 4)
