@@ -21,6 +21,12 @@ from pathlib import Path
 from .errors import ConversionError
 
 
+def _nearest_existing_parent(path: Path) -> Path | None:
+    """The closest folder above ``path`` that exists: where ``atomic_directory`` creates the missing folders and its
+    temporary folder, so the file system the checkpoint is written to."""
+    return next((p for p in path.parents if p.exists()), None)
+
+
 def check_target(target: str | os.PathLike, overwrite: bool) -> Path:
     """Validate an output folder before any work: returns its absolute path."""
     path = Path(os.path.expanduser(str(target))).absolute()
@@ -33,7 +39,7 @@ def check_target(target: str | os.PathLike, overwrite: bool) -> Path:
             raise ConversionError(
                 f"output folder {str(target)!r} is not empty and holds no model (no config.json): --overwrite replaces "
                 "model folders only, so nothing else is deleted. Choose another path, or remove it yourself.")
-    parent = next((p for p in path.parents if p.exists()), None)
+    parent = _nearest_existing_parent(path)
     if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK):
         raise ConversionError(f"cannot create output folder {str(target)!r}: {str(parent)!r} is not writable.")
     return path
@@ -62,11 +68,10 @@ def check_free_space(target: str | os.PathLike, needed_bytes: int) -> None:
     """Raise ConversionError when the file system that will hold ``target`` has fewer than ``needed_bytes`` free
     (bytes; the caller's estimate of the checkpoint's size), so that a conversion is refused before its work rather
     than after it."""
-    path = Path(target).absolute()
-    existing = next((p for p in (path, *path.parents) if p.exists()), None)
-    if existing is None:
+    parent = _nearest_existing_parent(Path(target).absolute())  # (not the target: a mount point of its own, say)
+    if parent is None:
         return
-    free = shutil.disk_usage(existing).free
+    free = shutil.disk_usage(parent).free
     if free < needed_bytes:
         raise ConversionError(
             f"not enough disk space for the converted model at {str(target)!r}: it needs about "
